@@ -1,0 +1,1 @@
+"""Benchmarks: throughput and latency of each stage and of the whole pipeline."""

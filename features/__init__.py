@@ -1,0 +1,1 @@
+"""Features: definitions, the Redis online store, the offline builder, CXR preprocessing."""

@@ -1,0 +1,1 @@
+"""m3t-stream platform: settings, service management, the CLI."""

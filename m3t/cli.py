@@ -1,0 +1,122 @@
+"""``m3t``: one command line over the library.
+
+Each package owns its commands in ``<package>/cli.py``; this module mounts them and owns
+``services`` and ``demo``. Library errors become one clean line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from m3t import services as svc
+from m3t.settings import get_settings
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="m3t",
+    help="m3t-stream: real-time length-of-stay and mortality risk for inpatients (M3T-LM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+services_app = typer.Typer(help="Start, stop and check the local Redis, Kafka and Triton.", no_args_is_help=True)
+app.add_typer(services_app, name="services")
+
+
+def _health_table(healths) -> Table:
+    table = Table("service", "address", "healthy", "pid", "detail")
+    for h in healths:
+        table.add_row(h.name, h.address, "[green]yes[/]" if h.healthy else "[red]no[/]", str(h.pid or "-"), h.detail)
+    return table
+
+
+@services_app.command("up")
+def services_up(names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)")):
+    """Start the services that are not running, and wait until each is healthy."""
+    try:
+        healths = svc.up(get_settings(), names or None)
+    except svc.ServiceError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+    console.print(_health_table(healths))
+
+
+@services_app.command("down")
+def services_down(names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)")):
+    """Stop the services (the whole process group of each), leaving none behind."""
+    stopped = svc.down(get_settings(), names or None)
+    for name, was_running in stopped.items():
+        console.print(f"{name}: {'stopped' if was_running else 'was not running'}")
+
+
+@services_app.command("status")
+def services_status(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON; exit 1 unless all are healthy."),
+):
+    """Show each service's address and health; exit non-zero unless all are healthy."""
+    healths = svc.status(get_settings())
+    if as_json:
+        print(json.dumps({h.name: h.as_dict() for h in healths}, indent=2))
+    else:
+        console.print(_health_table(healths))
+    if not all(h.healthy for h in healths):
+        raise typer.Exit(1)
+
+
+def _not_built(name: str, issue: int, help_text: str) -> typer.Typer:
+    group = typer.Typer(help=f"{help_text} [not built yet: issue {issue}]")
+
+    @group.callback(invoke_without_command=True)
+    def _explain():
+        err.print(f"`m3t {name}` is not built yet (issue {issue}); nothing was done.")
+        raise typer.Exit(2)
+
+    return group
+
+
+# (command, module, attribute, issue, help) — a group whose module is missing says so.
+GROUPS = [
+    ("ingest", "ingest.cli", "app", 3, "Read MIMIC-IV, generate a synthetic cohort, replay it into Kafka."),
+    ("features", "features.cli", "app", 4, "Online (Redis) and offline features, parity, CXR preprocessing."),
+    ("train", "trainer.cli", "app", 5, "Train and evaluate M3T-LM."),
+    ("export", "trainer.cli", "export_app", 5, "Export M3T-LM to ONNX/TensorRT and publish to model_repo/."),
+    ("stream", "stream.cli", "app", 6, "Run the Kafka stream worker that keeps features and scores current."),
+    ("scores", "stream.cli", "scores_app", 6, "Query current risk scores."),
+    ("bench", "benchmarks.cli", "app", 7, "Benchmark throughput and latency, stage by stage and end to end."),
+]
+
+
+def _mount(name: str, module: str, attribute: str, issue: int, help_text: str) -> None:
+    sub = None
+    if importlib.util.find_spec(module) is not None:
+        sub = getattr(importlib.import_module(module), attribute, None)
+    app.add_typer(sub or _not_built(name, issue, help_text), name=name, help=help_text)
+
+
+for _group in GROUPS:
+    _mount(*_group)
+
+
+@app.command("demo")
+def demo():
+    """Run the whole system on a synthetic cohort and print how to query it."""
+    from stream.demo import run_demo
+
+    try:
+        run_demo(get_settings(), console)
+    except svc.ServiceError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,109 @@
+"""All of m3t-stream's settings, in one place.
+
+Values come from the constructor (tests), then ``M3T_*`` environment variables, then the
+defaults below, which point at the local services that ``m3t services up`` starts.
+Nested groups use a double underscore: ``M3T_KAFKA__BOOTSTRAP_SERVERS``,
+``M3T_REDIS__URL``, ``M3T_TRITON__GRPC_PORT``. Nothing else in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RedisSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 16379
+    db: int = 0
+    # ACL user for the stream worker (read/write). Empty means the default user.
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    # Read-only ACL user for the query API (scores are patient data).
+    reader_username: str = "m3t-reader"
+    reader_password: SecretStr = SecretStr("m3t-reader-local")
+    socket_timeout_s: float = 5.0
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class KafkaSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 19092
+    controller_port: int = 19093
+    partitions: int = 4
+    topic_events: str = "m3t.admission-events"
+    topic_dead_letter: str = "m3t.dead-letter"
+    topic_scores: str = "risk-scores"
+    consumer_group: str = "m3t-stream"
+    kafka_version: str = "4.3.1"
+    heap: str = "512m"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return (self.topic_events, self.topic_dead_letter, self.topic_scores)
+
+
+class TritonSettings(BaseModel):
+    host: str = "127.0.0.1"
+    http_port: int = 18000
+    grpc_port: int = 18001
+    metrics_port: int = 18002
+    # "bundled": the CPU server from nvidia-pytriton, started by `m3t services up`;
+    # "external": a server you run (NVIDIA's Triton container on GPU hosts).
+    launcher: Literal["bundled", "external"] = "bundled"
+    model_name: str = "m3t_lm"
+    model_version: str = ""  # empty: the latest version Triton has loaded
+    timeout_s: float = 10.0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 18080
+    bearer_token: SecretStr = SecretStr("m3t-local-token")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="M3T_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = PROJECT_ROOT / ".m3t"
+    data_dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+    model_repo: Path = PROJECT_ROOT / "model_repo"
+    # Jars and other downloads that outlive a clone's state directory.
+    cache_dir: Path = Path.home() / ".cache" / "m3t"
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,71 @@
+"""`m3t stream ...` and `m3t scores ...`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import typer
+from rich.console import Console
+
+from m3t.clients import redis_client
+from m3t.settings import get_settings
+
+console = Console()
+
+app = typer.Typer(help="Run the Kafka stream worker that keeps features and scores current.", no_args_is_help=True)
+scores_app = typer.Typer(help="Query current risk scores.", no_args_is_help=True)
+
+
+@app.command("run")
+def run(
+    idle_timeout: float = typer.Option(None, help="Stop after this many seconds without events."),
+    max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
+    max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
+):
+    """Consume admission events, keep features current and write risk scores (placeholder model for now)."""
+    from stream.scores import ScoreStore
+    from stream.skeleton import SkeletonFeatures
+    from stream.triton_scorer import TritonScorer
+    from stream.worker import StreamWorker
+
+    settings = get_settings()
+    client = redis_client(settings)
+    worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"),
+                          ScoreStore(client), max_batch=max_batch, max_wait_ms=max_wait_ms)
+    stats = worker.run(idle_timeout_s=idle_timeout)
+    console.print(asdict(stats))
+
+
+def _store():
+    from stream.scores import ScoreStore
+
+    # The query side logs in as the read-only user.
+    return ScoreStore(redis_client(get_settings(), reader=True))
+
+
+@scores_app.command("get")
+def get(hadm_id: int, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """An admission's current length-of-stay estimate and mortality risk."""
+    score = _store().get(hadm_id)
+    if score is None:
+        Console(stderr=True).print(f"no score for admission {hadm_id}")
+        raise typer.Exit(1)
+    if as_json:
+        print(score.as_json())
+    else:
+        from stream.demo import scores_table
+
+        console.print(scores_table([score]))
+
+
+@scores_app.command("top")
+def top(n: int = typer.Option(20, "--n", help="How many admissions."), as_json: bool = typer.Option(False, "--json")):
+    """Current inpatients ranked by mortality risk."""
+    scores = _store().top(n)
+    if as_json:
+        print(json.dumps([asdict(s) for s in scores]))
+    else:
+        from stream.demo import scores_table
+
+        console.print(scores_table(scores))

@@ -1,0 +1,172 @@
+"""The stream worker: Kafka events in, current features and risk scores out.
+
+One loop, one direction: poll (auto-commit off) -> validate -> apply to the feature store ->
+mark admissions dirty -> score dirty admissions in micro-batches (by size or deadline) ->
+write scores -> commit. Offsets are committed only after the Redis writes they cover have
+succeeded, so delivery is at least once; the feature store and the score store are
+idempotent, so a redelivered event changes nothing. Invalid events go to the dead-letter
+topic with their reason before their offset is committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from ingest import events as ev
+from m3t.settings import Settings
+from stream.scores import RiskScore, ScoreStore
+
+log = logging.getLogger(__name__)
+
+
+class FeatureSource(Protocol):
+    def apply(self, events: list) -> None:
+        """Apply events idempotently (an event seen before changes nothing)."""
+
+    def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
+        """Model inputs for these admissions, and each one's feature time (epoch s)."""
+
+
+class Scorer(Protocol):
+    model: str
+
+    def score(self, inputs: dict) -> tuple[list[float], list[float]]:
+        """Length of stay (days) and mortality probability per admission."""
+
+
+@dataclass
+class WorkerStats:
+    events: int = 0
+    dead_letters: int = 0
+    scored: int = 0
+    batches: int = 0
+    commits: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def dead_letter_record(record, reason: str, detail: str) -> bytes:
+    """The original bytes travel base64-encoded so a repaired event can be replayed."""
+    return json.dumps({
+        "reason": reason,
+        "detail": detail,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "value_b64": base64.b64encode(record.value or b"").decode(),
+    }).encode()
+
+
+class StreamWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        features: FeatureSource,
+        scorer: Scorer,
+        scores: ScoreStore,
+        *,
+        max_batch: int = 256,
+        max_wait_ms: int = 50,
+        group_id: str | None = None,
+        topic: str | None = None,
+    ):
+        self.settings = settings
+        self.features = features
+        self.scorer = scorer
+        self.scores = scores
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.topic = topic or settings.kafka.topic_events
+        self.consumer = KafkaConsumer(
+            self.topic,
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            group_id=group_id or settings.kafka.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=max_batch,
+            client_id="m3t-worker",
+        )
+        self.producer = KafkaProducer(
+            bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
+            client_id="m3t-worker",
+        )
+        self.stats = WorkerStats()
+        self._dirty: dict[int, None] = {}  # insertion-ordered set
+        self._discharged: set[int] = set()
+
+    def run(self, stop: threading.Event | None = None, idle_timeout_s: float | None = None) -> WorkerStats:
+        """Consume until ``stop`` is set, or until nothing arrived for ``idle_timeout_s``."""
+        stop = stop or threading.Event()
+        last_data = time.monotonic()
+        try:
+            while not stop.is_set():
+                polled = self.consumer.poll(timeout_ms=int(self.max_wait_s * 1000), max_records=self.max_batch)
+                records = [r for batch in polled.values() for r in batch]
+                if records:
+                    last_data = time.monotonic()
+                    self._apply(records)
+                if self._dirty:
+                    self._score_dirty()
+                if records:
+                    self._commit()
+                elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def _apply(self, records) -> None:
+        valid = []
+        for record in records:
+            try:
+                valid.append(ev.decode(record.value))
+            except ev.InvalidEvent as exc:
+                self._dead_letter(record, exc.reason, exc.detail)
+        self.features.apply(valid)
+        for event in valid:
+            if event.type == "discharge":
+                self._discharged.add(event.hadm_id)
+            self._dirty[event.hadm_id] = None
+        self.stats.events += len(records)
+
+    def _score_dirty(self) -> None:
+        while self._dirty:
+            batch = list(self._dirty)[: self.max_batch]
+            inputs, feature_times = self.features.inputs(batch)
+            los, mortality = self.scorer.score(inputs)
+            now = time.time()
+            scores = [RiskScore(h, float(l), float(m), self.scorer.model, t, now)
+                      for h, l, m, t in zip(batch, los, mortality, feature_times)]
+            self.scores.write_batch(scores, {h: h not in self._discharged for h in batch})
+            self.scores.discharge([h for h in batch if h in self._discharged])
+            for score in scores:
+                self.producer.send(self.settings.kafka.topic_scores, key=str(score.hadm_id).encode(),
+                                   value=score.as_json().encode())
+            for h in batch:
+                del self._dirty[h]
+            self.stats.scored += len(batch)
+            self.stats.batches += 1
+
+    def _dead_letter(self, record, reason: str, detail: str) -> None:
+        self.producer.send(self.settings.kafka.topic_dead_letter, key=record.key,
+                           value=dead_letter_record(record, reason, detail))
+        self.stats.dead_letters += 1
+        self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
+        log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic, record.partition, record.offset)
+
+    def _commit(self) -> None:
+        # Dead letters and published scores must be durable before their offsets move.
+        self.producer.flush()
+        self.consumer.commit()
+        self.stats.commits += 1
+
+    def close(self) -> None:
+        self.producer.close()
+        self.consumer.close()

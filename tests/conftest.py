@@ -1,0 +1,92 @@
+"""Session fixtures: the real Redis, Kafka and Triton, started on test ports and torn down.
+
+The test services use their own ports, state directory and a copy of model_repo/, so a
+running `make demo` is never touched. A service that cannot start fails the tests that
+need it with the reason; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from m3t import services
+from m3t.settings import PROJECT_ROOT, Settings
+
+TEST_PORTS = {
+    "redis": {"port": 26379},
+    "kafka": {"port": 29092, "controller_port": 29093, "partitions": 4},
+    "triton": {"http_port": 28000, "grpc_port": 28001, "metrics_port": 28002},
+}
+
+
+def make_settings(root, **overrides) -> Settings:
+    return Settings(
+        state_dir=root / "state",
+        model_repo=root / "model_repo",
+        redis=TEST_PORTS["redis"],
+        kafka=TEST_PORTS["kafka"],
+        triton=TEST_PORTS["triton"],
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def services_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("m3t")
+    shutil.copytree(PROJECT_ROOT / "model_repo", root / "model_repo")
+    return root
+
+
+@pytest.fixture(scope="session")
+def settings(services_root):
+    """Settings whose Redis, Kafka and Triton are up (started once per test session)."""
+    cfg = make_settings(services_root)
+    try:
+        services.up(cfg)
+    except services.ServiceError as exc:
+        services.down(cfg)
+        pytest.fail(f"the test services could not start:\n{exc}", pytrace=False)
+    yield cfg
+    services.down(cfg)
+
+
+@pytest.fixture
+def redis_client(settings):
+    from m3t.clients import redis_client as connect
+
+    client = connect(settings)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def kafka_bootstrap(settings) -> str:
+    return settings.kafka.bootstrap_servers
+
+
+@pytest.fixture
+def triton(settings):
+    from m3t.clients import triton_client
+
+    client = triton_client(settings)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def isolated_settings(settings):
+    """The session's settings with this test's own, freshly created Kafka topics."""
+    import uuid
+
+    from m3t.services import ensure_topics
+
+    tag = uuid.uuid4().hex[:8]
+    kafka = settings.kafka.model_copy(update={
+        "topic_events": f"events-{tag}", "topic_dead_letter": f"dead-letter-{tag}",
+        "topic_scores": f"scores-{tag}", "consumer_group": f"group-{tag}",
+    })
+    cfg = settings.model_copy(update={"kafka": kafka})
+    ensure_topics(cfg)
+    return cfg

@@ -1,0 +1,259 @@
+"""Issue 2: settings, the real services, the CLI, and the walking skeleton."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+
+import numpy as np
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+from typer.testing import CliRunner
+
+from m3t import services
+from m3t.cli import app
+from m3t.services.process import pid_alive
+from m3t.settings import Settings, get_settings
+
+runner = CliRunner()
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("M3T_KAFKA__PORT", "39999")
+    monkeypatch.setenv("M3T_KAFKA__TOPIC_EVENTS", "custom-events")
+    monkeypatch.setenv("M3T_REDIS__USERNAME", "worker")
+    monkeypatch.setenv("M3T_REDIS__PASSWORD", "s3cret")
+    monkeypatch.setenv("M3T_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("M3T_TRITON__MODEL_NAME", "other")
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:39999"
+    assert s.kafka.topic_events == "custom-events"
+    assert s.redis.username == "worker" and s.redis.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)  # secrets never print
+    assert s.state_dir == tmp_path and s.logs_dir == tmp_path / "logs"
+    assert s.triton.model_name == "other"
+    # The constructor wins over the environment (how tests override).
+    assert Settings(kafka={"port": 1234}).kafka.port == 1234
+
+
+def test_settings_reject_unknown_keys():
+    with pytest.raises(ValueError):
+        Settings(kafak={"port": 1})
+
+
+def test_kafka_round_trip(isolated_settings):
+    settings = isolated_settings
+    topic = settings.kafka.topic_events
+    marker = uuid.uuid4().hex
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    for i in range(10):
+        producer.send(topic, key=b"42", value=f"{marker}:{i}".encode())
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka.bootstrap_servers,
+                             group_id=f"t-{marker}", auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=5000)
+    got = [m.value.decode() for m in consumer if m.value.decode().startswith(marker)]
+    consumer.close()
+    assert got == [f"{marker}:{i}" for i in range(10)]  # one key: one partition, in order
+
+
+def test_topics_created_with_partitions(settings):
+    from m3t.clients import kafka_admin
+
+    admin = kafka_admin(settings)
+    described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(settings.kafka.topics))}
+    admin.close()
+    assert described == {t: settings.kafka.partitions for t in settings.kafka.topics}
+
+
+def test_redis_round_trip_and_reader_is_read_only(settings, redis_client):
+    from m3t.clients import redis_client as connect
+
+    redis_client.hset("m3t:test:{1}", mapping={"a": "1.5"})
+    reader = connect(settings, reader=True)
+    assert reader.hget("m3t:test:{1}", "a") == b"1.5"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        reader.hset("m3t:test:{1}", "a", "2")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        reader.get("not-a-m3t-key")
+    reader.close()
+    redis_client.delete("m3t:test:{1}")
+
+
+def test_triton_health_and_inference(triton):
+    import tritonclient.grpc as grpcclient
+
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready("placeholder")
+    summary = np.array([[50.0, 10.0], [80.0, 0.0]], dtype=np.float32)
+    tensor = grpcclient.InferInput("summary", summary.shape, "FP32")
+    tensor.set_data_from_numpy(summary)
+    result = triton.infer("placeholder", [tensor])
+    np.testing.assert_allclose(result.as_numpy("los_days")[:, 0], 2.0 + 0.05 * summary[:, 0] + 0.1 * summary[:, 1], rtol=1e-6)
+    logit = -6.0 + 0.05 * summary[:, 0] + 0.02 * summary[:, 1]
+    np.testing.assert_allclose(result.as_numpy("mortality_prob")[:, 0], 1 / (1 + np.exp(-logit)), rtol=1e-5)
+
+
+def _service_processes(cfg: Settings) -> list[int]:
+    """Every live process whose command line names this settings' state directory or ports."""
+    from pathlib import Path
+
+    marks = [str(cfg.state_dir), f"--grpc-port={cfg.triton.grpc_port}"]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if any(m in cmd for m in marks) and pid_alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_up_twice_down_leaves_nothing(tmp_path, settings):
+    import shutil
+
+    shutil.copytree(settings.model_repo, tmp_path / "model_repo")
+    cfg = Settings(
+        state_dir=tmp_path / "state", model_repo=tmp_path / "model_repo",
+        redis={"port": 36379}, kafka={"port": 39092, "controller_port": 39093, "partitions": 2},
+        triton={"http_port": 38000, "grpc_port": 38001, "metrics_port": 38002},
+    )
+    try:
+        first = services.up(cfg)
+        second = services.up(cfg)
+        assert all(h.healthy for h in first + second)
+        assert [h.pid for h in first] == [h.pid for h in second]  # no duplicates started
+        assert len(_service_processes(cfg)) >= 3
+    finally:
+        stopped = services.down(cfg)
+    assert stopped == {"triton": True, "kafka": True, "redis": True}
+    assert _service_processes(cfg) == []
+    assert not any(h.healthy for h in services.status(cfg))
+    assert services.down(cfg) == {"triton": False, "kafka": False, "redis": False}
+
+
+def test_port_taken_is_a_clear_error(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        cfg = Settings(state_dir=tmp_path, redis={"port": port})
+        with pytest.raises(services.ServiceError, match=f"port 127.0.0.1:{port} is taken"):
+            services.up(cfg, ["redis"])
+
+
+def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server, java or mvn here
+    cfg = Settings(state_dir=tmp_path, redis={"port": 36479}, kafka={"port": 39192, "controller_port": 39193})
+    with pytest.raises(services.ServiceError, match="redis-server is not installed"):
+        services.up(cfg, ["redis"])
+    with pytest.raises(services.ServiceError, match="Java is missing"):
+        services.up(cfg, ["kafka"])
+
+
+@pytest.fixture
+def cli_settings(isolated_settings, monkeypatch):
+    """Point the in-process CLI at the test services (and this test's topics) through M3T_* variables."""
+    settings = isolated_settings
+    env = {
+        "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
+        "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
+        "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
+        "M3T_STATE_DIR": str(settings.state_dir), "M3T_MODEL_REPO": str(settings.model_repo),
+        "M3T_REDIS__PORT": str(settings.redis.port),
+        "M3T_KAFKA__PORT": str(settings.kafka.port), "M3T_KAFKA__CONTROLLER_PORT": str(settings.kafka.controller_port),
+        "M3T_KAFKA__PARTITIONS": str(settings.kafka.partitions),
+        "M3T_TRITON__HTTP_PORT": str(settings.triton.http_port), "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
+        "M3T_TRITON__METRICS_PORT": str(settings.triton.metrics_port),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+def test_cli_help_lists_every_group():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for group in ["services", "ingest", "features", "train", "export", "stream", "scores", "bench", "demo"]:
+        assert group in result.output
+
+
+def test_cli_status_json(cli_settings):
+    result = runner.invoke(app, ["services", "status", "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert set(status) == {"redis", "kafka", "triton"}
+    assert all(s["healthy"] is True for s in status.values())
+    assert status["kafka"]["address"] == cli_settings.kafka.bootstrap_servers
+
+
+def test_cli_status_fails_when_unhealthy(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3T_STATE_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["services", "status", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert all(s["healthy"] is False for s in json.loads(result.output).values())
+
+
+def test_walking_skeleton_end_to_end(cli_settings, redis_client):
+    """Events -> Kafka -> worker -> Redis features -> Triton -> scores -> `m3t scores get`."""
+    from stream.demo import produce, skeleton_events
+    from stream.scores import ScoreStore
+    from stream.skeleton import SkeletonFeatures
+    from stream.triton_scorer import TritonScorer
+    from stream.worker import StreamWorker
+
+    events = skeleton_events(3)
+    produce(cli_settings, events)
+    produce(cli_settings, events[:4])  # a redelivered prefix must change nothing
+    store = ScoreStore(redis_client)
+    worker = StreamWorker(cli_settings, SkeletonFeatures(redis_client), TritonScorer(cli_settings, "placeholder"),
+                          store, group_id=f"skeleton-{uuid.uuid4().hex}")
+    stats = worker.run(idle_timeout_s=3.0)
+    assert stats.events >= len(events) + 4 and stats.dead_letters == 0
+    for i, hadm in enumerate(sorted({e.hadm_id for e in events})):
+        observations = 2 * i + 1
+        age = 40 + 10 * i
+        score = store.get(hadm)
+        assert score is not None and score.model == "placeholder:1"
+        assert score.los_days == pytest.approx(2.0 + 0.05 * age + 0.1 * observations, rel=1e-6)
+    result = runner.invoke(app, ["scores", "get", str(events[0].hadm_id), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["hadm_id"] == events[0].hadm_id
+    missing = runner.invoke(app, ["scores", "get", "1"])
+    assert missing.exit_code == 1
+
+
+def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
+    from stream.scores import ScoreStore
+    from stream.skeleton import SkeletonFeatures
+    from stream.triton_scorer import TritonScorer
+    from stream.worker import StreamWorker
+
+    marker = uuid.uuid4().hex
+    producer = KafkaProducer(bootstrap_servers=cli_settings.kafka.bootstrap_servers)
+    producer.send(cli_settings.kafka.topic_events, key=marker.encode(), value=b"{not json")
+    producer.send(cli_settings.kafka.topic_events, key=marker.encode(), value=json.dumps({"schema_version": 1, "type": "admission"}).encode())
+    producer.flush()
+    producer.close()
+    worker = StreamWorker(cli_settings, SkeletonFeatures(redis_client), TritonScorer(cli_settings, "placeholder"),
+                          ScoreStore(redis_client), group_id=f"poison-{marker}")
+    stats = worker.run(idle_timeout_s=3.0)
+    assert stats.dead_letter_reasons.get("malformed_json", 0) >= 1
+    assert stats.dead_letter_reasons.get("schema_violation", 0) >= 1
+    consumer = KafkaConsumer(cli_settings.kafka.topic_dead_letter, bootstrap_servers=cli_settings.kafka.bootstrap_servers,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000, group_id=f"dl-{marker}")
+    letters = [json.loads(m.value) for m in consumer if m.key == marker.encode()]
+    consumer.close()
+    assert sorted(l["reason"] for l in letters) == ["malformed_json", "schema_violation"]
+    assert all(l["detail"] is not None and "offset" in l for l in letters)

@@ -1,0 +1,1 @@
+"""Trainer: M3T-LM, training, evaluation, export and publishing to model_repo/."""
