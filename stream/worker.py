@@ -101,8 +101,14 @@ class StreamWorker:
         self._dirty: dict[int, None] = {}  # insertion-ordered set
         self._discharged: set[int] = set()
 
-    def run(self, stop: threading.Event | None = None, idle_timeout_s: float | None = None) -> WorkerStats:
-        """Consume until ``stop`` is set, or until nothing arrived for ``idle_timeout_s``."""
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        idle_timeout_s: float | None = None,
+        stop_after: int | None = None,
+    ) -> WorkerStats:
+        """Consume until ``stop`` is set, ``stop_after`` records were processed, or nothing
+        arrived for ``idle_timeout_s`` once partitions were assigned."""
         stop = stop or threading.Event()
         last_data = time.monotonic()
         try:
@@ -116,6 +122,10 @@ class StreamWorker:
                     self._score_dirty()
                 if records:
                     self._commit()
+                if stop_after is not None and self.stats.events >= stop_after:
+                    break
+                if not self.consumer.assignment():
+                    last_data = time.monotonic()  # still joining the group: not idle yet
                 elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                     break
         finally:

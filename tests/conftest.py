@@ -1,33 +1,40 @@
 """Session fixtures: the real Redis, Kafka and Triton, started on test ports and torn down.
 
-The test services use their own ports, state directory and a copy of model_repo/, so a
-running `make demo` is never touched. A service that cannot start fails the tests that
+The test services use free ports picked at session start, their own state directory and a
+copy of model_repo/, so neither a running `make demo` nor another test session is touched. A service that cannot start fails the tests that
 need it with the reason; nothing is skipped.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 
 from m3t import services
 from m3t.settings import PROJECT_ROOT, Settings
 
-TEST_PORTS = {
-    "redis": {"port": 26379},
-    "kafka": {"port": 29092, "controller_port": 29093, "partitions": 4},
-    "triton": {"http_port": 28000, "grpc_port": 28001, "metrics_port": 28002},
-}
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def make_settings(root, **overrides) -> Settings:
+    """Settings for services under ``root`` on free ports."""
+    redis, kafka, controller, http, grpc, metrics = free_ports(6)
     return Settings(
         state_dir=root / "state",
         model_repo=root / "model_repo",
-        redis=TEST_PORTS["redis"],
-        kafka=TEST_PORTS["kafka"],
-        triton=TEST_PORTS["triton"],
+        redis={"port": redis},
+        kafka={"port": kafka, "controller_port": controller, "partitions": 4},
+        triton={"http_port": http, "grpc_port": grpc, "metrics_port": metrics},
         **overrides,
     )
 

@@ -16,6 +16,7 @@ from m3t import services
 from m3t.cli import app
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
+from tests.conftest import make_settings
 
 runner = CliRunner()
 
@@ -118,11 +119,7 @@ def test_up_twice_down_leaves_nothing(tmp_path, settings):
     import shutil
 
     shutil.copytree(settings.model_repo, tmp_path / "model_repo")
-    cfg = Settings(
-        state_dir=tmp_path / "state", model_repo=tmp_path / "model_repo",
-        redis={"port": 36379}, kafka={"port": 39092, "controller_port": 39093, "partitions": 2},
-        triton={"http_port": 38000, "grpc_port": 38001, "metrics_port": 38002},
-    )
+    cfg = make_settings(tmp_path)
     try:
         first = services.up(cfg)
         second = services.up(cfg)
@@ -149,7 +146,7 @@ def test_port_taken_is_a_clear_error(tmp_path):
 
 def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server, java or mvn here
-    cfg = Settings(state_dir=tmp_path, redis={"port": 36479}, kafka={"port": 39192, "controller_port": 39193})
+    cfg = make_settings(tmp_path)
     with pytest.raises(services.ServiceError, match="redis-server is not installed"):
         services.up(cfg, ["redis"])
     with pytest.raises(services.ServiceError, match="Java is missing"):
@@ -219,8 +216,8 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
     store = ScoreStore(redis_client)
     worker = StreamWorker(cli_settings, SkeletonFeatures(redis_client), TritonScorer(cli_settings, "placeholder"),
                           store, group_id=f"skeleton-{uuid.uuid4().hex}")
-    stats = worker.run(idle_timeout_s=3.0)
-    assert stats.events >= len(events) + 4 and stats.dead_letters == 0
+    stats = worker.run(stop_after=len(events) + 4, idle_timeout_s=30.0)
+    assert stats.events == len(events) + 4 and stats.dead_letters == 0
     for i, hadm in enumerate(sorted({e.hadm_id for e in events})):
         observations = 2 * i + 1
         age = 40 + 10 * i
@@ -248,7 +245,7 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     producer.close()
     worker = StreamWorker(cli_settings, SkeletonFeatures(redis_client), TritonScorer(cli_settings, "placeholder"),
                           ScoreStore(redis_client), group_id=f"poison-{marker}")
-    stats = worker.run(idle_timeout_s=3.0)
+    stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     assert stats.dead_letter_reasons.get("malformed_json", 0) >= 1
     assert stats.dead_letter_reasons.get("schema_violation", 0) >= 1
     consumer = KafkaConsumer(cli_settings.kafka.topic_dead_letter, bootstrap_servers=cli_settings.kafka.bootstrap_servers,
