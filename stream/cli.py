@@ -37,6 +37,20 @@ def run(
     console.print(asdict(stats))
 
 
+@app.command("api")
+def api(
+    host: str = typer.Option(None, help="Bind address (default: settings.api.host)."),
+    port: int = typer.Option(None, help="Port (default: settings.api.port)."),
+):
+    """Serve the HTTP API: /admissions/{id}/risk, /risk/top, /healthz, /metrics (bearer token)."""
+    import uvicorn
+
+    from stream.api import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.api.host, port=port or settings.api.port, log_level="warning")
+
+
 def _store():
     from stream.scores import ScoreStore
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
 
 from ingest import events as ev
 from m3t.settings import Settings
+from stream.metrics import WorkerMetrics
 from stream.scores import RiskScore, ScoreStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class StreamWorker:
         max_wait_ms: int = 50,
         group_id: str | None = None,
         topic: str | None = None,
+        worker_id: str | None = None,
     ):
         self.settings = settings
         self.features = features
@@ -98,7 +102,10 @@ class StreamWorker:
             client_id="m3t-worker",
         )
         self.stats = WorkerStats()
-        self._dirty: dict[int, None] = {}  # insertion-ordered set
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = WorkerMetrics(scores.client, self.worker_id)
+        # Admissions waiting to be scored -> Kafka timestamp (s) of their oldest unscored event.
+        self._dirty: dict[int, float] = {}
         self._discharged: set[int] = set()
 
     def run(
@@ -122,28 +129,32 @@ class StreamWorker:
                     self._score_dirty()
                 if records:
                     self._commit()
+                if self.metrics.due():
+                    self._flush_metrics()
                 if stop_after is not None and self.stats.events >= stop_after:
                     break
                 if not self.consumer.assignment():
                     last_data = time.monotonic()  # still joining the group: not idle yet
                 elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                     break
+            self._flush_metrics()
         finally:
             self.close()
         return self.stats
 
     def _apply(self, records) -> None:
-        valid = []
+        valid, arrived = [], []
         for record in records:
             try:
                 valid.append(ev.decode(record.value))
+                arrived.append(record.timestamp / 1000)
             except ev.InvalidEvent as exc:
                 self._dead_letter(record, exc.reason, exc.detail)
         self.features.apply(valid)
-        for event in valid:
+        for event, t in zip(valid, arrived):
             if event.type == "discharge":
                 self._discharged.add(event.hadm_id)
-            self._dirty[event.hadm_id] = None
+            self._dirty[event.hadm_id] = min(t, self._dirty.get(event.hadm_id, t))
         self.stats.events += len(records)
 
     def _score_dirty(self) -> None:
@@ -160,7 +171,8 @@ class StreamWorker:
                 self.producer.send(self.settings.kafka.topic_scores, key=str(score.hadm_id).encode(),
                                    value=score.as_json().encode())
             for h in batch:
-                del self._dirty[h]
+                self.metrics.latency.observe(max(0.0, now - self._dirty.pop(h)))
+            self.metrics.batch_size.observe(len(batch))
             self.stats.scored += len(batch)
             self.stats.batches += 1
 
@@ -176,6 +188,15 @@ class StreamWorker:
         self.producer.flush()
         self.consumer.commit()
         self.stats.commits += 1
+
+    def _flush_metrics(self) -> None:
+        assigned = list(self.consumer.assignment())
+        if assigned:
+            ends = self.consumer.end_offsets(assigned)
+            self.metrics.lag = {
+                f"{tp.topic}:{tp.partition}": max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned
+            }
+        self.metrics.flush(asdict(self.stats))
 
     def close(self) -> None:
         self.producer.close()

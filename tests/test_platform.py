@@ -254,3 +254,37 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     consumer.close()
     assert sorted(l["reason"] for l in letters) == ["malformed_json", "schema_violation"]
     assert all(l["detail"] is not None and "offset" in l for l in letters)
+
+
+def test_http_api_contract(cli_settings, redis_client):
+    from fastapi.testclient import TestClient
+
+    from stream.api import create_app
+    from stream.scores import RiskScore, ScoreStore
+
+    store = ScoreStore(redis_client)
+    store.write_batch([RiskScore(777, 4.5, 0.25, "m:1", 100.0, 101.0), RiskScore(778, 2.0, 0.75, "m:1", 100.0, 101.0)])
+    store.write_batch([RiskScore(777, 9.9, 0.99, "m:1", 50.0, 102.0)])  # older features: skipped
+    redis_client.set("m3t:metrics:worker:w1", json.dumps({
+        "counters": {"events": 10, "dead_letters": 1, "scored": 4, "batches": 2, "commits": 2},
+        "latency": {"bounds": [0.1, 1.0], "counts": [3, 1, 0], "sum": 0.9},
+        "batch_size": {"bounds": [1, 2], "counts": [0, 2, 0], "sum": 4},
+        "lag": {"events:0": 5}, "events_per_s": 12.5, "updated": 0}))
+    api = TestClient(create_app(cli_settings))
+    auth = {"Authorization": f"Bearer {cli_settings.api.bearer_token.get_secret_value()}"}
+
+    assert api.get("/healthz").json() == {"status": "ok"}
+    for path in ["/admissions/777/risk", "/risk/top?n=2", "/metrics"]:
+        assert api.get(path).status_code == 401
+        assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    risk = api.get("/admissions/777/risk", headers=auth).json()
+    assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
+    assert api.get("/admissions/1/risk", headers=auth).status_code == 404
+    assert [r["hadm_id"] for r in api.get("/risk/top?n=2", headers=auth).json()][:2] == [778, 777]
+    assert api.get("/risk/top?n=0", headers=auth).status_code == 422
+    metrics = api.get("/metrics", headers=auth).text
+    assert 'm3t_events_total{worker="w1"} 10.0' in metrics
+    assert 'm3t_consumer_lag{partition="events:0",worker="w1"} 5.0' in metrics
+    assert 'm3t_scoring_latency_bucket{le="1.0",worker="w1"} 4.0' in metrics
+    assert 'm3t_events_per_second{worker="w1"} 12.5' in metrics
+    redis_client.delete("m3t:metrics:worker:w1")

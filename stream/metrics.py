@@ -1,0 +1,105 @@
+"""Worker metrics, shared through Redis so the API can expose every worker's in one place.
+
+Each worker keeps plain counters and fixed-bucket histograms and flushes them to its own
+hash (``m3t:metrics:worker:<id>``, expiring if the worker dies). The API renders them in the
+Prometheus text format with a ``worker`` label through a prometheus_client collector.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+METRICS_KEY = "m3t:metrics:worker:{worker_id}"
+METRICS_PATTERN = "m3t:metrics:worker:*"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+COUNTERS = ("events", "dead_letters", "scored", "batches", "commits")
+
+
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last bucket is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def as_dict(self) -> dict:
+        return {"bounds": list(self.bounds), "counts": self.counts, "sum": self.total}
+
+
+class WorkerMetrics:
+    def __init__(self, client: redis.Redis, worker_id: str, flush_every_s: float = 1.0):
+        self.client = client
+        self.worker_id = worker_id
+        self.flush_every_s = flush_every_s
+        self.latency = Histogram(LATENCY_BUCKETS_S)
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.lag: dict[str, int] = {}
+        self.events_per_s = 0.0
+        self._last_flush = time.monotonic()
+        self._events_at_flush = 0
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_flush >= self.flush_every_s
+
+    def flush(self, counters: dict[str, int]) -> None:
+        """Publish the worker's counters (its WorkerStats) with the histograms and lag."""
+        now = time.monotonic()
+        elapsed = max(now - self._last_flush, 1e-9)
+        self.events_per_s = (counters["events"] - self._events_at_flush) / elapsed
+        self._events_at_flush, self._last_flush = counters["events"], now
+        key = METRICS_KEY.format(worker_id=self.worker_id)
+        snapshot = {
+            "counters": {name: counters[name] for name in COUNTERS}, "latency": self.latency.as_dict(),
+            "batch_size": self.batch_size.as_dict(), "lag": self.lag,
+            "events_per_s": self.events_per_s, "updated": time.time(),
+        }
+        # A dead worker's metrics disappear after a while instead of lingering as "current".
+        self.client.set(key, json.dumps(snapshot), ex=max(30, int(10 * self.flush_every_s)))
+
+
+class RedisWorkerCollector:
+    """A prometheus_client collector over every live worker's snapshot."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def snapshots(self) -> dict[str, dict]:
+        keys = sorted(self.client.scan_iter(match=METRICS_PATTERN, count=100))
+        values = self.client.mget(keys) if keys else []
+        prefix = METRICS_KEY.format(worker_id="")
+        return {k.decode()[len(prefix):]: json.loads(v) for k, v in zip(keys, values) if v}
+
+    def collect(self):
+        snaps = self.snapshots()
+        for name in COUNTERS:
+            family = CounterMetricFamily(f"m3t_{name}", f"{name.replace('_', ' ')} processed by the worker", labels=["worker"])
+            for worker, snap in snaps.items():
+                family.add_metric([worker], snap["counters"][name])
+            yield family
+        rate = GaugeMetricFamily("m3t_events_per_second", "events consumed per second (last interval)", labels=["worker"])
+        lag = GaugeMetricFamily("m3t_consumer_lag", "records behind the log end", labels=["worker", "partition"])
+        for worker, snap in snaps.items():
+            rate.add_metric([worker], snap["events_per_s"])
+            for partition, behind in snap["lag"].items():
+                lag.add_metric([worker, partition], behind)
+        yield rate
+        yield lag
+        for metric, help_text in (("latency", "event-to-score latency (seconds)"), ("batch_size", "admissions per scoring batch")):
+            family = HistogramMetricFamily(f"m3t_scoring_{metric}", help_text, labels=["worker"])
+            for worker, snap in snaps.items():
+                h = snap[metric]
+                cumulative, buckets = 0, []
+                for bound, count in zip([*h["bounds"], "+Inf"], h["counts"]):
+                    cumulative += count
+                    buckets.append((str(bound), cumulative))
+                family.add_metric([worker], buckets, h["sum"])
+            yield family
