@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from dataclasses import asdict
 
 import typer
@@ -33,7 +35,11 @@ def run(
     client = redis_client(settings)
     worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"),
                           ScoreStore(client), max_batch=max_batch, max_wait_ms=max_wait_ms)
-    stats = worker.run(idle_timeout_s=idle_timeout)
+    # SIGTERM/SIGINT: finish the batch in hand, commit, leave the group.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stats = worker.run(stop=stop, idle_timeout_s=idle_timeout)
     console.print(asdict(stats))
 
 

@@ -20,7 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+import redis
 from kafka import KafkaConsumer, KafkaProducer
+from tritonclient.utils import InferenceServerException
 
 from ingest import events as ev
 from m3t.settings import Settings
@@ -52,6 +54,7 @@ class WorkerStats:
     scored: int = 0
     batches: int = 0
     commits: int = 0
+    retries: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -67,7 +70,21 @@ def dead_letter_record(record, reason: str, detail: str) -> bytes:
     }).encode()
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Redis or Triton unreachable: worth waiting out. Anything else is a bug and stops
+    the worker uncommitted (its events are redelivered to the next one)."""
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return True
+    return isinstance(exc, InferenceServerException) and exc.status() in (
+        "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
+    )
+
+
 class StreamWorker:
+    backoff_s = (0.2, 5.0)
+    # On SIGTERM during an outage, give up waiting: the uncommitted events are redelivered.
+    give_up_on_stop = True
+
     def __init__(
         self,
         settings: Settings,
@@ -106,7 +123,10 @@ class StreamWorker:
         self.metrics = WorkerMetrics(scores.client, self.worker_id)
         # Admissions waiting to be scored -> Kafka timestamp (s) of their oldest unscored event.
         self._dirty: dict[int, float] = {}
+        self._dirty_since = time.monotonic()
         self._discharged: set[int] = set()
+        self._uncommitted = False
+        self._stop = threading.Event()
 
     def run(
         self,
@@ -114,20 +134,25 @@ class StreamWorker:
         idle_timeout_s: float | None = None,
         stop_after: int | None = None,
     ) -> WorkerStats:
-        """Consume until ``stop`` is set, ``stop_after`` records were processed, or nothing
-        arrived for ``idle_timeout_s`` once partitions were assigned."""
-        stop = stop or threading.Event()
+        """Consume until ``stop`` is set (SIGTERM), ``stop_after`` records were processed, or
+        nothing arrived for ``idle_timeout_s`` once partitions were assigned. The batch in
+        hand is always finished and committed before returning."""
+        self._stop = stop or threading.Event()
         last_data = time.monotonic()
         try:
-            while not stop.is_set():
+            while not self._stop.is_set():
                 polled = self.consumer.poll(timeout_ms=int(self.max_wait_s * 1000), max_records=self.max_batch)
                 records = [r for batch in polled.values() for r in batch]
                 if records:
                     last_data = time.monotonic()
                     self._apply(records)
-                if self._dirty:
-                    self._score_dirty()
-                if records:
+                    self._uncommitted = True
+                if self._dirty and (
+                    not records or len(self._dirty) >= self.max_batch
+                    or time.monotonic() - self._dirty_since >= self.max_wait_s
+                ):
+                    self._retrying("scoring", self._score_dirty)
+                if self._uncommitted and not self._dirty:
                     self._commit()
                 if self.metrics.due():
                     self._flush_metrics()
@@ -137,10 +162,40 @@ class StreamWorker:
                     last_data = time.monotonic()  # still joining the group: not idle yet
                 elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                     break
+            if self._dirty:
+                self._retrying("scoring", self._score_dirty)
+            if self._uncommitted:
+                self._commit()
             self._flush_metrics()
         finally:
             self.close()
         return self.stats
+
+    def _retrying(self, what: str, step) -> None:
+        """Run ``step`` until it succeeds, backing off while Redis or Triton is down.
+
+        Consumption is paused meanwhile (polls keep the group membership alive) and nothing
+        is committed, so a crash during an outage loses nothing: the events are redelivered.
+        """
+        delay = self.backoff_s[0]
+        paused = False
+        while True:
+            try:
+                step()
+                break
+            except Exception as exc:
+                if not is_outage(exc) or (self._stop.is_set() and self.give_up_on_stop):
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+                self.stats.retries += 1
+                if not paused:
+                    self.consumer.pause(*self.consumer.assignment())
+                    paused = True
+                self._stop.wait(delay)
+                self.consumer.poll(timeout_ms=0)
+                delay = min(delay * 2, self.backoff_s[1])
+        if paused:
+            self.consumer.resume(*self.consumer.paused())
 
     def _apply(self, records) -> None:
         valid, arrived = [], []
@@ -150,7 +205,9 @@ class StreamWorker:
                 arrived.append(record.timestamp / 1000)
             except ev.InvalidEvent as exc:
                 self._dead_letter(record, exc.reason, exc.detail)
-        self.features.apply(valid)
+        self._retrying("feature update", lambda: self.features.apply(valid))
+        if valid and not self._dirty:
+            self._dirty_since = time.monotonic()
         for event, t in zip(valid, arrived):
             if event.type == "discharge":
                 self._discharged.add(event.hadm_id)
@@ -172,6 +229,7 @@ class StreamWorker:
                                    value=score.as_json().encode())
             for h in batch:
                 self.metrics.latency.observe(max(0.0, now - self._dirty.pop(h)))
+                self._discharged.discard(h)
             self.metrics.batch_size.observe(len(batch))
             self.stats.scored += len(batch)
             self.stats.batches += 1
@@ -187,6 +245,7 @@ class StreamWorker:
         # Dead letters and published scores must be durable before their offsets move.
         self.producer.flush()
         self.consumer.commit()
+        self._uncommitted = False
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:

@@ -1,0 +1,172 @@
+"""Issue 6, faults: Triton down, Redis down, SIGKILL mid-stream, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from ingest import events as ev
+from m3t import services
+from m3t.clients import redis_client
+from stream.demo import produce
+from stream.scores import ScoreStore
+from stream.skeleton import KEY, SkeletonFeatures
+from stream.triton_scorer import TritonScorer
+from stream.worker import StreamWorker
+
+
+def cohort(n_admissions: int, observations: int, first_hadm: int) -> list:
+    start = datetime(2150, 3, 1, tzinfo=timezone.utc)
+    out = []
+    for i in range(n_admissions):
+        hadm, admit = first_hadm + i, start + timedelta(minutes=i)
+        out.append(ev.AdmissionEvent(
+            event_id=ev.event_id("faults/adm", hadm), hadm_id=hadm, subject_id=hadm, event_time=admit,
+            source="faults", payload=ev.AdmissionPayload(admittime=admit, admission_type="URGENT", gender="M", age=60)))
+        for j in range(observations):
+            t = admit + timedelta(minutes=j + 1)
+            out.append(ev.ObservationEvent(
+                event_id=ev.event_id("faults/obs", (hadm, j)), hadm_id=hadm, subject_id=hadm, event_time=t,
+                source="faults", payload=ev.ObservationPayload(itemid=50912, value=1.0, charttime=t, kind="lab")))
+    return out
+
+
+def observations(client, hadm_ids) -> dict[int, int]:
+    return {h: int(client.hget(KEY.format(hadm_id=h), "observations") or 0) for h in hadm_ids}
+
+
+def committed_everything(settings) -> bool:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=settings.kafka.consumer_group,
+                             enable_auto_commit=False)
+    parts = [TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)]
+    ends = consumer.end_offsets(parts)
+    committed = {tp: consumer.committed(tp) or 0 for tp in parts}
+    consumer.close()
+    return all(committed[tp] == ends[tp] for tp in parts)
+
+
+def start_worker(settings, client, **kwargs):
+    worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"),
+                          ScoreStore(client), **kwargs)
+    worker.backoff_s = (0.1, 0.5)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
+    thread.start()
+    return worker, stop, thread
+
+
+def wait_for(check, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_triton_down_keeps_dirty_set_and_recovers(isolated_settings, redis_client):
+    settings = isolated_settings
+    events = cohort(5, 3, 81_000_000)
+    store = ScoreStore(redis_client)
+    worker, stop, thread = start_worker(settings, redis_client)
+    try:
+        services.down(settings, ["triton"])
+        produce(settings, events)
+        assert wait_for(lambda: worker.stats.retries >= 3)
+        assert all(store.get(e.hadm_id) is None for e in events)
+        assert worker.stats.commits == 0 and len(worker._dirty) == 5  # kept, not committed
+        services.up(settings, ["triton"])
+        assert wait_for(lambda: all(store.get(e.hadm_id) for e in events))
+        assert wait_for(lambda: committed_everything(settings))
+    finally:
+        stop.set()
+        thread.join(30)
+        services.up(settings, ["triton"])
+    assert observations(redis_client, {e.hadm_id for e in events}) == dict.fromkeys({e.hadm_id for e in events}, 3)
+
+
+def test_redis_down_pauses_without_commit(isolated_settings):
+    settings = isolated_settings
+    events = cohort(4, 2, 82_000_000)
+    client = redis_client(settings)
+    worker, stop, thread = start_worker(settings, client)
+    try:
+        assert wait_for(lambda: worker.consumer.assignment())
+        services.down(settings, ["redis"])
+        produce(settings, events)
+        assert wait_for(lambda: worker.stats.retries >= 3)
+        assert worker.stats.commits == 0
+        services.up(settings, ["redis"])
+        assert wait_for(lambda: committed_everything(settings))
+    finally:
+        stop.set()
+        thread.join(30)
+        services.up(settings, ["redis"])
+    store = ScoreStore(client)
+    assert all(store.get(e.hadm_id) for e in events)
+    assert observations(client, {e.hadm_id for e in events}) == dict.fromkeys({e.hadm_id for e in events}, 2)
+
+
+def worker_process(settings, *extra):
+    env = {
+        **os.environ,
+        "M3T_STATE_DIR": str(settings.state_dir), "M3T_MODEL_REPO": str(settings.model_repo),
+        "M3T_REDIS__PORT": str(settings.redis.port), "M3T_KAFKA__PORT": str(settings.kafka.port),
+        "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
+        "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
+        "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
+        "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
+        "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
+    }
+    return subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "run", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_sigkill_mid_stream_then_restart_applies_each_event_once(isolated_settings, redis_client):
+    settings = isolated_settings
+    events = cohort(200, 20, 83_000_000)
+    hadm_ids = sorted({e.hadm_id for e in events})
+    produce(settings, events)
+    first = worker_process(settings, "--max-batch", "8")
+    # Kill it once part of the stream is applied, not all of it.
+    assert wait_for(lambda: sum(observations(redis_client, hadm_ids[:50]).values()) > 0, 120)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    partial = sum(observations(redis_client, hadm_ids).values())
+    assert 0 < partial < 200 * 20, "the kill should land mid-stream"
+    second = worker_process(settings, "--idle-timeout", "5")
+    output = second.communicate(timeout=240)[0].decode()
+    assert second.returncode == 0, output
+    assert observations(redis_client, hadm_ids) == dict.fromkeys(hadm_ids, 20)  # exactly once
+    store = ScoreStore(redis_client)
+    assert all(store.get(h) is not None for h in hadm_ids)
+    assert committed_everything(settings)
+
+
+def test_sigterm_finishes_batch_and_commits(isolated_settings, redis_client):
+    settings = isolated_settings
+    events = cohort(50, 10, 84_000_000)
+    produce(settings, events)
+    worker = worker_process(settings, "--max-batch", "8")
+    assert wait_for(lambda: sum(observations(redis_client, [e.hadm_id for e in events[:1]]).values()) > 0, 120)
+    worker.send_signal(signal.SIGTERM)
+    output = worker.communicate(timeout=60)[0].decode()
+    assert worker.returncode == 0, output
+    # Everything it consumed was applied and scored before its offsets were committed.
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=settings.kafka.consumer_group,
+                             enable_auto_commit=False)
+    parts = [TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)]
+    committed = sum(consumer.committed(tp) or 0 for tp in parts)
+    consumer.close()
+    hadm_ids = {e.hadm_id for e in events}
+    applied = sum(observations(redis_client, hadm_ids).values()) + sum(
+        1 for h in hadm_ids if redis_client.hget(KEY.format(hadm_id=h), "age") is not None)
+    assert 0 < committed == applied
