@@ -89,3 +89,28 @@ def top(n: int = typer.Option(20, "--n", help="How many admissions."), as_json: 
         from stream.demo import scores_table
 
         console.print(scores_table(scores))
+
+
+@scores_app.command("watch")
+def watch(
+    n: int = typer.Option(20, "--n", help="How many admissions."),
+    interval: float = typer.Option(1.0, help="Seconds between refreshes."),
+    count: int = typer.Option(0, help="Stop after this many refreshes (0: until Ctrl-C)."),
+):
+    """A live table of the current top-risk inpatients."""
+    import time
+
+    from rich.live import Live
+
+    from stream.demo import scores_table
+
+    store = _store()
+    with Live(scores_table(store.top(n)), console=console, refresh_per_second=4) as live:
+        refreshes = 0
+        try:
+            while count == 0 or refreshes < count:
+                time.sleep(interval)
+                live.update(scores_table(store.top(n)))
+                refreshes += 1
+        except KeyboardInterrupt:
+            pass
