@@ -1,0 +1,282 @@
+"""Chest X-ray preprocessing with NVIDIA DALI: bytes or pixels -> the model's ``cxr`` input.
+
+One pipeline definition, ``cxr_pipeline``, with the device and the input kind as
+parameters:
+
+* ``source="encoded"``: compressed bytes (PNG/JPEG files, or the JPEG frame pydicom hands
+  over from an encapsulated DICOM without decoding it) -> ``fn.decoders.image`` (GRAY;
+  ``device="mixed"`` decodes with nvJPEG where there is a GPU, ``"cpu"`` elsewhere);
+* ``source="pixels"``: pixel arrays already scaled to [0, 1] (uncompressed or
+  high-bit-depth DICOM, decoded by pydicom).
+
+Both then take the same steps: ``fn.resize`` to ``CXR_SIZE`` x ``CXR_SIZE`` (linear,
+antialiased: a triangle filter as wide as the scale factor, edges replicated) and
+``fn.crop_mirror_normalize`` to ``(x - CXR_MEAN) / CXR_STD`` with x in [0, 1], CHW.
+
+DALI fails a whole batch on one undecodable sample, so each sample's bytes are checked
+cheaply first (``check_encoded``); if a batch still fails, its samples are rerun one at a
+time to find the culprit. A bad image is reported with a reason and skipped; it never
+fails the batch.
+
+``reference_preprocess`` is the same transform in Pillow/NumPy, for tests.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from PIL import Image
+
+from features.model_inputs import CXR_SIZE
+
+# Fixed, not fitted: x in [0, 1] maps to [-2, 2]. Changing them is a feature-set version bump.
+CXR_MEAN = 0.5
+CXR_STD = 0.25
+
+# Transfer syntaxes whose frames DALI decodes as they are (8-bit only, see from_dicom).
+DALI_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "jpeg_baseline",
+    "1.2.840.10008.1.2.4.90": "jpeg2000_lossless",
+    "1.2.840.10008.1.2.4.91": "jpeg2000",
+}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Pixels:
+    array: np.ndarray  # [H, W] float32 in [0, 1]
+
+
+@dataclass
+class Result:
+    tensors: np.ndarray  # [N, 1, S, S] float32; zeros where the image failed
+    ok: np.ndarray  # [N] bool
+    errors: dict[int, str] = field(default_factory=dict)  # input index -> reason
+
+
+class BadImage(ValueError):
+    pass
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+def _pipeline_def():
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def cxr_pipeline(source: str = "encoded", decode_device: str = "cpu", size: int = CXR_SIZE):
+        if source == "encoded":
+            data = fn.external_source(name="input", dtype=types.UINT8)
+            images = fn.decoders.image(data, device=decode_device, output_type=types.GRAY)
+            scale = 255.0
+        else:
+            images = fn.external_source(name="input", dtype=types.FLOAT, layout="HWC")
+            images = images.gpu() if decode_device == "mixed" else images
+            scale = 1.0
+        images = fn.resize(
+            images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True,
+            dtype=types.FLOAT,
+        )
+        return fn.crop_mirror_normalize(
+            images, mean=[CXR_MEAN * scale], std=[CXR_STD * scale], output_layout="CHW", dtype=types.FLOAT,
+        )
+
+    return cxr_pipeline
+
+
+def gpu_available() -> bool:
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+
+        return GetCUDADeviceCount() > 0
+    except Exception:  # no driver, no CUDA runtime: the CPU path
+        return False
+
+
+class CxrPreprocessor:
+    """Batches of chest X-rays -> ``cxr`` tensors, with per-image errors.
+
+    ``device``: "gpu" (decode with nvJPEG, resize on the GPU), "cpu", or "auto".
+    """
+
+    def __init__(self, batch_size: int = 16, device: str = "auto", num_threads: int = 2, size: int = CXR_SIZE,
+                 device_id: int = 0):
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, not {device!r}")
+        self.gpu = gpu_available() if device == "auto" else device == "gpu"
+        self.batch_size, self.size = batch_size, size
+        self._options = dict(batch_size=batch_size, num_threads=num_threads,
+                             device_id=device_id if self.gpu else None, prefetch_queue_depth=1)
+        self._pipes = {}
+
+    @property
+    def device(self) -> str:
+        return "gpu" if self.gpu else "cpu"
+
+    def _pipe(self, source: str):
+        if source not in self._pipes:
+            pipe = _pipeline_def()(source=source, decode_device="mixed" if self.gpu else "cpu", size=self.size,
+                                   **self._options)
+            pipe.build()
+            self._pipes[source] = pipe
+        return self._pipes[source]
+
+    def _run(self, source: str, samples: list[np.ndarray]) -> list[np.ndarray]:
+        pipe = self._pipe(source)
+        pipe.feed_input("input", samples)
+        (out,) = pipe.run()
+        if self.gpu:
+            out = out.as_cpu()
+        return [np.array(out[i]) for i in range(len(samples))]
+
+    def __call__(self, items: list[Encoded | Pixels]) -> Result:
+        n = len(items)
+        result = Result(np.zeros((n, 1, self.size, self.size), np.float32), np.zeros(n, bool))
+        queues: dict[str, list[tuple[int, np.ndarray]]] = {"encoded": [], "pixels": []}
+        for i, item in enumerate(items):
+            try:
+                source, sample = _as_sample(item)
+            except BadImage as exc:
+                result.errors[i] = str(exc)
+                continue
+            queues[source].append((i, sample))
+        for source, queue in queues.items():
+            for start in range(0, len(queue), self.batch_size):
+                self._run_batch(source, queue[start : start + self.batch_size], result)
+        return result
+
+    def _run_batch(self, source: str, batch: list[tuple[int, np.ndarray]], result: Result) -> None:
+        try:
+            outputs = self._run(source, [sample for _, sample in batch])
+        except RuntimeError:
+            if len(batch) == 1:
+                result.errors[batch[0][0]] = "decode_failed"
+                return
+            for one in batch:  # find the culprit; the pipeline recovers after a failed run
+                self._run_batch(source, [one], result)
+            return
+        for (i, _), tensor in zip(batch, outputs):
+            result.tensors[i], result.ok[i] = tensor, True
+
+
+def _as_sample(item: Encoded | Pixels) -> tuple[str, np.ndarray]:
+    if isinstance(item, Encoded):
+        check_encoded(item.data)
+        return "encoded", np.frombuffer(item.data, dtype=np.uint8)
+    array = np.asarray(item.array, dtype=np.float32)
+    if array.ndim != 2 or min(array.shape) < 1 or not np.isfinite(array).all():
+        raise BadImage("bad_pixels")
+    return "pixels", array[:, :, None]
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def check_encoded(data: bytes) -> None:
+    """Cheap checks that catch what would make DALI fail the batch; raises BadImage."""
+    if not data:
+        raise BadImage("empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+            if kind == "PNG":
+                image.verify()  # walks every chunk and its CRC: catches truncation
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage("too_large") from None
+    except Exception:
+        raise BadImage("unreadable_header") from None
+    if kind == "JPEG" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":  # DICOM pads frames to even length
+        raise BadImage("truncated_jpeg")
+    if kind not in ("PNG", "JPEG", "JPEG2000", "TIFF"):
+        raise BadImage("unsupported_format")
+
+
+def from_dicom(source) -> Encoded | Pixels:
+    """An image from a DICOM file: its compressed frame if DALI can decode it, else pixels."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    eight_bit = int(ds.BitsStored) <= 8 and int(ds.SamplesPerPixel) == 1
+    if syntax in DALI_TRANSFER_SYNTAXES and eight_bit and ds.PhotometricInterpretation == "MONOCHROME2":
+        return Encoded(next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1)))))
+    return Pixels(dicom_unit_range(ds))
+
+
+def dicom_unit_range(ds) -> np.ndarray:
+    """First frame's pixels scaled to [0, 1], bright = dense (MONOCHROME1 inverted).
+
+    8-bit images are divided by 255 like decoded JPEG/PNG; deeper ones go through their
+    VOI window when they carry one and are then stretched to their own min..max.
+    """
+    from pydicom.pixels import apply_voi_lut
+
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and int(ds.SamplesPerPixel) == 1:
+        pixels = pixels[0]  # first frame
+    if pixels.ndim != 2:
+        raise BadImage("not_grayscale")
+    if int(ds.BitsStored) <= 8:
+        x = pixels.astype(np.float32) / 255.0
+    else:
+        x = (apply_voi_lut(pixels, ds) if "WindowCenter" in ds else pixels).astype(np.float32)
+        low, high = float(x.min()), float(x.max())
+        x = (x - low) / (high - low) if high > low else np.zeros_like(x)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        x = 1.0 - x
+    return x
+
+
+def load(uri: str, base_dir: Path | None = None) -> Encoded | Pixels:
+    """Read a CXR by URI (``file://``, an absolute path, or a path under ``base_dir``)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise BadImage("unsupported_uri_scheme")
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    try:
+        if path.suffix.lower() == ".dcm":
+            return from_dicom(path)
+        return Encoded(path.read_bytes())
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("not_found") from None
+    except Exception:
+        raise BadImage("unreadable_file") from None
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+
+def reference_preprocess(item: Encoded | Pixels, size: int = CXR_SIZE) -> np.ndarray:
+    """The pipeline's transform in Pillow/NumPy: [1, size, size] float32.
+
+    Pillow's BILINEAR resize is the same antialiased triangle filter DALI uses; DALI
+    replicates edge pixels where the filter reaches past the image, so the reference pads
+    with edge pixels and resizes the original box.
+    """
+    if isinstance(item, Encoded):
+        with Image.open(io.BytesIO(item.data)) as image:
+            x = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    else:
+        x = np.asarray(item.array, dtype=np.float32)
+    h, w = x.shape
+    pad = int(math.ceil(max(h, w) / size)) + 2
+    padded = Image.fromarray(np.pad(x, pad, mode="edge"), mode="F")
+    resized = np.asarray(padded.resize((size, size), Image.BILINEAR, box=(pad, pad, pad + w, pad + h)))
+    return ((resized - CXR_MEAN) / CXR_STD)[None].astype(np.float32)

@@ -1,0 +1,268 @@
+"""The online feature store on Redis.
+
+Layout, per admission (``{hadm_id}`` is a Redis Cluster hash tag, so all of one
+admission's keys share a slot and the commit script may touch them together)::
+
+    m3t:<tag>:{12345}:f     string  the read blob (features.state.to_blob): one MGET serves a batch
+    m3t:<tag>:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
+    m3t:<tag>:{12345}:seen  set     event ids already applied
+    m3t:<tag>:fitted        string  the FittedFeatures JSON this namespace was written with
+
+``<tag>`` is the feature-set version plus the vocabulary fingerprint (``FittedFeatures.tag``).
+
+Writes (``write_batch``) take two round trips per batch, however many events: load the
+touched admissions' state and which of the batch's event ids they have seen (one Lua
+call per admission, all pipelined), fold the new
+events in with ``AdmissionState.apply`` (the same function the offline builder folds
+with), then commit every admission with one server-side Lua script that checks the
+version it loaded, adds the event ids to the seen set and stores the new state, atomically.
+A commit that lost a race with another worker (the version moved) is reloaded and
+refolded. So redelivery and concurrent workers are safe: an event id is in the seen set
+if and only if the stored state includes it.
+
+Reads (``read_batch`` / ``read_inputs``) are one MGET for the whole batch, decoded and
+transformed with numpy, vectorised over the batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import redis
+
+from features import definitions as fd
+from features import model_inputs as mi
+from features.fitted import FittedFeatures
+from features.state import AdmissionState, hours
+from ingest.events import sort_key
+
+DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
+OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
+CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
+
+_LOAD = """
+-- KEYS: blob, state hash, seen set. ARGV: the batch's event ids for this admission.
+-- Returns {version, aggregates, notes, blob, seen flags}.
+local state = redis.call('HMGET', KEYS[2], 'v', 'a', 'n')
+return {state[1], state[2], state[3], redis.call('GET', KEYS[1]), redis.call('SMISMEMBER', KEYS[3], unpack(ARGV))}
+"""
+
+_COMMIT = """
+-- KEYS: blob, state hash, seen set.
+-- ARGV: expected version, blob, aggregates, notes ('' = unchanged), ttl, event ids...
+local version = redis.call('HGET', KEYS[2], 'v') or '0'
+if version ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'v', tostring(tonumber(version) + 1), 'a', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'n', ARGV[4]) end
+for i = 6, #ARGV, 4000 do
+  redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[5]) end
+return 1
+"""
+
+
+def tune_allocator(threshold_bytes: int = 64 << 20) -> bool:
+    """Keep the few-hundred-KiB buffers of a batch read on the heap; call once at startup.
+
+    glibc serves allocations above its mmap threshold (128 KiB at start, then adapting)
+    with fresh mmaps and unmaps them on free, so a batch read can page-fault its numpy
+    buffers anew each time: on this project's machine that made the transform of 1,024
+    admissions several times slower, and of 256 up to twice (benchmarks/bench_features.py
+    measures both). Process-wide, hence explicit; returns False where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(
+        libc.mallopt(m_trim_threshold, 2 * threshold_bytes)
+    )
+
+
+class ConcurrentUpdateError(RuntimeError):
+    pass
+
+
+@dataclass
+class WriteStats:
+    applied: int = 0  # events folded into state
+    duplicates: int = 0  # events already applied, or twice in the batch (redelivery, replay)
+    admissions: int = 0  # admissions committed
+    retries: int = 0  # commits that lost a race and were refolded
+
+
+class OnlineStore:
+    def __init__(
+        self,
+        client: redis.Redis,
+        fitted: FittedFeatures,
+        discharged_ttl_s: int = DISCHARGED_TTL_S,
+        open_ttl_s: int = OPEN_TTL_S,
+        max_retries: int = 8,
+        scratch: str = "",
+    ):
+        self.client = client
+        self.fitted = fitted
+        # A scratch name keeps checks (parity, benchmarks) out of the serving namespace.
+        self.prefix = f"m3t:{scratch}:{fitted.tag}" if scratch else f"m3t:{fitted.tag}"
+        self.discharged_ttl_s = discharged_ttl_s
+        self.open_ttl_s = open_ttl_s
+        self.max_retries = max_retries
+        self._load = client.register_script(_LOAD)
+        self._commit = client.register_script(_COMMIT)
+
+    # --- keys -------------------------------------------------------------------------
+
+    def keys(self, hadm_id: int) -> tuple[str, str, str]:
+        base = f"{self.prefix}:{{{int(hadm_id)}}}"
+        return f"{base}:f", f"{base}:s", f"{base}:seen"
+
+    # --- namespace ----------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Store the fitted features and make this namespace the current one."""
+        self.client.set(f"{self.prefix}:fitted", json.dumps(self.fitted.to_dict()))
+        self.client.set(CURRENT_KEY, self.fitted.tag)
+
+    def drop(self) -> int:
+        """Delete every key of this namespace (for scratch stores); returns how many."""
+        deleted = 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in self.client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                pipe.unlink(key)
+                deleted += 1
+            pipe.execute()
+        return deleted
+
+    @classmethod
+    def current(cls, client: redis.Redis, **kwargs) -> "OnlineStore":
+        """The store the stream workers publish to (see ``publish``)."""
+        tag = client.get(CURRENT_KEY)
+        if tag is None:
+            raise LookupError("no feature set has been published to this Redis yet")
+        raw = client.get(f"m3t:{tag.decode()}:fitted")
+        if raw is None:
+            raise LookupError(f"feature set {tag.decode()} is current but its fitted data is missing")
+        return cls(client, FittedFeatures.from_dict(json.loads(raw)), **kwargs)
+
+    # --- writes -------------------------------------------------------------------------
+
+    def write_batch(self, events: Iterable) -> WriteStats:
+        """Apply a batch of events: each at most once, each by its event time."""
+        pending: dict[int, dict[str, object]] = defaultdict(dict)
+        received = 0
+        for received, event in enumerate(events, 1):
+            pending[event.hadm_id][event.event_id] = event  # duplicates within the batch collapse
+        stats = WriteStats(duplicates=received - sum(len(evs) for evs in pending.values()))
+        for attempt in range(self.max_retries + 1):
+            if not pending:
+                return stats
+            if attempt:
+                stats.retries += len(pending)
+            pending = self._write_once(pending, stats)
+        raise ConcurrentUpdateError(
+            f"{len(pending)} admissions still contended after {self.max_retries} retries"
+        )
+
+    def _write_once(self, pending: dict[int, dict[str, object]], stats: WriteStats):
+        hadm_ids = list(pending)
+        with self.client.pipeline(transaction=False) as pipe:
+            for hadm_id in hadm_ids:
+                self._load(keys=self.keys(hadm_id), args=list(pending[hadm_id]), client=pipe)
+            loaded = pipe.execute()
+
+        commits = []
+        for hadm_id, (version, aggregates, notes, blob, seen) in zip(hadm_ids, loaded):
+            fresh = [e for e, was_seen in zip(pending[hadm_id].values(), seen) if not was_seen]
+            if not fresh:
+                stats.duplicates += len(seen)
+                continue
+            state = AdmissionState.from_stored(aggregates, notes, blob, self.fitted.note_tokens)
+            for event in sorted(fresh, key=sort_key):
+                state.apply(event, self.fitted.vocab)
+            changed_notes = state.to_notes() if state.notes_changed or not notes else b""
+            ttl = self.discharged_ttl_s if state.discharged else self.open_ttl_s
+            args = [version or b"0", state.to_blob(), state.to_aggregates(), changed_notes, ttl]
+            commits.append((hadm_id, len(seen) - len(fresh), fresh, args))
+
+        with self.client.pipeline(transaction=False) as pipe:
+            for hadm_id, _, fresh, args in commits:
+                self._commit(keys=self.keys(hadm_id), args=args + [e.event_id for e in fresh], client=pipe)
+            results = pipe.execute() if commits else []
+
+        lost = {}
+        for (hadm_id, duplicates, fresh, _), ok in zip(commits, results):
+            if ok:
+                stats.applied += len(fresh)
+                stats.duplicates += duplicates
+                stats.admissions += 1
+            else:
+                lost[hadm_id] = pending[hadm_id]
+        return lost
+
+    # --- reads --------------------------------------------------------------------------
+
+    def read_blobs(self, hadm_ids: Sequence[int]) -> list[bytes | None]:
+        """The stored state of each admission (None if unknown), in one round trip."""
+        keys = [self.keys(h)[0] for h in hadm_ids]
+        if not keys:
+            return []
+        mget = getattr(self.client, "mget_nonatomic", self.client.mget)  # Redis Cluster splits by slot
+        return mget(keys)
+
+    def read_inputs(self, hadm_ids: Sequence[int], as_of=None) -> dict[str, np.ndarray]:
+        """Model inputs for a batch, stacked; ``present`` marks the admissions found.
+
+        ``as_of``: the scoring time (datetime, epoch hours, or one per admission); by
+        default each admission is scored as of its latest applied event.
+        """
+        return self.fitted.assemble(self.read_blobs(hadm_ids), _as_hours(as_of))
+
+    def read_batch(self, hadm_ids: Sequence[int], as_of=None) -> list[dict[str, np.ndarray] | None]:
+        """The full feature set per admission, aligned with ``hadm_ids``; None if unknown."""
+        batch = self.read_inputs(hadm_ids, as_of)
+        return [
+            {name: values[i] for name, values in batch.items() if name != "present"} if found else None
+            for i, found in enumerate(batch["present"])
+        ]
+
+    def describe(self, hadm_id: int, as_of=None) -> dict | None:
+        """One admission's features by name, unnormalised, for people to read."""
+        blob = self.read_blobs([hadm_id])[0]
+        if blob is None:
+            return None
+        row = self.fitted.assemble([blob], _as_hours(as_of))
+        discharged = self.client.hget(self.keys(hadm_id)[1], "a")
+        raw = row["numeric_raw"][0]
+        return {
+            "hadm_id": int(hadm_id),
+            "feature_set": self.fitted.tag,
+            "as_of": datetime.fromtimestamp(float(row["as_of"][0]) * 3600, timezone.utc).isoformat(),
+            "discharged": AdmissionState.from_stored(discharged, None, None).discharged,
+            "numeric": {
+                name: (None if np.isnan(value) else round(float(value), 4))
+                for name, value in zip(fd.NUMERIC_FEATURES, raw)
+            },
+            "radiology_tokens": int((row[mi.NOTES_RADIOLOGY][0] != fd.PAD).sum()),
+            "discharge_tokens": int((row[mi.NOTES_DISCHARGE][0] != fd.PAD).sum()),
+            "cxr_uri": row["cxr_uri"][0],
+        }
+
+
+def _as_hours(as_of):
+    if as_of is None:
+        return None
+    if isinstance(as_of, datetime):
+        return hours(as_of)
+    if isinstance(as_of, (list, tuple)) and as_of and isinstance(as_of[0], datetime):
+        return np.array([hours(t) for t in as_of])
+    return as_of

@@ -1,0 +1,343 @@
+"""Per-admission feature state: the one pure update function and the one transform.
+
+Both paths use this module and nothing else to compute features:
+
+* the online store loads an admission's state from Redis, folds new events in with
+  ``AdmissionState.apply`` and commits it back (``features.online``);
+* the offline builder folds an admission's history with the same ``apply`` up to each
+  cutoff (``features.offline``).
+
+Both then serialise the state with ``to_blob`` and turn a batch of blobs into model inputs
+with ``assemble``, so offline rows go through byte-for-byte the same decoding and
+arithmetic as online reads.
+
+Every update is constant work and order-independent: counts, sums, minima and maxima
+commute, and "latest" is the maximum of (charttime, tie-breaker), not the last event
+applied. So a late event lands by its event time, and replaying events in any order gives
+the same state (sums may differ in the last bits with the order).
+
+Two serialisations:
+
+* the *blob* (read side, what a scoring read fetches): the features fixed at write time
+  (``NUMERIC_FEATURES[:N_STATIC]``, float32, NaN = missing), the time anchors the
+  scoring-time features are measured from (float64 epoch hours), the two token sequences
+  (uint16) and the latest chest X-ray's URI (utf-8, the variable-length tail);
+* the *aggregates* and *notes* (write side): running counts/sums/extrema and the note
+  bookkeeping needed to apply later events; never read when scoring.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+from array import array
+from datetime import datetime, timezone
+
+import numpy as np
+
+from features import definitions as fd
+from features import model_inputs as mi
+from features.vocab import Vocabulary
+
+# Header slots of the aggregates.
+H_ADMIT, H_AGE, H_MALE, H_ADMTYPE, H_LAST_EVENT, H_DISCHARGED = range(6)
+HEADER = 6
+# Per-item aggregate slots.
+S_COUNT, S_SUM, S_MIN, S_MAX, S_LAST_TIME, S_LAST_VALUE = range(6)
+STATS = 6
+N_ITEMS = len(fd.MEASURED)
+NAN, INF = float("nan"), float("inf")
+
+_EMPTY_AGGREGATES = [NAN, NAN, NAN, NAN, -INF, 0.0] + [0.0, 0.0, INF, -INF, -INF, NAN] * N_ITEMS
+# Anchors: admit time, latest event time (the default scoring time), then per item the
+# time of its latest measurement.
+A_ADMIT, A_LAST_EVENT, A_ITEMS = 0, 1, 2
+N_ANCHORS = 2 + N_ITEMS
+NUMERIC_BYTES = fd.N_STATIC * 4 + N_ANCHORS * 8  # the blob's numeric part; the note tail follows
+assert fd.N_NUMERIC - fd.N_STATIC == 1 + N_ITEMS * len(fd.ITEM_TIMES)
+
+
+def hours(t: datetime) -> float:
+    """Epoch hours; MIMIC's naive local times are read as UTC, as ingest.events does."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp() / 3600.0
+
+
+@functools.lru_cache(maxsize=4)
+def blob_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
+    """The fixed-size prefix of a blob; the URI follows it."""
+    return np.dtype(
+        [
+            ("static", "<f4", (fd.N_STATIC,)),
+            ("anchors", "<f8", (N_ANCHORS,)),
+            ("radiology", "<u2", (note_tokens,)),
+            ("discharge", "<u2", (note_tokens,)),
+        ]
+    )
+
+
+assert blob_dtype().fields["radiology"][1] == NUMERIC_BYTES
+
+
+class Notes:
+    """The text and image side of an admission: what the note token streams and the CXR
+    reference are built from. Separate from the aggregates because it changes rarely and
+    costs more to (de)serialise: the online store decodes it only for a note or image."""
+
+    __slots__ = ("rad_notes", "dis_key", "dis_ids", "cxr_key", "cxr_uri", "note_tokens")
+
+    def __init__(self, note_tokens: int):
+        # Radiology notes sorted by (charttime, note_id), each its last note_tokens ids,
+        # pruned to those whose text can still reach the kept tail.
+        self.rad_notes: list[tuple[float, str, list[int]]] = []
+        self.dis_key: tuple[float, str] = (-INF, "")
+        self.dis_ids: list[int] = []
+        self.cxr_key: tuple[float, str] = (-INF, "")
+        self.cxr_uri = ""
+        self.note_tokens = note_tokens
+
+    def add_radiology(self, t: float, note_id: str, ids: list[int]) -> None:
+        notes = self.rad_notes
+        entry = (t, note_id, ids[-self.note_tokens :])
+        position = bisect.bisect_left(notes, entry[:2], key=lambda n: n[:2])
+        if position < len(notes) and notes[position][:2] == entry[:2]:
+            return  # the same note under another event id
+        notes.insert(position, entry)
+        # Drop the oldest notes once the later ones alone fill the tail: nothing earlier,
+        # however late it arrives, can reach the kept text any more.
+        while len(notes) > 1 and sum(len(n[2]) for n in notes[1:]) >= self.note_tokens:
+            notes.pop(0)
+
+    def set_discharge(self, t: float, note_id: str, ids: list[int]) -> None:
+        if (t, note_id) > self.dis_key:
+            self.dis_key, self.dis_ids = (t, note_id), ids[-self.note_tokens :]
+
+    def set_cxr(self, t: float, dicom_id: str, uri: str) -> None:
+        if (t, dicom_id) > self.cxr_key:
+            self.cxr_key, self.cxr_uri = (t, dicom_id), uri
+
+    def radiology_tail(self) -> list[int]:
+        ids = [i for note in self.rad_notes for i in note[2]]
+        return ids[-self.note_tokens :]
+
+    def blob_tail(self) -> bytes:
+        """The blob after its numeric part: both token sequences, then the URI."""
+        n = self.note_tokens
+        return _ids_bytes(self.radiology_tail(), n) + _ids_bytes(self.dis_ids, n) + self.cxr_uri.encode()
+
+    def encode(self) -> bytes:
+        data = {"rad": self.rad_notes, "dis": self.dis_key, "dis_ids": self.dis_ids,
+                "cxr": self.cxr_key, "uri": self.cxr_uri}
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, note_tokens: int) -> "Notes":
+        data, notes = json.loads(raw), cls(note_tokens)
+        notes.rad_notes = [(t, note_id, ids) for t, note_id, ids in data["rad"]]
+        notes.dis_key, notes.dis_ids = tuple(data["dis"]), data["dis_ids"]
+        notes.cxr_key, notes.cxr_uri = tuple(data["cxr"]), data["uri"]
+        return notes
+
+
+class AdmissionState:
+    """Running aggregates of one admission, updated in place by ``apply``."""
+
+    __slots__ = ("agg", "note_tokens", "_notes", "_notes_raw", "_tail", "notes_changed")
+
+    def __init__(self, note_tokens: int = mi.NOTE_TOKENS):
+        self.agg = list(_EMPTY_AGGREGATES)
+        self.note_tokens = note_tokens
+        self._notes: Notes | None = Notes(note_tokens)
+        self._notes_raw: bytes | None = None  # as stored, until a note or image needs it decoded
+        self._tail: bytes | None = None  # the blob tail, cached while the notes are unchanged
+        self.notes_changed = False
+
+    @property
+    def notes(self) -> Notes:
+        if self._notes is None:
+            self._notes = Notes.decode(self._notes_raw, self.note_tokens)
+        return self._notes
+
+    # --- the update -------------------------------------------------------------------
+
+    def apply(self, event, vocab: Vocabulary) -> None:
+        """Fold one event in. Constant work; the result does not depend on event order."""
+        a = self.agg
+        a[H_LAST_EVENT] = max(a[H_LAST_EVENT], hours(event.event_time))
+        p = event.payload
+        kind = event.type
+        if kind == "observation":
+            index = fd.ITEM_INDEX.get(p.itemid)
+            if index is not None:
+                self._observe(HEADER + index * STATS, hours(p.charttime), p.value)
+        elif kind == "admission":
+            a[H_ADMIT] = hours(p.admittime)
+            a[H_AGE] = p.age
+            a[H_MALE] = 1.0 if p.gender == "M" else 0.0
+            a[H_ADMTYPE] = _admission_type_index(p.admission_type)
+        elif kind == "discharge":
+            # The outcome is a label, never an input: only the fact of discharge is kept.
+            a[H_DISCHARGED] = 1.0
+        elif kind in ("note", "cxr"):
+            notes = self.notes
+            if kind == "cxr":
+                notes.set_cxr(hours(p.studytime), p.dicom_id, p.uri)
+            elif p.note_type == "radiology":
+                notes.add_radiology(hours(p.charttime), p.note_id, vocab.encode(p.text))
+            else:  # the previous admission's discharge summary
+                notes.set_discharge(hours(p.charttime), p.note_id, vocab.encode(p.text))
+            self._tail, self.notes_changed = None, True
+
+    def _observe(self, base: int, t: float, value: float) -> None:
+        a = self.agg
+        a[base + S_COUNT] += 1.0
+        a[base + S_SUM] += value
+        a[base + S_MIN] = min(a[base + S_MIN], value)
+        a[base + S_MAX] = max(a[base + S_MAX], value)
+        # Latest by charttime; equal charttimes keep the larger value so order never matters.
+        last_t, last_v = a[base + S_LAST_TIME], a[base + S_LAST_VALUE]
+        if t > last_t or (t == last_t and not value <= last_v):
+            a[base + S_LAST_TIME], a[base + S_LAST_VALUE] = t, value
+
+    # --- what the state means -----------------------------------------------------------
+
+    def static_features(self) -> list[float]:
+        """``NUMERIC_FEATURES[:N_STATIC]``, NaN where missing (count is never missing)."""
+        a = self.agg
+        if a[H_ADMIT] == a[H_ADMIT]:  # admitted (not NaN)
+            onehot = [0.0] * (len(fd.ADMISSION_TYPES) + 1)
+            onehot[int(a[H_ADMTYPE])] = 1.0
+            out = [a[H_AGE], a[H_MALE], *onehot]
+        else:
+            out = [NAN] * fd.N_DEMOGRAPHIC
+        for base in range(HEADER, HEADER + N_ITEMS * STATS, STATS):
+            count = a[base + S_COUNT]
+            if count:
+                out += (a[base + S_LAST_VALUE], a[base + S_SUM] / count, a[base + S_MIN], a[base + S_MAX], count)
+            else:
+                out += (NAN, NAN, NAN, NAN, 0.0)
+        return out
+
+    def anchors(self) -> list[float]:
+        a = self.agg
+        last_times = [
+            a[base + S_LAST_TIME] if a[base + S_COUNT] else NAN
+            for base in range(HEADER, HEADER + N_ITEMS * STATS, STATS)
+        ]
+        return [a[H_ADMIT], a[H_LAST_EVENT], *last_times]
+
+    @property
+    def discharged(self) -> bool:
+        return self.agg[H_DISCHARGED] == 1.0
+
+    # --- serialisation ------------------------------------------------------------------
+
+    def to_blob(self) -> bytes:
+        """The read side: all ``assemble`` needs, nothing more (native byte order = the
+        little-endian ``blob_dtype`` on x86 and ARM)."""
+        if self._tail is None:
+            self._tail = self.notes.blob_tail()
+        return array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes() + self._tail
+
+    def to_aggregates(self) -> bytes:
+        return array("d", self.agg).tobytes()
+
+    def to_notes(self) -> bytes:
+        if self._notes_raw is not None and not self.notes_changed:
+            return self._notes_raw
+        return self.notes.encode()
+
+    @classmethod
+    def from_stored(cls, aggregates: bytes | None, notes: bytes | None, blob: bytes | None,
+                    note_tokens: int = mi.NOTE_TOKENS) -> "AdmissionState":
+        """The state as the online store keeps it (all None: a new admission)."""
+        state = cls(note_tokens)
+        if aggregates:
+            agg = array("d")
+            agg.frombytes(aggregates)
+            state.agg = agg.tolist()
+        if notes:
+            state._notes, state._notes_raw = None, notes
+            if blob:
+                state._tail = blob[NUMERIC_BYTES:]
+        return state
+
+
+def _admission_type_index(admission_type: str) -> float:
+    try:
+        return float(fd.ADMISSION_TYPES.index(admission_type))
+    except ValueError:
+        return float(len(fd.ADMISSION_TYPES))  # "other"
+
+
+def _ids_bytes(ids: list[int], n: int) -> bytes:
+    return array("H", ids + [fd.PAD] * (n - len(ids))).tobytes()
+
+
+# --- the transform: a batch of blobs -> model inputs, vectorised ------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _empty_prefix(note_tokens: int) -> bytes:
+    return AdmissionState(note_tokens).to_blob()
+
+
+def decode_blobs(blobs, note_tokens: int = mi.NOTE_TOKENS):
+    """(present [B] bool, records [B] of ``blob_dtype``, uris [B] object) for a batch."""
+    dtype = blob_dtype(note_tokens)
+    size = dtype.itemsize
+    empty = _empty_prefix(note_tokens)
+    prefixes, uris, present = [], [], []
+    for blob in blobs:  # the only per-row Python: slicing bytes, decoding the URI
+        found = blob is not None and len(blob) >= size
+        present.append(found)
+        prefixes.append(blob[:size] if found else empty)
+        uris.append(blob[size:].decode() if found else "")
+    records = np.frombuffer(b"".join(prefixes), dtype=dtype)
+    return np.array(present, dtype=bool), records, np.array(uris, dtype=object)
+
+
+def raw_numeric(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
+    """Unnormalised ``NUMERIC_FEATURES`` [B, F] float64, NaN where missing."""
+    anchors = records["anchors"]
+    # Hours since admission, then hours since each item's latest measurement.
+    since = as_of[:, None] - np.delete(anchors, A_LAST_EVENT, axis=1)
+    return np.concatenate([records["static"].astype(np.float64), since], axis=1)
+
+
+def scoring_time(records: np.ndarray, as_of=None) -> np.ndarray:
+    """Scoring time per row (epoch hours): given, or each admission's latest event time."""
+    if as_of is None:
+        return records["anchors"][:, A_LAST_EVENT].copy()
+    return np.broadcast_to(np.asarray(as_of, dtype=np.float64), (len(records),)).copy()
+
+
+def assemble(blobs, as_of, mean: np.ndarray, std: np.ndarray, note_tokens: int = mi.NOTE_TOKENS):
+    """Model inputs for a batch of state blobs, as of ``as_of`` (epoch hours, per row or one).
+
+    ``as_of=None`` scores each admission at its latest applied event time. Unknown
+    admissions (``None``) get all-missing rows and ``present`` False.
+    """
+    present, records, uris = decode_blobs(blobs, note_tokens)
+    when = scoring_time(records, as_of)
+    raw = raw_numeric(records, when)
+    raw[~present] = np.nan  # an unknown admission has no counts either
+    observed = ~np.isnan(raw)
+    numeric = (raw - mean) / std
+    numeric[~observed] = 0.0
+    rad = records["radiology"].astype(np.int64)
+    dis = records["discharge"].astype(np.int64)
+    modality = np.column_stack([rad[:, 0] != fd.PAD, dis[:, 0] != fd.PAD, uris != ""])
+    return {
+        mi.NUMERIC: numeric.astype(np.float32),
+        mi.NUMERIC_MASK: observed.astype(np.float32),
+        mi.NOTES_RADIOLOGY: rad,
+        mi.NOTES_DISCHARGE: dis,
+        mi.MODALITY_MASK: modality.astype(np.float32),
+        "cxr_uri": uris,
+        "numeric_raw": raw,
+        "as_of": when,
+        "present": present,
+    }

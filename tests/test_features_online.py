@@ -1,0 +1,223 @@
+"""Issue 4 on the real Redis: the online store, idempotence, batched reads, parity."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from features import model_inputs as mi
+from features import offline, parity, sample
+from features.fitted import FittedFeatures
+from features.online import DISCHARGED_TTL_S, OPEN_TTL_S, OnlineStore
+from features.state import AdmissionState
+from features.vocab import Vocabulary
+from m3t.clients import redis_client as connect
+
+pytestmark = pytest.mark.services
+
+COHORT = sample.cohort(40, seed=11)
+EVENTS = [e for evs in COHORT.values() for e in evs]
+FITTED = FittedFeatures.unnormalised(
+    Vocabulary.fit(e.payload.text for e in EVENTS if e.type == "note")
+)
+runner = CliRunner()
+
+
+@pytest.fixture
+def store(redis_client):
+    store = OnlineStore(redis_client, FITTED, scratch=f"test-{uuid.uuid4().hex[:8]}")
+    yield store
+    store.drop()
+
+
+def offline_blob(events) -> bytes:
+    state = AdmissionState()
+    for event in events:
+        state.apply(event, FITTED.vocab)
+    return state.to_blob()
+
+
+def test_streamed_state_equals_the_offline_fold(store):
+    store.write_batch(EVENTS)
+    hadm_ids = list(COHORT)
+    online = store.read_inputs(hadm_ids)
+    want = FITTED.assemble([offline_blob(COHORT[h]) for h in hadm_ids])
+    for name in (mi.NUMERIC, mi.NUMERIC_MASK, mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE, mi.MODALITY_MASK, "cxr_uri"):
+        np.testing.assert_array_equal(online[name], want[name], err_msg=name)
+
+
+def test_duplicates_and_out_of_order_delivery_change_nothing(store):
+    store.write_batch(EVENTS)
+    stored = store.read_blobs(list(COHORT))
+
+    replay = random.Random(0).sample(EVENTS, len(EVENTS)) + EVENTS[:50]  # shuffled, some twice in one batch
+    stats = store.write_batch(replay)
+    assert stats.applied == 0 and stats.duplicates == len(replay)
+    assert store.read_blobs(list(COHORT)) == stored
+
+    # A fresh store fed the same events shuffled, in small redelivered chunks, ends the same.
+    other = OnlineStore(store.client, FITTED, scratch=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        shuffled = random.Random(1).sample(EVENTS, len(EVENTS))
+        for i in range(0, len(shuffled), 37):
+            other.write_batch(shuffled[i : i + 37] + shuffled[max(0, i - 10) : i])
+        a, b = store.read_inputs(list(COHORT)), other.read_inputs(list(COHORT))
+        np.testing.assert_allclose(a[mi.NUMERIC], b[mi.NUMERIC], rtol=1e-6, atol=1e-6)
+        for name in (mi.NUMERIC_MASK, mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE, "cxr_uri"):
+            np.testing.assert_array_equal(a[name], b[name])
+    finally:
+        other.drop()
+
+
+def test_a_late_event_lands_by_its_charttime(store):
+    hadm_id = list(COHORT)[0]
+    events = COHORT[hadm_id]
+    store.write_batch(events)
+    obs = next(e for e in events if e.type == "observation")
+    name = next(f for f in FITTED.to_dict()["numeric_features"] if f.endswith(".last")
+                and f.split(".")[0] == _item_name(obs.payload.itemid))
+    before = store.describe(hadm_id)["numeric"][name]
+
+    def late(offset_h, event_id):
+        when = obs.payload.charttime + timedelta(hours=offset_h)
+        payload = obs.payload.model_copy(update={"charttime": when, "value": obs.payload.value + 7})
+        return obs.model_copy(update={"event_id": event_id, "payload": payload})
+
+    store.write_batch([late(-1000, "older")])
+    assert store.describe(hadm_id)["numeric"][name] == before
+    store.write_batch([late(+1000, "newer")])
+    assert store.describe(hadm_id)["numeric"][name] == round(obs.payload.value + 7, 4)
+
+
+def _item_name(itemid):
+    from ingest.itemids import ITEMS
+
+    return ITEMS[itemid].name
+
+
+def test_concurrent_workers_with_redelivery_apply_each_event_once(store, settings):
+    chunks = [EVENTS[i : i + 60] for i in range(0, len(EVENTS), 60)]
+    workers = [OnlineStore(connect(settings), FITTED, scratch=store.prefix.split(":")[1]) for _ in range(3)]
+    errors = []
+
+    def work(worker, seed):
+        try:
+            for chunk in random.Random(seed).sample(chunks, len(chunks)):  # every worker gets every event
+                worker.write_batch(chunk)
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w, i)) for i, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    online = store.read_inputs(list(COHORT))
+    want = FITTED.assemble([offline_blob(COHORT[h]) for h in COHORT])
+    np.testing.assert_allclose(online[mi.NUMERIC], want[mi.NUMERIC], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(online[mi.NOTES_RADIOLOGY], want[mi.NOTES_RADIOLOGY])
+    seen = sum(store.client.scard(store.keys(h)[2]) for h in COHORT)
+    assert seen == len({e.event_id for e in EVENTS})
+    for w in workers:
+        w.client.close()
+
+
+def test_a_batch_read_is_one_round_trip(store, redis_client):
+    store.write_batch(EVENTS)
+    hadm_ids = list(COHORT) + [1, 2, 3]  # unknown admissions too
+
+    calls = []
+    original = redis_client.execute_command
+    before = redis_client.info("commandstats")
+    redis_client.execute_command = lambda *args, **kw: calls.append(args[0]) or original(*args, **kw)
+    try:
+        rows = store.read_batch(hadm_ids)
+    finally:
+        redis_client.execute_command = original
+    after = redis_client.info("commandstats")
+
+    assert calls == ["MGET"]
+    served = {k: after[k]["calls"] - before.get(k, {"calls": 0})["calls"] for k in after}
+    assert {k: v for k, v in served.items() if v and k != "cmdstat_info"} == {"cmdstat_mget": 1}
+    assert len(rows) == len(hadm_ids) and rows[-3:] == [None, None, None]
+    assert all(row[mi.NUMERIC].shape == (FITTED.mean.shape[0],) for row in rows[:-3])
+
+
+def test_keys_carry_the_version_and_a_hash_tag_and_expire(store):
+    open_events = [e for e in COHORT[list(COHORT)[0]] if e.type != "discharge"]
+    closed = COHORT[list(COHORT)[1]]
+    store.write_batch(open_events + closed)
+    blob_key = store.keys(list(COHORT)[1])[0]
+    assert blob_key.startswith(store.prefix) and f"v{FITTED.version}-" in blob_key
+    assert f"{{{list(COHORT)[1]}}}" in blob_key
+    for key in store.keys(list(COHORT)[1]):
+        assert 0 < store.client.ttl(key) <= DISCHARGED_TTL_S
+    for key in store.keys(list(COHORT)[0]):
+        assert DISCHARGED_TTL_S < store.client.ttl(key) <= OPEN_TTL_S
+
+
+def test_online_offline_parity_on_hand_built_events(redis_client):
+    report = parity.check_parity(EVENTS, redis_client, offline.CutoffPolicy((6.0, 24.0, 48.0)), sample=25)
+    assert report.ok, report
+    assert report.admissions == 25 and report.cutoffs >= 50
+
+
+def test_parity_on_the_mimic_demo_and_the_cli(settings, monkeypatch, redis_client):
+    from ingest.mimic import MimicReader
+    from m3t.cli import app
+    from m3t.settings import get_settings
+
+    demo = settings.data_dir / "mimic-iv-demo-2.2"
+    report = parity.check_parity(MimicReader(demo, cxr="none").admissions(), redis_client, sample=40, seed=2)
+    assert report.ok, report
+    assert report.admissions == 40 and report.cutoffs > 40
+
+    monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["features", "check-parity", str(demo), "--sample", "10", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert '"ok": true' in result.output and '"admissions": 10' in result.output
+
+
+def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
+    from m3t.cli import app
+    from m3t.settings import get_settings
+
+    store = OnlineStore(redis_client, FITTED)  # the serving namespace, as `publish` makes it
+    hadm_id = list(COHORT)[3]
+    store.write_batch(COHORT[hadm_id])
+    store.publish()
+    monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
+    get_settings.cache_clear()
+    try:
+        shown = runner.invoke(app, ["features", "get", str(hadm_id), "--json"])
+        table = runner.invoke(app, ["features", "get", str(hadm_id)])
+        missing = runner.invoke(app, ["features", "get", "1"])
+    finally:
+        get_settings.cache_clear()
+        store.drop()
+    assert shown.exit_code == 0, shown.output
+    assert f'"hadm_id": {hadm_id}' in shown.output and '"creatinine.count"' in shown.output
+    assert table.exit_code == 0 and "hours_since_admission" in table.output
+    assert missing.exit_code == 2
+
+
+def test_parity_on_a_synthetic_cohort(tmp_path, redis_client):
+    from ingest.mimic import MimicReader
+    from ingest.synth import generate
+
+    generate(tmp_path / "cohort", 25, seed=4, image_size=64)
+    events = MimicReader(tmp_path / "cohort").admissions()
+    report = parity.check_parity(events, redis_client, sample=25, seed=4)
+    assert report.ok, report
+    assert report.admissions == 25 and report.cutoffs > 25
