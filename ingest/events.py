@@ -184,3 +184,14 @@ def decode(raw: bytes | str | dict):
 def validate(event):
     """Round-trip an in-memory event through the schema (used by producers)."""
     return decode(event.model_dump(mode="json"))
+
+
+def validate_json(raw: bytes | str):
+    """Validate encoded bytes on the producing side (pydantic parses the JSON itself,
+    about twice as fast as ``decode``); raise InvalidEvent("schema_violation") otherwise."""
+    try:
+        return _EVENT.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidEvent("schema_violation", f"{where}: {first['type']}") from None
