@@ -260,6 +260,33 @@ def load(uri: str, base_dir: Path | None = None) -> Encoded | Pixels:
         raise BadImage("unreadable_file") from None
 
 
+def preprocess_uris(uris: list[str], preprocessor: CxrPreprocessor, base_dir: Path | None = None):
+    """Read and preprocess images by URI: (tensors [N,1,S,S], ok [N], errors by reason).
+
+    The offline builder and the online scorer both go through here, so a bad image is
+    treated alike on both sides: zeros, ``ok`` False, counted by reason.
+    """
+    size = preprocessor.size
+    images = np.zeros((len(uris), 1, size, size), np.float32)
+    ok = np.zeros(len(uris), bool)
+    errors: dict[str, int] = {}
+    for start in range(0, len(uris), preprocessor.batch_size):
+        chunk = uris[start : start + preprocessor.batch_size]
+        items, where = [], []
+        for j, uri in enumerate(chunk):
+            try:
+                items.append(load(uri, base_dir))
+                where.append(start + j)
+            except BadImage as exc:
+                errors[str(exc)] = errors.get(str(exc), 0) + 1
+        result = preprocessor(items)
+        for k, index in enumerate(where):
+            images[index], ok[index] = result.tensors[k], result.ok[k]
+        for reason in result.errors.values():
+            errors[reason] = errors.get(reason, 0) + 1
+    return images, ok, errors
+
+
 # --- the reference ------------------------------------------------------------------------------
 
 

@@ -239,23 +239,7 @@ def cxr_tensors(dataset: Dataset, preprocessor, base_dir: Path | None = None) ->
     uris = dataset.arrays["cxr_uri"]
     distinct = sorted({u for u in uris.tolist() if u})
     size = preprocessor.size
-    images = np.zeros((len(distinct), 1, size, size), np.float32)
-    ok = np.zeros(len(distinct), bool)
-    errors: dict[str, int] = {}
-    for start in range(0, len(distinct), preprocessor.batch_size):
-        chunk = distinct[start : start + preprocessor.batch_size]
-        items, where = [], []
-        for j, uri in enumerate(chunk):
-            try:
-                items.append(cxr.load(uri, base_dir))
-                where.append(start + j)
-            except cxr.BadImage as exc:
-                errors[str(exc)] = errors.get(str(exc), 0) + 1
-        result = preprocessor(items)
-        for k, index in enumerate(where):
-            images[index], ok[index] = result.tensors[k], result.ok[k]
-        for reason in result.errors.values():
-            errors[reason] = errors.get(reason, 0) + 1
+    images, ok, errors = cxr.preprocess_uris(distinct, preprocessor, base_dir)
 
     position = {uri: i for i, uri in enumerate(distinct)}
     index = np.array([position.get(u, -1) for u in uris.tolist()], dtype=np.int64)
