@@ -21,26 +21,54 @@ scores_app = typer.Typer(help="Query current risk scores.", no_args_is_help=True
 
 @app.command("run")
 def run(
+    scorer: str = typer.Option("cached", help="cached (encoders + fusion, embeddings cached), full (m3t_lm), "
+                                               "or placeholder (the walking skeleton)."),
     idle_timeout: float = typer.Option(None, help="Stop after this many seconds without events."),
     max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
     max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
+    group: str = typer.Option(None, help="Consumer group (default: settings.kafka.consumer_group)."),
 ):
-    """Consume admission events, keep features current and write risk scores (placeholder model for now)."""
+    """Consume admission events, keep features current in Redis and write risk scores.
+
+    Run N of them (same group) to scale over the topic's partitions. SIGTERM finishes the
+    batch in hand, commits and leaves the group.
+    """
     from stream.scores import ScoreStore
-    from stream.skeleton import SkeletonFeatures
-    from stream.triton_scorer import TritonScorer
     from stream.worker import StreamWorker
 
     settings = get_settings()
     client = redis_client(settings)
-    worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"),
-                          ScoreStore(client), max_batch=max_batch, max_wait_ms=max_wait_ms)
-    # SIGTERM/SIGINT: finish the batch in hand, commit, leave the group.
+    try:
+        features, model = _scoring(scorer, settings, client)
+    except (LookupError, RuntimeError) as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+    worker = StreamWorker(settings, features, model, ScoreStore(client), max_batch=max_batch,
+                          max_wait_ms=max_wait_ms, group_id=group)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stats = worker.run(stop=stop, idle_timeout_s=idle_timeout)
     console.print(asdict(stats))
+
+
+def _scoring(scorer: str, settings, client):
+    """The feature source and the scorer for ``--scorer``."""
+    if scorer == "placeholder":
+        from stream.skeleton import SkeletonFeatures
+        from stream.triton_scorer import TritonScorer
+
+        return SkeletonFeatures(client), TritonScorer(settings, "placeholder")
+    from features.online import OnlineStore, tune_allocator
+    from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
+
+    tune_allocator()  # batch reads allocate large numpy arrays: keep them off mmap (features/online.py)
+    features = OnlineFeatures(OnlineStore.current(client))
+    if scorer == "cached":
+        return features, CachedEncoderScorer(settings, client)
+    if scorer == "full":
+        return features, FullModelScorer(settings)
+    raise RuntimeError(f"--scorer must be cached, full or placeholder, not {scorer!r}")
 
 
 @app.command("api")

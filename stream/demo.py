@@ -1,77 +1,81 @@
-"""`m3t demo`: the whole flow on the real services, from a fresh machine."""
+"""`m3t demo`: the whole system from a fresh machine, as the commands a user would type.
+
+services up -> a synthetic cohort -> offline features -> train M3T-LM -> publish to Triton
+-> replay the cohort into Kafka -> the stream worker scores live while a top-risk table
+updates -> how to query. Each step is printed before it runs.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from kafka import KafkaProducer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
-from ingest import events as ev
-from m3t import services
-from m3t.clients import redis_client
 from m3t.settings import Settings
-from stream.scores import ScoreStore
-from stream.skeleton import SkeletonFeatures
-from stream.triton_scorer import TritonScorer
-from stream.worker import StreamWorker
 
 
-def skeleton_events(n_admissions: int = 5) -> list:
-    """A few admissions with observations: enough to exercise every hop."""
-    start = datetime(2150, 1, 1, 8, tzinfo=timezone.utc)
-    out = []
-    for i in range(n_admissions):
-        hadm, subject, admit = 90_000_000 + i, 19_000_000 + i, start + timedelta(hours=i)
-        out.append(ev.AdmissionEvent(
-            event_id=ev.event_id("demo/admissions", i), hadm_id=hadm, subject_id=subject,
-            event_time=admit, source="demo/admissions",
-            payload=ev.AdmissionPayload(admittime=admit, admission_type="EW EMER.", gender="F", age=40 + 10 * i),
-        ))
-        for j in range(2 * i + 1):
-            t = admit + timedelta(minutes=30 * (j + 1))
-            out.append(ev.ObservationEvent(
-                event_id=ev.event_id("demo/labevents", (i, j)), hadm_id=hadm, subject_id=subject,
-                event_time=t, source="demo/labevents",
-                payload=ev.ObservationPayload(itemid=50912, value=1.0 + 0.1 * j, unit="mg/dL", charttime=t, kind="lab"),
-            ))
-    return out
-
-
-def produce(settings: Settings, events: list) -> None:
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-    try:
-        for e in events:
-            producer.send(settings.kafka.topic_events, key=ev.key(e), value=ev.encode(ev.validate(e)))
-        producer.flush()
-    finally:
-        producer.close()
-
-
-def scores_table(scores) -> Table:
-    table = Table("hadm_id", "mortality risk", "LoS (days)", "model")
+def scores_table(scores, title: str | None = None) -> Table:
+    table = Table("hadm_id", "mortality risk", "LoS (days)", "model", title=title)
     for s in scores:
         table.add_row(str(s.hadm_id), f"{s.mortality_prob:.3f}", f"{s.los_days:.1f}", s.model)
     return table
 
 
-def run_demo(settings: Settings, console: Console) -> None:
-    console.rule("services")
-    for health in services.up(settings):
-        console.print(f"{health.name}: {health.address} healthy={health.healthy}")
-    events = skeleton_events()
-    console.rule(f"producing {len(events)} admission events to Kafka")
-    produce(settings, events)
-    console.rule("stream worker (walking skeleton: placeholder model)")
-    client = redis_client(settings)
-    store = ScoreStore(client)
-    worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"), store,
-                          group_id="m3t-demo")
-    stats = worker.run(idle_timeout_s=3.0)
-    console.print(f"consumed {stats.events} events, scored {stats.scored} admissions in {stats.batches} batches")
-    console.print(scores_table(store.top(10)))
-    first = events[0].hadm_id
-    score = store.get(first)
-    console.print(f"score read back from Redis for {first}: {score.as_json() if score else None}")
-    console.print("Query: `m3t scores get HADM_ID`, `m3t scores top --n 20`")
+def demo_steps(work: Path, admissions: int, seed: int, epochs: int) -> list[list[str]]:
+    cohort, dataset, run = work / "cohort", work / "dataset", work / "run"
+    return [
+        ["services", "up"],
+        ["ingest", "synth", "--admissions", str(admissions), "--seed", str(seed), "--out", str(cohort)],
+        ["features", "build", str(cohort), "--out", str(dataset)],
+        ["features", "publish", str(dataset / "meta.json")],
+        ["train", "run", "--data", str(dataset), "--out", str(run), "--epochs", str(epochs),
+         "--seed", str(seed), "--bootstrap", "50"],
+        ["export", "publish", str(run), "--load"],
+        ["ingest", "replay", str(cohort)],
+    ]
+
+
+def m3t(*args: str) -> list[str]:
+    return [sys.executable, "-m", "m3t.cli", *args]
+
+
+def run_demo(settings: Settings, console: Console, admissions: int = 1500, seed: int = 7, epochs: int = 8) -> None:
+    from m3t.clients import redis_client
+    from stream.scores import ScoreStore
+
+    work = settings.state_dir / "demo"
+    for step in demo_steps(work, admissions, seed, epochs):
+        console.rule(f"m3t {' '.join(step)}")
+        if subprocess.run(m3t(*step)).returncode != 0:
+            raise RuntimeError(f"`m3t {' '.join(step)}` failed")
+
+    console.rule("m3t stream run --idle-timeout 15  (scoring live)")
+    worker = subprocess.Popen(m3t("stream", "run", "--idle-timeout", "15", "--group", f"m3t-demo-{int(time.time())}"))
+    store = ScoreStore(redis_client(settings, reader=True))
+    with Live(scores_table([]), console=console, refresh_per_second=2) as live:
+        while worker.poll() is None:
+            live.update(scores_table(store.top(15), title=f"top mortality risk, {time.strftime('%H:%M:%S')}"))
+            time.sleep(1.0)
+        live.update(scores_table(store.top(15), title="top mortality risk (final)"))
+    if worker.returncode != 0:
+        raise RuntimeError("the stream worker failed")
+
+    top = store.top(1)
+    if not top:
+        raise RuntimeError("no admission was scored")
+    score = store.get(top[0].hadm_id)
+    console.print(f"Score read back from Redis for admission {score.hadm_id}: {score.as_json()}")
+    console.rule("query it yourself")
+    console.print(
+        f"  m3t scores get {score.hadm_id}\n"
+        "  m3t scores top --n 20\n"
+        "  m3t scores watch\n"
+        f"  m3t stream api   # then: curl -H 'Authorization: Bearer $M3T_API__BEARER_TOKEN' "
+        f"http://{settings.api.host}:{settings.api.port}/risk/top?n=20\n"
+        "  m3t services down   # when done"
+    )

@@ -6,8 +6,14 @@ The M3T-LM feature store (features/) replaces this; it exists to prove the path 
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import numpy as np
 import redis
+from kafka import KafkaProducer
+
+from ingest import events as ev
+from m3t.settings import Settings
 
 KEY = "m3t:skeleton:{{{hadm_id}}}"
 SEEN = "m3t:skeleton:{{{hadm_id}}}:seen"
@@ -43,3 +49,34 @@ class SkeletonFeatures:
             rows = pipe.execute()
         summary = np.array([[float(a or 0), float(o or 0)] for a, o, _ in rows], dtype=np.float32)
         return {"summary": summary}, [float(t or 0) for _, _, t in rows]
+
+
+def skeleton_events(n_admissions: int = 5) -> list:
+    """A few admissions with observations: enough to exercise every hop."""
+    start = datetime(2150, 1, 1, 8, tzinfo=timezone.utc)
+    out = []
+    for i in range(n_admissions):
+        hadm, subject, admit = 90_000_000 + i, 19_000_000 + i, start + timedelta(hours=i)
+        out.append(ev.AdmissionEvent(
+            event_id=ev.event_id("demo/admissions", i), hadm_id=hadm, subject_id=subject,
+            event_time=admit, source="demo/admissions",
+            payload=ev.AdmissionPayload(admittime=admit, admission_type="EW EMER.", gender="F", age=40 + 10 * i),
+        ))
+        for j in range(2 * i + 1):
+            t = admit + timedelta(minutes=30 * (j + 1))
+            out.append(ev.ObservationEvent(
+                event_id=ev.event_id("demo/labevents", (i, j)), hadm_id=hadm, subject_id=subject,
+                event_time=t, source="demo/labevents",
+                payload=ev.ObservationPayload(itemid=50912, value=1.0 + 0.1 * j, unit="mg/dL", charttime=t, kind="lab"),
+            ))
+    return out
+
+
+def produce(settings: Settings, events: list) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    try:
+        for e in events:
+            producer.send(settings.kafka.topic_events, key=ev.key(e), value=ev.encode(ev.validate(e)))
+        producer.flush()
+    finally:
+        producer.close()

@@ -204,7 +204,7 @@ def test_cli_status_fails_when_unhealthy(tmp_path, monkeypatch):
 
 def test_walking_skeleton_end_to_end(cli_settings, redis_client):
     """Events -> Kafka -> worker -> Redis features -> Triton -> scores -> `m3t scores get`."""
-    from stream.demo import produce, skeleton_events
+    from stream.skeleton import produce, skeleton_events
     from stream.scores import ScoreStore
     from stream.skeleton import SkeletonFeatures
     from stream.triton_scorer import TritonScorer

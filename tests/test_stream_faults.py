@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ingest import events as ev
 from m3t import services
 from m3t.clients import redis_client
-from stream.demo import produce
+from stream.skeleton import produce
 from stream.scores import ScoreStore
 from stream.skeleton import KEY, SkeletonFeatures
 from stream.triton_scorer import TritonScorer
@@ -126,7 +126,7 @@ def worker_process(settings, *extra):
         "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
         "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
     }
-    return subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "run", *extra], env=env,
+    return subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "run", "--scorer", "placeholder", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -1,1 +1,1 @@
-"""Trainer: M3T-LM, training, evaluation, export and publishing to model_repo/."""
+"""M3T-LM: model, training, evaluation, ONNX/TensorRT export and Triton publishing (see README.md)."""

@@ -1,0 +1,258 @@
+"""End to end: an offered-load sweep through the stream worker, event to score.
+
+Stream workers (``stream.worker.StreamWorker``, 1 or more, one consumer group) run in their
+own processes on topics made for this run. The load generator sends admission events open
+loop (``harness.drive``; encoded beforehand, so the generator keeps its schedule), each
+for a new admission, so each event yields exactly one score; an observer thread reads the
+scores topic and completes each event when its admission's score arrives. Latency runs
+from the event's scheduled send time to the score's arrival: queueing anywhere (producer,
+broker, worker, Triton, Redis) counts. Events not scored within ``drain_s`` of the end of a
+level count as not completed.
+
+The worker is built by ``build_pipeline``: today the walking skeleton's features
+(``stream.skeleton``) scored by Triton's ``placeholder`` model, which is what the stream
+package wires end to end; swap in the M3T-LM feature store and model when the worker does.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+from benchmarks import harness as h
+from benchmarks.bench_kafka import confluent_partitions
+from ingest import events as ev
+from m3t import services
+from m3t.settings import Settings
+
+PIPELINE = "stream.skeleton.SkeletonFeatures + Triton 'placeholder' (the walking skeleton)"
+FIRST_HADM = 95_000_000
+
+
+def build_pipeline(settings: Settings):
+    """(features, scorer, scores) for the worker, built inside the worker's process."""
+    from m3t.clients import redis_client
+    from stream.scores import ScoreStore
+    from stream.skeleton import SkeletonFeatures
+    from stream.triton_scorer import TritonScorer
+
+    client = redis_client(settings)
+    return SkeletonFeatures(client), TritonScorer(settings, "placeholder"), ScoreStore(client)
+
+
+def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int) -> None:
+    """The worker process: consume until ``stop`` is set."""
+    from stream.worker import StreamWorker
+
+    features, scorer, scores = build_pipeline(settings)
+    worker = StreamWorker(settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    worker.run(stop=stop)
+
+
+def admission(hadm_id: int) -> bytes:
+    now = datetime.now(timezone.utc)
+    event = ev.AdmissionEvent(
+        event_id=ev.event_id("bench/e2e", hadm_id), hadm_id=hadm_id, subject_id=hadm_id, event_time=now,
+        source="bench/e2e",
+        payload=ev.AdmissionPayload(admittime=now, admission_type="EW EMER.", gender="F", age=60.0),
+    )
+    return ev.encode(event)
+
+
+def isolated(settings: Settings) -> Settings:
+    """The settings with this run's own topics and consumer group, created on the broker."""
+    tag = uuid.uuid4().hex[:8]
+    kafka = settings.kafka.model_copy(update={
+        "topic_events": f"bench-events-{tag}", "topic_dead_letter": f"bench-dead-letter-{tag}",
+        "topic_scores": f"bench-scores-{tag}", "consumer_group": f"bench-{tag}",
+    })
+    cfg = settings.model_copy(update={"kafka": kafka})
+    services.ensure_topics(cfg)
+    return cfg
+
+
+class ScoreObserver:
+    """Reads the scores topic; completes the waiting event of each scored admission."""
+
+    def __init__(self, settings: Settings):
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        topic = settings.kafka.topic_scores
+        self.consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
+                                  "group.id": f"bench-observer-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+                                  "fetch.wait.max.ms": 5})
+        partitions = confluent_partitions(self.consumer, topic)
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self.waiting: dict[int, tuple[h.LoadRun, int]] = {}  # hadm_id -> (run, event index)
+        self.scored: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def expect(self, hadm_id: int, run: h.LoadRun, index: int) -> None:
+        self.waiting[hadm_id] = (run, index)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            messages = self.consumer.consume(num_messages=1000, timeout=0.05)
+            now = time.perf_counter()
+            for message in messages:
+                if message.error() is not None:
+                    continue
+                hadm_id = int(json.loads(message.value())["hadm_id"])
+                self.scored.add(hadm_id)
+                waiting = self.waiting.pop(hadm_id, None)
+                if waiting is not None:
+                    run, index = waiting
+                    run.complete(index, now)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.consumer.close()
+
+
+def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seconds: float = 5.0,
+        drain_s: float = 10.0, workers: tuple[int, ...] = (1,), max_batch: int = 256, max_wait_ms: int = 20,
+        ready_timeout_s: float = 90.0) -> h.Result:
+    """For each worker count, each offered ``rate`` for ``seconds``."""
+    services.up(settings)
+    result = h.Result("e2e", {"rates": list(rates), "seconds": seconds, "drain_s": drain_s, "workers": list(workers),
+                              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "pipeline": PIPELINE,
+                              "load_generator": "confluent-kafka, linger 1 ms, one admission event per new admission"})
+    started = time.perf_counter()
+    for n in workers:
+        for run_ in _sweep(settings, n, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s):
+            result.rows.append({"case": "event -> score", "variant": f"{n} worker{'s' if n > 1 else ''}",
+                                **run_.summary()})
+    first = next((r for r in result.rows if "p50_ms" in r), None)
+    if first is not None:
+        result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _sweep(settings, n_workers, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s):
+    """``n_workers`` worker processes in one group on fresh topics; one LoadRun per rate."""
+    from confluent_kafka import Producer
+
+    cfg = isolated(settings)
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    workers = [context.Process(target=serve, args=(cfg, stop, max_batch, max_wait_ms), daemon=True)
+               for _ in range(n_workers)]
+    for worker in workers:
+        worker.start()
+    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap_servers, "linger.ms": 1, "acks": "all",
+                         "partitioner": "murmur2_random"})
+    observer = ScoreObserver(cfg)
+    next_hadm, runs = FIRST_HADM, []
+    try:
+        next_hadm = _wait_until_scoring(cfg, producer, observer, workers, next_hadm, ready_timeout_s)
+        for rate in rates:
+            run_, next_hadm = _level(cfg, producer, observer, next_hadm, rate, seconds, drain_s)
+            runs.append(run_)
+    finally:
+        stop.set()
+        observer.close()
+        producer.flush(5)
+        for worker in workers:
+            worker.join(timeout=20)
+            if worker.is_alive():
+                worker.terminate()
+        _cleanup(cfg, range(FIRST_HADM, next_hadm))
+    return runs
+
+
+def _group_members(cfg: Settings) -> int:
+    from m3t.clients import kafka_admin
+
+    admin = kafka_admin(cfg)
+    try:
+        group = admin.describe_groups([cfg.kafka.consumer_group])[cfg.kafka.consumer_group]
+    except Exception:  # the group does not exist yet
+        return 0
+    finally:
+        admin.close()
+    return len(group["members"]) if group["group_state"] == "Stable" else 0
+
+
+def _send(producer, cfg: Settings, hadm_id: int, value: bytes | None = None) -> None:
+    while True:
+        try:
+            producer.produce(cfg.kafka.topic_events, key=str(hadm_id).encode(), value=value or admission(hadm_id))
+            break
+        except BufferError:
+            producer.poll(0.01)
+    producer.poll(0)
+
+
+def _wait_until_scoring(cfg, producer, observer, workers, hadm_id: int, timeout_s: float) -> int:
+    """Send one event a second until every worker has joined the group and one event is
+    scored: the workers are assigned their partitions and warmed up."""
+    deadline = time.monotonic() + timeout_s
+    first = hadm_id
+    while time.monotonic() < deadline:
+        dead = [w.exitcode for w in workers if not w.is_alive()]
+        if dead:
+            raise RuntimeError(f"a stream worker exited with code {dead[0]} before scoring")
+        _send(producer, cfg, hadm_id)
+        producer.flush(5)
+        hadm_id += 1
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            if observer.scored & set(range(first, hadm_id)) and _group_members(cfg) == len(workers):
+                return hadm_id
+            time.sleep(0.1)
+    raise TimeoutError(f"no score within {timeout_s:.0f} s of starting the workers (the score observer saw "
+                       f"{len(observer.scored)} score(s); {_stored_scores(cfg, range(first, hadm_id))} of the "
+                       f"{hadm_id - first} warm-up admissions have a score in Redis; "
+                       f"{_group_members(cfg)} of {len(workers)} workers in the group)")
+
+
+def _stored_scores(cfg: Settings, hadm_ids) -> int:
+    from m3t.clients import redis_client
+    from stream.scores import SCORE_KEY
+
+    client = redis_client(cfg)
+    try:
+        return sum(client.exists(SCORE_KEY.format(hadm_id=h)) for h in hadm_ids)
+    finally:
+        client.close()
+
+
+def _level(cfg, producer, observer, first_hadm: int, rate: float, seconds: float, drain_s: float):
+    run = h.schedule(rate, seconds)
+    for i in range(len(run.scheduled)):
+        observer.expect(first_hadm + i, run, i)
+    encoded = [admission(first_hadm + i) for i in range(len(run.scheduled))]
+    h.drive(run, lambda i: _send(producer, cfg, first_hadm + i, encoded[i]), synchronous=False)
+    producer.flush(drain_s)
+    deadline = time.monotonic() + drain_s
+    while run.completed < len(run.scheduled) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for i in range(len(run.scheduled)):
+        observer.waiting.pop(first_hadm + i, None)
+    return run, first_hadm + len(run.scheduled)
+
+
+def _cleanup(cfg: Settings, hadm_ids) -> None:
+    """Remove what the run wrote to Redis (its admissions' scores and skeleton features)."""
+    from m3t.clients import redis_client
+    from stream import scores as sc
+    from stream import skeleton as sk
+
+    client = redis_client(cfg)
+    try:
+        hadm_ids = list(hadm_ids)
+        for start in range(0, len(hadm_ids), 1000):
+            chunk = hadm_ids[start : start + 1000]
+            keys = [k.format(hadm_id=x) for x in chunk for k in (sc.SCORE_KEY, sc.HISTORY_KEY, sk.KEY, sk.SEEN)]
+            client.unlink(*keys)
+            client.zrem(sc.RANKING_KEY, *chunk)
+    finally:
+        client.close()

@@ -1,0 +1,172 @@
+"""Redis: feature writes (events applied/s) and batch reads of the full feature set.
+
+The online store (``features.online.OnlineStore``, in a scratch namespace) is measured on
+seeded admissions from ``features.sample``: events applied per second in worker-sized
+batches, one event's write latency, and read latency for batches of admissions. Beside it,
+on the same data and server, the plain baseline: one hash per admission (a field per
+numeric feature, the token arrays as bytes), read with a redis-py pipeline of one HGETALL
+per admission and parsed into the same arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+
+import numpy as np
+
+from benchmarks import harness as h
+from features import definitions as fd
+from features import model_inputs as mi
+from features.fitted import FittedFeatures
+from features.online import OnlineStore
+from features.sample import WORDS, cohort
+from features.vocab import Vocabulary
+from ingest.events import sort_key
+from m3t import services
+from m3t.clients import redis_client
+from m3t.settings import Settings
+
+STORE, BASELINE = "online store", "redis-py HGETALL pipeline"
+
+
+def fitted_features() -> FittedFeatures:
+    return FittedFeatures.unnormalised(Vocabulary.fit([" ".join(WORDS)]))
+
+
+def scratch_store(client, fitted: FittedFeatures) -> OnlineStore:
+    return OnlineStore(client, fitted, scratch=f"bench-{uuid.uuid4().hex[:8]}")
+
+
+def write_all(store: OnlineStore, events: list, batch: int) -> None:
+    for start in range(0, len(events), batch):
+        store.write_batch(events[start : start + batch])
+
+
+# --- the baseline --------------------------------------------------------------------------------
+
+
+def baseline_key(prefix: str, hadm_id: int) -> str:
+    return f"{prefix}:{{{hadm_id}}}"
+
+
+def write_baseline(client, prefix: str, store: OnlineStore, hadm_ids: list[int]) -> None:
+    """The same admissions' features, one hash each: what a naive layout stores."""
+    inputs = store.read_inputs(hadm_ids)
+    with client.pipeline(transaction=False) as pipe:
+        for i, hadm_id in enumerate(hadm_ids):
+            fields = {name: repr(float(v)) for name, v, seen in
+                      zip(fd.NUMERIC_FEATURES, inputs[mi.NUMERIC][i], inputs[mi.NUMERIC_MASK][i]) if seen}
+            fields[mi.NOTES_RADIOLOGY] = inputs[mi.NOTES_RADIOLOGY][i].astype(np.int64).tobytes()
+            fields[mi.NOTES_DISCHARGE] = inputs[mi.NOTES_DISCHARGE][i].astype(np.int64).tobytes()
+            pipe.hset(baseline_key(prefix, hadm_id), mapping=fields)
+        pipe.execute()
+
+
+_COLUMN = {name.encode(): i for i, name in enumerate(fd.NUMERIC_FEATURES)}
+
+
+def read_baseline(client, prefix: str, hadm_ids: list[int]) -> dict[str, np.ndarray]:
+    with client.pipeline(transaction=False) as pipe:
+        for hadm_id in hadm_ids:
+            pipe.hgetall(baseline_key(prefix, hadm_id))
+        rows = pipe.execute()
+    numeric = np.zeros((len(rows), fd.N_NUMERIC), np.float32)
+    mask = np.zeros_like(numeric)
+    radiology = np.zeros((len(rows), mi.NOTE_TOKENS), np.int64)
+    discharge = np.zeros_like(radiology)
+    for i, row in enumerate(rows):
+        for name, value in row.items():
+            column = _COLUMN.get(name)
+            if column is not None:
+                numeric[i, column], mask[i, column] = float(value), 1.0
+        radiology[i] = np.frombuffer(row[mi.NOTES_RADIOLOGY.encode()], np.int64)
+        discharge[i] = np.frombuffer(row[mi.NOTES_DISCHARGE.encode()], np.int64)
+    return {mi.NUMERIC: numeric, mi.NUMERIC_MASK: mask, mi.NOTES_RADIOLOGY: radiology,
+            mi.NOTES_DISCHARGE: discharge}
+
+
+def drop_prefix(client, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.unlink(*keys[start : start + 1000])
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def run(settings: Settings, *, admissions: int = 1024, observations: int = 40,
+        batches: tuple[int, ...] = (1, 64, 256, 1024), write_batch: int = 500, reads: int = 200,
+        repeats: int = 3, warmup: int = 1) -> h.Result:
+    """Writes: every event of ``admissions`` seeded admissions, ``write_batch`` events per
+    call, in a fresh namespace each repeat. Reads: ``reads`` calls per batch size."""
+    services.up(settings, ["redis"])
+    batches = tuple(b for b in batches if b <= admissions)
+    result = h.Result("redis", {"admissions": admissions, "observations_per_admission": observations,
+                                "batches": list(batches), "write_batch": write_batch, "reads": reads,
+                                "repeats": repeats, "warmup": warmup})
+    started = time.perf_counter()
+    fitted = fitted_features()
+    histories = cohort(admissions, seed=7, n_observations=observations)
+    events = sorted((e for history in histories.values() for e in history), key=sort_key)
+    hadm_ids = list(histories)
+    client = redis_client(settings)
+    try:
+        _writes(result, client, fitted, events, write_batch, repeats, warmup)
+        _reads(result, client, fitted, events, hadm_ids, batches, reads)
+    finally:
+        client.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _writes(result, client, fitted, events, write_batch, repeats, warmup) -> None:
+    def timed_write() -> float:
+        store = scratch_store(client, fitted)
+        try:
+            began = time.perf_counter()
+            write_all(store, events, write_batch)
+            return time.perf_counter() - began
+        finally:
+            store.drop()
+
+    written = h.measure_seconds(timed_write, len(events), warmup=warmup, repeats=repeats)
+    result.rows.append({"case": "write events", "variant": STORE, "batch": write_batch, **written})
+
+    # One event at a time, each new to the store: the latency an event's feature update adds.
+    store, one = scratch_store(client, fitted), iter(events)
+    try:
+        latencies = h.time_calls(lambda: store.write_batch([next(one)]), min(300, len(events) - 3))
+    finally:
+        store.drop()
+    single = h.latency_summary(latencies)
+    result.rows.append({"case": "write event latency", "variant": STORE, "batch": 1, **single})
+    result.breakdown_ms["redis feature write"] = single["p50_ms"]
+
+
+def _reads(result, client, fitted, events, hadm_ids, batches, reads) -> None:
+    store = scratch_store(client, fitted)
+    prefix = f"m3t:bench-baseline-{uuid.uuid4().hex[:8]}"
+    try:
+        write_all(store, events, 1000)
+        write_baseline(client, prefix, store, hadm_ids)
+        rng = np.random.default_rng(0)
+        read_p50 = {}
+        for batch in batches:
+            picks = [rng.choice(hadm_ids, batch, replace=False).tolist() for _ in range(8)]
+            for variant, read in ((STORE, lambda ids: store.read_inputs(ids)),
+                                  (BASELINE, lambda ids: read_baseline(client, prefix, ids))):
+                batches_in_turn = itertools.cycle(picks)
+                latencies = h.time_calls(lambda: read(next(batches_in_turn)), reads)
+                summary = h.latency_summary(latencies)
+                result.rows.append({"case": "read features", "variant": variant, "batch": batch,
+                                    "items_per_s": batch / (summary["p50_ms"] / 1000), **summary})
+                read_p50[variant, batch] = summary["p50_ms"]
+            result.comparisons.append(h.ratio(f"read p50 latency, batch {batch}", BASELINE, STORE,
+                                              read_p50[BASELINE, batch], read_p50[STORE, batch]))
+        if 1 in batches:
+            result.breakdown_ms["redis feature read"] = read_p50[STORE, 1]
+    finally:
+        store.drop()
+        drop_prefix(client, prefix)

@@ -1,0 +1,221 @@
+"""Scoring M3T-LM on Triton from the online feature store.
+
+Two paths give the same numbers:
+
+* ``FullModelScorer``: every rescoring runs the whole model (``m3t_lm``), X-ray decode
+  included.
+* ``CachedEncoderScorer``: the per-modality encoders run only when their input changed (a
+  new X-ray: the X-ray encoder once; a new note: the notes encoder once); their embeddings
+  are cached in Redis. A numeric update re-runs only the numeric encoder and the fusion
+  head.
+
+A chest X-ray that cannot be read or decoded is scored as absent (its ``modality_mask``
+flag cleared), exactly as the offline builder treats it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import datetime
+
+import numpy as np
+import redis
+import tritonclient.grpc as grpcclient
+
+from features import model_inputs as mi
+from m3t.settings import Settings
+
+_NP_TO_TRITON = {np.dtype("float32"): "FP32", np.dtype("int64"): "INT64"}
+EMB_KEY = "m3t:emb:{{{hadm_id}}}"
+EMB_TTL_S = 7 * 24 * 3600
+CXR_COLUMN = mi.MODALITIES.index("cxr")
+
+
+class TritonModel:
+    """One model on Triton. Checked once (ready, I/O, max batch); a batch larger than
+    ``max_batch_size`` is split and its chunks are kept in flight together."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, name: str, timeout_s: float = 10.0):
+        if not client.is_model_ready(name):
+            raise RuntimeError(f"Triton model {name!r} is not ready")
+        self.client, self.name, self.timeout_s = client, name, timeout_s
+        config = client.get_model_config(name, as_json=True)["config"]
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+        self.max_batch = int(config.get("max_batch_size", 0)) or 1 << 30
+        versions = client.get_model_metadata(name, as_json=True).get("versions", ["?"])
+        self.version = max(versions, key=lambda v: int(v) if v.isdigit() else -1)
+
+    def infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = set(self.inputs) - set(arrays)
+        if missing:
+            raise ValueError(f"{self.name} needs inputs {sorted(missing)}")
+        n = len(arrays[self.inputs[0]])
+        starts = list(range(0, n, self.max_batch))
+        results: list = [None] * len(starts)
+        done = threading.Semaphore(0)
+
+        def callback(index, result, error):
+            results[index] = error or result
+            done.release()
+
+        for index, start in enumerate(starts):
+            tensors = []
+            for name in self.inputs:
+                chunk = np.ascontiguousarray(arrays[name][start : start + self.max_batch])
+                tensor = grpcclient.InferInput(name, chunk.shape, _NP_TO_TRITON[chunk.dtype])
+                tensor.set_data_from_numpy(chunk)
+                tensors.append(tensor)
+            self.client.async_infer(
+                self.name, tensors, callback=lambda r, e, i=index: callback(i, r, e),
+                outputs=[grpcclient.InferRequestedOutput(o) for o in self.outputs],
+                client_timeout=self.timeout_s,
+            )
+        for _ in starts:
+            done.acquire()
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in self.outputs}
+
+
+class OnlineFeatures:
+    """The stream worker's view of ``features.online.OnlineStore``."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def apply(self, events: list) -> None:
+        self.store.write_batch(events)
+
+    def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
+        arrays = self.store.read_inputs(hadm_ids)
+        arrays["hadm_id"] = np.asarray(hadm_ids, dtype=np.int64)
+        return arrays, (arrays["as_of"] * 3600.0).tolist()  # epoch hours -> epoch seconds
+
+
+class CxrInputs:
+    """URIs -> the ``cxr`` tensor through the DALI pipeline, and which images decoded."""
+
+    def __init__(self, preprocessor=None):
+        from features.cxr import CxrPreprocessor
+
+        self.preprocessor = preprocessor or CxrPreprocessor()
+
+    def __call__(self, uris) -> tuple[np.ndarray, np.ndarray]:
+        from features.cxr import preprocess_uris
+
+        uris = [u or "" for u in np.asarray(uris, dtype=object).tolist()]
+        wanted = sorted({u for u in uris if u})
+        images, ok, _ = preprocess_uris(wanted, self.preprocessor)
+        position = {u: i for i, u in enumerate(wanted)}
+        size = self.preprocessor.size
+        tensors = np.zeros((len(uris), 1, size, size), np.float32)
+        decoded = np.zeros(len(uris), bool)
+        for row, uri in enumerate(uris):
+            if uri and ok[position[uri]]:
+                tensors[row], decoded[row] = images[position[uri]], True
+        return tensors, decoded
+
+
+def _mask_with_decoded(inputs: dict, decoded: np.ndarray) -> np.ndarray:
+    mask = inputs[mi.MODALITY_MASK].astype(np.float32, copy=True)
+    mask[:, CXR_COLUMN] *= decoded
+    return mask
+
+
+class FullModelScorer:
+    def __init__(self, settings: Settings, cxr: CxrInputs | None = None, client=None):
+        self.client = client or grpcclient.InferenceServerClient(settings.triton.grpc_url)
+        self.net = TritonModel(self.client, settings.triton.model_name, settings.triton.timeout_s)
+        self.model = f"{self.net.name}:{self.net.version}"
+        self.cxr = cxr or CxrInputs()
+
+    def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        tensors, decoded = self.cxr(inputs["cxr_uri"])
+        arrays = {**inputs, mi.CXR: tensors, mi.MODALITY_MASK: _mask_with_decoded(inputs, decoded)}
+        out = self.net.infer(arrays)
+        return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
+
+
+def _stamp(version: str, *rows) -> bytes:
+    digest = hashlib.blake2b(version.encode(), digest_size=12)
+    for row in rows:
+        digest.update(row.encode() if isinstance(row, str) else np.ascontiguousarray(row).tobytes())
+    return digest.digest()
+
+
+class CachedEncoderScorer:
+    """Encoders + fusion on Triton, with note and X-ray embeddings cached per admission.
+
+    Each cached modality carries a stamp of the input and encoder version it came from (the
+    token ids; the X-ray URI) and is reused while the stamp matches.
+    """
+
+    def __init__(self, settings: Settings, client: redis.Redis, cxr: CxrInputs | None = None, triton=None,
+                 prefix: str = "m3t_"):
+        self.redis = client
+        self.triton = triton or grpcclient.InferenceServerClient(settings.triton.grpc_url)
+        timeout = settings.triton.timeout_s
+        self.numeric = TritonModel(self.triton, f"{prefix}enc_numeric", timeout)
+        self.notes = TritonModel(self.triton, f"{prefix}enc_notes", timeout)
+        self.image = TritonModel(self.triton, f"{prefix}enc_cxr", timeout)
+        self.fusion = TritonModel(self.triton, f"{prefix}fusion", timeout)
+        self.model = f"{prefix}encoders+fusion:{self.fusion.version}"
+        self.cxr = cxr or CxrInputs()
+        self.runs = {"notes": 0, "cxr": 0}  # encoder rows computed (for tests and benchmarks)
+
+    def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        hadm_ids = inputs["hadm_id"].tolist()
+        uris = [u or "" for u in np.asarray(inputs["cxr_uri"], dtype=object).tolist()]
+        notes_stamps = [_stamp(self.notes.version, r, d)
+                        for r, d in zip(inputs[mi.NOTES_RADIOLOGY], inputs[mi.NOTES_DISCHARGE])]
+        cxr_stamps = [_stamp(self.image.version, u) for u in uris]
+        keys = [EMB_KEY.format(hadm_id=h) for h in hadm_ids]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            cached = [{k.decode(): v for k, v in row.items()} for row in pipe.execute()]
+
+        def run_notes(rows):
+            return self.notes.infer({k: inputs[k][rows] for k in self.notes.inputs})
+
+        def run_cxr(rows):
+            tensors, decoded = self.cxr([uris[i] for i in rows])
+            out = self.image.infer({mi.CXR: tensors})
+            return {**out, "cxr_ok": decoded.astype(np.float32)[:, None]}
+
+        updates: list[dict] = [{} for _ in hadm_ids]
+        notes = self._embeddings("notes", self.notes.outputs, notes_stamps, cached, run_notes, updates)
+        image = self._embeddings("cxr", [*self.image.outputs, "cxr_ok"], cxr_stamps, cached, run_cxr, updates)
+        arrays = {**self.numeric.infer({k: inputs[k] for k in self.numeric.inputs}), **notes, **image,
+                  mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5)}
+        out = self.fusion.infer({k: arrays[k] for k in self.fusion.inputs})
+        if any(updates):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, fields in zip(keys, updates):
+                    if fields:
+                        pipe.hset(key, mapping=fields)
+                        pipe.expire(key, EMB_TTL_S)
+                pipe.execute()
+        return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
+
+    def _embeddings(self, modality: str, names, stamps, cached, run, updates) -> dict[str, np.ndarray]:
+        """Cached rows where the stamp matches; ``run`` on the rest (recorded in ``updates``)."""
+        stamp_field = f"{modality}_stamp"
+        stale = [i for i, stamp in enumerate(stamps) if cached[i].get(stamp_field) != stamp]
+        fresh = run(stale) if stale else {}
+        self.runs[modality] += len(stale)
+        for j, i in enumerate(stale):
+            updates[i][stamp_field] = stamps[i]
+            updates[i].update({name: values[j].astype(np.float32).tobytes() for name, values in fresh.items()})
+        position = {i: j for j, i in enumerate(stale)}
+        return {
+            name: np.stack([
+                fresh[name][position[i]].astype(np.float32) if i in position
+                else np.frombuffer(cached[i][name], np.float32)
+                for i in range(len(stamps))
+            ])
+            for name in names
+        }

@@ -1,0 +1,299 @@
+"""Issue 7: the benchmark harness, and every stage at tiny sizes on the real services."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks import harness as h
+from benchmarks.cli import app
+from m3t.settings import Settings
+
+runner = CliRunner()
+
+
+# --- the method ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [
+    [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0],
+    [42.0],
+    [0.5, 0.25],
+    np.random.default_rng(7).lognormal(0, 1, 1001).tolist(),
+])
+def test_percentile_matches_numpy(values):
+    for q in (0, 1, 25, 50, 90, 95, 99, 99.9, 100):
+        assert h.percentile(values, q) == pytest.approx(np.percentile(values, q), rel=1e-12, abs=1e-12)
+
+
+def test_percentile_rejects_nothing_and_out_of_range():
+    with pytest.raises(ValueError):
+        h.percentile([], 50)
+    with pytest.raises(ValueError):
+        h.percentile([1.0], 101)
+
+
+def test_latency_summary_in_milliseconds():
+    seconds = np.random.default_rng(1).exponential(0.01, 500)
+    summary = h.latency_summary(seconds.tolist())
+    for q in (50, 95, 99):
+        assert summary[f"p{q}_ms"] == pytest.approx(np.percentile(seconds * 1000, q))
+    assert summary["samples"] == 500
+
+
+class FakeClock:
+    """Virtual time: sleeping and sending advance it, nothing waits."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_open_loop_measures_from_the_scheduled_time():
+    # 100 events/s offered (one every 10 ms) to a sender that takes 20 ms: each event waits
+    # behind the earlier ones, and that queueing is part of its latency.
+    clock = FakeClock()
+    sent_at = []
+
+    def slow_send(i):
+        sent_at.append(clock.now)
+        clock.sleep(0.020)
+
+    run = h.open_loop(100, 0.2, slow_send, clock=clock, sleep=clock.sleep)
+    assert len(run.scheduled) == 20
+    np.testing.assert_allclose(run.latencies_s, 0.020 + 0.010 * np.arange(20), atol=1e-9)
+    assert run.achieved_per_s == pytest.approx(20 / 0.4)
+    # Nothing was sent before its time, and a late event went out at once (no catching-up pause).
+    np.testing.assert_allclose(np.array(sent_at) - 100.0, 0.020 * np.arange(20), atol=1e-9)
+
+
+def test_open_loop_keeps_the_schedule_when_the_system_keeps_up():
+    clock = FakeClock()
+    run = h.open_loop(50, 1.0, lambda i: clock.sleep(0.001), clock=clock, sleep=clock.sleep)
+    np.testing.assert_allclose(run.latencies_s, 0.001, atol=1e-9)
+    assert run.summary()["p99_ms"] == pytest.approx(1.0)
+
+
+def test_asynchronous_completions_count_from_the_schedule():
+    clock = FakeClock()
+    run = h.schedule(10, 0.5)
+    h.drive(run, lambda i: None, synchronous=False, clock=clock, sleep=clock.sleep)
+    run.complete(0, run.start + 0.3)  # event 0 (due at 0 s) done at 0.3 s
+    run.complete(4, run.start + 0.45)  # event 4 (due at 0.4 s) done at 0.45 s
+    assert run.completed == 2
+    np.testing.assert_allclose(sorted(run.latencies_s), [0.05, 0.3])
+    assert run.summary()["sent"] == 5
+
+
+def test_measure_reports_median_min_max_after_warmup():
+    clock = FakeClock()
+    durations = iter([5.0, 1.0, 2.0, 4.0])  # the first is the warm-up and must not count
+    result = h.measure(lambda: clock.sleep(next(durations)), items=100, warmup=1, repeats=3, clock=clock)
+    assert result["items_per_s"] == pytest.approx(50.0)
+    assert result["items_per_s_min"] == pytest.approx(25.0)
+    assert result["items_per_s_max"] == pytest.approx(100.0)
+
+
+def test_machine_describes_the_host():
+    m = h.machine()
+    assert m["cores"] >= 1 and m["cpu"] and m["python"]
+    assert m["libraries"]["numpy"] == np.__version__
+    assert {"torch", "onnxruntime", "nvidia-dali-cuda120", "redis", "kafka-python", "confluent-kafka"} <= set(m["libraries"])
+    assert m["git_commit"] is None or len(m["git_commit"]) == 40
+    assert "gpu" in m and m["date"].endswith("+00:00")
+
+
+def test_save_writes_json_markdown_and_plots(tmp_path):
+    result = h.Result("demo", {"n": 3})
+    result.rows += [
+        {"case": "x", "variant": "a", "batch": b, **h.measure(lambda: None, b, warmup=0, repeats=3)} for b in (1, 8)
+    ]
+    result.rows.append({"case": "load", "variant": "a", **h.open_loop(1000, 0.01, lambda i: None).summary()})
+    result.comparisons.append(h.ratio("items/s", "a", "b", 3.0, 1.5))
+    result.missing["c"] = "not installed"
+    result.breakdown_ms = {"stage one": 1.5, "stage two": 0.25}
+    paths = h.save(result, tmp_path)
+    data = assert_valid(paths["latest"], "demo")
+    assert data["comparisons"][0]["ratio"] == 2.0
+    assert json.loads(paths["json"].read_text()) == data
+    assert paths["json"].name.startswith("demo-") and paths["json"].name != "demo-latest.json"
+    markdown = paths["markdown"].read_text()
+    assert "| case | variant | batch |" in markdown and "not installed" in markdown
+    for kind in ("throughput", "latency", "breakdown"):
+        assert paths[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert h.load(paths["latest"]).rows == data["rows"]
+
+
+def assert_valid(path, stage: str) -> dict:
+    """The result file holds what every result must: stage, machine, parameters, rows."""
+    data = json.loads(path.read_text())
+    assert data["stage"] == stage and data["schema_version"] == h.SCHEMA_VERSION
+    assert {"cpu", "cores", "memory_gib", "gpu", "python", "libraries", "git_commit", "date"} <= set(data["machine"])
+    assert isinstance(data["params"], dict) and data["rows"]
+    for row in data["rows"]:
+        assert row.get("case") and row.get("variant")
+        for key in ("items_per_s", "items_per_s_min", "items_per_s_max", "p50_ms", "p95_ms", "p99_ms"):
+            if key in row:
+                assert isinstance(row[key], float) and row[key] >= 0, (key, row)
+        if "items_per_s_min" in row:
+            assert row["items_per_s_min"] <= row["items_per_s"] <= row["items_per_s_max"]
+        if "p50_ms" in row:
+            assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    return data
+
+
+# --- the stages, tiny, on the real services ----------------------------------------------------
+
+
+@pytest.mark.services
+def test_kafka_stage(settings, tmp_path):
+    from benchmarks import bench_kafka
+
+    result = bench_kafka.run(settings, n_events=400, repeats=1, warmup=0, rates=(100,), load_seconds=0.5)
+    data = assert_valid(h.save(result, tmp_path)["latest"], "kafka")
+    variants = {(r["case"], r["variant"]) for r in data["rows"]}
+    assert {("produce", "kafka-python"), ("produce", "confluent"), ("consume", "kafka-python"),
+            ("consume", "confluent")} <= variants
+    load = next(r for r in data["rows"] if r["case"] == "produce->consume")
+    assert load["completed"] == load["sent"] == 50
+    assert {c["what"] for c in data["comparisons"]} == {"produce events/s", "consume events/s"}
+
+
+@pytest.mark.services
+def test_redis_stage(settings, tmp_path):
+    from benchmarks import bench_redis
+
+    result = bench_redis.run(settings, admissions=16, observations=3, batches=(1, 8), reads=5, repeats=1,
+                             write_batch=50)
+    data = assert_valid(h.save(result, tmp_path)["latest"], "redis")
+    reads = {(r["variant"], r["batch"]) for r in data["rows"] if r["case"] == "read features"}
+    assert reads == {(v, b) for v in (bench_redis.STORE, bench_redis.BASELINE) for b in (1, 8)}
+    assert set(data["breakdown_ms"]) == {"redis feature write", "redis feature read"}
+
+
+@pytest.mark.services
+def test_redis_baseline_reads_the_same_features(settings, redis_client):
+    from benchmarks import bench_redis
+    from features import model_inputs as mi
+    from features.sample import cohort
+
+    store = bench_redis.scratch_store(redis_client, bench_redis.fitted_features())
+    prefix = "m3t:test-bench-baseline"
+    histories = cohort(4, seed=3, n_observations=5)
+    try:
+        bench_redis.write_all(store, [e for events in histories.values() for e in events], 100)
+        bench_redis.write_baseline(redis_client, prefix, store, list(histories))
+        want = store.read_inputs(list(histories))
+        got = bench_redis.read_baseline(redis_client, prefix, list(histories))
+        for name in (mi.NUMERIC, mi.NUMERIC_MASK, mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
+    finally:
+        store.drop()
+        bench_redis.drop_prefix(redis_client, prefix)
+
+
+def test_cxr_stage(tmp_path):
+    from benchmarks import bench_cxr
+
+    result = bench_cxr.run(Settings(), images=3, batches=(2,), repeats=1, warmup=1)
+    data = assert_valid(h.save(result, tmp_path)["latest"], "cxr")
+    variants = {(r["case"], r["variant"]) for r in data["rows"]}
+    assert {("encoded", bench_cxr.PIL), ("encoded", bench_cxr.DALI), ("pixels", bench_cxr.DALI)} <= variants
+    assert all(c["ratio"] > 0 for c in data["comparisons"])
+
+
+@pytest.mark.services
+def test_inference_stage(settings, tmp_path):
+    from benchmarks import bench_inference as bi
+
+    result = bi.run(settings, batches=(1, 4), repeats=1, warmup=1, min_items=4)
+    data = assert_valid(h.save(result, tmp_path)["latest"], "inference")
+    measured = {(r["variant"], r["batch"]) for r in data["rows"] if r["case"] == "M3T-LM"}
+    assert {(bi.EAGER, 1), (bi.ONNX, 1), (bi.EAGER, 4), (bi.ONNX, 4)} <= measured
+    # Triton is measured when the model is loaded, otherwise the gap says why; same for TensorRT.
+    assert (bi.TRITON, 1) in measured or "not ready" in data["missing"][bi.TRITON]
+    assert "TensorRT" in data["missing"] or any("TensorRT" in r["variant"] for r in data["rows"])
+
+
+@pytest.mark.services
+def test_e2e_stage(settings, tmp_path):
+    from benchmarks import bench_e2e
+
+    result = bench_e2e.run(settings, rates=(20,), seconds=1.0, drain_s=10.0)
+    data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+    (level,) = data["rows"]
+    assert level["offered_per_s"] == 20 and level["sent"] == 20
+    assert level["completed"] == 20, "every event should be scored at 20 events/s"
+    assert "end to end (event -> score)" in data["breakdown_ms"]
+
+
+# --- the command line and the GPU script ----------------------------------------------------------
+
+
+def test_cli_has_a_command_per_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("kafka", "redis", "cxr", "inference", "e2e", "all", "show"):
+        assert command in result.output
+
+
+def test_cli_all_runs_the_chosen_stages_and_summarises(tmp_path, monkeypatch):
+    from benchmarks import stages
+
+    # The CLI's quick sizes, shrunk further for a test; the stage runs for real.
+    monkeypatch.setitem(stages.STAGES, "cxr", stages.Stage(
+        "cxr", "benchmarks.bench_cxr", "cxr", quick=dict(images=2, batches=(1,), repeats=1)))
+    monkeypatch.setattr("benchmarks.cli._settings", Settings)  # cxr needs only the data folder
+    result = runner.invoke(app, ["all", "--quick", "--stage", "cxr", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert_valid(tmp_path / "cxr-latest.json", "cxr")
+    pipeline = json.loads((tmp_path / "pipeline-latest.json").read_text())
+    assert pipeline["params"]["stages"] == ["cxr"] and pipeline["breakdown_ms"]
+    assert "### cxr" in (tmp_path / "summary-latest.md").read_text()
+    shown = runner.invoke(app, ["show", str(tmp_path / "cxr-latest.json")])
+    assert shown.exit_code == 0 and "DALI CPU" in shown.output
+
+
+def test_every_stage_accepts_its_full_and_quick_sizes():
+    import importlib
+    import inspect
+
+    from benchmarks.stages import STAGES
+
+    assert list(STAGES)[-1] == "e2e", "the whole pipeline runs after the stages it is made of"
+    for stage in STAGES.values():
+        signature = inspect.signature(importlib.import_module(stage.module).run)
+        for sizes in (stage.full, stage.quick):
+            signature.bind(None, **sizes)  # raises TypeError on a size the stage does not take
+
+
+def test_cli_rejects_an_unknown_stage(tmp_path):
+    result = runner.invoke(app, ["all", "--stage", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+
+
+def test_gpu_script_dry_run_and_clear_failure_without_cuda(tmp_path, capsys):
+    import torch
+
+    from benchmarks import gpu
+
+    # The dry run runs the script's own measuring code on the CPU, at tiny sizes.
+    assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    data = assert_valid(tmp_path / "gpu-latest.json", "gpu")
+    assert data["params"]["dry_run"] is True and "GPU" in data["missing"]
+    eager = [r for r in data["rows"] if r["variant"] == "eager fp32"]
+    assert [r["batch"] for r in eager] == [1, 2] and all(r["max_abs_diff_vs_fp32_eager"] == 0 for r in eager)
+    assert any(r["case"] == "CXR decode+preprocess" for r in data["rows"])
+    if not torch.cuda.is_available():
+        assert gpu.main(["--quick", "--out", str(tmp_path / "real")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu.parse(["--batches", "0"])

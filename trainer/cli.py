@@ -1,0 +1,266 @@
+"""``m3t train`` (train, evaluate) and ``m3t export`` (ONNX, TensorRT, publish to Triton)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(help="Train and evaluate M3T-LM.", no_args_is_help=True)
+export_app = typer.Typer(help="Export M3T-LM to ONNX/TensorRT and publish to model_repo/.", no_args_is_help=True)
+console = Console(stderr=True)  # stdout stays clean for --json
+
+DATA = typer.Option(..., "--data", help="Folder with dataset.npz and meta.json (`m3t features build`).")
+RUN = typer.Option(..., "--run", help="Training run folder (`m3t train run --out`).")
+AS_JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+
+
+def _fail(message: str, code: int = 1):
+    console.print(f"[red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _load(data: Path):
+    from trainer.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(data)
+    except DatasetError as exc:
+        _fail(str(exc))
+
+
+def _print(result, as_json: bool, table: Table | None = None):
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    elif table is not None:
+        Console().print(table)
+
+
+@app.command("run")
+def run(
+    data: Path = DATA,
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, metrics, plots."),
+    epochs: int = typer.Option(20, help="Maximum epochs (early stopping usually ends sooner)."),
+    batch_size: int = typer.Option(64, help="Admissions per step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (halved whenever validation stalls)."),
+    patience: int = typer.Option(4, help="Epochs without validation improvement before stopping."),
+    weighting: str = typer.Option("uncertainty", help="Task weighting: uncertainty (Kendall 2018) or fixed."),
+    seed: int = typer.Option(0, help="Seed of initialisation, split and batch order."),
+    device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
+    max_minutes: float = typer.Option(None, help="Stop after the epoch that passes this many minutes."),
+    threads: int = typer.Option(1, help="Torch CPU threads (1 is fastest on a shared 2-core host; 0: torch default)."),
+    bootstrap: int = typer.Option(200, help="Bootstrap resamples for the test-set CIs in metrics.json."),
+    as_json: bool = AS_JSON,
+):
+    """Train M3T-LM (split by patient, early stopping), then write test metrics and plots."""
+    from trainer.evaluate import evaluate_run
+    from trainer.train import TrainConfig, train
+
+    dataset = _load(data)
+    try:
+        config = TrainConfig(
+            max_epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weighting=weighting,
+            seed=seed, split_seed=seed, device=device, max_minutes=max_minutes, threads=threads or None,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"training on {len(dataset):,} admissions -> {out}")
+    result = train(dataset, out, config, progress=True)
+    metrics = evaluate_run(
+        dataset, out, ablations=False, n_boot=bootstrap, device=device, stem="metrics", threads=threads or None
+    )
+    summary = {
+        "run": str(out),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.seconds, 1),
+        "train_samples_per_s": round(result.samples_per_s, 1),
+        "split_sizes": result.split_sizes,
+        "test": next(r for r in metrics["rows"] if r["kind"] == "m3t"),
+    }
+    console.print(
+        f"best epoch {result.best_epoch}/{len(result.history)}, {result.seconds:.0f} s "
+        f"({result.samples_per_s:.0f} admissions/s); metrics in {out / 'metrics.md'}"
+    )
+    _print(summary, as_json, _table(metrics) if not as_json else None)
+
+
+def _table(result: dict) -> Table:
+    from trainer.evaluate import LOS_METRICS, MORTALITY_METRICS, _cell
+
+    table = Table("model", *LOS_METRICS, *MORTALITY_METRICS, title="held-out test patients (95% CI)")
+    for row in result["rows"]:
+        table.add_row(
+            row["model"],
+            *(_cell(row["los"].get(m), 2) for m in LOS_METRICS),
+            *(_cell(row["mortality"].get(m)) for m in MORTALITY_METRICS),
+        )
+    return table
+
+
+@app.command("evaluate")
+def evaluate(
+    data: Path = DATA,
+    run_dir: Path = RUN,
+    ablations: bool = typer.Option(True, help="Train (once, cached in RUN/ablations/) and score the ablations."),
+    bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples for the 95% CIs."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = AS_JSON,
+):
+    """Score M3T-LM, the baselines and the ablations on the run's test patients."""
+    from trainer.evaluate import EvaluationError, evaluate_run
+
+    dataset = _load(data)
+    try:
+        result = evaluate_run(dataset, run_dir, ablations=ablations, n_boot=bootstrap, device=device)
+    except EvaluationError as exc:
+        _fail(str(exc))
+    console.print(f"table written to {run_dir / 'evaluation.md'} and {run_dir / 'evaluation.json'}")
+    _print(result, as_json, _table(result))
+
+
+def _checkpoint(run_dir: Path):
+    from trainer.train import load_checkpoint
+
+    path = run_dir / "best.pt"
+    if not path.exists():
+        _fail(f"{path} not found: train first with `m3t train run --out {run_dir}`")
+    return load_checkpoint(path)
+
+
+def _export_onnx(run_dir: Path, out: Path, tolerance: float) -> dict:
+    from trainer.export import ExportError, export_onnx
+
+    model, checkpoint = _checkpoint(run_dir)
+    try:
+        return export_onnx(model, checkpoint["input_shapes"], out, tolerance)
+    except ExportError as exc:
+        _fail(str(exc))
+
+
+def _parity_table(report: dict, title: str) -> Table:
+    table = Table("model", "file", "max abs diff vs PyTorch", title=title)
+    for name, row in report.items():
+        table.add_row(name, row["path"], f"{row['max_abs_diff']:.2e}")
+    return table
+
+
+@export_app.command("onnx")
+def onnx(
+    run_dir: Path = RUN,
+    out: Path = typer.Option(None, help="Output folder (default RUN/onnx)."),
+    tolerance: float = typer.Option(1e-4, help="Fail when ONNX Runtime differs from PyTorch by more."),
+    as_json: bool = AS_JSON,
+):
+    """Export the full model, each encoder and the fusion head to ONNX, checked with ONNX Runtime."""
+    report = _export_onnx(run_dir, out or run_dir / "onnx", tolerance)
+    _print(report, as_json, _parity_table(report, "ONNX parity (fp32)"))
+
+
+@export_app.command("tensorrt")
+def tensorrt(
+    run_dir: Path = RUN,
+    fp16: bool = typer.Option(True, help="Build with FP16 kernels."),
+    int8: bool = typer.Option(False, help="Also INT8, calibrated on training rows (needs --data)."),
+    data: Path = typer.Option(None, "--data", help="Dataset for INT8 calibration."),
+    tolerance: float = typer.Option(None, help="Parity tolerance (default 2e-2 for FP16, 0.1 with INT8)."),
+    as_json: bool = AS_JSON,
+):
+    """Build TensorRT engines from the ONNX graphs (GPU hosts with TensorRT only; exit 2 elsewhere)."""
+    from trainer.export import ExportError, TensorRTUnavailable, export_tensorrt, require_tensorrt
+
+    try:
+        require_tensorrt()  # before any work: most hosts cannot build engines
+    except TensorRTUnavailable as exc:
+        _fail(str(exc), code=2)
+    model, checkpoint = _checkpoint(run_dir)
+    calibration = None
+    if int8:
+        if data is None:
+            _fail("--int8 needs --data for calibration")
+        from trainer.data import split_by_patient
+
+        dataset = _load(data)
+        calibration = dataset.subset(split_by_patient(dataset.arrays["subject_id"])["train"]).arrays
+    onnx_dir = run_dir / "onnx"
+    if not (onnx_dir / "m3t_lm.onnx").exists():
+        _export_onnx(run_dir, onnx_dir, 1e-4)
+    try:
+        report = export_tensorrt(
+            model, checkpoint["input_shapes"], onnx_dir, run_dir / "tensorrt", fp16, int8, calibration,
+            tolerance if tolerance is not None else (0.1 if int8 else 2e-2),
+        )
+    except TensorRTUnavailable as exc:
+        _fail(str(exc), code=2)
+    except ExportError as exc:
+        _fail(str(exc))
+    _print(report, as_json, _parity_table(report, "TensorRT parity"))
+
+
+@export_app.command("publish")
+def publish(
+    run_dir: Path = RUN,
+    repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
+    backend: str = typer.Option("python", help="python (CPU Triton), onnxruntime or tensorrt (GPU Triton)."),
+    max_batch_size: int = typer.Option(64, help="Triton max_batch_size."),
+    preferred_batch_size: list[int] = typer.Option([8, 32], help="Dynamic batching preferred sizes."),
+    queue_delay_us: int = typer.Option(2000, help="Dynamic batching max_queue_delay_microseconds."),
+    instances: int = typer.Option(1, help="Model instances (instance_group count)."),
+    load: bool = typer.Option(False, help="Then ask the running Triton (settings.triton) to load the new versions."),
+    as_json: bool = AS_JSON,
+):
+    """Publish the run as a new version of m3t_lm and of each encoder and the fusion head."""
+    from m3t.settings import get_settings
+    from trainer.export import graphs
+    from trainer.publish import BACKENDS, Batching, PublishError, load_in_triton
+    from trainer.publish import publish as publish_graphs
+
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}")
+    settings = get_settings()
+    model, checkpoint = _checkpoint(run_dir)
+    onnx_dir = run_dir / "onnx"
+    if not (onnx_dir / "m3t_lm.onnx").exists():
+        _export_onnx(run_dir, onnx_dir, 1e-4)
+    engine_dir = run_dir / "tensorrt" if backend == "tensorrt" else None
+    try:
+        batching = Batching(max_batch_size, tuple(preferred_batch_size), queue_delay_us, instances)
+        published = publish_graphs(
+            graphs(model, checkpoint["input_shapes"]), onnx_dir, repo or settings.model_repo, backend,
+            batching, engine_dir, provenance={"run": str(run_dir.resolve()), "epoch": checkpoint["epoch"]},
+        )
+        if load:
+            load_in_triton(settings.triton.grpc_url, tuple(published))
+    except (PublishError, ValueError) as exc:
+        _fail(str(exc))
+    result = {name: str(path) for name, path in published.items()}
+    table = Table("model", "version folder", title=f"published ({backend} backend)")
+    for name, path in result.items():
+        table.add_row(name, path)
+    _print(result, as_json, table)
+
+
+@export_app.command("configs")
+def configs(
+    n_features: int = typer.Option(..., help="Length F of the numeric vector (the feature set's)."),
+    repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
+    backend: str = typer.Option("python", help="python, onnxruntime or tensorrt."),
+):
+    """Write the five models' config.pbtxt for the default architecture, without publishing a version."""
+    from m3t.settings import get_settings
+    from features import model_inputs as mi
+    from trainer.export import graphs
+    from trainer.model import M3TConfig, M3TLM
+    from trainer.publish import Batching, PublishError, write_config
+
+    model = M3TLM(M3TConfig(n_features=n_features, vocab_size=2))
+    shapes = {spec.name: spec.shape for spec in mi.input_specs(n_features)}
+    try:
+        for graph in graphs(model, shapes).values():
+            console.print(str(write_config(repo or get_settings().model_repo, graph, backend, Batching())))
+    except (PublishError, ValueError) as exc:
+        _fail(str(exc))

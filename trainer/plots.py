@@ -1,0 +1,70 @@
+"""Training and evaluation plots, written as PNGs into the run folder (headless, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+
+
+def loss_curves(history: list[dict], path: Path) -> Path:
+    tasks = list(history[0]["train"])
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4 * (len(tasks) + 1), 3.2))
+    epochs = [h["epoch"] for h in history]
+    for ax, task in zip(axes, tasks):
+        ax.plot(epochs, [h["train"][task] for h in history], marker="o", label="train")
+        ax.plot(epochs, [h["val"][task] for h in history], marker="o", label="validation")
+        ax.set(title=f"{task} loss", xlabel="epoch")
+        ax.legend()
+    axes[-1].plot(epochs, [h["val_score"] for h in history], marker="o", color="C2")
+    axes[-1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[-1].set(title="validation score (1 = baseline)", xlabel="epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibration(died: np.ndarray, prob: np.ndarray, path: Path, bins: int = 10) -> Path:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    observed, predicted = calibration_curve(died, prob, n_bins=bins, strategy="quantile")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect")
+    ax.plot(predicted, observed, marker="o", label="M3T-LM")
+    ax.set(xlabel="predicted mortality", ylabel="observed mortality", title="calibration (test)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def los_scatter(true: np.ndarray, pred: np.ndarray, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(true, pred, s=6, alpha=0.4)
+    top = float(max(true.max(), pred.max())) * 1.05
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="true LoS (days)", ylabel="predicted LoS (days)", title="length of stay (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(run_dir: Path, los_true, predictions, died) -> list[Path]:
+    folder = Path(run_dir) / "plots"
+    folder.mkdir(exist_ok=True)
+    written = []
+    history_path = Path(run_dir) / "history.json"
+    if history_path.exists():
+        written.append(loss_curves(json.loads(history_path.read_text()), folder / "loss_curves.png"))
+    if predictions.mortality_prob is not None and len(np.unique(died)) == 2:
+        written.append(calibration(died, predictions.mortality_prob, folder / "calibration.png"))
+    if predictions.los_days is not None:
+        written.append(los_scatter(los_true, predictions.los_days, folder / "los_pred_vs_true.png"))
+    return written

@@ -1,0 +1,323 @@
+"""Multi-task training of M3T-LM on the offline dataset.
+
+- Split: by patient (``subject_id``): the dataset's own ``split`` column when the offline
+  builder wrote one (its vocabulary and normalisation were fitted on that training split),
+  else a seeded 70/15/15 patient split. No patient appears in two splits (checked).
+- Loss: length of stay as MSE on ``log1p(days)``, mortality as binary cross-entropy on the
+  logit. They are combined by learned homoscedastic uncertainty weighting (Kendall, Gal
+  and Cipolla, CVPR 2018), in the common form ``sum_t exp(-s_t) * L_t + s_t`` with one
+  learned ``s_t = log sigma_t^2`` per task, so neither task's scale has to be hand tuned;
+  ``weighting="fixed"`` uses ``los_weight * L_los + mortality_weight * L_mortality``
+  instead. Single-task training (an ablation) is ``tasks=("los",)`` or ``("mortality",)``.
+- Early stopping: on the validation score, each task's loss divided by the loss of the
+  constant baseline for that task (train mean of log-days; train prevalence), averaged over
+  the trained tasks. Both terms are then unit-free and 1.0 means "no better than the
+  baseline", so the criterion does not drift with the learned weights. The best epoch's
+  weights are kept (``best.pt``); ``last.pt`` is the final epoch's.
+- Determinism: ``seed`` fixes initialisation, the split and the batch order; on the CPU,
+  with ``torch.use_deterministic_algorithms`` and single-process batching, two runs give
+  identical weights. A GPU is used when present (``device="auto"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from features import model_inputs as mi
+from trainer import data as D
+from trainer.model import M3TConfig, M3TLM, build_model, los_loss, mortality_loss
+
+TASKS = ("los", "mortality")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters (model hyperparameters live in ``M3TConfig``)."""
+
+    max_epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay: float = 0.5  # learning rate factor after an epoch without validation improvement
+    weight_decay: float = 1e-4
+    patience: int = 4  # epochs without validation improvement before stopping
+    grad_clip: float = 1.0
+    seed: int = 0
+    split_seed: int = 0
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    weighting: str = "uncertainty"  # or "fixed"
+    los_weight: float = 1.0  # used by weighting="fixed"
+    mortality_weight: float = 1.0
+    tasks: tuple[str, ...] = TASKS
+    modalities: tuple[str, ...] = mi.MODALITIES  # the rest are forced absent (ablations)
+    device: str = "auto"
+    # CPU threads for torch during training. One by default: on a shared 2-core host,
+    # OpenMP threads spin-wait against other processes and two threads measured up to 10x
+    # slower per step than one (trainer/README.md); None keeps torch's default.
+    threads: int | None = 1
+    max_minutes: float | None = None  # stop after the epoch that crosses this (not deterministic)
+
+    def __post_init__(self):
+        if self.weighting not in ("uncertainty", "fixed"):
+            raise ValueError(f"weighting must be 'uncertainty' or 'fixed', got {self.weighting!r}")
+        if not self.tasks or set(self.tasks) - set(TASKS):
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        if set(self.modalities) - set(mi.MODALITIES):
+            raise ValueError(f"modalities must be a subset of {mi.MODALITIES}, got {self.modalities}")
+        if self.batch_size < 1 or self.max_epochs < 1:
+            raise ValueError("batch_size and max_epochs must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        for key in ("split", "tasks", "modalities"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class MultiTaskLoss(nn.Module):
+    """Combines the per-task losses; see the module docstring for the weighting."""
+
+    def __init__(self, tasks=TASKS, weighting="uncertainty", fixed_weights=None):
+        super().__init__()
+        self.tasks, self.weighting = tuple(tasks), weighting
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
+        self.log_vars.requires_grad_(weighting == "uncertainty")
+        weights = fixed_weights or {t: 1.0 for t in self.tasks}
+        self.register_buffer("fixed", torch.tensor([weights[t] for t in self.tasks]))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([losses[t] for t in self.tasks])
+        if self.weighting == "uncertainty":
+            return (torch.exp(-self.log_vars) * stacked + self.log_vars).sum()
+        return (self.fixed * stacked).sum()
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    history: list[dict]
+    best_epoch: int
+    seconds: float
+    samples_per_s: float
+    split_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Torch's CPU thread count for the block (None: unchanged), restored afterwards."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def deterministic(seed: int, threads: int | None = None):
+    """Seeded, deterministic torch (and its thread count) for the duration of a run;
+    restores the global settings afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch_threads(threads):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def task_losses(model: M3TLM, batch: dict[str, torch.Tensor], tasks) -> dict[str, torch.Tensor]:
+    log_los, logit = model.raw(*D.inputs_of(batch))
+    losses = {}
+    if "los" in tasks:
+        losses["los"] = los_loss(log_los, batch[D.LABEL_LOS])
+    if "mortality" in tasks:
+        losses["mortality"] = mortality_loss(logit, batch[D.LABEL_MORTALITY])
+    return losses
+
+
+def baseline_losses(train: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Validation-loss scale: the loss of predicting the training mean / prevalence."""
+    log_los = torch.log1p(train[D.LABEL_LOS])
+    p = train[D.LABEL_MORTALITY].mean().clamp(1e-4, 1 - 1e-4)
+    bce = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
+    return {"los": float(log_los.var(unbiased=False).clamp(min=1e-8)), "mortality": float(bce.clamp(min=1e-8))}
+
+
+@torch.no_grad()
+def evaluate_losses(model, tensors, tasks, batch_size, device) -> dict[str, float]:
+    model.eval()
+    n = len(tensors[D.LABEL_LOS])
+    totals = {t: 0.0 for t in tasks}
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(start + batch_size, n))
+        for task, value in task_losses(model, D.batch_at(tensors, index, device), tasks).items():
+            totals[task] += float(value) * len(index)
+    return {t: v / n for t, v in totals.items()}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not enabled, transient=True,
+        console=Console(stderr=True),  # stdout stays clean for --json
+    )
+
+
+def save_checkpoint(path: Path, model: M3TLM, train_config: TrainConfig, dataset: D.Dataset, epoch: int) -> None:
+    torch.save(
+        {
+            "input_shapes": dataset.input_shapes,
+            "model_config": model.config.to_dict(),
+            "train_config": asdict(train_config),
+            "state_dict": model.state_dict(),
+            "meta": dataset.meta,
+            "epoch": epoch,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> tuple[M3TLM, dict]:
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    model = M3TLM(M3TConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint
+
+
+def model_config_for(dataset: D.Dataset, train_config: TrainConfig, **overrides) -> M3TConfig:
+    return M3TConfig(
+        n_features=dataset.n_features, vocab_size=dataset.vocab_size, modalities=train_config.modalities, **overrides
+    )
+
+
+def train(
+    dataset: D.Dataset,
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    model_overrides: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains M3T-LM, writing ``best.pt``, ``last.pt``, ``history.json`` and ``split.json``.
+
+    Test-set metrics and plots are written afterwards by ``trainer.evaluate.evaluate_run``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    splits = D.dataset_splits(dataset, config.split, config.split_seed)
+    if min(len(splits["train"]), len(splits["val"])) == 0:
+        raise D.DatasetError(f"too few patients to split: {({k: len(v) for k, v in splits.items()})}")
+    (out_dir / "split.json").write_text(
+        json.dumps({name: np.unique(dataset.arrays["subject_id"][idx]).tolist() for name, idx in splits.items()})
+    )
+    train_t = D.to_tensors(dataset.subset(splits["train"]), config.modalities)
+    val_t = D.to_tensors(dataset.subset(splits["val"]), config.modalities)
+    scale = baseline_losses(train_t)
+    model_config = model_config_for(dataset, config, **(model_overrides or {}))
+
+    with deterministic(config.seed, config.threads):
+        model = build_model(model_config)
+        model.fusion.init_output_bias(
+            float(torch.log1p(train_t[D.LABEL_LOS]).mean()), float(train_t[D.LABEL_MORTALITY].mean())
+        )
+        model = model.to(device)
+        weights = {"los": config.los_weight, "mortality": config.mortality_weight}
+        criterion = MultiTaskLoss(config.tasks, config.weighting, weights).to(device)
+        optimiser = torch.optim.AdamW(
+            list(model.parameters()) + list(criterion.parameters()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        # Halve the step size as soon as validation stalls: the validation score is noisy
+        # (few deaths), and smaller steps settle the multi-task optimum before early stopping.
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=config.lr_decay, patience=0)
+        order = torch.Generator().manual_seed(config.seed)
+        history, best, best_epoch, stale = [], math.inf, 0, 0
+        n_train = len(train_t[D.LABEL_LOS])
+        steps = math.ceil(n_train / config.batch_size)
+        started = time.perf_counter()
+        with _progress(progress) as bar:
+            epochs = bar.add_task("epochs", total=config.max_epochs, status="")
+            batches = bar.add_task("batches", total=steps, status="")
+            for epoch in range(1, config.max_epochs + 1):
+                model.train()
+                bar.reset(batches, total=steps)
+                sums = {t: 0.0 for t in config.tasks}
+                for index in torch.randperm(n_train, generator=order).split(config.batch_size):
+                    losses = task_losses(model, D.batch_at(train_t, index, device), config.tasks)
+                    optimiser.zero_grad(set_to_none=True)
+                    criterion(losses).backward()
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimiser.step()
+                    for t, v in losses.items():
+                        sums[t] += float(v.detach()) * len(index)
+                    bar.update(batches, advance=1, status=" ".join(f"{t}={float(v.detach()):.3f}" for t, v in losses.items()))
+                val = evaluate_losses(model, val_t, config.tasks, 4 * config.batch_size, device)
+                score = sum(val[t] / scale[t] for t in config.tasks) / len(config.tasks)
+                schedule.step(score)
+                history.append(
+                    {
+                        "epoch": epoch,
+                        "train": {t: s / n_train for t, s in sums.items()},
+                        "val": val,
+                        "val_score": score,
+                        "log_vars": criterion.log_vars.detach().cpu().tolist(),
+                        "lr": optimiser.param_groups[0]["lr"],
+                        "seconds": time.perf_counter() - started,
+                    }
+                )
+                save_checkpoint(out_dir / "last.pt", model, config, dataset, epoch)
+                if score < best - 1e-6:
+                    best, best_epoch, stale = score, epoch, 0
+                    save_checkpoint(out_dir / "best.pt", model, config, dataset, epoch)
+                else:
+                    stale += 1
+                bar.update(epochs, advance=1, status=f"val_score={score:.4f} best={best:.4f}@{best_epoch}")
+                out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+                if stale >= config.patience or out_of_time:
+                    break
+        seconds = time.perf_counter() - started
+
+    samples_per_s = n_train * len(history) / seconds
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    sizes = {name: int(len(idx)) for name, idx in splits.items()}
+    summary = {
+        "train_config": asdict(config),
+        "model_config": model_config.to_dict(),
+        "device": str(device),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_seconds": seconds,
+        "train_samples_per_s": samples_per_s,
+        "split_sizes": sizes,
+        "torch_threads": config.threads or torch.get_num_threads(),
+    }
+    (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
+    return TrainResult(out_dir, history, best_epoch, seconds, samples_per_s, sizes)
+
+
+def ablation_config(config: TrainConfig, modalities=None, tasks=None) -> TrainConfig:
+    changes = {}
+    if modalities is not None:
+        changes["modalities"] = tuple(modalities)
+    if tasks is not None:
+        changes["tasks"] = tuple(tasks)
+    return replace(config, **changes)
