@@ -15,6 +15,7 @@ flag cleared), exactly as the offline builder treats it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from datetime import datetime
@@ -68,12 +69,15 @@ class TritonModel:
                 tensor.set_data_from_numpy(chunk)
                 tensors.append(tensor)
             self.client.async_infer(
-                self.name, tensors, callback=lambda r, e, i=index: callback(i, r, e),
+                # tritonclient calls back with keywords: callback(result=..., error=...)
+                self.name, tensors, callback=functools.partial(callback, index),
                 outputs=[grpcclient.InferRequestedOutput(o) for o in self.outputs],
                 client_timeout=self.timeout_s,
             )
         for _ in starts:
-            done.acquire()
+            # client_timeout bounds each request; this bounds a callback that never comes.
+            if not done.acquire(timeout=self.timeout_s + 5):
+                raise RuntimeError(f"{self.name}: no answer from Triton within {self.timeout_s + 5:.0f}s")
         for result in results:
             if isinstance(result, Exception):
                 raise result

@@ -1,0 +1,116 @@
+"""Issue 6: a synthetic cohort replayed end to end through Kafka, the online store and
+M3T-LM on Triton. Every admission gets a score equal to offline batch scoring of the
+offline features at the same cutoff, by both serving paths (cached encoders, full model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from features import model_inputs as mi
+from features.cxr import CxrPreprocessor, preprocess_uris
+from features.offline import CutoffPolicy, build, group_admissions, snapshots
+from features.online import OnlineStore
+from features.state import hours
+from ingest.mimic import MimicReader
+from ingest.replay import make_producer, replay
+from ingest.synth import generate
+from stream.scores import SCORE_KEY, ScoreStore
+from stream.scoring import CachedEncoderScorer, CxrInputs, FullModelScorer, OnlineFeatures
+from stream.worker import StreamWorker
+from trainer.export import export_onnx, graphs
+from trainer.model import M3TConfig, M3TLM
+from trainer.publish import load_in_triton, publish, read_config
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream-cohort")
+    generate(root, 24, seed=11, image_size=128)
+    return group_admissions(MimicReader(root).admissions())
+
+
+@pytest.fixture(scope="module")
+def deployed(settings, cohort, tmp_path_factory):
+    """The cohort's fitted features, and a small M3T-LM published to Triton."""
+    fitted = build(list(cohort.values()), CutoffPolicy((24.0,))).fitted
+    repo = settings.model_repo
+    dims = {t.name: tuple(t.dims) for t in read_config(repo / "m3t_lm" / "config.pbtxt").input}
+    emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
+    torch.manual_seed(3)
+    model = M3TLM(M3TConfig(
+        n_features=dims[mi.NUMERIC][0], vocab_size=len(fitted.vocab), numeric_embed_dim=8, numeric_heads=2,
+        notes_embed_dim=8, notes_hidden_dim=8, cxr_channels=(4, 8), emb_dim=emb, fusion_hidden_dim=16,
+    )).eval()
+    shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
+    onnx_dir = tmp_path_factory.mktemp("stream-onnx")
+    export_onnx(model, shapes, onnx_dir)
+    publish(graphs(model, shapes), onnx_dir, repo)
+    assert all(load_in_triton(settings.triton.grpc_url).values())
+    return fitted, model
+
+
+def offline_scores(cohort, fitted, model) -> dict[int, tuple[float, float]]:
+    """Batch scoring of the offline features as of each admission's last event."""
+    hadm_ids = sorted(cohort)
+    cutoffs = [hours(cohort[h][-1].event_time) for h in hadm_ids]
+    blobs = [snapshots(cohort[h], [t], fitted.vocab, fitted.note_tokens)[0] for h, t in zip(hadm_ids, cutoffs)]
+    inputs = fitted.assemble(blobs, np.array(cutoffs))
+    uris = [u or "" for u in inputs["cxr_uri"].tolist()]
+    distinct = sorted({u for u in uris if u})
+    images, ok, _ = preprocess_uris(distinct, CxrPreprocessor(device="cpu"))
+    cxr = np.zeros((len(uris), 1, mi.CXR_SIZE, mi.CXR_SIZE), np.float32)
+    decoded = np.zeros(len(uris), bool)
+    for row, uri in enumerate(uris):
+        if uri:
+            cxr[row], decoded[row] = images[distinct.index(uri)], ok[distinct.index(uri)]
+    mask = inputs[mi.MODALITY_MASK].copy()
+    mask[:, 2] *= decoded
+    with torch.no_grad():
+        los, mortality = model(*(torch.from_numpy(np.asarray(a)) for a in (
+            inputs[mi.NUMERIC], inputs[mi.NUMERIC_MASK], inputs[mi.NOTES_RADIOLOGY], inputs[mi.NOTES_DISCHARGE],
+            cxr, mask)))
+    return {h: (float(l), float(m)) for h, l, m in zip(hadm_ids, los[:, 0], mortality[:, 0])}
+
+
+def stream_scores(settings, cohort, store, scorer, redis_client, group: str) -> tuple[dict, StreamWorker]:
+    for h in cohort:
+        redis_client.delete(SCORE_KEY.format(hadm_id=h))
+    scores = ScoreStore(redis_client)
+    worker = StreamWorker(settings, OnlineFeatures(store), scorer, scores, max_batch=8, max_wait_ms=20,
+                          group_id=group)
+    total = sum(len(events) for events in cohort.values())
+    worker.run(stop_after=total, idle_timeout_s=60)
+    assert worker.stats.events == total and worker.stats.dead_letters == 0
+    return {h: scores.get(h) for h in cohort}, worker
+
+
+def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, cohort, deployed, redis_client):
+    settings = isolated_settings
+    fitted, model = deployed
+    producer = make_producer(settings.kafka.bootstrap_servers)
+    summary = replay(list(cohort.values()), producer, settings.kafka.topic_events,
+                     dead_letter_topic=settings.kafka.topic_dead_letter)
+    producer.close()
+    assert not summary.dead_letters
+    store = OnlineStore(redis_client, fitted, scratch=settings.kafka.consumer_group)
+    want = offline_scores(cohort, fitted, model)
+
+    cxr = CxrInputs(CxrPreprocessor(device="cpu"))
+    cached_scorer = CachedEncoderScorer(settings, redis_client, cxr=cxr)
+    cached, worker = stream_scores(settings, cohort, store, cached_scorer, redis_client, "cached")
+    full, _ = stream_scores(settings, cohort, store, FullModelScorer(settings, cxr=cxr), redis_client, "full")
+
+    assert set(want) == set(cached) == set(full)
+    for h, (los, mortality) in want.items():
+        for path, got in (("cached", cached[h]), ("full", full[h])):
+            assert got is not None, f"{path}: admission {h} has no score"
+            assert got.los_days == pytest.approx(los, abs=1e-4), path
+            assert got.mortality_prob == pytest.approx(mortality, abs=1e-4), path
+        assert cached[h].feature_time == full[h].feature_time == hours(cohort[h][-1].event_time) * 3600
+    # The cache did its job: X-ray embeddings were computed for fewer rows than were scored.
+    assert 0 < cached_scorer.runs["cxr"] < worker.stats.scored
+    assert 0 < cached_scorer.runs["notes"] < worker.stats.scored
