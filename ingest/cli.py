@@ -140,6 +140,8 @@ def replay(
     compression: str = typer.Option("none", help="none, gzip, lz4 (lz4 needs the lz4 package for kafka-python)."),
     max_note_chars: int = typer.Option(MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."),
     cxr: str = typer.Option("auto", help="Chest X-rays from: auto, jpg, dicom, none."),
+    first_hours: float = typer.Option(None, min=0.0, help="Replay only each admission's first HOURS after "
+                                      "admission (longer stays stay open: current inpatients)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ):
     """Stream a cohort's events into Kafka in event-time order (key: hadm_id)."""
@@ -147,11 +149,11 @@ def replay(
 
     _replay(root, get_settings(), speed=speed, max_wait_s=max_wait, client=client, linger_ms=linger_ms,
             batch_size=batch_size, compression=None if compression == "none" else compression, as_json=as_json,
-            max_note_chars=max_note_chars, cxr=cxr)
+            max_note_chars=max_note_chars, cxr=cxr, first_hours=first_hours)
 
 
 def _replay(root, settings, *, speed, max_wait_s, client, linger_ms, batch_size, compression, as_json,
-            max_note_chars, cxr):
+            max_note_chars, cxr, first_hours=None):
     from ingest import replay as rp
 
     with _kafka(settings, client, linger_ms=linger_ms, batch_size=batch_size, compression=compression) as producer:
@@ -160,8 +162,11 @@ def _replay(root, settings, *, speed, max_wait_s, client, linger_ms, batch_size,
         with _progress() as progress:
             task = progress.add_task(f"replaying into {settings.kafka.topic_events}", total=None)
             try:
+                admissions = reader.admissions()
+                if first_hours is not None:
+                    admissions = rp.first_hours(admissions, first_hours)
                 summary = rp.replay(
-                    reader.admissions(), producer, settings.kafka.topic_events,
+                    admissions, producer, settings.kafka.topic_events,
                     dead_letter_topic=settings.kafka.topic_dead_letter, speed=speed, max_wait_s=max_wait_s,
                     progress=lambda n: progress.update(task, completed=n, total=reader.expected_events),
                 )

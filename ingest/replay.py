@@ -14,6 +14,7 @@ optional confluent-kafka client sits behind the same small interface.
 from __future__ import annotations
 
 import heapq
+from datetime import timedelta
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -179,6 +180,14 @@ class ReplaySummary:
     def as_dict(self) -> dict:
         return {"events": self.events, "seconds": round(self.seconds, 3), "events_per_s": round(self.events_per_s, 1),
                 "by_type": dict(sorted(self.by_type.items())), "dead_letters": dict(sorted(self.dead_letters.items()))}
+
+
+def first_hours(admissions: Iterable[list], hours: float) -> Iterator[list]:
+    """Each admission's events up to ``hours`` after its admit time (the rest are not sent)."""
+    for events in admissions:
+        if events:
+            end = events[0].event_time + timedelta(hours=hours)
+            yield [e for e in events if e.event_time <= end]
 
 
 def replay(

@@ -113,7 +113,7 @@ def demo():
 
     try:
         run_demo(get_settings(), console)
-    except svc.ServiceError as exc:
+    except (svc.ServiceError, RuntimeError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
 

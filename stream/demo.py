@@ -35,8 +35,8 @@ def demo_steps(work: Path, admissions: int, seed: int, epochs: int) -> list[list
         ["features", "publish", str(dataset / "meta.json")],
         ["train", "run", "--data", str(dataset), "--out", str(run), "--epochs", str(epochs),
          "--seed", str(seed), "--bootstrap", "50"],
-        ["export", "publish", str(run), "--load"],
-        ["ingest", "replay", str(cohort)],
+        ["export", "publish", "--run", str(run), "--load"],
+        ["ingest", "replay", str(cohort), "--first-hours", "48"],
     ]
 
 
@@ -54,8 +54,8 @@ def run_demo(settings: Settings, console: Console, admissions: int = 1500, seed:
         if subprocess.run(m3t(*step)).returncode != 0:
             raise RuntimeError(f"`m3t {' '.join(step)}` failed")
 
-    console.rule("m3t stream run --idle-timeout 15  (scoring live)")
-    worker = subprocess.Popen(m3t("stream", "run", "--idle-timeout", "15", "--group", f"m3t-demo-{int(time.time())}"))
+    console.rule("m3t stream run --idle-timeout 15   (scoring live)")
+    worker = subprocess.Popen(m3t("stream", "run", "--idle-timeout", "15"))
     store = ScoreStore(redis_client(settings, reader=True))
     with Live(scores_table([]), console=console, refresh_per_second=2) as live:
         while worker.poll() is None:

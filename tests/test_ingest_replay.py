@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ingest import events as ev
 from ingest.mimic import MimicReader
-from ingest.replay import Pacer, in_event_time_order, make_producer, replay
+from ingest.replay import Pacer, first_hours, in_event_time_order, make_producer, replay
 from ingest.synth import generate
 
 
@@ -169,3 +169,16 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["events"] > 0 and summary["dead_letters"] == {}
     assert len(_consume(kafka.bootstrap_servers, kafka.topic_events, summary["events"])) == summary["events"]
+
+
+def test_first_hours_keeps_each_admissions_opening_window(admissions):
+    from datetime import timedelta
+
+    cut = list(first_hours(admissions, 24.0))
+    assert len(cut) == len(admissions)
+    for full, kept in zip(admissions, cut):
+        admit = full[0].event_time
+        assert full[0].type == "admission" and kept[0] == full[0]
+        assert kept == [e for e in full if e.event_time <= admit + timedelta(hours=24)]
+        stay = next(e for e in full if e.type == "discharge").event_time - admit
+        assert any(e.type == "discharge" for e in kept) == (stay <= timedelta(hours=24))
