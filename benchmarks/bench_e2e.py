@@ -9,9 +9,10 @@ from the event's scheduled send time to the score's arrival: queueing anywhere (
 broker, worker, Triton, Redis) counts. Events not scored within ``drain_s`` of the end of a
 level count as not completed.
 
-The worker is built by ``build_pipeline``: today the walking skeleton's features
-(``stream.skeleton``) scored by Triton's ``placeholder`` model, which is what the stream
-package wires end to end; swap in the M3T-LM feature store and model when the worker does.
+The worker is built by ``build_pipeline``: M3T-LM (the online feature store, scored by the
+cached encoders and fusion head on Triton) where a feature set is published and the models
+are loaded (after `make demo`), else the walking skeleton (``stream.skeleton`` scored by
+Triton's ``placeholder`` model). The result records which.
 """
 
 from __future__ import annotations
@@ -29,26 +30,47 @@ from ingest import events as ev
 from m3t import services
 from m3t.settings import Settings
 
-PIPELINE = "stream.skeleton.SkeletonFeatures + Triton 'placeholder' (the walking skeleton)"
+SKELETON = "stream.skeleton.SkeletonFeatures + Triton 'placeholder' (the walking skeleton)"
+M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
 FIRST_HADM = 95_000_000
 
 
-def build_pipeline(settings: Settings):
+def m3t_deployed(settings: Settings) -> bool:
+    """Whether a feature set is published and the M3T-LM models are loaded."""
+    from features.online import OnlineStore
+    from m3t.clients import redis_client, triton_client
+
+    try:
+        OnlineStore.current(redis_client(settings))
+        client = triton_client(settings)
+        return all(client.is_model_ready(f"m3t_{name}") for name in ("enc_numeric", "enc_notes", "enc_cxr", "fusion"))
+    except Exception:  # nothing published, or a model not loaded: the skeleton it is
+        return False
+
+
+def build_pipeline(settings: Settings, pipeline: str):
     """(features, scorer, scores) for the worker, built inside the worker's process."""
     from m3t.clients import redis_client
     from stream.scores import ScoreStore
+
+    client = redis_client(settings)
+    if pipeline == M3T:
+        from features.online import OnlineStore, tune_allocator
+        from stream.scoring import CachedEncoderScorer, OnlineFeatures
+
+        tune_allocator()
+        return OnlineFeatures(OnlineStore.current(client)), CachedEncoderScorer(settings, client), ScoreStore(client)
     from stream.skeleton import SkeletonFeatures
     from stream.triton_scorer import TritonScorer
 
-    client = redis_client(settings)
     return SkeletonFeatures(client), TritonScorer(settings, "placeholder"), ScoreStore(client)
 
 
-def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int) -> None:
+def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline: str) -> None:
     """The worker process: consume until ``stop`` is set."""
     from stream.worker import StreamWorker
 
-    features, scorer, scores = build_pipeline(settings)
+    features, scorer, scores = build_pipeline(settings, pipeline)
     worker = StreamWorker(settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms)
     worker.run(stop=stop)
 
@@ -121,12 +143,13 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
         ready_timeout_s: float = 90.0) -> h.Result:
     """For each worker count, each offered ``rate`` for ``seconds``."""
     services.up(settings)
+    pipeline = M3T if m3t_deployed(settings) else SKELETON
     result = h.Result("e2e", {"rates": list(rates), "seconds": seconds, "drain_s": drain_s, "workers": list(workers),
-                              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "pipeline": PIPELINE,
+                              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "pipeline": pipeline,
                               "load_generator": "confluent-kafka, linger 1 ms, one admission event per new admission"})
     started = time.perf_counter()
     for n in workers:
-        for run_ in _sweep(settings, n, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s):
+        for run_ in _sweep(settings, n, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s, pipeline):
             result.rows.append({"case": "event -> score", "variant": f"{n} worker{'s' if n > 1 else ''}",
                                 **run_.summary()})
     first = next((r for r in result.rows if "p50_ms" in r), None)
@@ -136,14 +159,14 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
     return result
 
 
-def _sweep(settings, n_workers, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s):
+def _sweep(settings, n_workers, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s, pipeline):
     """``n_workers`` worker processes in one group on fresh topics; one LoadRun per rate."""
     from confluent_kafka import Producer
 
     cfg = isolated(settings)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    workers = [context.Process(target=serve, args=(cfg, stop, max_batch, max_wait_ms), daemon=True)
+    workers = [context.Process(target=serve, args=(cfg, stop, max_batch, max_wait_ms, pipeline), daemon=True)
                for _ in range(n_workers)]
     for worker in workers:
         worker.start()
@@ -241,17 +264,26 @@ def _level(cfg, producer, observer, first_hadm: int, rate: float, seconds: float
 
 
 def _cleanup(cfg: Settings, hadm_ids) -> None:
-    """Remove what the run wrote to Redis (its admissions' scores and skeleton features)."""
+    """Remove what the run wrote to Redis (its admissions' scores, features and embeddings)."""
+    from features.online import OnlineStore
     from m3t.clients import redis_client
     from stream import scores as sc
     from stream import skeleton as sk
+    from stream.scoring import EMB_KEY
 
     client = redis_client(cfg)
+    try:
+        store = OnlineStore.current(client)
+    except LookupError:
+        store = None
     try:
         hadm_ids = list(hadm_ids)
         for start in range(0, len(hadm_ids), 1000):
             chunk = hadm_ids[start : start + 1000]
-            keys = [k.format(hadm_id=x) for x in chunk for k in (sc.SCORE_KEY, sc.HISTORY_KEY, sk.KEY, sk.SEEN)]
+            keys = [k.format(hadm_id=x) for x in chunk
+                    for k in (sc.SCORE_KEY, sc.HISTORY_KEY, sk.KEY, sk.SEEN, EMB_KEY)]
+            if store is not None:
+                keys += [key for x in chunk for key in store.keys(x)]
             client.unlink(*keys)
             client.zrem(sc.RANKING_KEY, *chunk)
     finally:

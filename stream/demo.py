@@ -44,7 +44,7 @@ def m3t(*args: str) -> list[str]:
     return [sys.executable, "-m", "m3t.cli", *args]
 
 
-def run_demo(settings: Settings, console: Console, admissions: int = 1500, seed: int = 7, epochs: int = 8) -> None:
+def run_demo(settings: Settings, console: Console, admissions: int = 3000, seed: int = 7, epochs: int = 20) -> None:
     from m3t.clients import redis_client
     from stream.scores import ScoreStore
 

@@ -114,3 +114,21 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, c
     # The cache did its job: X-ray embeddings were computed for fewer rows than were scored.
     assert 0 < cached_scorer.runs["cxr"] < worker.stats.scored
     assert 0 < cached_scorer.runs["notes"] < worker.stats.scored
+
+
+def test_scoring_benchmark_compares_cache_and_full_model(isolated_settings, cohort, deployed, redis_client, tmp_path):
+    from benchmarks import bench_scoring, harness
+
+    fitted, _ = deployed
+    store = OnlineStore(redis_client, fitted, scratch=f"bench-{isolated_settings.kafka.consumer_group}")
+    store.write_batch([e for events in cohort.values() for e in events])
+    result = bench_scoring.run(isolated_settings, repeats=1, store=store, hadm_ids=sorted(cohort))
+    assert not result.missing
+    assert {r["path"] for r in result.rows} == {bench_scoring.FULL, bench_scoring.CACHED}
+    assert all(r["items_per_s"] > 0 and r["admissions"] == len(cohort) for r in result.rows)
+    assert result.params["max_abs_diff_los"] <= 1e-4 and result.params["max_abs_diff_mortality"] <= 1e-4
+    assert result.params["with_cxr"] > 0.5  # the synthetic cohort has X-rays for most stays
+    (comparison,) = result.comparisons
+    assert comparison["numerator"] == bench_scoring.CACHED and comparison["ratio"] > 0
+    saved = harness.save(result, tmp_path)
+    assert harness.load(saved["json"]).stage == "scoring"
