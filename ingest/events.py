@@ -175,10 +175,7 @@ def decode(raw: bytes | str | dict):
     try:
         return _EVENT.validate_python(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        # The message names the field and the rule, never the value (it may be PHI).
-        raise InvalidEvent("schema_violation", f"{where}: {first['type']}") from None
+        raise _schema_violation(exc) from None
 
 
 def validate(event):
@@ -192,6 +189,11 @@ def validate_json(raw: bytes | str):
     try:
         return _EVENT.validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidEvent("schema_violation", f"{where}: {first['type']}") from None
+        raise _schema_violation(exc) from None
+
+
+def _schema_violation(exc: ValidationError) -> InvalidEvent:
+    # The message names the field and the rule, never the value (it may be PHI).
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return InvalidEvent("schema_violation", f"{where}: {first['type']}")
