@@ -27,6 +27,8 @@ def run(
     max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
     max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
     group: str = typer.Option(None, help="Consumer group (default: settings.kafka.consumer_group)."),
+    backend: str = typer.Option("triton", help="triton, or onnx: the published ONNX files in-process "
+                                               "with ONNX Runtime (development; same numbers)."),
 ):
     """Consume admission events, keep features current in Redis and write risk scores.
 
@@ -39,8 +41,8 @@ def run(
     settings = get_settings()
     client = redis_client(settings)
     try:
-        features, model = _scoring(scorer, settings, client)
-    except (LookupError, RuntimeError) as exc:
+        features, model = _scoring(scorer, settings, client, backend)
+    except (LookupError, RuntimeError, ValueError) as exc:
         Console(stderr=True).print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
     worker = StreamWorker(settings, features, model, ScoreStore(client), max_batch=max_batch,
@@ -52,7 +54,7 @@ def run(
     console.print(asdict(stats))
 
 
-def _scoring(scorer: str, settings, client):
+def _scoring(scorer: str, settings, client, backend: str = "triton"):
     """The feature source and the scorer for ``--scorer``."""
     if scorer == "placeholder":
         from stream.skeleton import SkeletonFeatures
@@ -65,9 +67,9 @@ def _scoring(scorer: str, settings, client):
     tune_allocator()  # batch reads allocate large numpy arrays: keep them off mmap (features/online.py)
     features = OnlineFeatures(OnlineStore.current(client))
     if scorer == "cached":
-        return features, CachedEncoderScorer(settings, client)
+        return features, CachedEncoderScorer(settings, client, backend=backend)
     if scorer == "full":
-        return features, FullModelScorer(settings)
+        return features, FullModelScorer(settings, backend=backend)
     raise RuntimeError(f"--scorer must be cached, full or placeholder, not {scorer!r}")
 
 

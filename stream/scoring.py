@@ -1,6 +1,7 @@
 """Scoring M3T-LM on Triton from the online feature store.
 
-Two paths give the same numbers:
+Two paths give the same numbers, on Triton or, for development, in-process with ONNX
+Runtime on the same published ONNX files (``backend="onnx"``):
 
 * ``FullModelScorer``: every rescoring runs the whole model (``m3t_lm``), X-ray decode
   included.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -44,6 +45,7 @@ class TritonModel:
         config = client.get_model_config(name, as_json=True)["config"]
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self.widths = {o["name"]: int(o["dims"][-1]) for o in config["output"]}
         self.max_batch = int(config.get("max_batch_size", 0)) or 1 << 30
         versions = client.get_model_metadata(name, as_json=True).get("versions", ["?"])
         self.version = max(versions, key=lambda v: int(v) if v.isdigit() else -1)
@@ -82,6 +84,39 @@ class TritonModel:
             if isinstance(result, Exception):
                 raise result
         return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in self.outputs}
+
+
+class OnnxModel:
+    """A published model version run in-process with ONNX Runtime: what Triton serves,
+    without a server (development). Same interface as ``TritonModel``."""
+
+    def __init__(self, repo: Path, name: str, version: str = "", threads: int = 1):
+        from trainer.export import onnx_session
+
+        folder = repo / name
+        published = sorted(int(v.name) for v in folder.iterdir()
+                           if v.name.isdigit() and (v / "model.onnx").exists()) if folder.is_dir() else []
+        if not published:
+            raise RuntimeError(f"no published ONNX version of {name!r} in {repo}")
+        self.name, self.version = name, version or str(published[-1])
+        self.session = onnx_session(folder / self.version / "model.onnx", threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.widths = {o.name: int(o.shape[-1]) for o in self.session.get_outputs()}
+
+    def infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.outputs, {k: np.ascontiguousarray(arrays[k]) for k in self.inputs})
+        return dict(zip(self.outputs, values))
+
+
+def open_model(settings: Settings, name: str, backend: str = "triton"):
+    """``name`` on the Triton server, or its latest published version in-process."""
+    if backend == "triton":
+        client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+        return TritonModel(client, name, settings.triton.timeout_s)
+    if backend == "onnx":
+        return OnnxModel(settings.model_repo, name, settings.triton.model_version)
+    raise ValueError(f"backend must be triton or onnx, not {backend!r}")
 
 
 class OnlineFeatures:
@@ -130,9 +165,8 @@ def _mask_with_decoded(inputs: dict, decoded: np.ndarray) -> np.ndarray:
 
 
 class FullModelScorer:
-    def __init__(self, settings: Settings, cxr: CxrInputs | None = None, client=None):
-        self.client = client or grpcclient.InferenceServerClient(settings.triton.grpc_url)
-        self.net = TritonModel(self.client, settings.triton.model_name, settings.triton.timeout_s)
+    def __init__(self, settings: Settings, cxr: CxrInputs | None = None, backend: str = "triton"):
+        self.net = open_model(settings, settings.triton.model_name, backend)
         self.model = f"{self.net.name}:{self.net.version}"
         self.cxr = cxr or CxrInputs()
 
@@ -154,18 +188,18 @@ class CachedEncoderScorer:
     """Encoders + fusion on Triton, with note and X-ray embeddings cached per admission.
 
     Each cached modality carries a stamp of the input and encoder version it came from (the
-    token ids; the X-ray URI) and is reused while the stamp matches.
+    token ids; the X-ray URI) and is reused while the stamp matches. An encoder does not run
+    at all for an admission that lacks its modality: the fusion head replaces an absent
+    embedding by its learned placeholder, whatever the embedding holds.
     """
 
-    def __init__(self, settings: Settings, client: redis.Redis, cxr: CxrInputs | None = None, triton=None,
-                 prefix: str = "m3t_"):
+    def __init__(self, settings: Settings, client: redis.Redis, cxr: CxrInputs | None = None,
+                 backend: str = "triton", prefix: str = "m3t_"):
         self.redis = client
-        self.triton = triton or grpcclient.InferenceServerClient(settings.triton.grpc_url)
-        timeout = settings.triton.timeout_s
-        self.numeric = TritonModel(self.triton, f"{prefix}enc_numeric", timeout)
-        self.notes = TritonModel(self.triton, f"{prefix}enc_notes", timeout)
-        self.image = TritonModel(self.triton, f"{prefix}enc_cxr", timeout)
-        self.fusion = TritonModel(self.triton, f"{prefix}fusion", timeout)
+        self.numeric = open_model(settings, f"{prefix}enc_numeric", backend)
+        self.notes = open_model(settings, f"{prefix}enc_notes", backend)
+        self.image = open_model(settings, f"{prefix}enc_cxr", backend)
+        self.fusion = open_model(settings, f"{prefix}fusion", backend)
         self.model = f"{prefix}encoders+fusion:{self.fusion.version}"
         self.cxr = cxr or CxrInputs()
         self.runs = {"notes": 0, "cxr": 0}  # encoder rows computed (for tests and benchmarks)
@@ -191,8 +225,12 @@ class CachedEncoderScorer:
             return {**out, "cxr_ok": decoded.astype(np.float32)[:, None]}
 
         updates: list[dict] = [{} for _ in hadm_ids]
-        notes = self._embeddings("notes", self.notes.outputs, notes_stamps, cached, run_notes, updates)
-        image = self._embeddings("cxr", [*self.image.outputs, "cxr_ok"], cxr_stamps, cached, run_cxr, updates)
+        mask = inputs[mi.MODALITY_MASK]
+        has_notes = (mask[:, mi.MODALITIES.index("radiology")] > 0) | (mask[:, mi.MODALITIES.index("discharge")] > 0)
+        has_image = np.array([bool(u) for u in uris])
+        notes = self._embeddings("notes", self.notes.widths, has_notes, notes_stamps, cached, run_notes, updates)
+        image = self._embeddings("cxr", {**self.image.widths, "cxr_ok": 1}, has_image, cxr_stamps, cached,
+                                 run_cxr, updates)
         arrays = {**self.numeric.infer({k: inputs[k] for k in self.numeric.inputs}), **notes, **image,
                   mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5)}
         out = self.fusion.infer({k: arrays[k] for k in self.fusion.inputs})
@@ -205,21 +243,20 @@ class CachedEncoderScorer:
                 pipe.execute()
         return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
 
-    def _embeddings(self, modality: str, names, stamps, cached, run, updates) -> dict[str, np.ndarray]:
-        """Cached rows where the stamp matches; ``run`` on the rest (recorded in ``updates``)."""
+    def _embeddings(self, modality: str, widths: dict[str, int], present, stamps, cached, run,
+                    updates) -> dict[str, np.ndarray]:
+        """Zeros where the modality is absent, cached rows where the stamp matches, and
+        ``run`` on the rest (recorded in ``updates`` for the cache)."""
         stamp_field = f"{modality}_stamp"
-        stale = [i for i, stamp in enumerate(stamps) if cached[i].get(stamp_field) != stamp]
+        stale = [i for i, stamp in enumerate(stamps) if present[i] and cached[i].get(stamp_field) != stamp]
         fresh = run(stale) if stale else {}
         self.runs[modality] += len(stale)
         for j, i in enumerate(stale):
             updates[i][stamp_field] = stamps[i]
             updates[i].update({name: values[j].astype(np.float32).tobytes() for name, values in fresh.items()})
+        out = {name: np.zeros((len(stamps), width), np.float32) for name, width in widths.items()}
         position = {i: j for j, i in enumerate(stale)}
-        return {
-            name: np.stack([
-                fresh[name][position[i]].astype(np.float32) if i in position
-                else np.frombuffer(cached[i][name], np.float32)
-                for i in range(len(stamps))
-            ])
-            for name in names
-        }
+        for i in np.flatnonzero(present):
+            for name in widths:
+                out[name][i] = fresh[name][position[i]] if i in position else np.frombuffer(cached[i][name], np.float32)
+        return out

@@ -82,6 +82,7 @@ def is_outage(exc: BaseException) -> bool:
 
 class StreamWorker:
     backoff_s = (0.2, 5.0)
+    kafka_timeout_s = 30.0
     # On SIGTERM during an outage, give up waiting: the uncommitted events are redelivered.
     give_up_on_stop = True
 
@@ -242,9 +243,10 @@ class StreamWorker:
         log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic, record.partition, record.offset)
 
     def _commit(self) -> None:
-        # Dead letters and published scores must be durable before their offsets move.
-        self.producer.flush()
-        self.consumer.commit()
+        # Dead letters and published scores must be durable before their offsets move. A
+        # broker that does not answer stops the worker uncommitted rather than hanging it.
+        self.producer.flush(timeout=self.kafka_timeout_s)
+        self.consumer.commit(timeout_ms=int(self.kafka_timeout_s * 1000))
         self._uncommitted = False
         self.stats.commits += 1
 

@@ -124,11 +124,25 @@ def test_scoring_benchmark_compares_cache_and_full_model(isolated_settings, coho
     store.write_batch([e for events in cohort.values() for e in events])
     result = bench_scoring.run(isolated_settings, repeats=1, store=store, hadm_ids=sorted(cohort))
     assert not result.missing
-    assert {r["path"] for r in result.rows} == {bench_scoring.FULL, bench_scoring.CACHED}
-    assert all(r["items_per_s"] > 0 and r["admissions"] == len(cohort) for r in result.rows)
+    assert {r["variant"] for r in result.rows} == {bench_scoring.FULL, bench_scoring.CACHED}
+    assert all(r["items_per_s"] > 0 and r["batch"] == len(cohort) for r in result.rows)
     assert result.params["max_abs_diff_los"] <= 1e-4 and result.params["max_abs_diff_mortality"] <= 1e-4
     assert result.params["with_cxr"] > 0.5  # the synthetic cohort has X-rays for most stays
     (comparison,) = result.comparisons
     assert comparison["numerator"] == bench_scoring.CACHED and comparison["ratio"] > 0
     saved = harness.save(result, tmp_path)
     assert harness.load(saved["json"]).stage == "scoring"
+
+
+def test_in_process_onnx_runtime_path_equals_triton(isolated_settings, cohort, deployed, redis_client):
+    fitted, _ = deployed
+    store = OnlineStore(redis_client, fitted, scratch=f"onnx-{isolated_settings.kafka.consumer_group}")
+    store.write_batch([e for events in cohort.values() for e in events])
+    inputs, _ = OnlineFeatures(store).inputs(sorted(cohort))
+    cxr = CxrInputs(CxrPreprocessor(device="cpu"))
+    for make in (lambda b: FullModelScorer(isolated_settings, cxr=cxr, backend=b),
+                 lambda b: CachedEncoderScorer(isolated_settings, redis_client, cxr=cxr, backend=b)):
+        on_triton, in_process = make("triton"), make("onnx")
+        assert in_process.model == on_triton.model  # the same published version
+        for a, b in zip(on_triton.score(inputs), in_process.score(inputs)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
