@@ -52,7 +52,8 @@ def run(settings: Settings, *, batch: int = 256, repeats: int = 5, store=None, h
     rows = {}
     for name, scorer in ((FULL, full), (CACHED, cached)):
         rows[name] = h.measure(lambda s=scorer: s.score(inputs), len(hadm_ids), warmup=1, repeats=repeats)
-        result.rows.append({"path": name, "admissions": len(hadm_ids), **rows[name]})
+        result.rows.append({"case": "rescoring after a numeric update", "variant": name,
+                            "batch": len(hadm_ids), **rows[name]})
     los_full, mort_full = full.score(inputs)
     los_cached, mort_cached = cached.score(inputs)
     result.params.update({
