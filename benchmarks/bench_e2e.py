@@ -196,12 +196,12 @@ def _group_members(cfg: Settings) -> int:
 
     admin = kafka_admin(cfg)
     try:
-        group = admin.describe_groups([cfg.kafka.consumer_group])[cfg.kafka.consumer_group]
+        (group,) = admin.describe_consumer_groups([cfg.kafka.consumer_group])
     except Exception:  # the group does not exist yet
         return 0
     finally:
         admin.close()
-    return len(group["members"]) if group["group_state"] == "Stable" else 0
+    return len(group.members) if group.state == "Stable" else 0
 
 
 def _send(producer, cfg: Settings, hadm_id: int, value: bytes | None = None) -> None:
