@@ -255,8 +255,10 @@ class AdmissionState:
         for p in range(first + int(newest - k) * PREFIX, first + n * PREFIX, PREFIX):
             a[p + P_COUNT] += 1.0
             a[p + P_SUM] += value
-            a[p + P_MIN] = min(a[p + P_MIN], value)
-            a[p + P_MAX] = max(a[p + P_MAX], value)
+            if value < a[p + P_MIN]:
+                a[p + P_MIN] = value
+            if value > a[p + P_MAX]:
+                a[p + P_MAX] = value
 
     # --- what the state means -----------------------------------------------------------
 
@@ -365,9 +367,10 @@ def raw_numeric(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
     return np.concatenate([records["static"].astype(np.float64), since, windowed(records, as_of)], axis=1)
 
 
-def windowed(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
-    """Per window, item and ``fd.WINDOW_STATS``, as of ``as_of``: [B, N_WINDOWED] float64,
-    NaN where missing (a count is never missing). Windows end with ``as_of``'s bucket."""
+def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = fd.WINDOW_BUCKETS) -> np.ndarray:
+    """Per window (in buckets, at most N_BUCKETS), item and ``fd.WINDOW_STATS``, as of
+    ``as_of``: [B, N_WINDOWED] float64, NaN where missing (a count is never missing).
+    Windows end with ``as_of``'s bucket."""
     rows = len(records)
     # Every prefix of the batch, one per row, then a row for an empty window. A window
     # that reaches the item's newest bucket has at least that measurement in it.
@@ -380,13 +383,13 @@ def windowed(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
     behind = np.maximum(np.repeat(np.floor(as_of / fd.BUCKET_HOURS), N_ITEMS) - newest, 0.0)  # buckets
     first = np.arange(rows * N_ITEMS) * fd.N_BUCKETS  # each item's prefix 0
     blocks = []
-    for n in fd.WINDOW_BUCKETS:
+    for n in windows:
         reach = n - 1 - behind  # the prefix this window is; NaN or negative: empty
         picked = np.take(prefixes, np.where(reach >= 0, first + reach, empty).astype(np.intp),
                          axis=0).astype(np.float64)  # [B * items, (count, sum, min, max)]
         picked[:, P_SUM] /= np.maximum(picked[:, P_COUNT], 1.0)  # the mean; NaN stays NaN
         blocks.append(picked.reshape(rows, -1))
-    return np.concatenate(blocks, axis=1)
+    return np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
 
 def scoring_time(records: np.ndarray, as_of=None) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from features import definitions as fd
+from features import state as st
 from features.fitted import FittedFeatures
 from features.online import OnlineStore
 from features.state import AdmissionState, hours
@@ -34,12 +35,13 @@ def _bucket(t: datetime) -> int:
     return (t.replace(tzinfo=t.tzinfo or timezone.utc) - EPOCH) // BUCKET
 
 
-def recompute_windows(observations, as_of: float) -> dict[str, float]:
+def recompute_windows(observations, as_of: float, windows=fd.WINDOW_BUCKETS) -> dict[str, float]:
     """Each window's aggregates from the measurements themselves: those charted in the
     window's buckets, the W / BUCKET_HOURS buckets ending with the one holding ``as_of``."""
     current = math.floor(as_of / fd.BUCKET_HOURS)
     out = {}
-    for w, n in zip(fd.WINDOW_HOURS, fd.WINDOW_BUCKETS):
+    for n in windows:
+        w = n * fd.BUCKET_HOURS
         for item in fd.MEASURED:
             values = [o.value for o in observations
                       if o.itemid == item.itemid and current - n < _bucket(o.charttime) <= current]
@@ -117,6 +119,28 @@ def test_windows_equal_brute_force_at_every_scoring_time_in_any_arrival_order(se
                 state.apply(event, FITTED.vocab)
             got = windowed_features([state.to_blob()], hours(as_of))[0]
             assert_same(got, want, f"{as_of} order {order}")
+
+
+def test_every_window_up_to_the_widest_equals_brute_force():
+    """The configured windows are one choice: any window of 1..N_BUCKETS buckets, several
+    at once, reads from the same state."""
+    rng = random.Random(3)
+    windows = tuple(range(1, fd.N_BUCKETS + 1))
+    names = [f"{item.name}.{stat}_{n * fd.BUCKET_HOURS:g}h"
+             for n in windows for item in fd.MEASURED for stat in fd.WINDOW_STATS]
+    for seed in range(20, 24):
+        events = history(seed)
+        for as_of in scoring_times(events, rng):
+            visible = [e for e in events if e.event_time <= as_of]
+            state = AdmissionState()
+            for event in rng.sample(visible, len(visible)):
+                state.apply(event, FITTED.vocab)
+            records = st.decode_blobs([state.to_blob()])[1]
+            got = dict(zip(names, st.windowed(records, np.array([hours(as_of)]), windows)[0]))
+            want = recompute_windows([e.payload for e in visible if e.type == "observation"], hours(as_of), windows)
+            assert got.keys() == want.keys()
+            for name in names:
+                assert np.isclose(got[name], want[name], rtol=1e-6, atol=1e-6, equal_nan=True), (as_of, name)
 
 
 def test_a_measurement_older_than_the_ring_arriving_last_changes_no_window():
