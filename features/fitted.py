@@ -65,6 +65,7 @@ class FittedFeatures:
             "note_tokens": self.note_tokens,
             "layout": fd.LAYOUT,
             "bucket_hours": fd.BUCKET_HOURS,
+            "window_hours": list(fd.WINDOW_HOURS),
             "numeric_features": list(fd.NUMERIC_FEATURES),
             "norm": {"mean": self.mean.tolist(), "std": self.std.tolist()},
             "vocab": list(self.vocab.words),

@@ -105,6 +105,14 @@ def test_window_columns_are_declared():
     assert fd.N_BUCKETS * fd.BUCKET_HOURS == max(fd.WINDOW_HOURS)
 
 
+def test_the_window_layout_is_part_of_the_feature_set_tag():
+    assert fd.LAYOUT in FITTED.tag  # Redis keys and datasets of another layout never mix
+    saved = FITTED.to_dict()
+    assert FittedFeatures.from_dict(saved).tag == FITTED.tag
+    with pytest.raises(ValueError, match="layout"):
+        FittedFeatures.from_dict({**saved, "layout": "00000000"})
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_windows_equal_brute_force_at_every_scoring_time_in_any_arrival_order(seed):
     rng = random.Random(seed)
