@@ -10,6 +10,9 @@ Per admission the model sees:
 * hours since admission, at scoring time;
 * for each lab and vital in ``ingest.itemids``: latest value (greatest charttime), mean,
   min, max and count over the stay so far, and hours since the latest measurement;
+* for each lab and vital and each window in ``WINDOW_HOURS``: mean, min, max and count of
+  the measurements charted in the last W hours before the scoring time (bucket-aligned,
+  see ``BUCKET_HOURS``);
 * ``numeric_mask``: 1 where a feature is observed, 0 where it is missing (no admission
   event yet, or no measurement of that item yet);
 * two note token streams (see ``ingest.events``): radiology reports of this stay
@@ -21,6 +24,7 @@ Per admission the model sees:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +34,7 @@ from ingest.itemids import ITEMS, LABS, VITALS
 
 # Bump when any definition below changes meaning; it is part of every Redis key and of the
 # offline dataset's metadata, so old state and old datasets are never read as new.
-FEATURE_SET_VERSION = 1
+FEATURE_SET_VERSION = 2  # 2: windowed aggregates
 
 # MIMIC-IV admissions.admission_type values (demo 2.2). Anything else maps to "other".
 ADMISSION_TYPES: tuple[str, ...] = (
@@ -54,6 +58,27 @@ assert set(ITEM_INDEX) == set(ITEMS), "features must cover exactly the items ing
 ITEM_STATS: tuple[str, ...] = ("last", "mean", "min", "max", "count")
 ITEM_TIMES: tuple[str, ...] = ("hours_since_last",)
 
+# Windowed aggregates. Measurements also fall into fixed time buckets of BUCKET_HOURS (by
+# charttime, aligned to the epoch), and the state keeps, per item, count/sum/min/max over
+# its newest 1, 2, ..., N_BUCKETS buckets (``features.state``): an event is constant work
+# and a read picks one entry per item and window. A window is therefore bucket-aligned:
+# "the last W hours" is the W / BUCKET_HOURS newest buckets, the one holding the scoring
+# time included, so it covers between W - BUCKET_HOURS and W hours before the scoring
+# time. The bucket width trades that resolution against the read blob, whose bytes the
+# batch read's cost follows. Measured on the project's 2-core machine, p50 of reading the
+# full feature set of 256 admissions (Redis MGET + transform), against 0.70-0.95 ms
+# without windows (a 1,042-byte blob): 8-hour buckets (16 items x 3 prefixes x 4 float32
+# = +768 bytes) 0.97-1.2 ms; 6-hour (+1,024 bytes) 1.08-1.45 ms; 4-hour (+1,536 bytes)
+# 1.15-1.3 ms; hourly would add 6,144 bytes. 8 hours keeps the read about 1 ms. More
+# windows up to the widest cost no bytes, only a little transform time.
+BUCKET_HOURS = 8.0
+WINDOW_HOURS: tuple[float, ...] = (24.0,)
+WINDOW_STATS: tuple[str, ...] = ("count", "mean", "min", "max")
+WINDOW_BUCKETS: tuple[int, ...] = tuple(round(w / BUCKET_HOURS) for w in WINDOW_HOURS)
+assert all(n >= 1 and n * BUCKET_HOURS == w for n, w in zip(WINDOW_BUCKETS, WINDOW_HOURS)), \
+    "windows must be whole multiples of BUCKET_HOURS"
+N_BUCKETS = max(WINDOW_BUCKETS)  # enough for the widest window: older buckets can never be read
+
 
 @dataclass(frozen=True)
 class FeatureDef:
@@ -73,7 +98,8 @@ def _numeric_names() -> tuple[str, ...]:
     demographics += [f"admission_type={t}" for t in ADMISSION_TYPES] + ["admission_type=other"]
     per_item = [f"{item.name}.{stat}" for item in MEASURED for stat in ITEM_STATS]
     times = ["hours_since_admission"] + [f"{item.name}.{t}" for item in MEASURED for t in ITEM_TIMES]
-    return tuple(demographics + per_item + times)
+    windows = [f"{item.name}.{stat}_{w:g}h" for w in WINDOW_HOURS for item in MEASURED for stat in WINDOW_STATS]
+    return tuple(demographics + per_item + times + windows)
 
 
 # The columns of ``numeric`` / ``numeric_mask``, in order.
@@ -81,6 +107,10 @@ NUMERIC_FEATURES: tuple[str, ...] = _numeric_names()
 N_NUMERIC = len(NUMERIC_FEATURES)
 N_DEMOGRAPHIC = 2 + len(ADMISSION_TYPES) + 1
 N_STATIC = NUMERIC_FEATURES.index("hours_since_admission")  # known at write time
+
+# Part of the feature-set tag (the Redis namespace, the fitted features): a change of the
+# numeric columns or of the bucket width never lets old state or datasets be read as new.
+LAYOUT = hashlib.blake2b(repr((NUMERIC_FEATURES, BUCKET_HOURS, N_BUCKETS)).encode(), digest_size=4).hexdigest()
 
 F32, I64 = np.dtype("float32"), np.dtype("int64")
 FEATURES: tuple[FeatureDef, ...] = (

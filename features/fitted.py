@@ -52,8 +52,8 @@ class FittedFeatures:
 
     @property
     def tag(self) -> str:
-        """Feature-set version plus vocabulary fingerprint: the Redis key namespace."""
-        return f"v{self.version}-{self.vocab.fingerprint}"
+        """Feature-set version, layout and vocabulary fingerprints: the Redis key namespace."""
+        return f"v{self.version}-{fd.LAYOUT}-{self.vocab.fingerprint}"
 
     def assemble(self, blobs, as_of=None) -> dict[str, np.ndarray]:
         return st.assemble(blobs, as_of, self.mean, self.std, self.note_tokens)
@@ -63,6 +63,9 @@ class FittedFeatures:
             "version": self.version,
             "tag": self.tag,
             "note_tokens": self.note_tokens,
+            "layout": fd.LAYOUT,
+            "bucket_hours": fd.BUCKET_HOURS,
+            "window_hours": list(fd.WINDOW_HOURS),
             "numeric_features": list(fd.NUMERIC_FEATURES),
             "norm": {"mean": self.mean.tolist(), "std": self.std.tolist()},
             "vocab": list(self.vocab.words),
@@ -77,6 +80,8 @@ class FittedFeatures:
             )
         if list(data["numeric_features"]) != list(fd.NUMERIC_FEATURES):
             raise ValueError("the numeric feature list differs from features.definitions")
+        if data.get("layout") != fd.LAYOUT:
+            raise ValueError("fitted for another bucket layout of the windowed aggregates: rebuild the offline dataset")
         return cls(
             Vocabulary(data["vocab"]),
             np.asarray(data["norm"]["mean"], dtype=np.float64),

@@ -8,7 +8,9 @@ admission's keys share a slot and the commit script may touch them together)::
     m3t:<tag>:{12345}:seen  set     event ids already applied
     m3t:<tag>:fitted        string  the FittedFeatures JSON this namespace was written with
 
-``<tag>`` is the feature-set version plus the vocabulary fingerprint (``FittedFeatures.tag``).
+``<tag>`` is the feature-set version, the layout fingerprint (``features.definitions.LAYOUT``:
+the numeric columns and the bucket width of the windowed aggregates) and the vocabulary
+fingerprint (``FittedFeatures.tag``).
 
 Writes (``write_batch``) take two round trips per batch, however many events: load the
 touched admissions' state and which of the batch's event ids they have seen (one Lua

@@ -16,12 +16,32 @@ commute, and "latest" is the maximum of (charttime, tie-breaker), not the last e
 applied. So a late event lands by its event time, and replaying events in any order gives
 the same state (sums may differ in the last bits with the order).
 
+Windowed aggregates: measurements fall into time buckets of ``fd.BUCKET_HOURS`` (bucket
+``floor(charttime / BUCKET_HOURS)``). Per item the state keeps the newest bucket ``J``
+any measurement fell into and, for ``r < N_BUCKETS``, the count, sum, min and max of the
+measurements in buckets ``J - r .. J`` (prefixes, newest first). A measurement in bucket
+``k`` first moves ``J`` up to ``k`` if it is newer (shifting the prefixes by ``k - J``,
+the oldest falling off), then joins every prefix that reaches back to ``k``: at most
+N_BUCKETS steps, and the result is a function of the set of measurements, not of their
+order. A measurement N_BUCKETS or more buckets older than ``J`` joins none: it lies
+outside every window ending at or after ``J``. So a read is exact whenever the scoring
+time is at or after every measurement in the state: always offline (a snapshot folds only
+the events up to its cutoff, and a measurement's charttime is never after its event time)
+and online at the default scoring time (the latest event). A window of ``n`` buckets
+ending with the scoring time's bucket ``q`` is then one prefix, ``r = n - 1 - (q - J)``
+(empty when negative), so a read picks one entry per item and window: a gather,
+vectorised over the batch, whatever the number of windows. (Were the scoring time's
+bucket before ``J``, online with an explicit earlier ``as_of``, the window read is the one
+ending with ``J``.)
+
 Two serialisations:
 
 * the *blob* (read side, what a scoring read fetches): the features fixed at write time
   (``NUMERIC_FEATURES[:N_STATIC]``, float32, NaN = missing), the time anchors the
-  scoring-time features are measured from (float64 epoch hours), the two token sequences
-  (uint16) and the latest chest X-ray's URI (utf-8, the variable-length tail);
+  scoring-time features are measured from (float64 epoch hours), the windows' prefixes
+  (float32 count, sum, min, max; ``J`` is not stored, it is the bucket of the item's
+  latest measurement, an anchor), the two token sequences (uint16) and the latest chest
+  X-ray's URI (utf-8, the variable-length tail);
 * the *aggregates* and *notes* (write side): running counts/sums/extrema and the note
   bookkeeping needed to apply later events; never read when scoring.
 """
@@ -31,6 +51,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import math
 from array import array
 from datetime import datetime, timezone
 
@@ -47,15 +68,31 @@ HEADER = 6
 S_COUNT, S_SUM, S_MIN, S_MAX, S_LAST_TIME, S_LAST_VALUE = range(6)
 STATS = 6
 N_ITEMS = len(fd.MEASURED)
+# The windows follow the per-item slots: each item's newest bucket, then per item
+# N_BUCKETS prefixes of these fields (contiguous, so a read gathers whole prefixes).
+NEWEST = HEADER + N_ITEMS * STATS
+PREFIXES = NEWEST + N_ITEMS
+P_COUNT, P_SUM, P_MIN, P_MAX = range(4)  # a read turns the sum into the mean: fd.WINDOW_STATS
+assert fd.WINDOW_STATS == ("count", "mean", "min", "max")
+PREFIX = 4
+ITEM_PREFIXES = fd.N_BUCKETS * PREFIX
 NAN, INF = float("nan"), float("inf")
+_EMPTY_PREFIX = [0.0, 0.0, INF, -INF]
 
-_EMPTY_AGGREGATES = [NAN, NAN, NAN, NAN, -INF, 0.0] + [0.0, 0.0, INF, -INF, -INF, NAN] * N_ITEMS
+_EMPTY_AGGREGATES = (
+    [NAN, NAN, NAN, NAN, -INF, 0.0]
+    + [0.0, 0.0, INF, -INF, -INF, NAN] * N_ITEMS
+    + [NAN] * N_ITEMS
+    + _EMPTY_PREFIX * (fd.N_BUCKETS * N_ITEMS)
+)
 # Anchors: admit time, latest event time (the default scoring time), then per item the
 # time of its latest measurement.
 A_ADMIT, A_LAST_EVENT, A_ITEMS = 0, 1, 2
 N_ANCHORS = 2 + N_ITEMS
-NUMERIC_BYTES = fd.N_STATIC * 4 + N_ANCHORS * 8  # the blob's numeric part; the note tail follows
-assert fd.N_NUMERIC - fd.N_STATIC == 1 + N_ITEMS * len(fd.ITEM_TIMES)
+# The blob's numeric part; the note tail follows.
+NUMERIC_BYTES = fd.N_STATIC * 4 + N_ANCHORS * 8 + N_ITEMS * ITEM_PREFIXES * 4
+N_WINDOWED = len(fd.WINDOW_HOURS) * N_ITEMS * len(fd.WINDOW_STATS)
+assert fd.N_NUMERIC - fd.N_STATIC == 1 + N_ITEMS * len(fd.ITEM_TIMES) + N_WINDOWED
 
 
 def hours(t: datetime) -> float:
@@ -72,6 +109,7 @@ def blob_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
         [
             ("static", "<f4", (fd.N_STATIC,)),
             ("anchors", "<f8", (N_ANCHORS,)),
+            ("prefixes", "<f4", (N_ITEMS, fd.N_BUCKETS, PREFIX)),
             ("radiology", "<u2", (note_tokens,)),
             ("discharge", "<u2", (note_tokens,)),
         ]
@@ -171,7 +209,9 @@ class AdmissionState:
         if kind == "observation":
             index = fd.ITEM_INDEX.get(p.itemid)
             if index is not None:
-                self._observe(HEADER + index * STATS, hours(p.charttime), p.value)
+                t = hours(p.charttime)
+                self._observe(HEADER + index * STATS, t, p.value)
+                self._window(index, t, p.value)
         elif kind == "admission":
             a[H_ADMIT] = hours(p.admittime)
             a[H_AGE] = p.age
@@ -200,6 +240,25 @@ class AdmissionState:
         last_t, last_v = a[base + S_LAST_TIME], a[base + S_LAST_VALUE]
         if t > last_t or (t == last_t and not value <= last_v):
             a[base + S_LAST_TIME], a[base + S_LAST_VALUE] = t, value
+
+    def _window(self, index: int, t: float, value: float) -> None:
+        a, n = self.agg, fd.N_BUCKETS
+        k = float(math.floor(t / fd.BUCKET_HOURS))
+        newest = a[NEWEST + index]
+        first = PREFIXES + index * ITEM_PREFIXES
+        if not newest >= k:  # never measured (NaN) or a newer bucket: prefix r becomes r + shift
+            shift = n if newest != newest else min(int(k - newest), n)
+            a[first + shift * PREFIX : first + n * PREFIX] = a[first : first + (n - shift) * PREFIX]
+            a[first : first + shift * PREFIX] = _EMPTY_PREFIX * shift
+            a[NEWEST + index] = newest = k
+        # Join every prefix reaching back to bucket k (none if it is N_BUCKETS or more old).
+        for p in range(first + int(newest - k) * PREFIX, first + n * PREFIX, PREFIX):
+            a[p + P_COUNT] += 1.0
+            a[p + P_SUM] += value
+            if value < a[p + P_MIN]:
+                a[p + P_MIN] = value
+            if value > a[p + P_MAX]:
+                a[p + P_MAX] = value
 
     # --- what the state means -----------------------------------------------------------
 
@@ -239,7 +298,8 @@ class AdmissionState:
         little-endian ``blob_dtype`` on x86 and ARM)."""
         if self._tail is None:
             self._tail = self.notes.blob_tail()
-        return array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes() + self._tail
+        numeric = array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes()
+        return numeric + array("f", self.agg[PREFIXES:]).tobytes() + self._tail
 
     def to_aggregates(self) -> bytes:
         return array("d", self.agg).tobytes()
@@ -304,7 +364,32 @@ def raw_numeric(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
     anchors = records["anchors"]
     # Hours since admission, then hours since each item's latest measurement.
     since = as_of[:, None] - np.delete(anchors, A_LAST_EVENT, axis=1)
-    return np.concatenate([records["static"].astype(np.float64), since], axis=1)
+    return np.concatenate([records["static"].astype(np.float64), since, windowed(records, as_of)], axis=1)
+
+
+def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = fd.WINDOW_BUCKETS) -> np.ndarray:
+    """Per window (in buckets, at most N_BUCKETS), item and ``fd.WINDOW_STATS``, as of
+    ``as_of``: [B, N_WINDOWED] float64, NaN where missing (a count is never missing).
+    Windows end with ``as_of``'s bucket."""
+    rows = len(records)
+    # Every prefix of the batch, one per row, then a row for an empty window. A window
+    # that reaches the item's newest bucket has at least that measurement in it.
+    prefixes = np.empty((rows * N_ITEMS * fd.N_BUCKETS + 1, PREFIX), np.float32)
+    prefixes[:-1].reshape(records["prefixes"].shape)[...] = records["prefixes"]
+    prefixes[-1] = (0.0, np.nan, np.nan, np.nan)
+    empty = len(prefixes) - 1
+    # Each item's newest bucket, from its latest measurement's time (NaN: never measured).
+    newest = np.floor(records["anchors"][:, A_ITEMS:] / fd.BUCKET_HOURS).ravel()
+    behind = np.maximum(np.repeat(np.floor(as_of / fd.BUCKET_HOURS), N_ITEMS) - newest, 0.0)  # buckets
+    first = np.arange(rows * N_ITEMS) * fd.N_BUCKETS  # each item's prefix 0
+    blocks = []
+    for n in windows:
+        reach = n - 1 - behind  # the prefix this window is; NaN or negative: empty
+        picked = np.take(prefixes, np.where(reach >= 0, first + reach, empty).astype(np.intp),
+                         axis=0).astype(np.float64)  # [B * items, (count, sum, min, max)]
+        picked[:, P_SUM] /= np.maximum(picked[:, P_COUNT], 1.0)  # the mean; NaN stays NaN
+        blocks.append(picked.reshape(rows, -1))
+    return np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
 
 def scoring_time(records: np.ndarray, as_of=None) -> np.ndarray:

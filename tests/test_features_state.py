@@ -15,6 +15,7 @@ from features.fitted import FittedFeatures
 from features.state import AdmissionState, hours
 from features.vocab import Vocabulary, tokenize
 from ingest import events as ev
+from tests.test_features_windows import recompute_windows
 
 COHORT = sample.cohort(30, seed=3)
 VOCAB = Vocabulary.fit(e.payload.text for evs in COHORT.values() for e in evs if e.type == "note")
@@ -53,6 +54,7 @@ def recompute(events, as_of: float) -> dict[str, float]:
             out[f"{item.name}.min"] = values.min()
             out[f"{item.name}.max"] = values.max()
             out[f"{item.name}.hours_since_last"] = as_of - hours(latest.charttime)
+    out.update(recompute_windows([e.payload for e in events if e.type == "observation"], as_of))
     return out
 
 
