@@ -48,7 +48,9 @@ class KafkaPythonProducer:
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers, acks=acks, linger_ms=linger_ms, batch_size=batch_size,
             compression_type=compression, max_request_size=4 * 1024 * 1024,
-            retries=5, client_id="m3t-replay",
+            # Idempotence keeps each partition's order through retries (an admission's
+            # events must arrive in order), with several requests in flight.
+            enable_idempotence=acks == "all", retries=5, client_id="m3t-replay",
         )
         self._failures: list[Exception] = []
 
@@ -75,6 +77,7 @@ class ConfluentProducer:
             "bootstrap.servers": bootstrap_servers, "acks": str(acks), "linger.ms": linger_ms,
             "batch.size": batch_size, "compression.type": compression or "none",
             "queue.buffering.max.messages": 1_000_000, "client.id": "m3t-replay",
+            "enable.idempotence": str(acks) == "all",
             # Java's (and kafka-python's) key hashing, so both clients put a hadm_id on the same partition.
             "partitioner": "murmur2_random",
         })

@@ -73,7 +73,7 @@ def skeleton_events(n_admissions: int = 5) -> list:
 
 
 def produce(settings: Settings, events: list) -> None:
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True)
     try:
         for e in events:
             producer.send(settings.kafka.topic_events, key=ev.key(e), value=ev.encode(ev.validate(e)))

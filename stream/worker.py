@@ -117,7 +117,7 @@ class StreamWorker:
         )
         self.producer = KafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
-            client_id="m3t-worker",
+            enable_idempotence=True, client_id="m3t-worker",
         )
         self.stats = WorkerStats()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
