@@ -11,17 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from m3t.console import fail as _fail
+
 app = typer.Typer(help="Online (Redis) and offline features, parity, CXR preprocessing.", no_args_is_help=True)
 console = Console(stderr=True)  # stdout stays clean for --json
 out = Console()
 
 COHORT_HELP = "A cohort folder in the MIMIC-IV layout (the MIMIC-IV demo, or `m3t ingest synth` output)."
 CUTOFFS_HELP = "Cutoffs, hours after admission, comma separated."
-
-
-def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def _cutoffs(text: str):

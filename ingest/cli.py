@@ -13,14 +13,10 @@ from rich.table import Table
 
 from ingest.accounting import IngestStats, JsonLinesDeadLetters
 from ingest.events import MAX_NOTE_CHARS
+from m3t.console import fail as _fail
 
 app = typer.Typer(help="Read MIMIC-IV, generate a synthetic cohort, replay it into Kafka.", no_args_is_help=True)
 console = Console(stderr=True)  # stdout stays clean for --json
-
-
-def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def _progress() -> Progress:

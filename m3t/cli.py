@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from m3t import services as svc
+from m3t.console import fail
 from m3t.settings import get_settings
 
 console = Console()
@@ -45,8 +46,7 @@ def services_up(names: list[str] = typer.Argument(None, help="redis, kafka, trit
     try:
         healths = svc.up(get_settings(), names or None)
     except svc.ServiceError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1)
+        fail(exc)
     console.print(_health_table(healths))
 
 
@@ -114,8 +114,7 @@ def demo():
     try:
         run_demo(get_settings(), console)
     except (svc.ServiceError, RuntimeError) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1)
+        fail(exc)
 
 
 if __name__ == "__main__":

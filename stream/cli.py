@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from m3t.clients import redis_client
+from m3t.console import fail
 from m3t.settings import get_settings
 
 console = Console()
@@ -43,8 +44,7 @@ def run(
     try:
         features, model = _scoring(scorer, settings, client, backend)
     except (LookupError, RuntimeError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1)
+        fail(exc)
     worker = StreamWorker(settings, features, model, ScoreStore(client), max_batch=max_batch,
                           max_wait_ms=max_wait_ms, group_id=group)
     stop = threading.Event()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from m3t.console import fail as _fail
 
 app = typer.Typer(help="Train and evaluate M3T-LM.", no_args_is_help=True)
 export_app = typer.Typer(help="Export M3T-LM to ONNX/TensorRT and publish to model_repo/.", no_args_is_help=True)
@@ -17,11 +18,6 @@ console = Console(stderr=True)  # stdout stays clean for --json
 DATA = typer.Option(..., "--data", help="Folder with dataset.npz and meta.json (`m3t features build`).")
 RUN = typer.Option(..., "--run", help="Training run folder (`m3t train run --out`).")
 AS_JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
-
-
-def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {escape(message)}")
-    raise typer.Exit(code)
 
 
 def _load(data: Path):
