@@ -135,3 +135,15 @@ def test_gradients_reach_every_trainable_encoder():
 def test_invalid_hyperparameters_raise_at_construction(build):
     with pytest.raises(ValueError):
         build()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_runs_in_that_precision_and_stays_close(dtype):
+    # GPU serving converts weights and inputs to fp16/bf16; no float32 may be made inside.
+    model, x = tiny_model(), batch(5)
+    reference = run(model, x)
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+    outputs = run(model.to(dtype), half)
+    assert all(o.dtype == dtype for o in outputs)
+    for got, want in zip(outputs, reference):
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

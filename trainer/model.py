@@ -282,7 +282,7 @@ class FusionHead(nn.Module):
         emb_discharge = torch.where(present[:, 1:2], emb_discharge, self.placeholder_discharge)
         emb_cxr = torch.where(present[:, 2:3], emb_cxr, self.placeholder_cxr)
         shared = self.trunk(
-            torch.cat([emb_numeric, emb_radiology, emb_discharge, emb_cxr, present.float()], dim=1)
+            torch.cat([emb_numeric, emb_radiology, emb_discharge, emb_cxr, present.to(emb_numeric.dtype)], dim=1)
         )
         return self.los_head(shared), self.mortality_head(shared)
 
