@@ -45,7 +45,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           quick=dict(admissions=256, observations=10, calls=50, repeats=2)),
     Stage("redis", "benchmarks.bench_redis",
           "Online store writes (events/s) and batch reads (p50/p99) beside a plain HGETALL pipeline.",
-          full=dict(admissions=1024, observations=40, batches=(1, 64, 256, 1024), reads=200, repeats=3),
+          full=dict(admissions=1024, observations=40, batches=(1, 64, 256, 1024), reads=1000, repeats=3),
           quick=dict(admissions=1024, observations=5, batches=(1, 64, 256, 1024), reads=40, repeats=2)),
     Stage("cxr", "benchmarks.bench_cxr",
           "Chest X-ray decode+preprocess images/s: Pillow/pydicom + NumPy beside DALI on the CPU.",

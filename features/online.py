@@ -119,6 +119,7 @@ class OnlineStore:
         self.discharged_ttl_s = discharged_ttl_s
         self.open_ttl_s = open_ttl_s
         self.max_retries = max_retries
+        self._blob_key = f"{self.prefix}:{{%d}}:f".encode()  # bytes %-formatting: the read path's keys
         self._load = client.register_script(_LOAD)
         self._commit = client.register_script(_COMMIT)
 
@@ -215,7 +216,8 @@ class OnlineStore:
 
     def read_blobs(self, hadm_ids: Sequence[int]) -> list[bytes | None]:
         """The stored state of each admission (None if unknown), in one round trip."""
-        keys = [self.keys(h)[0] for h in hadm_ids]
+        template = self._blob_key
+        keys = [template % h for h in hadm_ids]
         if not keys:
             return []
         mget = getattr(self.client, "mget_nonatomic", self.client.mget)  # Redis Cluster splits by slot

@@ -349,29 +349,37 @@ def decode_blobs(blobs, note_tokens: int = mi.NOTE_TOKENS):
     dtype = blob_dtype(note_tokens)
     size = dtype.itemsize
     empty = _empty_prefix(note_tokens)
-    prefixes, uris, present = [], [], []
-    for blob in blobs:  # the only per-row Python: slicing bytes, decoding the URI
-        found = blob is not None and len(blob) >= size
-        present.append(found)
-        prefixes.append(blob[:size] if found else empty)
-        uris.append(blob[size:].decode() if found else "")
-    records = np.frombuffer(b"".join(prefixes), dtype=dtype)
-    return np.array(present, dtype=bool), records, np.array(uris, dtype=object)
+    # The only per-row Python: which rows were found, slicing off and decoding the URIs.
+    found = [blob is not None and len(blob) >= size for blob in blobs]
+    records = np.frombuffer(
+        b"".join([(blob if len(blob) == size else blob[:size]) if ok else empty for blob, ok in zip(blobs, found)]),
+        dtype=dtype,
+    )
+    uris = [blob[size:].decode() if ok and len(blob) > size else "" for blob, ok in zip(blobs, found)]
+    return np.array(found, dtype=bool), records, np.array(uris, dtype=object)
 
 
 def raw_numeric(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
     """Unnormalised ``NUMERIC_FEATURES`` [B, F] float64, NaN where missing."""
-    anchors = records["anchors"]
+    raw = np.empty((len(records), fd.N_NUMERIC))
+    static, since = fd.N_STATIC, fd.N_STATIC + 1 + N_ITEMS
+    raw[:, :static] = records["static"]
     # Hours since admission, then hours since each item's latest measurement.
-    since = as_of[:, None] - np.delete(anchors, A_LAST_EVENT, axis=1)
-    return np.concatenate([records["static"].astype(np.float64), since, windowed(records, as_of)], axis=1)
+    anchors = records["anchors"]
+    np.subtract(as_of, anchors[:, A_ADMIT], out=raw[:, static])
+    np.subtract(as_of[:, None], anchors[:, A_ITEMS:], out=raw[:, static + 1 : since])
+    windowed(records, as_of, out=raw[:, since:])
+    return raw
 
 
-def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = fd.WINDOW_BUCKETS) -> np.ndarray:
+def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = fd.WINDOW_BUCKETS,
+             out: np.ndarray | None = None) -> np.ndarray:
     """Per window (in buckets, at most N_BUCKETS), item and ``fd.WINDOW_STATS``, as of
     ``as_of``: [B, N_WINDOWED] float64, NaN where missing (a count is never missing).
     Windows end with ``as_of``'s bucket."""
     rows = len(records)
+    width = N_ITEMS * PREFIX
+    out = np.empty((rows, len(windows) * width)) if out is None else out
     # Every prefix of the batch, one per row, then a row for an empty window. A window
     # that reaches the item's newest bucket has at least that measurement in it.
     prefixes = np.empty((rows * N_ITEMS * fd.N_BUCKETS + 1, PREFIX), np.float32)
@@ -382,14 +390,13 @@ def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = 
     newest = np.floor(records["anchors"][:, A_ITEMS:] / fd.BUCKET_HOURS).ravel()
     behind = np.maximum(np.repeat(np.floor(as_of / fd.BUCKET_HOURS), N_ITEMS) - newest, 0.0)  # buckets
     first = np.arange(rows * N_ITEMS) * fd.N_BUCKETS  # each item's prefix 0
-    blocks = []
-    for n in windows:
+    for w, n in enumerate(windows):
         reach = n - 1 - behind  # the prefix this window is; NaN or negative: empty
-        picked = np.take(prefixes, np.where(reach >= 0, first + reach, empty).astype(np.intp),
-                         axis=0).astype(np.float64)  # [B * items, (count, sum, min, max)]
-        picked[:, P_SUM] /= np.maximum(picked[:, P_COUNT], 1.0)  # the mean; NaN stays NaN
-        blocks.append(picked.reshape(rows, -1))
-    return np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+        picked = np.take(prefixes, np.where(reach >= 0, first + reach, empty).astype(np.intp), axis=0)
+        block = out[:, w * width : (w + 1) * width]
+        block[...] = picked.reshape(rows, width)  # [B, items * (count, sum, min, max)]
+        block[:, P_SUM::PREFIX] /= np.maximum(block[:, P_COUNT::PREFIX], 1.0)  # the mean; NaN stays NaN
+    return out
 
 
 def scoring_time(records: np.ndarray, as_of=None) -> np.ndarray:
@@ -409,15 +416,16 @@ def assemble(blobs, as_of, mean: np.ndarray, std: np.ndarray, note_tokens: int =
     when = scoring_time(records, as_of)
     raw = raw_numeric(records, when)
     raw[~present] = np.nan  # an unknown admission has no counts either
-    observed = ~np.isnan(raw)
-    numeric = (raw - mean) / std
-    numeric[~observed] = 0.0
+    missing = np.isnan(raw)
+    numeric = np.subtract(raw, mean)
+    np.divide(numeric, std, out=numeric)
+    numeric[missing] = 0.0
     rad = records["radiology"].astype(np.int64)
     dis = records["discharge"].astype(np.int64)
     modality = np.column_stack([rad[:, 0] != fd.PAD, dis[:, 0] != fd.PAD, uris != ""])
     return {
         mi.NUMERIC: numeric.astype(np.float32),
-        mi.NUMERIC_MASK: observed.astype(np.float32),
+        mi.NUMERIC_MASK: (~missing).astype(np.float32),
         mi.NOTES_RADIOLOGY: rad,
         mi.NOTES_DISCHARGE: dis,
         mi.MODALITY_MASK: modality.astype(np.float32),
