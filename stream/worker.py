@@ -6,6 +6,13 @@ write scores -> commit. Offsets are committed only after the Redis writes they c
 succeeded, so delivery is at least once; the feature store and the score store are
 idempotent, so a redelivered event changes nothing. Invalid events go to the dead-letter
 topic with their reason before their offset is committed.
+
+Scoring is pipelined: one micro-batch is scored on a background thread (feature read,
+Triton, score writes) while the loop goes on polling and applying the next events, so
+the worker's Python and Triton's model run at the same time. An offset is committed once
+every event before it is in a written score: each poll gets a sequence number, each dirty
+admission remembers the first poll whose change it has not had scored, and the commit
+moves to the consumed positions of the last poll below all of those.
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ import os
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import redis
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 from tritonclient.utils import InferenceServerException
 
 from ingest import events as ev
@@ -56,6 +66,19 @@ class WorkerStats:
     commits: int = 0
     retries: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Change:
+    """An admission's events not yet in a written score."""
+
+    arrived: float  # Kafka timestamp (s) of the oldest of them
+    first: int  # the poll that brought it
+    last: int  # the latest poll that changed the admission
+    in_flight: bool = False  # in the batch being scored (which reads the features as of its launch)
+    # Events that came while the admission was in flight: the next score's.
+    next_arrived: float | None = None
+    next_first: int | None = None
 
 
 def dead_letter_record(record, reason: str, detail: str) -> bytes:
@@ -122,11 +145,18 @@ class StreamWorker:
         self.stats = WorkerStats()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(scores.client, self.worker_id)
-        # Admissions waiting to be scored -> Kafka timestamp (s) of their oldest unscored event.
-        self._dirty: dict[int, float] = {}
-        self._dirty_since = time.monotonic()
+        # Admissions with events not yet in a written score (in flight included).
+        self._dirty: dict[int, Change] = {}
+        self._dirty_since = time.monotonic()  # when the oldest change waiting for a batch came
         self._discharged: set[int] = set()
-        self._uncommitted = False
+        self._seq = 0  # polls that returned records
+        self._consumed: dict = {}  # partition -> next offset, after the latest poll
+        self._positions: deque[tuple[int, dict]] = deque()  # (poll, consumed positions), uncommitted
+        self._committed_seq = 0
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
+        self._future: Future | None = None
+        self._batch: list[int] = []  # in flight
+        self._batch_seq = 0  # the last poll whose events the batch in flight reads
         self._stop = threading.Event()
 
     def run(
@@ -142,19 +172,22 @@ class StreamWorker:
         last_data = time.monotonic()
         try:
             while not self._stop.is_set():
-                polled = self.consumer.poll(timeout_ms=int(self.max_wait_s * 1000), max_records=self.max_batch)
+                # With a batch in flight, come back soon to collect it.
+                wait_s = min(self.max_wait_s, 0.005) if self._future else self.max_wait_s
+                polled = self.consumer.poll(timeout_ms=int(wait_s * 1000), max_records=self.max_batch)
                 records = [r for batch in polled.values() for r in batch]
                 if records:
                     last_data = time.monotonic()
                     self._apply(records)
-                    self._uncommitted = True
-                if self._dirty and (
-                    not records or len(self._dirty) >= self.max_batch
+                if self._future is not None and self._future.done():
+                    self._collect()
+                waiting = len(self._dirty) - len(self._batch)
+                if self._future is None and waiting and (
+                    not records or waiting >= self.max_batch
                     or time.monotonic() - self._dirty_since >= self.max_wait_s
                 ):
-                    self._retrying("scoring", self._score_dirty)
-                if self._uncommitted and not self._dirty:
-                    self._commit()
+                    self._launch()
+                self._commit_scored()
                 if self.metrics.due():
                     self._flush_metrics()
                 if stop_after is not None and self.stats.events >= stop_after:
@@ -163,10 +196,8 @@ class StreamWorker:
                     last_data = time.monotonic()  # still joining the group: not idle yet
                 elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                     break
-            if self._dirty:
-                self._retrying("scoring", self._score_dirty)
-            if self._uncommitted:
-                self._commit()
+            self._retrying("scoring", self._score_all)
+            self._commit_scored()
             self._flush_metrics()
         finally:
             self.close()
@@ -207,33 +238,95 @@ class StreamWorker:
             except ev.InvalidEvent as exc:
                 self._dead_letter(record, exc.reason, exc.detail)
         self._retrying("feature update", lambda: self.features.apply(valid))
-        if valid and not self._dirty:
+        self._seq += 1
+        seq = self._seq
+        if valid and len(self._dirty) == len(self._batch):
             self._dirty_since = time.monotonic()
         for event, t in zip(valid, arrived):
             if event.type == "discharge":
                 self._discharged.add(event.hadm_id)
-            self._dirty[event.hadm_id] = min(t, self._dirty.get(event.hadm_id, t))
+            change = self._dirty.get(event.hadm_id)
+            if change is None:
+                self._dirty[event.hadm_id] = Change(t, seq, seq)
+            elif change.in_flight:
+                change.next_arrived = min(t, change.next_arrived if change.next_arrived is not None else t)
+                change.next_first = change.next_first or seq
+                change.last = seq
+            else:
+                change.arrived, change.last = min(change.arrived, t), seq
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self._consumed[tp] = max(self._consumed.get(tp, 0), record.offset + 1)
+        self._positions.append((seq, dict(self._consumed)))
         self.stats.events += len(records)
 
-    def _score_dirty(self) -> None:
-        while self._dirty:
-            batch = list(self._dirty)[: self.max_batch]
-            inputs, feature_times = self.features.inputs(batch)
-            los, mortality = self.scorer.score(inputs)
-            now = time.time()
-            scores = [RiskScore(h, float(l), float(m), self.scorer.model, t, now)
-                      for h, l, m, t in zip(batch, los, mortality, feature_times)]
-            self.scores.write_batch(scores, {h: h not in self._discharged for h in batch})
-            self.scores.discharge([h for h in batch if h in self._discharged])
-            for score in scores:
-                self.producer.send(self.settings.kafka.topic_scores, key=str(score.hadm_id).encode(),
-                                   value=score.as_json().encode())
+    # --- scoring, one batch in flight on a background thread ----------------------------
+
+    def _launch(self) -> None:
+        batch = [h for h, change in self._dirty.items() if not change.in_flight][: self.max_batch]
+        for h in batch:
+            self._dirty[h].in_flight = True
+        self._batch, self._batch_seq = batch, self._seq
+        discharged = {h for h in batch if h in self._discharged}
+        self._future = self._scoring.submit(self._score_batch, batch, discharged)
+        if len(self._dirty) > len(batch):  # the rest waits for the next batch from now
+            self._dirty_since = time.monotonic()
+
+    def _score_batch(self, batch: list[int], discharged: set[int]) -> float:
+        """(On the scoring thread.) Read, score, write and publish one batch; returns when."""
+        inputs, feature_times = self.features.inputs(batch)
+        los, mortality = self.scorer.score(inputs)
+        now = time.time()
+        scores = [RiskScore(h, float(l), float(m), self.scorer.model, t, now)
+                  for h, l, m, t in zip(batch, los, mortality, feature_times)]
+        self.scores.write_batch(scores, {h: h not in discharged for h in batch})
+        self.scores.discharge(sorted(discharged))
+        for score in scores:
+            self.producer.send(self.settings.kafka.topic_scores, key=str(score.hadm_id).encode(),
+                               value=score.as_json().encode())
+        return now
+
+    def _finish(self) -> None:
+        """Collect the batch in flight. On failure its admissions wait, dirty, for the next
+        batch (the error is raised)."""
+        future, batch, self._future, self._batch = self._future, self._batch, None, []
+        try:
+            scored_at = future.result()
+        except BaseException:
             for h in batch:
-                self.metrics.latency.observe(max(0.0, now - self._dirty.pop(h)))
+                change = self._dirty[h]
+                change.in_flight = False
+                if change.next_arrived is not None:
+                    change.arrived = min(change.arrived, change.next_arrived)
+                change.next_arrived = change.next_first = None
+            raise
+        for h in batch:
+            change = self._dirty.pop(h)
+            self.metrics.latency.observe(max(0.0, scored_at - change.arrived))
+            if change.next_first is not None:  # changed again while in flight: score again
+                self._dirty[h] = Change(change.next_arrived, change.next_first, change.last)
+            elif h in self._discharged and change.last <= self._batch_seq:
                 self._discharged.discard(h)
-            self.metrics.batch_size.observe(len(batch))
-            self.stats.scored += len(batch)
-            self.stats.batches += 1
+        self.metrics.batch_size.observe(len(batch))
+        self.stats.scored += len(batch)
+        self.stats.batches += 1
+
+    def _collect(self) -> None:
+        try:
+            self._finish()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("scoring failed (%s); scoring synchronously until it recovers", type(exc).__name__)
+            self._retrying("scoring", self._score_all)
+
+    def _score_all(self) -> None:
+        """Score until nothing is dirty or in flight: at shutdown, and while recovering."""
+        while self._future is not None or self._dirty:
+            if self._future is None:
+                self._launch()
+            self._future.exception()  # wait for it
+            self._finish()
 
     def _dead_letter(self, record, reason: str, detail: str) -> None:
         self.producer.send(self.settings.kafka.topic_dead_letter, key=record.key,
@@ -242,12 +335,24 @@ class StreamWorker:
         self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
         log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic, record.partition, record.offset)
 
-    def _commit(self) -> None:
+    def _commit_scored(self) -> None:
+        """Commit the consumed positions of the last poll whose events are all in written
+        scores (or dead letters), if that moved."""
+        floor = min((change.first for change in self._dirty.values()), default=self._seq + 1) - 1
+        offsets = None
+        while self._positions and self._positions[0][0] <= floor:
+            seq, offsets = self._positions.popleft()
+        if offsets is None or seq <= self._committed_seq:
+            return
         # Dead letters and published scores must be durable before their offsets move. A
         # broker that does not answer stops the worker uncommitted rather than hanging it.
         self.producer.flush(timeout=self.kafka_timeout_s)
-        self.consumer.commit(timeout_ms=int(self.kafka_timeout_s * 1000))
-        self._uncommitted = False
+        assigned = self.consumer.assignment()  # a revoked partition's events go to its new owner
+        self.consumer.commit(
+            {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items() if tp in assigned},
+            timeout_ms=int(self.kafka_timeout_s * 1000),
+        )
+        self._committed_seq = seq
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:
@@ -260,5 +365,6 @@ class StreamWorker:
         self.metrics.flush(asdict(self.stats))
 
     def close(self) -> None:
+        self._scoring.shutdown(wait=True)
         self.producer.close()
         self.consumer.close()

@@ -170,3 +170,46 @@ def test_sigterm_finishes_batch_and_commits(isolated_settings, redis_client):
     applied = sum(observations(redis_client, hadm_ids).values()) + sum(
         1 for h in hadm_ids if redis_client.hget(KEY.format(hadm_id=h), "age") is not None)
     assert 0 < committed == applied
+
+
+def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isolated_settings, redis_client):
+    # Scoring runs beside consumption: events for an admission in the batch being scored
+    # must be scored again, and nothing is committed before a score covers it.
+    settings = isolated_settings
+    events = cohort(3, 4, 85_000_000)
+    early = [e for e in events if e.type == "admission"]
+    later = [e for e in events if e.type != "admission"]
+    started, release = threading.Event(), threading.Event()
+
+    class HeldScorer(TritonScorer):
+        def score(self, inputs):
+            if not release.is_set():
+                started.set()
+                assert release.wait(60)
+            return super().score(inputs)
+
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), HeldScorer(settings, "placeholder"),
+                          ScoreStore(redis_client), max_wait_ms=20)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
+    thread.start()
+    try:
+        produce(settings, early)
+        assert wait_for(started.is_set)
+        produce(settings, later)
+        assert wait_for(lambda: worker.stats.events == len(events))
+        in_flight = [h for h, change in worker._dirty.items() if change.in_flight]
+        assert in_flight and all(worker._dirty[h].next_first for h in in_flight)
+        assert worker.stats.commits == 0 and not committed_everything(settings)
+        release.set()
+        assert wait_for(lambda: committed_everything(settings))
+        assert wait_for(lambda: not worker._dirty)
+    finally:
+        release.set()
+        stop.set()
+        thread.join(30)
+    store = ScoreStore(redis_client)
+    last = {e.hadm_id: e.event_time.timestamp() for e in later}
+    assert {h: store.get(h).feature_time for h in last} == last  # the newest events are in the scores
+    assert worker.stats.batches >= 2
+    assert observations(redis_client, last) == dict.fromkeys(last, 4)
