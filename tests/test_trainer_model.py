@@ -126,6 +126,7 @@ def test_gradients_reach_every_trainable_encoder():
         lambda: NumericEncoder(0),
         lambda: NumericEncoder(4, embed_dim=10, n_heads=4),
         lambda: NumericEncoder(4, kernel_size=4),
+        lambda: NumericEncoder(4, pool=0),
         lambda: NotesEncoder(1),
         lambda: NotesEncoder(10, padding_idx=10),
         lambda: CxrEncoder(channels=()),
@@ -147,3 +148,24 @@ def test_half_precision_model_runs_in_that_precision_and_stays_close(dtype):
     assert all(o.dtype == dtype for o in outputs)
     for got, want in zip(outputs, reference):
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("n_features", [6, 7])
+def test_pooling_halves_the_sequence_attention_sees_and_keeps_every_feature(n_features):
+    encoder = NumericEncoder(n_features, embed_dim=8, n_heads=2, pool=2).eval()
+    seen = []
+    encoder.attention.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    x, mask = torch.randn(3, n_features), torch.ones(3, n_features)
+    with torch.no_grad():
+        before = encoder(x, mask)
+        x[:, -1] += 5.0  # the last feature, alone in its window when the count is odd
+        after = encoder(x, mask)
+    assert seen == [(n_features + 1) // 2] * 2
+    assert not torch.allclose(before, after)
+
+
+def test_checkpoints_from_before_pooling_rebuild_without_it():
+    old = M3TConfig(n_features=6, vocab_size=30).to_dict()
+    del old["numeric_pool"]
+    assert M3TConfig.from_dict(old).numeric_pool == 1
+    assert M3TConfig.from_dict(M3TConfig(n_features=6, vocab_size=30).to_dict()).numeric_pool == 2

@@ -67,9 +67,12 @@ class NumericEncoder(nn.Module):
     Each of the ``n_features`` features becomes a token: its value times a learned
     direction, plus a learned feature-identity embedding, plus a learned "missing"
     embedding where ``numeric_mask`` is 0 (the value there is 0, which is not a
-    measurement). Residual Conv1d blocks mix neighbouring features, multi-head
-    self-attention lets any feature attend to any other, and attention pooling (a learned
-    query scoring each feature) reduces the sequence to one embedding.
+    measurement). Residual Conv1d blocks mix neighbouring features; after the first, max
+    pooling (a 1D CNN's usual downsampling) shortens the sequence by ``pool``, which cuts
+    self-attention's cost, quadratic in the length, by ``pool`` squared (on the CPU the
+    numeric encoder is most of the cost of rescoring an admission). Multi-head
+    self-attention then lets any position attend to any other, and attention pooling (a
+    learned query scoring each position) reduces the sequence to one embedding.
 
     Args:
         n_features: F, the length of the numeric vector.
@@ -78,6 +81,7 @@ class NumericEncoder(nn.Module):
         kernel_size: odd Conv1d kernel, so the sequence length is kept (default 3).
         n_heads: self-attention heads; must divide ``embed_dim`` (default 2: on the CPU,
             head size 16 is twice as fast as 8).
+        pool: max-pooling window and stride after the first block (default 2; 1: none).
         out_dim: embedding size returned (default 64).
         dropout: dropout in the blocks and the output (default 0.1).
     """
@@ -91,8 +95,11 @@ class NumericEncoder(nn.Module):
         n_heads: int = 2,
         out_dim: int = 64,
         dropout: float = 0.1,
+        pool: int = 2,
     ):
         super().__init__()
+        if pool < 1:
+            raise ValueError(f"pool must be >= 1, got {pool}")
         if n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {n_features}")
         if kernel_size % 2 == 0:
@@ -110,6 +117,8 @@ class NumericEncoder(nn.Module):
             )
             for _ in range(n_blocks)
         )
+        # ceil_mode: the last feature of an odd-length vector gets a window of its own.
+        self.pool = nn.MaxPool1d(pool, ceil_mode=True) if pool > 1 else nn.Identity()
         self.conv_norm = nn.LayerNorm(embed_dim)
         self.attention = SelfAttention(embed_dim, n_heads)
         self.attention_norm = nn.LayerNorm(embed_dim)
@@ -124,11 +133,13 @@ class NumericEncoder(nn.Module):
             + (1.0 - observed) * self.missing_embedding
         )  # [B, F, E]
         x = tokens.transpose(1, 2)  # Conv1d wants [B, E, F]
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = x + block(x)
-        x = self.conv_norm(x.transpose(1, 2))  # [B, F, E]
+            if i == 0:
+                x = self.pool(x)  # [B, E, ceil(F / pool)]
+        x = self.conv_norm(x.transpose(1, 2))  # [B, F', E]
         x = self.attention_norm(x + self.attention(x))
-        weights = torch.softmax(self.pool_score(x), dim=1)  # [B, F, 1]
+        weights = torch.softmax(self.pool_score(x), dim=1)  # [B, F', 1]
         return self.out((weights * x).sum(dim=1))
 
 
@@ -306,6 +317,7 @@ class M3TConfig:
     numeric_embed_dim: int = 32
     numeric_blocks: int = 2
     numeric_heads: int = 2
+    numeric_pool: int = 2
     notes_embed_dim: int = 48
     notes_hidden_dim: int = 64
     cxr_channels: tuple[int, ...] = (16, 32, 64)
@@ -321,6 +333,7 @@ class M3TConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "M3TConfig":
         d = dict(d)
+        d.setdefault("numeric_pool", 1)  # checkpoints from before the pooling had none (it has no weights)
         d["cxr_channels"] = tuple(d["cxr_channels"])
         d["modalities"] = tuple(d["modalities"])
         return cls(**d)
@@ -350,7 +363,7 @@ class M3TLM(nn.Module):
         self.config = config
         self.numeric = NumericEncoder(
             c.n_features, c.numeric_embed_dim, c.numeric_blocks, n_heads=c.numeric_heads,
-            out_dim=c.emb_dim, dropout=c.dropout,
+            out_dim=c.emb_dim, dropout=c.dropout, pool=c.numeric_pool,
         )
         notes = dict(embed_dim=c.notes_embed_dim, hidden_dim=c.notes_hidden_dim, out_dim=c.emb_dim, dropout=c.dropout)
         self.notes = NotesPair(NotesEncoder(c.vocab_size, **notes), NotesEncoder(c.vocab_size, **notes))
