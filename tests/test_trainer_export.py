@@ -166,3 +166,22 @@ def test_repo_configs_fit_the_current_feature_set():
     config = read_config(PROJECT_ROOT / "model_repo" / "m3t_lm" / "config.pbtxt")
     dims = {t.name: tuple(t.dims) for t in config.input}
     assert dims == {s.name: s.shape for s in mi.input_specs(N_NUMERIC)}
+
+
+def test_publishing_a_run_retrained_in_place_exports_the_new_checkpoint(tmp_path):
+    # Seen: `make demo` twice published the first run's cached ONNX graphs for the second run.
+    from trainer.cli import export_app
+    from trainer.synthetic import make_dataset
+    from trainer.train import TrainConfig, train
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    data = make_dataset(n=60, seed=1)
+    train(data, run, TrainConfig(max_epochs=1), TINY, progress=False)
+    args = ["publish", "--run", str(run), "--repo", str(repo)]
+    assert CliRunner().invoke(export_app, args).exit_code == 0
+    first = (repo / "m3t_lm" / "1" / "model.onnx").read_bytes()
+    train(data, run, TrainConfig(max_epochs=1, seed=2), {**TINY, "fusion_hidden_dim": 12}, progress=False)
+    assert CliRunner().invoke(export_app, args).exit_code == 0
+    second = (repo / "m3t_lm" / "2" / "model.onnx").read_bytes()
+    assert second != first
+    assert (run / "onnx" / "m3t_lm.onnx").read_bytes() == second

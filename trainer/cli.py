@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -128,14 +129,33 @@ def _checkpoint(run_dir: Path):
     return load_checkpoint(path)
 
 
+CHECKPOINT_STAMP = "checkpoint.sha256"  # beside the ONNX files: the best.pt they were exported from
+
+
+def _checkpoint_digest(run_dir: Path) -> str:
+    return hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+
+
 def _export_onnx(run_dir: Path, out: Path, tolerance: float) -> dict:
     from trainer.export import ExportError, export_onnx
 
     model, checkpoint = _checkpoint(run_dir)
     try:
-        return export_onnx(model, checkpoint["input_shapes"], out, tolerance)
+        report = export_onnx(model, checkpoint["input_shapes"], out, tolerance)
     except ExportError as exc:
         _fail(str(exc))
+    (out / CHECKPOINT_STAMP).write_text(_checkpoint_digest(run_dir) + "\n")
+    return report
+
+
+def _current_onnx(run_dir: Path) -> Path:
+    """RUN/onnx, exported again unless it came from the run's current best.pt: a run
+    retrained in place must never publish its previous model's graphs."""
+    onnx_dir = run_dir / "onnx"
+    stamp = onnx_dir / CHECKPOINT_STAMP
+    if not stamp.exists() or stamp.read_text().strip() != _checkpoint_digest(run_dir):
+        _export_onnx(run_dir, onnx_dir, 1e-4)
+    return onnx_dir
 
 
 def _parity_table(report: dict, title: str) -> Table:
@@ -182,9 +202,7 @@ def tensorrt(
 
         dataset = _load(data)
         calibration = dataset.subset(split_by_patient(dataset.arrays["subject_id"])["train"]).arrays
-    onnx_dir = run_dir / "onnx"
-    if not (onnx_dir / "m3t_lm.onnx").exists():
-        _export_onnx(run_dir, onnx_dir, 1e-4)
+    onnx_dir = _current_onnx(run_dir)
     try:
         report = export_tensorrt(
             model, checkpoint["input_shapes"], onnx_dir, run_dir / "tensorrt", fp16, int8, calibration,
@@ -219,9 +237,7 @@ def publish(
         _fail(f"--backend must be one of {', '.join(BACKENDS)}")
     settings = get_settings()
     model, checkpoint = _checkpoint(run_dir)
-    onnx_dir = run_dir / "onnx"
-    if not (onnx_dir / "m3t_lm.onnx").exists():
-        _export_onnx(run_dir, onnx_dir, 1e-4)
+    onnx_dir = _current_onnx(run_dir)
     engine_dir = run_dir / "tensorrt" if backend == "tensorrt" else None
     try:
         batching = Batching(max_batch_size, tuple(preferred_batch_size), queue_delay_us, instances)
