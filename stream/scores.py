@@ -10,7 +10,7 @@ A score older than the stored one (by feature time) is skipped, so replays are h
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import redis
 
@@ -43,7 +43,9 @@ class RiskScore:
     scored_at: float  # epoch seconds
 
     def as_json(self) -> str:
-        return json.dumps(asdict(self))
+        # A dict by hand: dataclasses.asdict deep-copies, ~40 us a score on the hot path.
+        return json.dumps({"hadm_id": self.hadm_id, "los_days": self.los_days, "mortality_prob": self.mortality_prob,
+                           "model": self.model, "feature_time": self.feature_time, "scored_at": self.scored_at})
 
 
 class ScoreStore:

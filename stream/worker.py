@@ -22,9 +22,10 @@ import json
 import logging
 import os
 import socket
+import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -147,6 +148,7 @@ class StreamWorker:
         self.metrics = WorkerMetrics(scores.client, self.worker_id)
         # Admissions with events not yet in a written score (in flight included).
         self._dirty: dict[int, Change] = {}
+        self._firsts: Counter[int] = Counter()  # Change.first -> how many (the commit floor is the least)
         self._dirty_since = time.monotonic()  # when the oldest change waiting for a batch came
         self._discharged: set[int] = set()
         self._seq = 0  # polls that returned records
@@ -248,6 +250,7 @@ class StreamWorker:
             change = self._dirty.get(event.hadm_id)
             if change is None:
                 self._dirty[event.hadm_id] = Change(t, seq, seq)
+                self._firsts[seq] += 1
             elif change.in_flight:
                 change.next_arrived = min(t, change.next_arrived if change.next_arrived is not None else t)
                 change.next_first = change.next_first or seq
@@ -263,7 +266,8 @@ class StreamWorker:
     # --- scoring, one batch in flight on a background thread ----------------------------
 
     def _launch(self) -> None:
-        batch = [h for h, change in self._dirty.items() if not change.in_flight][: self.max_batch]
+        # Nothing is in flight when a batch is launched: the oldest changes go first.
+        batch = list(itertools.islice(self._dirty, self.max_batch))
         for h in batch:
             self._dirty[h].in_flight = True
         self._batch, self._batch_seq = batch, self._seq
@@ -303,8 +307,12 @@ class StreamWorker:
         for h in batch:
             change = self._dirty.pop(h)
             self.metrics.latency.observe(max(0.0, scored_at - change.arrived))
+            self._firsts[change.first] -= 1
+            if not self._firsts[change.first]:
+                del self._firsts[change.first]
             if change.next_first is not None:  # changed again while in flight: score again
                 self._dirty[h] = Change(change.next_arrived, change.next_first, change.last)
+                self._firsts[change.next_first] += 1
             elif h in self._discharged and change.last <= self._batch_seq:
                 self._discharged.discard(h)
         self.metrics.batch_size.observe(len(batch))
@@ -338,7 +346,7 @@ class StreamWorker:
     def _commit_scored(self) -> None:
         """Commit the consumed positions of the last poll whose events are all in written
         scores (or dead letters), if that moved."""
-        floor = min((change.first for change in self._dirty.values()), default=self._seq + 1) - 1
+        floor = min(self._firsts, default=self._seq + 1) - 1
         offsets = None
         while self._positions and self._positions[0][0] <= floor:
             seq, offsets = self._positions.popleft()

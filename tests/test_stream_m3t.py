@@ -146,3 +146,13 @@ def test_in_process_onnx_runtime_path_equals_triton(isolated_settings, cohort, d
         assert in_process.model == on_triton.model  # the same published version
         for a, b in zip(on_triton.score(inputs), in_process.score(inputs)):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_score_as_json_carries_every_field():
+    import dataclasses
+    import json
+
+    from stream.scores import RiskScore
+
+    score = RiskScore(7, 3.5, 0.25, "m3t_lm:2", 1.5e9, 1.6e9)
+    assert json.loads(score.as_json()) == dataclasses.asdict(score)
