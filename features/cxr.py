@@ -94,6 +94,19 @@ def _pipeline_def():
     return cxr_pipeline
 
 
+def serialized_pipeline(device: str = "gpu", batch_size: int = 64, num_threads: int = 4, size: int = CXR_SIZE) -> bytes:
+    """The encoded-image pipeline, serialized for Triton's DALI backend: its external source
+    ``input`` takes one image's compressed bytes per sample, its one output is the ``cxr``
+    tensor. ``device="gpu"`` decodes with nvJPEG; DALI serializes a GPU pipeline only where
+    CUDA is present (it raises ``RuntimeError`` elsewhere)."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be cpu or gpu, not {device!r}")
+    gpu = device == "gpu"
+    pipe = _pipeline_def()(source="encoded", decode_device="mixed" if gpu else "cpu", size=size,
+                           batch_size=batch_size, num_threads=num_threads, device_id=0 if gpu else None)
+    return pipe.serialize()
+
+
 def gpu_available() -> bool:
     try:
         from nvidia.dali.backend import GetCUDADeviceCount

@@ -91,3 +91,56 @@ def test_unreadable_files_are_bad_images(tmp_path):
         cxr.load(str(SAMPLES.parent / "dicom-samples" / "JPEG-lossy.dcm"))
     with pytest.raises(cxr.BadImage, match="unsupported_uri_scheme"):
         cxr.load("s3://bucket/image.jpg")
+
+
+def test_the_pipeline_published_for_tritons_dali_backend_gives_the_workers_tensors(tmp_path, preprocess):
+    import shutil
+
+    from nvidia.dali import Pipeline
+
+    from m3t.settings import PROJECT_ROOT
+    from trainer.publish import CXR_EMBED, CXR_PREPROCESS, Batching, publish_cxr_pipeline, read_config
+
+    (tmp_path / "m3t_enc_cxr").mkdir()
+    shutil.copy(PROJECT_ROOT / "model_repo" / "m3t_enc_cxr" / "config.pbtxt", tmp_path / "m3t_enc_cxr")
+    published = publish_cxr_pipeline(tmp_path, "cpu", Batching(max_batch_size=8, preferred_batch_size=(4,)))
+    assert published[CXR_PREPROCESS] == tmp_path / CXR_PREPROCESS / "1"
+
+    # The configs chain by name: bytes -> the pipeline's external source; its output -> the
+    # X-ray encoder's input; the encoder's output -> the ensemble's output.
+    dali, ensemble = (read_config(tmp_path / name / "config.pbtxt") for name in (CXR_PREPROCESS, CXR_EMBED))
+    encoder = read_config(tmp_path / "m3t_enc_cxr" / "config.pbtxt")
+    assert dali.backend == "dali" and dali.input[0].name == "input" and dali.input[0].allow_ragged_batch
+    assert list(dali.output[0].dims) == list(encoder.input[0].dims) == [1, 128, 128]
+    first, second = ensemble.ensemble_scheduling.step
+    assert (first.model_name, second.model_name) == (CXR_PREPROCESS, "m3t_enc_cxr")
+    assert first.input_map["input"] == ensemble.input[0].name
+    assert second.input_map[encoder.input[0].name] == first.output_map[dali.output[0].name]
+    assert second.output_map[encoder.output[0].name] == ensemble.output[0].name
+    assert (tmp_path / CXR_EMBED / "1").is_dir()
+
+    # The serialized pipeline, run as the backend runs it (one image's bytes per sample),
+    # equals the worker's in-process DALI preprocessing.
+    images = [path.read_bytes() for path in PNGS[:2]] + [cxr.from_dicom(JPEG_DICOM).data]
+    pipe = Pipeline.deserialize(filename=str(published[CXR_PREPROCESS] / "model.dali"), device_id=None,
+                                batch_size=8, num_threads=1)
+    pipe.build()
+    pipe.feed_input("input", [np.frombuffer(data, np.uint8) for data in images])
+    (out,) = pipe.run()
+    want = preprocess([cxr.Encoded(data) for data in images])
+    assert want.ok.all()
+    for i in range(len(images)):
+        np.testing.assert_array_equal(np.array(out[i]), want.tensors[i])
+
+    # A new version each time, never an overwrite.
+    assert publish_cxr_pipeline(tmp_path, "cpu")[CXR_PREPROCESS].name == "2"
+
+
+def test_a_gpu_pipeline_for_triton_without_cuda_here_is_a_clear_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from trainer.cli import export_app
+
+    result = CliRunner().invoke(export_app, ["dali", "--repo", str(tmp_path), "--device", "gpu"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert not list(tmp_path.iterdir())

@@ -276,3 +276,35 @@ def configs(
             console.print(str(write_config(repo or get_settings().model_repo, graph, backend, Batching())))
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
+
+
+@export_app.command("dali")
+def dali(
+    repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
+    device: str = typer.Option("auto", help="gpu (nvJPEG decode; needs CUDA here too), cpu, or auto."),
+    max_batch_size: int = typer.Option(64, help="Triton max_batch_size, and the pipeline's batch size."),
+    instances: int = typer.Option(1, help="Model instances (instance_group count)."),
+    as_json: bool = AS_JSON,
+):
+    """Publish the chest X-ray pipeline for Triton's DALI backend, and the bytes -> embedding ensemble."""
+    from features.cxr import gpu_available
+    from m3t.settings import get_settings
+    from trainer.publish import Batching, PublishError, publish_cxr_pipeline
+
+    if device not in ("auto", "cpu", "gpu"):
+        _fail("--device must be auto, cpu or gpu")
+    if device == "auto":
+        device = "gpu" if gpu_available() else "cpu"
+    elif device == "gpu" and not gpu_available():
+        _fail("--device gpu: no CUDA device here, and DALI serializes a GPU pipeline only where there is one "
+              "(run this on the GPU host, or use --device cpu for the DALI backend's CPU mode)", code=2)
+    try:
+        batching = Batching(max_batch_size, tuple(b for b in (8, 32) if b <= max_batch_size), 2000, instances)
+        published = publish_cxr_pipeline(repo or get_settings().model_repo, device, batching)
+    except (PublishError, ValueError) as exc:
+        _fail(str(exc))
+    result = {name: str(path) for name, path in published.items()}
+    table = Table("model", "written", title=f"chest X-ray pipeline for Triton's DALI backend ({device})")
+    for name, path in result.items():
+        table.add_row(name, path)
+    _print(result, as_json, table)
