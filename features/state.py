@@ -415,11 +415,12 @@ def assemble(blobs, as_of, mean: np.ndarray, std: np.ndarray, note_tokens: int =
     present, records, uris = decode_blobs(blobs, note_tokens)
     when = scoring_time(records, as_of)
     raw = raw_numeric(records, when)
-    raw[~present] = np.nan  # an unknown admission has no counts either
+    if not present.all():
+        raw[~present] = np.nan  # an unknown admission has no counts either
     missing = np.isnan(raw)
     numeric = np.subtract(raw, mean)
     np.divide(numeric, std, out=numeric)
-    numeric[missing] = 0.0
+    np.putmask(numeric, missing, 0.0)
     rad = records["radiology"].astype(np.int64)
     dis = records["discharge"].astype(np.int64)
     modality = np.column_stack([rad[:, 0] != fd.PAD, dis[:, 0] != fd.PAD, uris != ""])
