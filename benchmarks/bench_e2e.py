@@ -120,8 +120,12 @@ class ScoreObserver:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            messages = self.consumer.consume(num_messages=1000, timeout=0.05)
+            # consume(n, timeout) waits out its timeout unless n messages came (measured: a
+            # lone message took 51 ms with a 50 ms timeout), which would add to every latency;
+            # poll returns at the first message, then the rest are taken without waiting.
+            first = self.consumer.poll(0.05)
             now = time.perf_counter()
+            messages = ([first] + self.consumer.consume(num_messages=1000, timeout=0)) if first is not None else []
             for message in messages:
                 if message.error() is not None:
                     continue

@@ -220,9 +220,9 @@ def publish(
     run_dir: Path = RUN,
     repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
     backend: str = typer.Option("python", help="python (CPU Triton), onnxruntime or tensorrt (GPU Triton)."),
-    max_batch_size: int = typer.Option(64, help="Triton max_batch_size."),
-    preferred_batch_size: list[int] = typer.Option([8, 32], help="Dynamic batching preferred sizes."),
-    queue_delay_us: int = typer.Option(2000, help="Dynamic batching max_queue_delay_microseconds."),
+    max_batch_size: int = typer.Option(256, help="Triton max_batch_size."),
+    preferred_batch_size: list[int] = typer.Option([64, 256], help="Dynamic batching preferred sizes."),
+    queue_delay_us: int = typer.Option(500, help="Dynamic batching max_queue_delay_microseconds."),
     instances: int = typer.Option(1, help="Model instances (instance_group count)."),
     load: bool = typer.Option(False, help="Then ask the running Triton (settings.triton) to load the new versions."),
     as_json: bool = AS_JSON,
@@ -282,7 +282,7 @@ def configs(
 def dali(
     repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
     device: str = typer.Option("auto", help="gpu (nvJPEG decode; needs CUDA here too), cpu, or auto."),
-    max_batch_size: int = typer.Option(64, help="Triton max_batch_size, and the pipeline's batch size."),
+    max_batch_size: int = typer.Option(256, help="Triton max_batch_size, and the pipeline's batch size."),
     instances: int = typer.Option(1, help="Model instances (instance_group count)."),
     as_json: bool = AS_JSON,
 ):
@@ -299,7 +299,9 @@ def dali(
         _fail("--device gpu: no CUDA device here, and DALI serializes a GPU pipeline only where there is one "
               "(run this on the GPU host, or use --device cpu for the DALI backend's CPU mode)", code=2)
     try:
-        batching = Batching(max_batch_size, tuple(b for b in (8, 32) if b <= max_batch_size), 2000, instances)
+        defaults = Batching()
+        batching = Batching(max_batch_size, tuple(b for b in defaults.preferred_batch_size if b <= max_batch_size),
+                            defaults.max_queue_delay_microseconds, instances)
         published = publish_cxr_pipeline(repo or get_settings().model_repo, device, batching)
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
