@@ -43,7 +43,7 @@ def m3t_deployed(settings: Settings) -> bool:
     try:
         OnlineStore.current(redis_client(settings))
         client = triton_client(settings)
-        return all(client.is_model_ready(f"m3t_{name}") for name in ("enc_numeric", "enc_notes", "enc_cxr", "fusion"))
+        return all(client.is_model_ready(f"m3t_{name}") for name in ("enc_notes", "enc_cxr", "rescore"))
     except Exception:  # nothing published, or a model not loaded: the skeleton it is
         return False
 

@@ -8,7 +8,7 @@ Runtime on the same published ONNX files (``backend="onnx"``):
 * ``CachedEncoderScorer``: the per-modality encoders run only when their input changed (a
   new X-ray: the X-ray encoder once; a new note: the notes encoder once); their embeddings
   are cached in Redis. A numeric update re-runs only the numeric encoder and the fusion
-  head.
+  head, in one call (``m3t_rescore``).
 
 A chest X-ray that cannot be read or decoded is scored as absent (its ``modality_mask``
 flag cleared), exactly as the offline builder treats it.
@@ -196,11 +196,10 @@ class CachedEncoderScorer:
     def __init__(self, settings: Settings, client: redis.Redis, cxr: CxrInputs | None = None,
                  backend: str = "triton", prefix: str = "m3t_"):
         self.redis = client
-        self.numeric = open_model(settings, f"{prefix}enc_numeric", backend)
         self.notes = open_model(settings, f"{prefix}enc_notes", backend)
         self.image = open_model(settings, f"{prefix}enc_cxr", backend)
-        self.fusion = open_model(settings, f"{prefix}fusion", backend)
-        self.model = f"{prefix}encoders+fusion:{self.fusion.version}"
+        self.rescore = open_model(settings, f"{prefix}rescore", backend)  # numeric encoder + fusion head
+        self.model = f"{prefix}encoders+fusion:{self.rescore.version}"
         self.cxr = cxr or CxrInputs()
         self.runs = {"notes": 0, "cxr": 0}  # encoder rows computed (for tests and benchmarks)
 
@@ -231,9 +230,8 @@ class CachedEncoderScorer:
         notes = self._embeddings("notes", self.notes.widths, has_notes, notes_stamps, cached, run_notes, updates)
         image = self._embeddings("cxr", {**self.image.widths, "cxr_ok": 1}, has_image, cxr_stamps, cached,
                                  run_cxr, updates)
-        arrays = {**self.numeric.infer({k: inputs[k] for k in self.numeric.inputs}), **notes, **image,
-                  mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5)}
-        out = self.fusion.infer({k: arrays[k] for k in self.fusion.inputs})
+        arrays = {**inputs, **notes, **image, mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5)}
+        out = self.rescore.infer({k: arrays[k] for k in self.rescore.inputs})
         if any(updates):
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, fields in zip(keys, updates):

@@ -151,9 +151,12 @@ def _export_onnx(run_dir: Path, out: Path, tolerance: float) -> dict:
 def _current_onnx(run_dir: Path) -> Path:
     """RUN/onnx, exported again unless it came from the run's current best.pt: a run
     retrained in place must never publish its previous model's graphs."""
+    from trainer.export import MODELS
+
     onnx_dir = run_dir / "onnx"
     stamp = onnx_dir / CHECKPOINT_STAMP
-    if not stamp.exists() or stamp.read_text().strip() != _checkpoint_digest(run_dir):
+    stale = not stamp.exists() or stamp.read_text().strip() != _checkpoint_digest(run_dir)
+    if stale or not all((onnx_dir / f"{name}.onnx").exists() for name in MODELS):  # or a graph added since
         _export_onnx(run_dir, onnx_dir, 1e-4)
     return onnx_dir
 

@@ -1,6 +1,6 @@
 """Export M3T-LM to ONNX (checked against PyTorch) and build TensorRT engines from it.
 
-Five graphs are exported, each with a dynamic batch axis and tensor names from
+Six graphs are exported, each with a dynamic batch axis and tensor names from
 ``features.model_inputs``, so serving can run the whole model or the encoders and the
 fusion head separately:
 
@@ -9,6 +9,8 @@ fusion head separately:
     m3t_enc_notes    notes_radiology, notes_discharge -> emb_notes_radiology, emb_notes_discharge
     m3t_enc_cxr      cxr -> emb_cxr
     m3t_fusion       the four embeddings + modality_mask -> los_days, mortality_prob
+    m3t_rescore      numeric, numeric_mask, the cached note and X-ray embeddings,
+                     modality_mask -> los_days, mortality_prob (encoder + fusion in one call)
 
 Each ONNX graph is run with ONNX Runtime on a batch of a size other than the one it was
 traced with, and compared with eager PyTorch; above ``tolerance`` (1e-4 in fp32) export
@@ -30,12 +32,12 @@ import torch
 from torch import nn
 
 from features import model_inputs as mi
-from trainer.model import M3TLM, note_embedding_name
+from trainer.model import M3TLM, Rescore, note_embedding_name
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4
 FULL_MODEL = "m3t_lm"
-PART_MODELS = ("m3t_enc_numeric", "m3t_enc_notes", "m3t_enc_cxr", "m3t_fusion")
+PART_MODELS = ("m3t_enc_numeric", "m3t_enc_notes", "m3t_enc_cxr", "m3t_fusion", "m3t_rescore")
 MODELS = (FULL_MODEL,) + PART_MODELS
 
 
@@ -83,6 +85,10 @@ def graphs(model: M3TLM, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, 
         "m3t_enc_cxr": Graph("m3t_enc_cxr", model.cxr, pick(mi.CXR), (emb_cxr,)),
         "m3t_fusion": Graph(
             "m3t_fusion", model.fusion, (emb_numeric, *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]), outputs
+        ),
+        "m3t_rescore": Graph(
+            "m3t_rescore", Rescore(model.numeric, model.fusion),
+            (*pick(mi.NUMERIC, mi.NUMERIC_MASK), *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]), outputs,
         ),
     }
 
