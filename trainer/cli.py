@@ -252,8 +252,12 @@ def publish(
             load_in_triton(settings.triton.grpc_url, tuple(published))
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
+    _print_published(published, f"published ({backend} backend)", "version folder", as_json)
+
+
+def _print_published(published: dict[str, Path], title: str, column: str, as_json: bool) -> None:
     result = {name: str(path) for name, path in published.items()}
-    table = Table("model", "version folder", title=f"published ({backend} backend)")
+    table = Table("model", column, title=title)
     for name, path in result.items():
         table.add_row(name, path)
     _print(result, as_json, table)
@@ -308,8 +312,4 @@ def dali(
         published = publish_cxr_pipeline(repo or get_settings().model_repo, device, batching)
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
-    result = {name: str(path) for name, path in published.items()}
-    table = Table("model", "written", title=f"chest X-ray pipeline for Triton's DALI backend ({device})")
-    for name, path in result.items():
-        table.add_row(name, path)
-    _print(result, as_json, table)
+    _print_published(published, f"chest X-ray pipeline for Triton's DALI backend ({device})", "written", as_json)
