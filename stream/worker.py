@@ -18,6 +18,7 @@ moves to the consumed positions of the last poll below all of those.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -82,15 +83,27 @@ class Change:
     next_first: int | None = None
 
 
+# Of an event's original bytes, what a dead letter carries: base64 and the envelope keep it
+# well under Kafka's 1 MB record limit, which a whole large event would exceed.
+DEAD_LETTER_MAX_BYTES = 256 * 1024
+
+
 def dead_letter_record(record, reason: str, detail: str) -> bytes:
-    """The original bytes travel base64-encoded so a repaired event can be replayed."""
+    """The original bytes travel base64-encoded so a repaired event can be replayed; past
+    ``DEAD_LETTER_MAX_BYTES`` only their start, with their size and sha256 (the whole event
+    stays in its topic at the partition and offset given, for the topic's retention)."""
+    value = record.value or b""
+    kept = value[:DEAD_LETTER_MAX_BYTES]
     return json.dumps({
         "reason": reason,
         "detail": detail,
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
-        "value_b64": base64.b64encode(record.value or b"").decode(),
+        "value_b64": base64.b64encode(kept).decode(),
+        "value_bytes": len(value),
+        "value_sha256": hashlib.sha256(value).hexdigest(),
+        "truncated": len(kept) < len(value),
     }).encode()
 
 
@@ -143,6 +156,7 @@ class StreamWorker:
             bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
             enable_idempotence=True, client_id="m3t-worker",
         )
+        self._send_failure: Exception | None = None  # a score or dead letter Kafka did not take
         self.stats = WorkerStats()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(scores.client, self.worker_id)
@@ -286,9 +300,14 @@ class StreamWorker:
         self.scores.write_batch(scores, {h: h not in discharged for h in batch})
         self.scores.discharge(sorted(discharged))
         for score in scores:
-            self.producer.send(self.settings.kafka.topic_scores, key=str(score.hadm_id).encode(),
-                               value=score.as_json().encode())
+            self._send(self.settings.kafka.topic_scores, str(score.hadm_id).encode(), score.as_json().encode())
         return now
+
+    def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self.producer.send(topic, key=key, value=value).add_errback(self._send_failed)
+
+    def _send_failed(self, exc: Exception) -> None:
+        self._send_failure = exc  # checked before every commit
 
     def _finish(self) -> None:
         """Collect the batch in flight. On failure its admissions wait, dirty, for the next
@@ -337,8 +356,7 @@ class StreamWorker:
             self._finish()
 
     def _dead_letter(self, record, reason: str, detail: str) -> None:
-        self.producer.send(self.settings.kafka.topic_dead_letter, key=record.key,
-                           value=dead_letter_record(record, reason, detail))
+        self._send(self.settings.kafka.topic_dead_letter, record.key, dead_letter_record(record, reason, detail))
         self.stats.dead_letters += 1
         self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
         log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic, record.partition, record.offset)
@@ -353,8 +371,11 @@ class StreamWorker:
         if offsets is None or seq <= self._committed_seq:
             return
         # Dead letters and published scores must be durable before their offsets move. A
-        # broker that does not answer stops the worker uncommitted rather than hanging it.
+        # broker that does not answer, or a record it refused, stops the worker uncommitted
+        # rather than hanging it or losing the record (its events are redelivered).
         self.producer.flush(timeout=self.kafka_timeout_s)
+        if self._send_failure is not None:
+            raise RuntimeError(f"Kafka did not take a record: {self._send_failure!r}") from self._send_failure
         assigned = self.consumer.assignment()  # a revoked partition's events go to its new owner
         self.consumer.commit(
             {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items() if tp in assigned},

@@ -213,3 +213,57 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
     assert {h: store.get(h).feature_time for h in last} == last  # the newest events are in the scores
     assert worker.stats.batches >= 2
     assert observations(redis_client, last) == dict.fromkeys(last, 4)
+
+
+def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_settings, redis_client):
+    # Base64 makes a 900 KB malformed event a 1.2 MB dead letter, over Kafka's 1 MB: it
+    # must not crash the worker (after a restart it would crash again on the same event).
+    import base64
+    import hashlib
+    import json
+
+    from kafka import KafkaProducer
+
+    settings = isolated_settings
+    huge = b"{" + b"x" * 900_000
+    good = cohort(1, 0, 86_000_000)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000)
+    producer.send(settings.kafka.topic_events, key=b"86000000", value=huge)
+    producer.flush()
+    producer.close()
+    produce(settings, good)
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+                          ScoreStore(redis_client))
+    stats = worker.run(stop_after=2, idle_timeout_s=30.0)
+    assert stats.dead_letter_reasons == {"malformed_json": 1}
+    assert ScoreStore(redis_client).get(good[0].hadm_id) is not None
+    assert committed_everything(settings)
+    consumer = KafkaConsumer(settings.kafka.topic_dead_letter, bootstrap_servers=settings.kafka.bootstrap_servers,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    (letter,) = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    assert letter["reason"] == "malformed_json" and letter["truncated"] is True
+    assert letter["value_bytes"] == len(huge) and letter["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    kept = base64.b64decode(letter["value_b64"])
+    assert 0 < len(kept) < len(huge) and huge.startswith(kept)
+    assert (letter["topic"], letter["offset"]) == (settings.kafka.topic_events, 0)  # where the whole event lies
+
+
+def test_a_record_kafka_refuses_stops_the_worker_uncommitted(isolated_settings, redis_client, monkeypatch):
+    # Without the cap the dead letter is too large for Kafka: the send fails after send()
+    # returned, and the worker must notice before committing, not lose the dead letter.
+    from kafka import KafkaProducer
+
+    from stream import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "DEAD_LETTER_MAX_BYTES", 10**9)
+    settings = isolated_settings
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000)
+    producer.send(settings.kafka.topic_events, key=b"87000000", value=b"{" + b"x" * 900_000)
+    producer.flush()
+    producer.close()
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+                          ScoreStore(redis_client))
+    with pytest.raises(RuntimeError, match="Kafka did not take a record"):
+        worker.run(stop_after=1, idle_timeout_s=30.0)
+    assert worker.stats.commits == 0 and not committed_everything(settings)
