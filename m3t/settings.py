@@ -67,6 +67,10 @@ class TritonSettings(BaseModel):
     model_name: str = "m3t_lm"
     model_version: str = ""  # empty: the latest version Triton has loaded
     timeout_s: float = 10.0
+    # Chest X-rays in the cached scoring path: "triton" sends each image's bytes to the
+    # m3t_cxr_embed ensemble (Triton's DALI backend, `m3t export dali`); "worker" decodes
+    # with the worker's own DALI pipeline; "auto" uses Triton's where it is loaded.
+    cxr_pipeline: Literal["auto", "triton", "worker"] = "auto"
 
     @property
     def grpc_url(self) -> str:

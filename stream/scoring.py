@@ -158,6 +158,85 @@ class CxrInputs:
         return tensors, decoded
 
 
+CXR_EMBED = "m3t_cxr_embed"  # trainer.publish's ensemble: image bytes -> DALI -> m3t_enc_cxr
+OUTAGE_STATUSES = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+
+
+class TritonCxrEmbedder:
+    """Chest X-rays -> ``emb_cxr`` on Triton: each image's compressed bytes go to the
+    ``m3t_cxr_embed`` ensemble (the DALI backend decodes and preprocesses, then
+    ``m3t_enc_cxr``), one request per image so Triton batches images of any size together.
+
+    What the bytes pipeline cannot take, pixels (uncompressed or deeper than 8-bit DICOM),
+    goes through ``fallback`` (the worker's own DALI pipeline and encoder). The DALI
+    backend fails a whole batch on one bad image, so bytes are checked first
+    (``check_encoded``) and a failed request is retried once on its own before its image
+    counts as undecodable.
+    """
+
+    def __init__(self, client: grpcclient.InferenceServerClient, fallback, name: str = CXR_EMBED,
+                 timeout_s: float = 10.0):
+        self.model = TritonModel(client, name, timeout_s)
+        (self.input,) = self.model.inputs
+        self.fallback = fallback
+        self.sent = 0  # requests sent (for tests and benchmarks)
+
+    def __call__(self, uris: list[str]) -> dict[str, np.ndarray]:
+        from features.cxr import BadImage, Encoded, check_encoded, load
+
+        width = self.model.widths[mi.EMB_CXR]
+        emb = np.zeros((len(uris), width), np.float32)
+        ok = np.zeros(len(uris), np.float32)
+        encoded, pixels = [], []
+        for i, uri in enumerate(uris):
+            try:
+                item = load(uri)
+                if isinstance(item, Encoded):
+                    check_encoded(item.data)
+                    encoded.append((i, np.frombuffer(item.data, np.uint8)[None]))
+                else:
+                    pixels.append(i)
+            except BadImage:
+                pass  # absent: the fusion head's placeholder, as offline
+        results = self._infer_each([data for _, data in encoded])
+        for j in (j for j, r in enumerate(results) if r is None):  # perhaps a neighbour's failure
+            results[j] = self._infer_each([encoded[j][1]])[0]
+        for (i, _), result in zip(encoded, results):
+            if result is not None:
+                emb[i], ok[i] = result, 1.0
+        if pixels:
+            local = self.fallback([uris[i] for i in pixels])
+            emb[pixels], ok[pixels] = local[mi.EMB_CXR], local["cxr_ok"][:, 0]
+        return {mi.EMB_CXR: emb, "cxr_ok": ok[:, None]}
+
+    def _infer_each(self, blobs: list[np.ndarray]) -> list[np.ndarray | None]:
+        """One request per image, all in flight together; None where one failed."""
+        results: list = [None] * len(blobs)
+        outages: list = []
+        done = threading.Semaphore(0)
+
+        def callback(index, result, error):
+            if error is None:
+                results[index] = result.as_numpy(mi.EMB_CXR)[0]
+            elif error.status() in OUTAGE_STATUSES:
+                outages.append(error)  # the server, not the image: the caller must back off
+            done.release()
+
+        for index, data in enumerate(blobs):
+            tensor = grpcclient.InferInput(self.input, data.shape, "UINT8")
+            tensor.set_data_from_numpy(data)
+            self.model.client.async_infer(self.model.name, [tensor], callback=functools.partial(callback, index),
+                                          outputs=[grpcclient.InferRequestedOutput(mi.EMB_CXR)],
+                                          client_timeout=self.model.timeout_s)
+            self.sent += 1
+        for _ in blobs:
+            if not done.acquire(timeout=self.model.timeout_s + 5):
+                raise RuntimeError(f"{self.model.name}: no answer from Triton within {self.model.timeout_s + 5:.0f}s")
+        if outages:
+            raise outages[0]
+        return results
+
+
 def _mask_with_decoded(inputs: dict, decoded: np.ndarray) -> np.ndarray:
     mask = inputs[mi.MODALITY_MASK].astype(np.float32, copy=True)
     mask[:, CXR_COLUMN] *= decoded
@@ -194,14 +273,29 @@ class CachedEncoderScorer:
     """
 
     def __init__(self, settings: Settings, client: redis.Redis, cxr: CxrInputs | None = None,
-                 backend: str = "triton", prefix: str = "m3t_"):
+                 backend: str = "triton", prefix: str = "m3t_", cxr_pipeline: str | None = None):
         self.redis = client
         self.notes = open_model(settings, f"{prefix}enc_notes", backend)
         self.image = open_model(settings, f"{prefix}enc_cxr", backend)
         self.rescore = open_model(settings, f"{prefix}rescore", backend)  # numeric encoder + fusion head
         self.model = f"{prefix}encoders+fusion:{self.rescore.version}"
         self.cxr = cxr or CxrInputs()
+        self.cxr_embedder = self._cxr_embedder(settings, backend, cxr_pipeline or settings.triton.cxr_pipeline)
         self.runs = {"notes": 0, "cxr": 0}  # encoder rows computed (for tests and benchmarks)
+
+    def _cxr_embedder(self, settings: Settings, backend: str, pipeline: str) -> TritonCxrEmbedder | None:
+        if pipeline not in ("auto", "triton", "worker"):
+            raise ValueError(f"cxr_pipeline must be auto, triton or worker, not {pipeline!r}")
+        if pipeline == "worker" or backend != "triton":
+            return None
+        client = self.image.client
+        if pipeline == "auto" and not client.is_model_ready(CXR_EMBED):
+            return None
+        return TritonCxrEmbedder(client, self._embed_locally, timeout_s=settings.triton.timeout_s)
+
+    def _embed_locally(self, uris: list[str]) -> dict[str, np.ndarray]:
+        tensors, decoded = self.cxr(uris)
+        return {**self.image.infer({mi.CXR: tensors}), "cxr_ok": decoded.astype(np.float32)[:, None]}
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
         hadm_ids = inputs["hadm_id"].tolist()
@@ -219,9 +313,8 @@ class CachedEncoderScorer:
             return self.notes.infer({k: inputs[k][rows] for k in self.notes.inputs})
 
         def run_cxr(rows):
-            tensors, decoded = self.cxr([uris[i] for i in rows])
-            out = self.image.infer({mi.CXR: tensors})
-            return {**out, "cxr_ok": decoded.astype(np.float32)[:, None]}
+            embed = self.cxr_embedder or self._embed_locally
+            return embed([uris[i] for i in rows])
 
         updates: list[dict] = [{} for _ in hadm_ids]
         mask = inputs[mi.MODALITY_MASK]

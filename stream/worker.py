@@ -40,6 +40,7 @@ from ingest import events as ev
 from m3t.settings import Settings
 from stream.metrics import WorkerMetrics
 from stream.scores import RiskScore, ScoreStore
+from stream.scoring import OUTAGE_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ def is_outage(exc: BaseException) -> bool:
     the worker uncommitted (its events are redelivered to the next one)."""
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return True
-    return isinstance(exc, InferenceServerException) and exc.status() in (
-        "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
-    )
+    return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
 
 
 class StreamWorker:

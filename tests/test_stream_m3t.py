@@ -156,3 +156,61 @@ def test_a_score_as_json_carries_every_field():
 
     score = RiskScore(7, 3.5, 0.25, "m3t_lm:2", 1.5e9, 1.6e9)
     assert json.loads(score.as_json()) == dataclasses.asdict(score)
+
+
+STANDIN_CONFIG = """name: "m3t_cxr_embed"
+backend: "python"
+max_batch_size: 8
+input {{ name: "cxr_bytes" data_type: TYPE_UINT8 dims: -1 allow_ragged_batch: true }}
+output {{ name: "emb_cxr" data_type: TYPE_FP32 dims: {width} }}
+instance_group {{ count: 1 kind: KIND_CPU }}
+dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
+"""
+
+
+def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipeline(
+        settings, deployed, cohort, redis_client, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import tritonclient.grpc as grpcclient
+
+    from features.cxr import BadImage, Encoded, Pixels, load
+    from stream.scoring import CXR_EMBED
+
+    repo = settings.model_repo
+    width = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
+    folder = repo / CXR_EMBED
+    (folder / "1").mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "triton_models" / "cxr_embed_standin.py", folder / "1" / "model.py")
+    (folder / "config.pbtxt").write_text(STANDIN_CONFIG.format(width=width))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    uris = sorted({e.payload.uri for events in cohort.values() for e in events if e.type == "cxr"})
+    uris += [(settings.data_dir / "cxr-samples" / name).as_uri()  # uncompressed DICOM: pixels, not bytes
+             for name in ("nih-cxr14_gcp-dicom_DX_implicit.dcm", "nema-wg04_RG1_chest_UNCR.dcm")]
+    kinds = []
+    for uri in uris:
+        try:
+            kinds.append(type(load(uri)))
+        except BadImage:
+            kinds.append(None)
+    assert Encoded in kinds and Pixels in kinds  # both routes are exercised
+    uris += [corrupt.as_uri(), (tmp_path / "missing.png").as_uri()]
+    try:
+        assert load_in_triton(settings.triton.grpc_url, (CXR_EMBED,)) == {CXR_EMBED: True}
+        on_triton = CachedEncoderScorer(settings, redis_client)  # "auto": the ensemble is loaded
+        in_worker = CachedEncoderScorer(settings, redis_client, cxr_pipeline="worker")
+        assert on_triton.cxr_embedder is not None and in_worker.cxr_embedder is None
+        got = on_triton.cxr_embedder(uris)
+        want = in_worker._embed_locally(uris)
+        np.testing.assert_array_equal(got["cxr_ok"], want["cxr_ok"])
+        assert not got["cxr_ok"][-2:].any() and got["cxr_ok"].sum() == sum(k is not None for k in kinds)
+        decoded = got["cxr_ok"][:, 0] > 0  # elsewhere the fusion head uses its placeholder, whatever the row holds
+        np.testing.assert_allclose(got[mi.EMB_CXR][decoded], want[mi.EMB_CXR][decoded], atol=1e-5)
+        assert on_triton.cxr_embedder.sent == kinds.count(Encoded)  # pixels went through the worker
+    finally:
+        client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+        client.unload_model(CXR_EMBED)
+        client.close()
+        shutil.rmtree(folder)
