@@ -1,8 +1,8 @@
 """`m3t demo`: the whole system from a fresh machine, as the commands a user would type.
 
 services up -> a synthetic cohort -> offline features -> train M3T-LM -> publish to Triton
--> replay the cohort into Kafka -> the stream worker scores live while a top-risk table
-updates -> how to query. Each step is printed before it runs.
+-> the stream worker starts, and the cohort is replayed into Kafka while the worker scores
+it live and a top-risk table updates -> how to query. Each step is printed before it runs.
 """
 
 from __future__ import annotations
@@ -49,19 +49,30 @@ def run_demo(settings: Settings, console: Console, admissions: int = 3000, seed:
     from stream.scores import ScoreStore
 
     work = settings.state_dir / "demo"
-    for step in demo_steps(work, admissions, seed, epochs):
+    *prepare, replay = demo_steps(work, admissions, seed, epochs)
+    for step in prepare:
         console.rule(f"m3t {' '.join(step)}")
         if subprocess.run(m3t(*step)).returncode != 0:
             raise RuntimeError(f"`m3t {' '.join(step)}` failed")
 
-    console.rule("m3t stream run --idle-timeout 15   (scoring live)")
-    worker = subprocess.Popen(m3t("stream", "run", "--idle-timeout", "15"))
-    store = ScoreStore(redis_client(settings, reader=True))
-    with Live(scores_table([]), console=console, refresh_per_second=2) as live:
-        while worker.poll() is None:
-            live.update(scores_table(store.top(15), title=f"top mortality risk, {time.strftime('%H:%M:%S')}"))
-            time.sleep(1.0)
-        live.update(scores_table(store.top(15), title="top mortality risk (final)"))
+    # The worker first, then the cohort streams in: scores appear as the events arrive.
+    console.rule(f"m3t stream run --idle-timeout 20   while   m3t {' '.join(replay)}")
+    worker = subprocess.Popen(m3t("stream", "run", "--idle-timeout", "20"))
+    log = work / "replay.log"
+    with log.open("w") as out:  # its own output would tear the live table
+        replaying = subprocess.Popen(m3t(*replay), stdout=out, stderr=subprocess.STDOUT)
+        store = ScoreStore(redis_client(settings, reader=True))
+        with Live(scores_table([]), console=console, refresh_per_second=2) as live:
+            while worker.poll() is None:
+                state = "replaying" if replaying.poll() is None else "replayed"
+                live.update(scores_table(store.top(15), title=f"top mortality risk, {time.strftime('%H:%M:%S')} "
+                                                             f"({state})"))
+                time.sleep(1.0)
+            live.update(scores_table(store.top(15), title="top mortality risk (final)"))
+        replaying.wait()
+    console.print(log.read_text())
+    if replaying.returncode != 0:
+        raise RuntimeError(f"`m3t {' '.join(replay)}` failed (its output is above)")
     if worker.returncode != 0:
         raise RuntimeError("the stream worker failed")
 
