@@ -119,6 +119,9 @@ def is_outage(exc: BaseException) -> bool:
 class StreamWorker:
     backoff_s = (0.2, 5.0)
     kafka_timeout_s = 30.0
+    # Under load, commit at most this often: each commit waits for the producer's acks and
+    # a broker round trip on the consuming thread. Idle, commit at once.
+    commit_interval_s = 0.2
     # On SIGTERM during an outage, give up waiting: the uncommitted events are redelivered.
     give_up_on_stop = True
 
@@ -168,6 +171,7 @@ class StreamWorker:
         self._consumed: dict = {}  # partition -> next offset, after the latest poll
         self._positions: deque[tuple[int, dict]] = deque()  # (poll, consumed positions), uncommitted
         self._committed_seq = 0
+        self._committed_at = time.monotonic()
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
         self._batch: list[int] = []  # in flight
@@ -202,7 +206,8 @@ class StreamWorker:
                     or time.monotonic() - self._dirty_since >= self.max_wait_s
                 ):
                     self._launch()
-                self._commit_scored()
+                if not records or time.monotonic() - self._committed_at >= self.commit_interval_s:
+                    self._commit_scored()
                 if self.metrics.due():
                     self._flush_metrics()
                 if stop_after is not None and self.stats.events >= stop_after:
@@ -380,7 +385,7 @@ class StreamWorker:
             {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items() if tp in assigned},
             timeout_ms=int(self.kafka_timeout_s * 1000),
         )
-        self._committed_seq = seq
+        self._committed_seq, self._committed_at = seq, time.monotonic()
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:
