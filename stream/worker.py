@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from tritonclient.utils import InferenceServerException
 
@@ -116,6 +116,19 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
 
 
+class _Revocations(ConsumerRebalanceListener):
+    def __init__(self, worker: "StreamWorker"):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked):
+        # Their events not yet in a written score are redelivered to the new owner; the
+        # stores are idempotent, so that changes nothing.
+        self.worker._forget(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        pass
+
+
 class StreamWorker:
     backoff_s = (0.2, 5.0)
     kafka_timeout_s = 30.0
@@ -146,7 +159,6 @@ class StreamWorker:
         self.max_wait_s = max_wait_ms / 1000
         self.topic = topic or settings.kafka.topic_events
         self.consumer = KafkaConsumer(
-            self.topic,
             bootstrap_servers=settings.kafka.bootstrap_servers,
             group_id=group_id or settings.kafka.consumer_group,
             enable_auto_commit=False,
@@ -154,6 +166,7 @@ class StreamWorker:
             max_poll_records=max_batch,
             client_id="m3t-worker",
         )
+        self.consumer.subscribe([self.topic], listener=_Revocations(self))
         self.producer = KafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
             enable_idempotence=True, client_id="m3t-worker",
@@ -364,6 +377,16 @@ class StreamWorker:
         self.stats.dead_letters += 1
         self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
         log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic, record.partition, record.offset)
+
+    def _forget(self, partitions) -> None:
+        """Revoked partitions' positions are no longer this worker's to commit: were it to
+        get one back, its stale position would move the group's offset backwards."""
+        gone = set(partitions)
+        for tp in gone:
+            self._consumed.pop(tp, None)
+        for _, offsets in self._positions:
+            for tp in gone:
+                offsets.pop(tp, None)
 
     def _commit_scored(self) -> None:
         """Commit the consumed positions of the last poll whose events are all in written

@@ -267,3 +267,26 @@ def test_a_record_kafka_refuses_stops_the_worker_uncommitted(isolated_settings, 
     with pytest.raises(RuntimeError, match="Kafka did not take a record"):
         worker.run(stop_after=1, idle_timeout_s=30.0)
     assert worker.stats.commits == 0 and not committed_everything(settings)
+
+
+def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(isolated_settings, redis_client):
+    # Were it to get such a partition back, committing its stale position would move the
+    # group's offset backwards.
+    settings = isolated_settings
+    produce(settings, cohort(30, 1, 88_000_000))
+    first, stop_first, thread_first = start_worker(settings, redis_client)
+    second = stop_second = thread_second = None
+    try:
+        assert wait_for(lambda: committed_everything(settings))
+        consumed = set(first._consumed)
+        assert len(consumed) > 1  # the events came from several partitions
+        second, stop_second, thread_second = start_worker(settings, redis_client)
+        assert wait_for(lambda: second.consumer.assignment())
+        assert wait_for(lambda: set(first._consumed) < consumed)  # the moved ones are forgotten
+        assert not set(first._consumed) & set(second.consumer.assignment())
+    finally:
+        stop_first.set()
+        thread_first.join(30)
+        if second is not None:
+            stop_second.set()
+            thread_second.join(30)
