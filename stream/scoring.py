@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 from features import model_inputs as mi
 from m3t.settings import Settings
 
-_NP_TO_TRITON = {np.dtype("float32"): "FP32", np.dtype("int64"): "INT64"}
+_NP_TO_TRITON = {np.dtype("float32"): "FP32", np.dtype("int64"): "INT64", np.dtype("uint8"): "UINT8"}
 EMB_KEY = "m3t:emb:{{{hadm_id}}}"
 EMB_TTL_S = 7 * 24 * 3600
 CXR_COLUMN = mi.MODALITIES.index("cxr")
@@ -55,20 +55,30 @@ class TritonModel:
         if missing:
             raise ValueError(f"{self.name} needs inputs {sorted(missing)}")
         n = len(arrays[self.inputs[0]])
-        starts = list(range(0, n, self.max_batch))
-        results: list = [None] * len(starts)
+        chunks = [{name: arrays[name][start : start + self.max_batch] for name in self.inputs}
+                  for start in range(0, n, self.max_batch)]
+        results = self.requests(chunks)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in self.outputs}
+
+
+    def requests(self, requests: list[dict[str, np.ndarray]]) -> list:
+        """Each dict as one request, all in flight together: each one's result, or its error."""
+        results: list = [None] * len(requests)
         done = threading.Semaphore(0)
 
         def callback(index, result, error):
             results[index] = error or result
             done.release()
 
-        for index, start in enumerate(starts):
+        for index, arrays in enumerate(requests):
             tensors = []
-            for name in self.inputs:
-                chunk = np.ascontiguousarray(arrays[name][start : start + self.max_batch])
-                tensor = grpcclient.InferInput(name, chunk.shape, _NP_TO_TRITON[chunk.dtype])
-                tensor.set_data_from_numpy(chunk)
+            for name, array in arrays.items():
+                array = np.ascontiguousarray(array)
+                tensor = grpcclient.InferInput(name, array.shape, _NP_TO_TRITON[array.dtype])
+                tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
             self.client.async_infer(
                 # tritonclient calls back with keywords: callback(result=..., error=...)
@@ -76,14 +86,11 @@ class TritonModel:
                 outputs=[grpcclient.InferRequestedOutput(o) for o in self.outputs],
                 client_timeout=self.timeout_s,
             )
-        for _ in starts:
+        for _ in requests:
             # client_timeout bounds each request; this bounds a callback that never comes.
             if not done.acquire(timeout=self.timeout_s + 5):
                 raise RuntimeError(f"{self.name}: no answer from Triton within {self.timeout_s + 5:.0f}s")
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in self.outputs}
+        return results
 
 
 class OnnxModel:
@@ -168,7 +175,7 @@ class TritonCxrEmbedder:
     ``m3t_enc_cxr``), one request per image so Triton batches images of any size together.
 
     What the bytes pipeline cannot take, pixels (uncompressed or deeper than 8-bit DICOM),
-    goes through ``fallback`` (the worker's own DALI pipeline and encoder). The DALI
+    goes, as loaded, through ``fallback`` (the worker's own DALI pipeline and encoder). The DALI
     backend fails a whole batch on one bad image, so bytes are checked first
     (``check_encoded``) and a failed request is retried once on its own before its image
     counts as undecodable.
@@ -195,7 +202,7 @@ class TritonCxrEmbedder:
                     check_encoded(item.data)
                     encoded.append((i, np.frombuffer(item.data, np.uint8)[None]))
                 else:
-                    pixels.append(i)
+                    pixels.append((i, item))
             except BadImage:
                 pass  # absent: the fusion head's placeholder, as offline
         results = self._infer_each([data for _, data in encoded])
@@ -205,36 +212,23 @@ class TritonCxrEmbedder:
             if result is not None:
                 emb[i], ok[i] = result, 1.0
         if pixels:
-            local = self.fallback([uris[i] for i in pixels])
-            emb[pixels], ok[pixels] = local[mi.EMB_CXR], local["cxr_ok"][:, 0]
+            rows = [i for i, _ in pixels]
+            local = self.fallback([item for _, item in pixels])
+            emb[rows], ok[rows] = local[mi.EMB_CXR], local["cxr_ok"][:, 0]
         return {mi.EMB_CXR: emb, "cxr_ok": ok[:, None]}
 
     def _infer_each(self, blobs: list[np.ndarray]) -> list[np.ndarray | None]:
         """One request per image, all in flight together; None where one failed."""
-        results: list = [None] * len(blobs)
-        outages: list = []
-        done = threading.Semaphore(0)
-
-        def callback(index, result, error):
-            if error is None:
-                results[index] = result.as_numpy(mi.EMB_CXR)[0]
-            elif error.status() in OUTAGE_STATUSES:
-                outages.append(error)  # the server, not the image: the caller must back off
-            done.release()
-
-        for index, data in enumerate(blobs):
-            tensor = grpcclient.InferInput(self.input, data.shape, "UINT8")
-            tensor.set_data_from_numpy(data)
-            self.model.client.async_infer(self.model.name, [tensor], callback=functools.partial(callback, index),
-                                          outputs=[grpcclient.InferRequestedOutput(mi.EMB_CXR)],
-                                          client_timeout=self.model.timeout_s)
-            self.sent += 1
-        for _ in blobs:
-            if not done.acquire(timeout=self.model.timeout_s + 5):
-                raise RuntimeError(f"{self.model.name}: no answer from Triton within {self.model.timeout_s + 5:.0f}s")
-        if outages:
-            raise outages[0]
-        return results
+        self.sent += len(blobs)
+        out = []
+        for result in self.model.requests([{self.input: data} for data in blobs]):
+            if not isinstance(result, Exception):
+                out.append(result.as_numpy(mi.EMB_CXR)[0])
+            elif result.status() in OUTAGE_STATUSES:
+                raise result  # the server, not the image: the caller must back off
+            else:
+                out.append(None)
+        return out
 
 
 def _mask_with_decoded(inputs: dict, decoded: np.ndarray) -> np.ndarray:
@@ -291,11 +285,16 @@ class CachedEncoderScorer:
         client = self.image.client
         if pipeline == "auto" and not client.is_model_ready(CXR_EMBED):
             return None
-        return TritonCxrEmbedder(client, self._embed_locally, timeout_s=settings.triton.timeout_s)
+        return TritonCxrEmbedder(client, self._embed_images, timeout_s=settings.triton.timeout_s)
 
     def _embed_locally(self, uris: list[str]) -> dict[str, np.ndarray]:
         tensors, decoded = self.cxr(uris)
         return {**self.image.infer({mi.CXR: tensors}), "cxr_ok": decoded.astype(np.float32)[:, None]}
+
+    def _embed_images(self, items: list) -> dict[str, np.ndarray]:
+        """Images already loaded (``features.cxr.Encoded``/``Pixels``): not read twice."""
+        result = self.cxr.preprocessor(items)
+        return {**self.image.infer({mi.CXR: result.tensors}), "cxr_ok": result.ok.astype(np.float32)[:, None]}
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
         hadm_ids = inputs["hadm_id"].tolist()
