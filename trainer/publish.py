@@ -140,12 +140,16 @@ def _write_config(repo: Path, new: mc.ModelConfig, header: str | None = None) ->
     return path
 
 
-def _stage_version(folder: Path, version: int, files: dict[str, bytes]) -> Path:
-    """Writes ``folder/<version>`` from ``files``, staged and renamed: never overwrites."""
+def _stage_version(folder: Path, version: int, files: dict[str, Path | bytes]) -> Path:
+    """Writes ``folder/<version>`` from ``files`` (a file to copy, or the bytes), staged and
+    renamed: never overwrites."""
     staging = folder / f".staging-{version}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    for name, data in files.items():
-        (staging / name).write_bytes(data)
+    for name, source in files.items():
+        if isinstance(source, Path):
+            shutil.copy2(source, staging / name)
+        else:
+            (staging / name).write_bytes(source)
     target = folder / str(version)
     if target.exists():
         shutil.rmtree(staging)
@@ -182,22 +186,12 @@ def publish(
     version = next_version(repo, tuple(graphs))
     published = {}
     for name, artefact in sources.items():
-        folder = repo / name
-        staging = folder / f".staging-{version}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        shutil.copy2(artefact, staging / ("model.plan" if backend == "tensorrt" else "model.onnx"))
+        files: dict[str, Path | bytes] = {"model.plan" if backend == "tensorrt" else "model.onnx": artefact}
         if backend == "python":
-            shutil.copy2(PYTHON_MODEL, staging / "model.py")
-        (staging / "m3t.json").write_text(
-            json.dumps({"model": name, "version": version, "backend": backend, "sha256": _sha256(artefact),
-                        **(provenance or {})}, indent=2)
-        )
-        target = folder / str(version)
-        if target.exists():
-            shutil.rmtree(staging)
-            raise PublishError(f"{target} already exists; versions are never overwritten")
-        staging.rename(target)
-        published[name] = target
+            files["model.py"] = PYTHON_MODEL
+        files["m3t.json"] = json.dumps({"model": name, "version": version, "backend": backend,
+                                        "sha256": _sha256(artefact), **(provenance or {})}, indent=2).encode()
+        published[name] = _stage_version(repo / name, version, files)
     return published
 
 
