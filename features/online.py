@@ -119,15 +119,17 @@ class OnlineStore:
         self.discharged_ttl_s = discharged_ttl_s
         self.open_ttl_s = open_ttl_s
         self.max_retries = max_retries
-        self._blob_key = f"{self.prefix}:{{%d}}:f".encode()  # bytes %-formatting: the read path's keys
+        self._key_formats = tuple(f"{self.prefix}:{{%d}}:{part}" for part in ("f", "s", "seen"))
+        self._blob_key = self._key_formats[0].encode()  # bytes %-formatting: the read path's keys
         self._load = client.register_script(_LOAD)
         self._commit = client.register_script(_COMMIT)
 
     # --- keys -------------------------------------------------------------------------
 
     def keys(self, hadm_id: int) -> tuple[str, str, str]:
-        base = f"{self.prefix}:{{{int(hadm_id)}}}"
-        return f"{base}:f", f"{base}:s", f"{base}:seen"
+        """The blob, the state hash and the seen set of an admission."""
+        hadm_id = int(hadm_id)
+        return tuple(key % hadm_id for key in self._key_formats)
 
     # --- namespace ----------------------------------------------------------------------
 
