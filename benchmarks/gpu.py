@@ -25,7 +25,6 @@ A time budget stops starting new measurements once spent and records what was sk
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import math
 import sys
@@ -155,14 +154,8 @@ def model_benchmarks(result: h.Result, batches, repeats: int, min_items: int, bu
                                                       reference, device))
                 except Exception as exc:  # one variant failing (e.g. compile) must not lose the rest
                     result.missing[f"{label}, batch {batch}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                # A captured graph still points at this model's memory: release it before the
-                # next model reuses that memory (seen: a device-side assert in the next capture).
-                call = None
-                if device == "cuda":
-                    torch.cuda.synchronize()
             del model, run_model
             if device == "cuda":
-                gc.collect()
                 torch.cuda.empty_cache()
 
 
