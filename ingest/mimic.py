@@ -518,24 +518,14 @@ class MimicReader:
         path = find_table(base, CXR_METADATA)
         for rows in self._rows(table, columns, path):
             f = rows.frame
-            subject, study = _ids(f.subject_id), _ids(f.study_id)
             rows.missing(f.dicom_id, "dicom_id")
-            rows.missing(subject, "subject_id")
-            rows.missing(study, "study_id")
-            studytime = _study_time(f.StudyDate, f.StudyTime)
-            rows.dead(studytime.isna(), "unparseable_time", "StudyDate/StudyTime")
-            hadm = self._admission_at(subject, studytime, rows.kept)
-            rows.skip(hadm.isna(), "outside_admission")
+            subject, study, studytime, hadm = self._place_studies(rows)
             kept = rows.kept
             paths = [cxr_image_path(base, int(subject[i]), int(study[i]), f.dicom_id[i], "jpg") for i in kept]
             exists = pd.Series([p.is_file() for p in paths], index=kept, dtype=bool)
             rows.dead(~exists, "image_missing")
             kept = rows.kept
-            yield pd.DataFrame({
-                "row": kept, "hadm_id": hadm[kept].astype("int64"), "study_id": study[kept].astype("int64"),
-                "dicom_id": f.dicom_id[kept], "view": f.ViewPosition[kept], "studytime": studytime[kept],
-                "uri": [p.as_uri() for p, ok in zip(paths, exists) if ok],
-            })
+            yield _studies(f, kept, hadm, study, studytime, [p.as_uri() for p, ok in zip(paths, exists) if ok])
 
     def _cxr_dicom(self, base: Path) -> Iterator[pd.DataFrame]:
         from ingest.dicom import InvalidDicom, read_header
@@ -560,19 +550,22 @@ class MimicReader:
             return
         frame.index.name = None
         rows = _Triage(table, frame, stats, self._sink)
-        subject, study = _ids(frame.subject_id), _ids(frame.study_id)
+        _, study, studytime, hadm = self._place_studies(rows)
+        kept = rows.kept
+        yield _studies(frame, kept, hadm, study, studytime, frame.uri[kept])
+
+    def _place_studies(self, rows: "_Triage"):
+        """(subject, study, study time, hadm_id) of each CXR row (metadata table or DICOM
+        headers alike), dead-lettering or skipping the rows that cannot be placed."""
+        f = rows.frame
+        subject, study = _ids(f.subject_id), _ids(f.study_id)
         rows.missing(subject, "subject_id")
         rows.missing(study, "study_id")
-        studytime = _study_time(frame.StudyDate, frame.StudyTime)
+        studytime = _study_time(f.StudyDate, f.StudyTime)
         rows.dead(studytime.isna(), "unparseable_time", "StudyDate/StudyTime")
         hadm = self._admission_at(subject, studytime, rows.kept)
         rows.skip(hadm.isna(), "outside_admission")
-        kept = rows.kept
-        yield pd.DataFrame({
-            "row": kept, "hadm_id": hadm[kept].astype("int64"), "study_id": study[kept].astype("int64"),
-            "dicom_id": frame.dicom_id[kept], "view": frame.ViewPosition[kept], "studytime": studytime[kept],
-            "uri": frame.uri[kept],
-        })
+        return subject, study, studytime, hadm
 
     def _admission_at(self, subject: pd.Series, when: pd.Series, index: pd.Index) -> pd.Series:
         """The hadm_id whose [admittime, dischtime] holds ``when`` for that patient, or NaN."""
@@ -637,6 +630,14 @@ _EVENT_BUILDERS = {
     "note/discharge": _note("discharge"),
     "cxr": _cxr,
 }
+
+
+def _studies(frame: pd.DataFrame, kept, hadm, study, studytime, uris) -> pd.DataFrame:
+    return pd.DataFrame({
+        "row": kept, "hadm_id": hadm[kept].astype("int64"), "study_id": study[kept].astype("int64"),
+        "dicom_id": frame.dicom_id[kept], "view": frame.ViewPosition[kept], "studytime": studytime[kept],
+        "uri": uris,
+    })
 
 
 def _study_time(dates: pd.Series, times: pd.Series) -> pd.Series:
