@@ -1,13 +1,21 @@
 """End to end: an offered-load sweep through the stream worker, event to score.
 
 Stream workers (``stream.worker.StreamWorker``, 1 or more, one consumer group) run in their
-own processes on topics made for this run. The load generator sends admission events open
-loop (``harness.drive``; encoded beforehand, so the generator keeps its schedule), each
-for a new admission, so each event yields exactly one score; an observer thread reads the
-scores topic and completes each event when its admission's score arrives. Latency runs
-from the event's scheduled send time to the score's arrival: queueing anywhere (producer,
-broker, worker, Triton, Redis) counts. Events not scored within ``drain_s`` of the end of a
-level count as not completed.
+own processes on topics made for this run. The load generator sends events open loop
+(``harness.drive``; encoded beforehand, so the generator keeps its schedule). Two workloads:
+
+- ``new admissions``, the worst case: every event admits a new patient, so every event
+  costs a model pass and a score of its own.
+- ``census``, a ward at steady state: ``census`` open admissions (admitted before the
+  levels) and a stream of lab and vital results spread over them at random, as a hospital
+  sends them. Events of one admission that arrive together are folded and scored once.
+
+Every event carries its send time as its event time, and a score carries the time of the
+newest event its features include, so an observer thread reading the scores topic
+completes each event when a score of its admission includes it. Latency runs from the
+event's scheduled send time to that score's arrival: queueing anywhere (producer, broker,
+worker, Triton, Redis) counts. Events not scored within ``drain_s`` of the end of a level
+count as not completed.
 
 The worker is built by ``build_pipeline``: M3T-LM (the online feature store, scored by the
 cached encoders and fusion head on Triton) where a feature set is published and the models
@@ -19,20 +27,24 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import random
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from collections import defaultdict, deque
+from datetime import datetime, timedelta, timezone
 
 from benchmarks import harness as h
 from benchmarks.bench_kafka import confluent_partitions
 from ingest import events as ev
+from ingest.itemids import LABS, VITALS
 from m3t import services
 from m3t.settings import Settings
 
 SKELETON = "stream.skeleton.SkeletonFeatures + Triton 'placeholder' (the walking skeleton)"
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
 FIRST_HADM = 95_000_000
+NEW_ADMISSIONS, CENSUS = "new admissions", "census"
 
 
 def m3t_deployed(settings: Settings) -> bool:
@@ -75,12 +87,24 @@ def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline: 
     worker.run(stop=stop)
 
 
-def admission(hadm_id: int) -> bytes:
-    now = datetime.now(timezone.utc)
+def admission(hadm_id: int, when: datetime | None = None) -> bytes:
+    when = when or datetime.now(timezone.utc)
     event = ev.AdmissionEvent(
-        event_id=ev.event_id("bench/e2e", hadm_id), hadm_id=hadm_id, subject_id=hadm_id, event_time=now,
+        event_id=ev.event_id("bench/e2e", hadm_id), hadm_id=hadm_id, subject_id=hadm_id, event_time=when,
         source="bench/e2e",
-        payload=ev.AdmissionPayload(admittime=now, admission_type="EW EMER.", gender="F", age=60.0),
+        payload=ev.AdmissionPayload(admittime=when, admission_type="EW EMER.", gender="F", age=60.0),
+    )
+    return ev.encode(event)
+
+
+def observation(hadm_id: int, when: datetime, rng: random.Random) -> bytes:
+    """A lab or vital result within its item's plausible range."""
+    item = rng.choice(LABS + VITALS)
+    event = ev.ObservationEvent(
+        event_id=ev.event_id("bench/e2e", f"{hadm_id}/{when.timestamp():.6f}/{item.itemid}"), hadm_id=hadm_id,
+        subject_id=hadm_id, event_time=when, source="bench/e2e",
+        payload=ev.ObservationPayload(itemid=item.itemid, value=round(rng.uniform(item.low, item.high), 2),
+                                      unit=item.unit, charttime=when, kind=item.kind),
     )
     return ev.encode(event)
 
@@ -98,7 +122,12 @@ def isolated(settings: Settings) -> Settings:
 
 
 class ScoreObserver:
-    """Reads the scores topic; completes the waiting event of each scored admission."""
+    """Reads the scores topic; completes each waiting event that a score of its admission
+    includes (its event time at or before the score's feature time)."""
+
+    # Feature times pass through epoch hours (float64) on their way: well under a microsecond
+    # off. Events of one admission are at least one schedule step (100 us at 10,000/s) apart.
+    slack_s = 5e-6
 
     def __init__(self, settings: Settings):
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -109,14 +138,23 @@ class ScoreObserver:
                                   "fetch.wait.max.ms": 5})
         partitions = confluent_partitions(self.consumer, topic)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        self.waiting: dict[int, tuple[h.LoadRun, int]] = {}  # hadm_id -> (run, event index)
+        # hadm_id -> (event time (epoch s), run, event index), oldest first
+        self.waiting: dict[int, deque[tuple[float, h.LoadRun, int]]] = defaultdict(deque)
         self.scored: set[int] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    def expect(self, hadm_id: int, run: h.LoadRun, index: int) -> None:
-        self.waiting[hadm_id] = (run, index)
+    def expect(self, hadm_id: int, event_time_s: float, run: h.LoadRun, index: int) -> None:
+        """Call in event-time order per admission (as its events are sent)."""
+        with self._lock:
+            self.waiting[hadm_id].append((event_time_s, run, index))
+
+    def forget(self) -> None:
+        """Stop waiting for the events not scored in time (they count as not completed)."""
+        with self._lock:
+            self.waiting.clear()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -127,14 +165,17 @@ class ScoreObserver:
             now = time.perf_counter()
             messages = ([first] + self.consumer.consume(num_messages=1000, timeout=0)) if first is not None else []
             for message in messages:
-                if message.error() is not None:
-                    continue
-                hadm_id = int(json.loads(message.value())["hadm_id"])
-                self.scored.add(hadm_id)
-                waiting = self.waiting.pop(hadm_id, None)
-                if waiting is not None:
-                    run, index = waiting
-                    run.complete(index, now)
+                if message.error() is None:
+                    self._complete(json.loads(message.value()), now)
+
+    def _complete(self, score: dict, when: float) -> None:
+        with self._lock:
+            hadm_id = int(score["hadm_id"])
+            self.scored.add(hadm_id)
+            queue = self.waiting.get(hadm_id)
+            while queue and queue[0][0] <= score["feature_time"] + self.slack_s:
+                _, run, index = queue.popleft()
+                run.complete(index, when)
 
     def close(self) -> None:
         self._stop.set()
@@ -143,19 +184,28 @@ class ScoreObserver:
 
 
 def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seconds: float = 5.0,
-        drain_s: float = 10.0, workers: tuple[int, ...] = (1,), max_batch: int = 256, max_wait_ms: int = 20,
-        ready_timeout_s: float = 90.0) -> h.Result:
-    """For each worker count, each offered ``rate`` for ``seconds``."""
+        drain_s: float = 10.0, workers: tuple[int, ...] = (1,), workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS),
+        census: int = 1000, max_batch: int = 256, max_wait_ms: int = 20, ready_timeout_s: float = 90.0,
+        seed: int = 0) -> h.Result:
+    """For each worker count and workload, each offered ``rate`` for ``seconds``."""
+    unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS}
+    if unknown:
+        raise ValueError(f"unknown workload(s) {sorted(unknown)}: choose from {NEW_ADMISSIONS!r}, {CENSUS!r}")
     services.up(settings)
     pipeline = M3T if m3t_deployed(settings) else SKELETON
     result = h.Result("e2e", {"rates": list(rates), "seconds": seconds, "drain_s": drain_s, "workers": list(workers),
-                              "max_batch": max_batch, "max_wait_ms": max_wait_ms, "pipeline": pipeline,
-                              "load_generator": "confluent-kafka, linger 1 ms, one admission event per new admission"})
+                              "workloads": list(workloads), "census": census, "max_batch": max_batch,
+                              "max_wait_ms": max_wait_ms, "pipeline": pipeline, "seed": seed,
+                              "load_generator": "confluent-kafka, linger 1 ms; new admissions: one admission event "
+                                                "per new admission; census: lab and vital results for open "
+                                                "admissions chosen uniformly at random"})
     started = time.perf_counter()
     for n in workers:
-        for run_ in _sweep(settings, n, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s, pipeline):
-            result.rows.append({"case": "event -> score", "variant": f"{n} worker{'s' if n > 1 else ''}",
-                                **run_.summary()})
+        runs = _sweep(settings, n, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
+                      ready_timeout_s, pipeline, seed)
+        for workload, run_ in runs:
+            case = "event -> score" + (f", census {census:,}" if workload == CENSUS else ", new admissions")
+            result.rows.append({"case": case, "variant": f"{n} worker{'s' if n > 1 else ''}", **run_.summary()})
     first = next((r for r in result.rows if "p50_ms" in r), None)
     if first is not None:
         result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
@@ -163,8 +213,10 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
     return result
 
 
-def _sweep(settings, n_workers, rates, seconds, drain_s, max_batch, max_wait_ms, ready_timeout_s, pipeline):
-    """``n_workers`` worker processes in one group on fresh topics; one LoadRun per rate."""
+def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
+           ready_timeout_s, pipeline, seed):
+    """``n_workers`` worker processes in one group on fresh topics; (workload, LoadRun) per
+    workload and rate."""
     from confluent_kafka import Producer
 
     cfg = isolated(settings)
@@ -177,12 +229,24 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, max_batch, max_wait_ms,
     producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap_servers, "linger.ms": 1, "acks": "all",
                          "partitioner": "murmur2_random"})
     observer = ScoreObserver(cfg)
+    rng = random.Random(seed)
     next_hadm, runs = FIRST_HADM, []
     try:
         next_hadm = _wait_until_scoring(cfg, producer, observer, workers, next_hadm, ready_timeout_s)
-        for rate in rates:
-            run_, next_hadm = _level(cfg, producer, observer, next_hadm, rate, seconds, drain_s)
-            runs.append(run_)
+        for workload in workloads:
+            if workload == CENSUS:
+                ward = list(range(next_hadm, next_hadm + census))
+                next_hadm += census
+                _admit(cfg, producer, observer, ward, ready_timeout_s)
+            for rate in rates:
+                if workload == CENSUS:
+                    run_ = _level(cfg, producer, observer, rate, seconds, drain_s,
+                                  lambda i: ward[rng.randrange(len(ward))], lambda h_, when: observation(h_, when, rng))
+                else:
+                    first = next_hadm
+                    run_ = _level(cfg, producer, observer, rate, seconds, drain_s, lambda i: first + i, admission)
+                    next_hadm += len(run_.scheduled)
+                runs.append((workload, run_))
     finally:
         stop.set()
         observer.close()
@@ -193,6 +257,19 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, max_batch, max_wait_ms,
                 worker.terminate()
         _cleanup(cfg, range(FIRST_HADM, next_hadm))
     return runs
+
+
+def _admit(cfg, producer, observer, ward: list[int], timeout_s: float) -> None:
+    """Admit the census and wait until every admission has its first score."""
+    for hadm_id in ward:
+        _send(producer, cfg, hadm_id)
+    producer.flush(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not observer.scored.issuperset(ward):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(set(ward) - observer.scored)} of the {len(ward)} census admissions "
+                               f"were not scored within {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def _group_members(cfg: Settings) -> int:
@@ -252,19 +329,24 @@ def _stored_scores(cfg: Settings, hadm_ids) -> int:
         client.close()
 
 
-def _level(cfg, producer, observer, first_hadm: int, rate: float, seconds: float, drain_s: float):
+def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float, admission_of, encode):
+    """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
+    when)`` its bytes. Event times are the schedule's, so they increase per admission."""
     run = h.schedule(rate, seconds)
-    for i in range(len(run.scheduled)):
-        observer.expect(first_hadm + i, run, i)
-    encoded = [admission(first_hadm + i) for i in range(len(run.scheduled))]
-    h.drive(run, lambda i: _send(producer, cfg, first_hadm + i, encoded[i]), synchronous=False)
+    start = datetime.now(timezone.utc)
+    targets = [admission_of(i) for i in range(len(run.scheduled))]
+    encoded = []
+    for i, (hadm_id, offset) in enumerate(zip(targets, run.scheduled.tolist())):
+        when = start + timedelta(seconds=offset)
+        encoded.append(encode(hadm_id, when))
+        observer.expect(hadm_id, when.timestamp(), run, i)
+    h.drive(run, lambda i: _send(producer, cfg, targets[i], encoded[i]), synchronous=False)
     producer.flush(drain_s)
     deadline = time.monotonic() + drain_s
     while run.completed < len(run.scheduled) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for i in range(len(run.scheduled)):
-        observer.waiting.pop(first_hadm + i, None)
-    return run, first_hadm + len(run.scheduled)
+    observer.forget()
+    return run
 
 
 def _cleanup(cfg: Settings, hadm_ids) -> None:

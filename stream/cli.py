@@ -27,6 +27,7 @@ def run(
     idle_timeout: float = typer.Option(None, help="Stop after this many seconds without events."),
     max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
     max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
+    max_poll: int = typer.Option(2048, help="Most events taken from Kafka in one poll (folded in one write)."),
     group: str = typer.Option(None, help="Consumer group (default: settings.kafka.consumer_group)."),
     backend: str = typer.Option("triton", help="triton, or onnx: the published ONNX files in-process "
                                                "with ONNX Runtime (development; same numbers)."),
@@ -46,7 +47,7 @@ def run(
     except (LookupError, RuntimeError, ValueError) as exc:
         fail(exc)
     worker = StreamWorker(settings, features, model, ScoreStore(client), max_batch=max_batch,
-                          max_wait_ms=max_wait_ms, group_id=group)
+                          max_wait_ms=max_wait_ms, max_poll_records=max_poll, group_id=group)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import defaultdict, deque
 
 import numpy as np
 import pytest
@@ -227,12 +229,30 @@ def test_inference_stage(settings, tmp_path):
 def test_e2e_stage(settings, tmp_path):
     from benchmarks import bench_e2e
 
-    result = bench_e2e.run(settings, rates=(20,), seconds=1.0, drain_s=10.0)
+    result = bench_e2e.run(settings, rates=(20,), seconds=1.0, drain_s=10.0, census=10)
     data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
-    (level,) = data["rows"]
-    assert level["offered_per_s"] == 20 and level["sent"] == 20
-    assert level["completed"] == 20, "every event should be scored at 20 events/s"
+    new, census = data["rows"]
+    assert (new["case"], census["case"]) == ("event -> score, new admissions", "event -> score, census 10")
+    for level in (new, census):
+        assert level["offered_per_s"] == 20 and level["sent"] == 20
+        assert level["completed"] == 20, "every event should be scored at 20 events/s"
     assert "end to end (event -> score)" in data["breakdown_ms"]
+
+
+def test_a_score_completes_the_events_its_features_include():
+    from benchmarks import bench_e2e
+
+    observer = bench_e2e.ScoreObserver.__new__(bench_e2e.ScoreObserver)  # no Kafka: the matching alone
+    observer.waiting, observer.scored, observer._lock = defaultdict(deque), set(), threading.Lock()
+    run = h.schedule(10, 0.3)
+    for i, t in enumerate((100.0, 100.5, 101.0)):
+        observer.expect(7, t, run, i)
+    observer._complete({"hadm_id": 7, "feature_time": 100.5}, when=2.0)
+    assert run.done[:2].tolist() == [2.0, 2.0] and np.isnan(run.done[2])  # the later event is not in it
+    observer._complete({"hadm_id": 7, "feature_time": 100.9}, when=3.0)
+    assert np.isnan(run.done[2])
+    observer._complete({"hadm_id": 8, "feature_time": 999.0}, when=3.0)  # another admission's score
+    assert np.isnan(run.done[2]) and observer.scored == {7, 8}
 
 
 # --- the command line and the GPU script ----------------------------------------------------------

@@ -290,3 +290,30 @@ def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(isolated_set
         if second is not None:
             stop_second.set()
             thread_second.join(30)
+
+
+def test_consumer_lag_is_published_from_the_fetches_high_watermarks(isolated_settings, redis_client):
+    import json
+
+    from stream.metrics import METRICS_KEY
+
+    settings = isolated_settings
+    events = cohort(12, 2, 89_000_000)
+    produce(settings, events[:18])
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+                          ScoreStore(redis_client), worker_id="lag-check", max_poll_records=4)
+    # Mid-stream (4 events a poll), some partition is behind; at the end, none is.
+    seen_behind = []
+    flush = worker._flush_metrics
+
+    def spy():
+        flush()
+        seen_behind.append(sum(worker.metrics.lag.values()))
+
+    worker._flush_metrics = spy
+    worker.metrics.due = lambda: True
+    worker.run(stop_after=18, idle_timeout_s=30.0)
+    snapshot = json.loads(redis_client.get(METRICS_KEY.format(worker_id="lag-check")))
+    partitions = {f"{settings.kafka.topic_events}:{p}" for p in range(settings.kafka.partitions)}
+    assert set(snapshot["lag"]) == partitions and set(snapshot["lag"].values()) == {0}
+    assert max(seen_behind) > 0
