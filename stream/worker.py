@@ -32,9 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import redis
-from confluent_kafka import KafkaException, Producer
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
-from kafka.structs import OffsetAndMetadata
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from tritonclient.utils import InferenceServerException
 
 from ingest import events as ev
@@ -94,14 +92,14 @@ def dead_letter_record(record, reason: str, detail: str) -> bytes:
     """The original bytes travel base64-encoded so a repaired event can be replayed; past
     ``DEAD_LETTER_MAX_BYTES`` only their start, with their size and sha256 (the whole event
     stays in its topic at the partition and offset given, for the topic's retention)."""
-    value = record.value or b""
+    value = record.value() or b""
     kept = value[:DEAD_LETTER_MAX_BYTES]
     return json.dumps({
         "reason": reason,
         "detail": detail,
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
+        "topic": record.topic(),
+        "partition": record.partition(),
+        "offset": record.offset(),
         "value_b64": base64.b64encode(kept).decode(),
         "value_bytes": len(value),
         "value_sha256": hashlib.sha256(value).hexdigest(),
@@ -115,19 +113,6 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return True
     return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
-
-
-class _Revocations(ConsumerRebalanceListener):
-    def __init__(self, worker: "StreamWorker"):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        # Their events not yet in a written score are redelivered to the new owner; the
-        # stores are idempotent, so that changes nothing.
-        self.worker._forget(revoked)
-
-    def on_partitions_assigned(self, assigned):
-        pass
 
 
 class StreamWorker:
@@ -163,15 +148,15 @@ class StreamWorker:
         # admission writes (each admission's events in it are loaded and committed once).
         self.max_poll_records = max_poll_records
         self.topic = topic or settings.kafka.topic_events
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            group_id=group_id or settings.kafka.consumer_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=max_poll_records,
-            client_id="m3t-worker",
-        )
-        self.consumer.subscribe([self.topic], listener=_Revocations(self))
+        # librdkafka's consumer: a record costs it a few microseconds to hand over, kafka-python's
+        # about twenty (parsing the record batches in Python, on the loop's thread).
+        self.consumer = Consumer({
+            "bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": group_id or settings.kafka.consumer_group,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest", "client.id": "m3t-worker",
+        }, logger=log)
+        # Revoked partitions' events not yet in a written score are redelivered to the new
+        # owner; the stores are idempotent, so that changes nothing.
+        self.consumer.subscribe([self.topic], on_revoke=lambda _, partitions: self._forget(partitions))
         # librdkafka's producer: a score costs it a few microseconds to queue, kafka-python's
         # tens (on the scoring thread, one per scored admission). murmur2 places keys where
         # Java clients and kafka-python do.
@@ -214,8 +199,7 @@ class StreamWorker:
             while not self._stop.is_set():
                 # With a batch in flight, come back soon to collect it.
                 wait_s = min(self.max_wait_s, 0.005) if self._future else self.max_wait_s
-                polled = self.consumer.poll(timeout_ms=int(wait_s * 1000), max_records=self.max_poll_records)
-                records = [r for batch in polled.values() for r in batch]
+                records = self._poll(wait_s)
                 if records:
                     last_data = time.monotonic()
                     self._apply(records)
@@ -262,20 +246,47 @@ class StreamWorker:
                 log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
                 self.stats.retries += 1
                 if not paused:
-                    self.consumer.pause(*self.consumer.assignment())
+                    self.consumer.pause(self.consumer.assignment())
                     paused = True
                 self._stop.wait(delay)
-                self.consumer.poll(timeout_ms=0)
+                self._keep_alive()
                 delay = min(delay * 2, self.backoff_s[1])
         if paused:
-            self.consumer.resume(*self.consumer.paused())
+            self.consumer.resume(self.consumer.assignment())
+
+    def _poll(self, timeout_s: float) -> list:
+        """Up to ``max_poll_records`` records: waits for the first, takes what else is there."""
+        first = self.consumer.poll(timeout_s)
+        if first is None:
+            return []
+        # consume(n, timeout) would wait out its timeout unless n records came.
+        messages = [first, *self.consumer.consume(self.max_poll_records - 1, 0)] if self.max_poll_records > 1 else [first]
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(message)
+            elif error.fatal():
+                raise KafkaException(error)
+            else:  # e.g. the topic not created yet: librdkafka retries by itself
+                log.warning("Kafka: %s", error)
+        return records
+
+    def _keep_alive(self) -> None:
+        """While paused, serve the group protocol. A record from a partition assigned
+        meanwhile (not paused) is put back, to be read again after the outage."""
+        message = self.consumer.poll(0)
+        if message is not None and message.error() is None:
+            tp = TopicPartition(message.topic(), message.partition(), message.offset())
+            self.consumer.seek(tp)
+            self.consumer.pause([tp])
 
     def _apply(self, records) -> None:
         valid, arrived = [], []
         for record in records:
             try:
-                valid.append(ev.decode(record.value))
-                arrived.append(record.timestamp / 1000)
+                valid.append(ev.decode(record.value()))
+                arrived.append(record.timestamp()[1] / 1000)
             except ev.InvalidEvent as exc:
                 self._dead_letter(record, exc.reason, exc.detail)
         self._retrying("feature update", lambda: self.features.apply(valid))
@@ -296,9 +307,12 @@ class StreamWorker:
                 change.last = seq
             else:
                 change.arrived, change.last = min(change.arrived, t), seq
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            self._consumed[tp] = max(self._consumed.get(tp, 0), record.offset + 1)
+        ends: dict[tuple[str, int], int] = {}
+        for record in records:  # a partition's records come in offset order
+            ends[record.topic(), record.partition()] = record.offset() + 1
+        for (topic, partition), end in ends.items():
+            tp = TopicPartition(topic, partition)
+            self._consumed[tp] = max(self._consumed.get(tp, 0), end)
         self._positions.append((seq, dict(self._consumed)))
         self.stats.events += len(records)
 
@@ -391,10 +405,10 @@ class StreamWorker:
             self._finish()
 
     def _dead_letter(self, record, reason: str, detail: str) -> None:
-        self._send(self.settings.kafka.topic_dead_letter, record.key, dead_letter_record(record, reason, detail))
+        self._send(self.settings.kafka.topic_dead_letter, record.key(), dead_letter_record(record, reason, detail))
         self.stats.dead_letters += 1
         self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
-        log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic, record.partition, record.offset)
+        log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic(), record.partition(), record.offset())
 
     def _forget(self, partitions) -> None:
         """Revoked partitions' positions are no longer this worker's to commit: were it to
@@ -423,24 +437,27 @@ class StreamWorker:
                                f"{self.kafka_timeout_s:.0f} s")
         if self._send_failure is not None:
             raise RuntimeError(f"Kafka did not take a record: {self._send_failure!r}") from self._send_failure
-        assigned = self.consumer.assignment()  # a revoked partition's events go to its new owner
-        self.consumer.commit(
-            {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items() if tp in assigned},
-            timeout_ms=int(self.kafka_timeout_s * 1000),
-        )
+        assigned = set(self.consumer.assignment())  # a revoked partition's events go to its new owner
+        mine = [TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items() if tp in assigned]
+        if mine:
+            self.consumer.commit(offsets=mine, asynchronous=False)
         self._committed_seq, self._committed_at = seq, time.monotonic()
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:
-        # The high watermarks come with every fetch response: asking the broker for the end
-        # offsets instead (end_offsets) stalled the loop for ~0.1 s a flush under load.
+        # librdkafka keeps the high watermark each fetch response carries: asking the broker
+        # for the end offsets instead stalled the loop for ~0.1 s a flush under load.
         lag = {}
-        for tp in self.consumer.assignment():
-            end = self.consumer.highwater(tp)
-            if end is not None:  # known once a fetch from the partition has returned
-                lag[f"{tp.topic}:{tp.partition}"] = max(0, end - self.consumer.position(tp))
+        for tp in self.consumer.position(self.consumer.assignment()):
+            _, end = self.consumer.get_watermark_offsets(tp, cached=True)
+            if end >= 0 and tp.offset >= 0:  # both known once a fetch from the partition returned
+                lag[f"{tp.topic}:{tp.partition}"] = max(0, end - tp.offset)
         self.metrics.lag = lag
-        self.metrics.flush(asdict(self.stats))
+        try:
+            self.metrics.flush(asdict(self.stats))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            # Metrics are best effort: an outage must not stop the worker (the next flush has them).
+            log.warning("metrics not published (%s)", type(exc).__name__)
 
     def close(self) -> None:
         self._scoring.shutdown(wait=True)

@@ -98,6 +98,7 @@ def test_redis_down_pauses_without_commit(isolated_settings):
     events = cohort(4, 2, 82_000_000)
     client = redis_client(settings)
     worker, stop, thread = start_worker(settings, client)
+    worker.metrics.flush_every_s = 0.0  # metrics are published every loop, into the outage too
     try:
         assert wait_for(lambda: worker.consumer.assignment())
         services.down(settings, ["redis"])
@@ -135,7 +136,7 @@ def test_sigkill_mid_stream_then_restart_applies_each_event_once(isolated_settin
     events = cohort(200, 20, 83_000_000)
     hadm_ids = sorted({e.hadm_id for e in events})
     produce(settings, events)
-    first = worker_process(settings, "--max-batch", "8")
+    first = worker_process(settings, "--max-batch", "8", "--max-poll", "16")  # small steps: the kill lands mid-stream
     # Kill it once part of the stream is applied, not all of it.
     assert wait_for(lambda: sum(observations(redis_client, hadm_ids[:50]).values()) > 0, 120)
     first.send_signal(signal.SIGKILL)
