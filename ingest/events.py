@@ -164,6 +164,11 @@ def key(event) -> bytes:
 
 def decode(raw: bytes | str | dict):
     """Parse and validate one event; raise InvalidEvent with a reason otherwise."""
+    if isinstance(raw, (bytes, str)):
+        try:  # the common case, valid bytes: pydantic parses the JSON itself, about twice as fast
+            return _EVENT.validate_json(raw)
+        except ValidationError:
+            pass  # a bad event: the checks below give its reason
     try:
         data = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
