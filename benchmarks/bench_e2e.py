@@ -15,7 +15,7 @@ newest event its features include, so an observer thread reading the scores topi
 completes each event when a score of its admission includes it. Latency runs from the
 event's scheduled send time to that score's arrival: queueing anywhere (producer, broker,
 worker, Triton, Redis) counts. Events not scored within ``drain_s`` of the end of a level
-count as not completed.
+count as not completed; the next level waits until the workers have caught up.
 
 The worker is built by ``build_pipeline``: M3T-LM (the online feature store, scored by the
 cached encoders and fusion head on Triton) where a feature set is published and the models
@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from benchmarks import harness as h
@@ -329,9 +330,14 @@ def _stored_scores(cfg: Settings, hadm_ids) -> int:
         client.close()
 
 
-def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float, admission_of, encode):
+def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float, admission_of, encode,
+           settle_s: float = 120.0):
     """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
-    when)`` its bytes. Event times are the schedule's, so they increase per admission."""
+    when)`` its bytes. Event times are the schedule's, so they increase per admission.
+
+    The result is the run as it stood ``drain_s`` after the last send. Past saturation the
+    workers are still behind then: the next level starts once they have caught up (up to
+    ``settle_s``), so it does not inherit this one's backlog."""
     run = h.schedule(rate, seconds)
     start = datetime.now(timezone.utc)
     targets = [admission_of(i) for i in range(len(run.scheduled))]
@@ -345,8 +351,12 @@ def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float,
     deadline = time.monotonic() + drain_s
     while run.completed < len(run.scheduled) and time.monotonic() < deadline:
         time.sleep(0.05)
+    result = replace(run, done=run.done.copy())
+    deadline = time.monotonic() + settle_s
+    while run.completed < len(run.scheduled) and time.monotonic() < deadline:
+        time.sleep(0.1)
     observer.forget()
-    return run
+    return result
 
 
 def _cleanup(cfg: Settings, hadm_ids) -> None:

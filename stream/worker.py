@@ -158,10 +158,11 @@ class StreamWorker:
         # owner; the stores are idempotent, so that changes nothing.
         self.consumer.subscribe([self.topic], on_revoke=lambda _, partitions: self._forget(partitions))
         # librdkafka's producer: a score costs it a few microseconds to queue, kafka-python's
-        # tens (on the scoring thread, one per scored admission). murmur2 places keys where
-        # Java clients and kafka-python do.
+        # tens (on the scoring thread, one per scored admission). A batch's scores are queued
+        # together, so a short linger loses no batching. murmur2 places keys where Java
+        # clients and kafka-python do.
         self.producer = Producer({
-            "bootstrap.servers": settings.kafka.bootstrap_servers, "acks": "all", "linger.ms": 5,
+            "bootstrap.servers": settings.kafka.bootstrap_servers, "acks": "all", "linger.ms": 1,
             "enable.idempotence": True, "partitioner": "murmur2_random", "client.id": "m3t-worker",
         }, logger=log)
         self._send_failure: Exception | None = None  # a score or dead letter Kafka did not take
