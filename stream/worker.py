@@ -18,6 +18,7 @@ moves to the consumed positions of the last poll below all of those.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import json
 import logging
@@ -195,6 +196,10 @@ class StreamWorker:
         nothing arrived for ``idle_timeout_s`` once partitions were assigned. The batch in
         hand is always finished and committed before returning."""
         self._stop = stop or threading.Event()
+        # What exists by now (libraries, models, the DALI pipeline) lives as long as the
+        # worker: out of the collector's sight, a full collection takes about a millisecond
+        # instead of ~40 ms with the whole loop stopped.
+        gc.freeze()
         last_data = time.monotonic()
         try:
             while not self._stop.is_set():
