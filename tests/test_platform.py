@@ -82,6 +82,12 @@ def test_redis_round_trip_and_reader_is_read_only(settings, redis_client):
     redis_client.delete("m3t:test:{1}")
 
 
+def test_redis_rewrites_its_append_only_file_at_the_configured_size(settings, redis_client):
+    assert redis_client.config_get("appendonly") == {"appendonly": "yes"}
+    size = redis_client.config_get("auto-aof-rewrite-min-size")["auto-aof-rewrite-min-size"]
+    assert int(size) == 1 << 30 and settings.redis.aof_rewrite_min_size == "1gb"
+
+
 def test_triton_health_and_inference(triton):
     import tritonclient.grpc as grpcclient
 

@@ -39,6 +39,7 @@ class RedisServer(ManagedService):
             # Features and scores are rebuilt from Kafka; the AOF makes restarts cheap.
             "appendonly yes",
             "appendfsync everysec",
+            f"auto-aof-rewrite-min-size {cfg.aof_rewrite_min_size}",
             'save ""',
             *self._acl_lines(),
             "",
