@@ -187,8 +187,10 @@ class ScoreObserver:
 def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seconds: float = 5.0,
         drain_s: float = 10.0, workers: tuple[int, ...] = (1,), workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS),
         census: int = 1000, max_batch: int = 256, max_wait_ms: int = 20, ready_timeout_s: float = 90.0,
-        seed: int = 0) -> h.Result:
-    """For each worker count and workload, each offered ``rate`` for ``seconds``."""
+        seed: int = 0, held: tuple[float, float] | None = None) -> h.Result:
+    """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
+    ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
+    such as Redis's append-only-file rewrites, show in p99 only over longer runs)."""
     unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS}
     if unknown:
         raise ValueError(f"unknown workload(s) {sorted(unknown)}: choose from {NEW_ADMISSIONS!r}, {CENSUS!r}")
@@ -197,15 +199,18 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
     result = h.Result("e2e", {"rates": list(rates), "seconds": seconds, "drain_s": drain_s, "workers": list(workers),
                               "workloads": list(workloads), "census": census, "max_batch": max_batch,
                               "max_wait_ms": max_wait_ms, "pipeline": pipeline, "seed": seed,
+                              "held": list(held) if held else None,
                               "load_generator": "confluent-kafka, linger 1 ms; new admissions: one admission event "
                                                 "per new admission; census: lab and vital results for open "
                                                 "admissions chosen uniformly at random"})
     started = time.perf_counter()
     for n in workers:
         runs = _sweep(settings, n, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
-                      ready_timeout_s, pipeline, seed)
-        for workload, run_ in runs:
+                      ready_timeout_s, pipeline, seed, held)
+        for workload, level_s, run_ in runs:
             case = "event -> score" + (f", census {census:,}" if workload == CENSUS else ", new admissions")
+            if level_s != seconds:
+                case += f", held {level_s:g} s"
             result.rows.append({"case": case, "variant": f"{n} worker{'s' if n > 1 else ''}", **run_.summary()})
     first = next((r for r in result.rows if "p50_ms" in r), None)
     if first is not None:
@@ -215,9 +220,9 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
 
 
 def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
-           ready_timeout_s, pipeline, seed):
-    """``n_workers`` worker processes in one group on fresh topics; (workload, LoadRun) per
-    workload and rate."""
+           ready_timeout_s, pipeline, seed, held=None):
+    """``n_workers`` worker processes in one group on fresh topics; (workload, level
+    seconds, LoadRun) per workload and level."""
     from confluent_kafka import Producer
 
     cfg = isolated(settings)
@@ -239,15 +244,16 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
                 ward = list(range(next_hadm, next_hadm + census))
                 next_hadm += census
                 _admit(cfg, producer, observer, ward, ready_timeout_s)
-            for rate in rates:
+            levels = [(rate, seconds) for rate in rates] + ([held] if held else [])
+            for rate, level_s in levels:
                 if workload == CENSUS:
-                    run_ = _level(cfg, producer, observer, rate, seconds, drain_s,
+                    run_ = _level(cfg, producer, observer, rate, level_s, drain_s,
                                   lambda i: ward[rng.randrange(len(ward))], lambda h_, when: observation(h_, when, rng))
                 else:
                     first = next_hadm
-                    run_ = _level(cfg, producer, observer, rate, seconds, drain_s, lambda i: first + i, admission)
+                    run_ = _level(cfg, producer, observer, rate, level_s, drain_s, lambda i: first + i, admission)
                     next_hadm += len(run_.scheduled)
-                runs.append((workload, run_))
+                runs.append((workload, level_s, run_))
     finally:
         stop.set()
         observer.close()

@@ -61,7 +61,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("e2e", "benchmarks.bench_e2e",
           "Offered-load sweep through the stream worker (new admissions; a census of open ones): "
           "achieved events/s and event-to-score p50/p95/p99.",
-          full=dict(rates=(100, 500, 2000, 10_000, 15_000), seconds=5.0, workers=(1, 2)),
+          full=dict(rates=(100, 500, 2000, 10_000, 15_000), seconds=5.0, workers=(1, 2), held=(2000, 30.0)),
           quick=dict(rates=(50, 200), seconds=2.0, drain_s=5.0)),
 )}
 
