@@ -43,19 +43,20 @@ from features import model_inputs as mi
 from features.fitted import FittedFeatures
 from features.state import AdmissionState, hours
 from ingest.events import sort_key
+from m3t.clients import LuaScript, run_scripts
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
 OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
 CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
 
-_LOAD = """
+_LOAD = LuaScript("""
 -- KEYS: blob, state hash, seen set. ARGV: the batch's event ids for this admission.
 -- Returns {version, aggregates, notes, blob, seen flags}.
 local state = redis.call('HMGET', KEYS[2], 'v', 'a', 'n')
 return {state[1], state[2], state[3], redis.call('GET', KEYS[1]), redis.call('SMISMEMBER', KEYS[3], unpack(ARGV))}
-"""
+""")
 
-_COMMIT = """
+_COMMIT = LuaScript("""
 -- KEYS: blob, state hash, seen set.
 -- ARGV: expected version, blob, aggregates, notes ('' = unchanged), ttl, event ids...
 local version = redis.call('HGET', KEYS[2], 'v') or '0'
@@ -68,7 +69,7 @@ for i = 6, #ARGV, 4000 do
 end
 for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[5]) end
 return 1
-"""
+""")
 
 
 def tune_allocator(threshold_bytes: int = 64 << 20) -> bool:
@@ -121,8 +122,6 @@ class OnlineStore:
         self.max_retries = max_retries
         self._key_formats = tuple(f"{self.prefix}:{{%d}}:{part}" for part in ("f", "s", "seen"))
         self._blob_key = self._key_formats[0].encode()  # bytes %-formatting: the read path's keys
-        self._load = client.register_script(_LOAD)
-        self._commit = client.register_script(_COMMIT)
 
     # --- keys -------------------------------------------------------------------------
 
@@ -180,10 +179,12 @@ class OnlineStore:
 
     def _write_once(self, pending: dict[int, dict[str, object]], stats: WriteStats):
         hadm_ids = list(pending)
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def load(pipe):
             for hadm_id in hadm_ids:
-                self._load(keys=self.keys(hadm_id), args=list(pending[hadm_id]), client=pipe)
-            loaded = pipe.execute()
+                _LOAD(pipe, self.keys(hadm_id), list(pending[hadm_id]))
+
+        loaded = run_scripts(self.client, load, _LOAD)
 
         commits = []
         for hadm_id, (version, aggregates, notes, blob, seen) in zip(hadm_ids, loaded):
@@ -199,10 +200,13 @@ class OnlineStore:
             args = [version or b"0", state.to_blob(), state.to_aggregates(), changed_notes, ttl]
             commits.append((hadm_id, len(seen) - len(fresh), fresh, args))
 
-        with self.client.pipeline(transaction=False) as pipe:
+        def commit(pipe):
             for hadm_id, _, fresh, args in commits:
-                self._commit(keys=self.keys(hadm_id), args=args + [e.event_id for e in fresh], client=pipe)
-            results = pipe.execute() if commits else []
+                _COMMIT(pipe, self.keys(hadm_id), args + [e.event_id for e in fresh])
+
+        # Were a commit that ran sent again (run_scripts, after NOSCRIPT), its version check
+        # would fail and its admission be reloaded: nothing is applied twice.
+        results = run_scripts(self.client, commit, _COMMIT) if commits else []
 
         lost = {}
         for (hadm_id, duplicates, fresh, _), ok in zip(commits, results):

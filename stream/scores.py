@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import redis
 
+from m3t.clients import LuaScript, run_scripts
+
 SCORE_KEY = "m3t:score:{{{hadm_id}}}"
 HISTORY_KEY = "m3t:score-history:{{{hadm_id}}}"
 RANKING_KEY = "m3t:risk:inpatients"
 
 # Compare-and-set by feature time, all in one round trip: a stale or repeated score is a no-op.
-_WRITE_SCORE = """
+_WRITE_SCORE = LuaScript("""
 local current = redis.call('HGET', KEYS[1], 'feature_time')
 if current and tonumber(current) > tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], 'los_days', ARGV[1], 'mortality_prob', ARGV[2], 'model', ARGV[3],
@@ -30,7 +32,7 @@ if current ~= ARGV[4] then
 end
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[8]) end
 return 1
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -52,21 +54,22 @@ class ScoreStore:
     def __init__(self, client: redis.Redis, history_len: int = 100):
         self.client = client
         self.history_len = history_len
-        self._write = client.register_script(_WRITE_SCORE)
 
     def write_batch(self, scores: list[RiskScore], inpatient: dict[int, bool] | None = None) -> int:
         """Write scores in one pipeline; return how many were newer than the stored ones."""
         inpatient = inpatient or {}
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def write(pipe):
             for s in scores:
-                self._write(
-                    keys=[SCORE_KEY.format(hadm_id=s.hadm_id), HISTORY_KEY.format(hadm_id=s.hadm_id), RANKING_KEY],
-                    args=[repr(s.los_days), repr(s.mortality_prob), s.model, repr(s.feature_time),
-                          repr(s.scored_at), "1" if inpatient.get(s.hadm_id, True) else "0",
-                          self.history_len, s.hadm_id],
-                    client=pipe,
+                _WRITE_SCORE(
+                    pipe,
+                    [SCORE_KEY.format(hadm_id=s.hadm_id), HISTORY_KEY.format(hadm_id=s.hadm_id), RANKING_KEY],
+                    [repr(s.los_days), repr(s.mortality_prob), s.model, repr(s.feature_time),
+                     repr(s.scored_at), "1" if inpatient.get(s.hadm_id, True) else "0",
+                     self.history_len, s.hadm_id],
                 )
-            return sum(int(r) for r in pipe.execute())
+
+        return sum(int(r) for r in run_scripts(self.client, write, _WRITE_SCORE))
 
     def discharge(self, hadm_ids: list[int]) -> None:
         """Discharged admissions leave the ranking; their last score stays readable."""

@@ -52,6 +52,29 @@ def test_streamed_state_equals_the_offline_fold(store):
         np.testing.assert_array_equal(online[name], want[name], err_msg=name)
 
 
+def test_writes_load_their_scripts_once_and_again_after_the_cache_is_flushed(store, redis_client):
+    # Pipelines send EVALSHA alone: no SCRIPT EXISTS before each; a NOSCRIPT answer (an
+    # empty script cache, as after a restart) loads them and sends the pipeline again.
+    from stream.scores import RiskScore, ScoreStore
+
+    first, second = EVENTS[: len(EVENTS) // 2], EVENTS[len(EVENTS) // 2 :]
+    redis_client.script_flush()
+    redis_client.config_resetstat()
+    store.write_batch(first)
+    store.write_batch(second)
+    scores = ScoreStore(redis_client)
+    assert scores.write_batch([RiskScore(70_000_001, 3.0, 0.2, "m", 10.0, 11.0)]) == 1
+    stats = redis_client.info("commandstats")
+    assert "cmdstat_script|exists" not in stats
+    assert stats["cmdstat_script|load"]["calls"] == 3  # the load, commit and score scripts, once each
+    hadm_ids = list(COHORT)
+    want = FITTED.assemble([offline_blob(COHORT[h]) for h in hadm_ids])
+    np.testing.assert_array_equal(store.read_inputs(hadm_ids)[mi.NUMERIC], want[mi.NUMERIC])
+    assert scores.get(70_000_001).los_days == 3.0
+    redis_client.delete("m3t:score:{70000001}", "m3t:score-history:{70000001}")
+    redis_client.zrem("m3t:risk:inpatients", 70_000_001)
+
+
 def test_duplicates_and_out_of_order_delivery_change_nothing(store):
     store.write_batch(EVENTS)
     stored = store.read_blobs(list(COHORT))
