@@ -271,12 +271,19 @@ def _admit(cfg, producer, observer, ward: list[int], timeout_s: float) -> None:
     for hadm_id in ward:
         _send(producer, cfg, hadm_id)
     producer.flush(timeout_s)
+    if not _wait_until(lambda: observer.scored.issuperset(ward), timeout_s):
+        raise TimeoutError(f"{len(set(ward) - observer.scored)} of the {len(ward)} census admissions "
+                           f"were not scored within {timeout_s:.0f} s")
+
+
+def _wait_until(done, timeout_s: float) -> bool:
+    """Whether ``done()`` came true within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not observer.scored.issuperset(ward):
+    while not done():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(set(ward) - observer.scored)} of the {len(ward)} census admissions "
-                               f"were not scored within {timeout_s:.0f} s")
+            return False
         time.sleep(0.05)
+    return True
 
 
 def _group_members(cfg: Settings) -> int:
@@ -354,13 +361,13 @@ def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float,
         observer.expect(hadm_id, when.timestamp(), run, i)
     h.drive(run, lambda i: _send(producer, cfg, targets[i], encoded[i]), synchronous=False)
     producer.flush(drain_s)
-    deadline = time.monotonic() + drain_s
-    while run.completed < len(run.scheduled) and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def all_scored() -> bool:
+        return run.completed == len(run.scheduled)
+
+    _wait_until(all_scored, drain_s)
     result = replace(run, done=run.done.copy())
-    deadline = time.monotonic() + settle_s
-    while run.completed < len(run.scheduled) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_until(all_scored, settle_s)
     observer.forget()
     return result
 

@@ -3,8 +3,8 @@
 The common event is a lab or a vital: the admission's notes and X-ray are unchanged. The
 full-model path (``m3t_lm``) decodes the X-ray and runs every encoder again; the cached
 path (``m3t_rescore``: the numeric encoder and the fusion head in one call, note and X-ray
-embeddings from Redis) runs only what changed. Both score the same batch of admissions, side by side in one run, on the
-real Triton and Redis. The admissions are those the live system holds (after `make demo`:
+embeddings from Redis) runs only what changed. Both score the same batch of admissions,
+side by side in one run, on the real Triton and Redis. The admissions are those the live system holds (after `make demo`:
 the current inpatients), so the numbers are of real feature rows with notes and X-rays.
 """
 

@@ -48,17 +48,18 @@ def run_scripts(client, queue: Callable[[object], None], *scripts: LuaScript) ->
     is empty after a restart); then none of them ran, and the pipeline is sent again. So a
     pipeline given here holds only script calls.
     """
-    for attempt in range(2):
-        with client.pipeline(transaction=False) as pipe:
-            queue(pipe)
-            try:
-                return pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
+    try:
+        return _execute(client, queue)
+    except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script.source)
-    raise AssertionError("unreachable")
+    return _execute(client, queue)
+
+
+def _execute(client, queue: Callable[[object], None]) -> list:
+    with client.pipeline(transaction=False) as pipe:
+        queue(pipe)
+        return pipe.execute()
 
 
 def triton_client(settings: Settings):

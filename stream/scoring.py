@@ -63,7 +63,6 @@ class TritonModel:
                 raise result
         return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in self.outputs}
 
-
     def requests(self, requests: list[dict[str, np.ndarray]]) -> list:
         """Each dict as one request, all in flight together: each one's result, or its error."""
         results: list = [None] * len(requests)
@@ -288,13 +287,15 @@ class CachedEncoderScorer:
         return TritonCxrEmbedder(client, self._embed_images, timeout_s=settings.triton.timeout_s)
 
     def _embed_locally(self, uris: list[str]) -> dict[str, np.ndarray]:
-        tensors, decoded = self.cxr(uris)
-        return {**self.image.infer({mi.CXR: tensors}), "cxr_ok": decoded.astype(np.float32)[:, None]}
+        return self._encode_images(*self.cxr(uris))
 
     def _embed_images(self, items: list) -> dict[str, np.ndarray]:
         """Images already loaded (``features.cxr.Encoded``/``Pixels``): not read twice."""
         result = self.cxr.preprocessor(items)
-        return {**self.image.infer({mi.CXR: result.tensors}), "cxr_ok": result.ok.astype(np.float32)[:, None]}
+        return self._encode_images(result.tensors, result.ok)
+
+    def _encode_images(self, tensors: np.ndarray, decoded: np.ndarray) -> dict[str, np.ndarray]:
+        return {**self.image.infer({mi.CXR: tensors}), "cxr_ok": decoded.astype(np.float32)[:, None]}
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
         hadm_ids = inputs["hadm_id"].tolist()

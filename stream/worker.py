@@ -20,11 +20,11 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
 import socket
-import itertools
 import threading
 import time
 from collections import Counter, deque
@@ -108,10 +108,13 @@ def dead_letter_record(record, reason: str, detail: str) -> bytes:
     }).encode()
 
 
+REDIS_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 def is_outage(exc: BaseException) -> bool:
     """Redis or Triton unreachable: worth waiting out. Anything else is a bug and stops
     the worker uncommitted (its events are redelivered to the next one)."""
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+    if isinstance(exc, REDIS_OUTAGES):
         return True
     return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
 
@@ -461,7 +464,7 @@ class StreamWorker:
         self.metrics.lag = lag
         try:
             self.metrics.flush(asdict(self.stats))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except REDIS_OUTAGES as exc:
             # Metrics are best effort: an outage must not stop the worker (the next flush has them).
             log.warning("metrics not published (%s)", type(exc).__name__)
 
