@@ -43,7 +43,7 @@ from features import model_inputs as mi
 from features.fitted import FittedFeatures
 from features.state import AdmissionState, hours
 from ingest.events import sort_key
-from m3t.clients import LuaScript, run_scripts
+from m3t.clients import LuaScript, mget, run_scripts
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
 OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
@@ -223,11 +223,7 @@ class OnlineStore:
     def read_blobs(self, hadm_ids: Sequence[int]) -> list[bytes | None]:
         """The stored state of each admission (None if unknown), in one round trip."""
         template = self._blob_key
-        keys = [template % h for h in hadm_ids]
-        if not keys:
-            return []
-        mget = getattr(self.client, "mget_nonatomic", self.client.mget)  # Redis Cluster splits by slot
-        return mget(keys)
+        return mget(self.client, [template % h for h in hadm_ids])
 
     def read_inputs(self, hadm_ids: Sequence[int], as_of=None) -> dict[str, np.ndarray]:
         """Model inputs for a batch, stacked; ``present`` marks the admissions found.

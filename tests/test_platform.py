@@ -88,6 +88,36 @@ def test_redis_rewrites_its_append_only_file_at_the_configured_size(settings, re
     assert int(size) == 1 << 30 and settings.redis.aof_rewrite_min_size == "1gb"
 
 
+def test_commands_go_in_one_write_and_every_reply_is_read(settings, redis_client):
+    from m3t.clients import Commands, mget, send
+    from m3t.clients import redis_client as connect
+
+    keys = [f"m3t:test-send:{{{i}}}".encode() for i in range(300)]
+    redis_client.mset({k: b"v%d" % i for i, k in enumerate(keys[:200])})
+    try:
+        assert mget(redis_client, keys) == [b"v%d" % i for i in range(200)] + [None] * 100
+        assert mget(redis_client, []) == []
+
+        # An error reply is raised after the other replies are read: the connection stays
+        # in step and the commands around it ran.
+        commands = Commands()
+        commands.evalsha("0" * 40, 0)  # no such script
+        commands.mget(keys[:2])
+        before = redis_client.info("commandstats").get("cmdstat_mget", {"calls": 0})["calls"]
+        with pytest.raises(redis.exceptions.NoScriptError):
+            send(redis_client, commands)
+        assert redis_client.info("commandstats")["cmdstat_mget"]["calls"] == before + 1
+        assert mget(redis_client, keys[:1]) == [b"v0"]
+
+        # A pooled connection the server dropped is replaced before the commands go.
+        other = connect(settings)
+        assert other.client_kill_filter(_id=redis_client.client_id()) == 1
+        other.close()
+        assert mget(redis_client, keys[:3]) == [b"v0", b"v1", b"v2"]
+    finally:
+        redis_client.delete(*keys[:200])
+
+
 def test_triton_health_and_inference(triton):
     import tritonclient.grpc as grpcclient
 
