@@ -12,12 +12,15 @@ Triton, score writes) while the loop goes on polling and applying the next event
 the worker's Python and Triton's model run at the same time. An offset is committed once
 every event before it is in a written score: each poll gets a sequence number, each dirty
 admission remembers the first poll whose change it has not had scored, and the commit
-moves to the consumed positions of the last poll below all of those.
+moves to the consumed positions of the last poll below all of those, once Kafka has
+acknowledged every score and dead letter sent until then. Commits never block the loop:
+they wait for those acknowledgements by delivery report, and go out asynchronously.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import gc
 import hashlib
 import itertools
@@ -108,6 +111,11 @@ def dead_letter_record(record, reason: str, detail: str) -> bytes:
     }).encode()
 
 
+def _log_commit_failure(error, partitions) -> None:
+    if error is not None:
+        log.warning("offset commit failed (%s); the next commit covers it", error)
+
+
 REDIS_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -122,8 +130,7 @@ def is_outage(exc: BaseException) -> bool:
 class StreamWorker:
     backoff_s = (0.2, 5.0)
     kafka_timeout_s = 30.0
-    # Under load, commit at most this often: each commit waits for the producer's acks and
-    # a broker round trip on the consuming thread. Idle, commit at once.
+    # Under load, take a commit point at most this often. Idle, at once.
     commit_interval_s = 0.2
     # On SIGTERM during an outage, give up waiting: the uncommitted events are redelivered.
     give_up_on_stop = True
@@ -157,6 +164,7 @@ class StreamWorker:
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": group_id or settings.kafka.consumer_group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "client.id": "m3t-worker",
+            "on_commit": _log_commit_failure,
         }, logger=log)
         # Revoked partitions' events not yet in a written score are redelivered to the new
         # owner; the stores are idempotent, so that changes nothing.
@@ -170,6 +178,10 @@ class StreamWorker:
             "enable.idempotence": True, "partitioner": "murmur2_random", "client.id": "m3t-worker",
         }, logger=log)
         self._send_failure: Exception | None = None  # a score or dead letter Kafka did not take
+        # Records sent and not yet acknowledged, by send number (sent from both threads).
+        self._unacked: dict[int, None] = {}
+        self._sends = itertools.count()
+        self._send_lock = threading.Lock()
         self.stats = WorkerStats()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(scores.client, self.worker_id)
@@ -181,8 +193,11 @@ class StreamWorker:
         self._seq = 0  # polls that returned records
         self._consumed: dict = {}  # partition -> next offset, after the latest poll
         self._positions: deque[tuple[int, dict]] = deque()  # (poll, consumed positions), uncommitted
+        # Commit points whose records Kafka may not have acknowledged yet: (poll, positions,
+        # the first send number after them).
+        self._commit_points: deque[tuple[int, dict, int]] = deque()
         self._committed_seq = 0
-        self._committed_at = time.monotonic()
+        self._point_taken_at = time.monotonic()
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
         self._batch: list[int] = []  # in flight
@@ -220,8 +235,10 @@ class StreamWorker:
                     or time.monotonic() - self._dirty_since >= self.max_wait_s
                 ):
                     self._launch()
-                if not records or time.monotonic() - self._committed_at >= self.commit_interval_s:
-                    self._commit_scored()
+                self.producer.poll(0)  # delivery reports: the acknowledgements commits wait for
+                if not records or time.monotonic() - self._point_taken_at >= self.commit_interval_s:
+                    self._take_commit_point()
+                self._commit_acknowledged()
                 if self.metrics.due():
                     self._flush_metrics()
                 if stop_after is not None and self.stats.events >= stop_after:
@@ -231,7 +248,7 @@ class StreamWorker:
                 elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                     break
             self._retrying("scoring", self._score_all)
-            self._commit_scored()
+            self._commit_all()
             self._flush_metrics()
         finally:
             self.close()
@@ -352,9 +369,13 @@ class StreamWorker:
         return now
 
     def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        with self._send_lock:  # numbered in the order they enter _unacked
+            number = next(self._sends)
+            self._unacked[number] = None
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
+                self.producer.produce(topic, value=value, key=key,
+                                      on_delivery=functools.partial(self._delivered, number))
                 return
             except BufferError:  # the local queue is full: wait for deliveries to make room
                 self.producer.poll(0.05)
@@ -362,10 +383,14 @@ class StreamWorker:
                 self._send_failure = exc
                 return
 
-    def _delivered(self, error, message) -> None:
-        # Runs in poll() or flush(); a failure is checked before every commit.
+    def _delivered(self, number: int, error, message) -> None:
+        # Runs in poll() or flush(); a failure is checked before every commit and stays
+        # unacknowledged, so no commit point after it is ever committed.
         if error is not None:
             self._send_failure = KafkaException(error)
+        else:
+            with self._send_lock:
+                del self._unacked[number]
 
     def _finish(self) -> None:
         """Collect the batch in flight. On failure its admissions wait, dirty, for the next
@@ -425,32 +450,65 @@ class StreamWorker:
         gone = set(partitions)
         for tp in gone:
             self._consumed.pop(tp, None)
-        for _, offsets in self._positions:
+        for offsets in [offsets for _, offsets in self._positions] + [p[1] for p in self._commit_points]:
             for tp in gone:
                 offsets.pop(tp, None)
 
-    def _commit_scored(self) -> None:
-        """Commit the consumed positions of the last poll whose events are all in written
-        scores (or dead letters), if that moved."""
+    def _take_commit_point(self) -> None:
+        """Note the consumed positions of the last poll whose events are all in written
+        scores (or dead letters), if that moved, with the records sent until now: it is
+        committed once Kafka has acknowledged them (``_commit_acknowledged``)."""
         floor = min(self._firsts, default=self._seq + 1) - 1
         offsets = None
         while self._positions and self._positions[0][0] <= floor:
             seq, offsets = self._positions.popleft()
-        if offsets is None or seq <= self._committed_seq:
-            return
-        # Dead letters and published scores must be durable before their offsets move. A
-        # broker that does not answer, or a record it refused, stops the worker uncommitted
-        # rather than hanging it or losing the record (its events are redelivered).
+        if offsets is not None:
+            with self._send_lock:
+                sent = next(self._sends)  # every record sent before this point numbers less
+            self._commit_points.append((seq, offsets, sent))
+        self._point_taken_at = time.monotonic()
+
+    def _commit_acknowledged(self) -> None:
+        """Commit the latest commit point whose records are all acknowledged, without
+        waiting: neither for the acks (a commit used to flush the producer on this thread,
+        2 to 50 ms every commit under load) nor for the broker's answer to the commit (a
+        failed commit is logged; the next one covers it)."""
+        self._check_sends()
+        with self._send_lock:  # the scoring thread sends meanwhile
+            oldest = next(iter(self._unacked), None)  # insertion order is send number order
+        point = None
+        while self._commit_points and (oldest is None or self._commit_points[0][2] <= oldest):
+            point = self._commit_points.popleft()
+        if point is not None:
+            self._commit(point[0], point[1], asynchronous=True)
+
+    def _commit_all(self) -> None:
+        """At the end: wait for every record's ack, then commit all that is scored."""
+        self._take_commit_point()
         if self.producer.flush(self.kafka_timeout_s):
+            # A broker that does not answer stops the worker uncommitted rather than hanging
+            # it (its events are redelivered).
             raise RuntimeError(f"Kafka did not acknowledge {len(self.producer)} record(s) within "
                                f"{self.kafka_timeout_s:.0f} s")
+        self._check_sends()
+        if self._commit_points:
+            seq, offsets, _ = self._commit_points[-1]
+            self._commit_points.clear()
+            self._commit(seq, offsets, asynchronous=False)
+
+    def _check_sends(self) -> None:
+        # A record Kafka refused stops the worker uncommitted rather than losing the record.
         if self._send_failure is not None:
             raise RuntimeError(f"Kafka did not take a record: {self._send_failure!r}") from self._send_failure
+
+    def _commit(self, seq: int, offsets: dict, asynchronous: bool) -> None:
+        if seq <= self._committed_seq:
+            return
         assigned = set(self.consumer.assignment())  # a revoked partition's events go to its new owner
         mine = [TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items() if tp in assigned]
         if mine:
-            self.consumer.commit(offsets=mine, asynchronous=False)
-        self._committed_seq, self._committed_at = seq, time.monotonic()
+            self.consumer.commit(offsets=mine, asynchronous=asynchronous)
+        self._committed_seq = seq
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:

@@ -216,6 +216,48 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
     assert observations(redis_client, last) == dict.fromkeys(last, 4)
 
 
+def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_blocking(isolated_settings,
+                                                                                       redis_client):
+    # Scores and dead letters must be durable in Kafka before the offsets of their events
+    # move; the loop meanwhile goes on consuming. Kafka's acknowledgements reach the worker
+    # as delivery reports, served by the producer's poll(): held here, then let through.
+    settings = isolated_settings
+    held = threading.Event()
+    held.set()
+
+    class HeldReports:
+        def __init__(self, producer):
+            self.producer = producer
+
+        def poll(self, timeout=0):
+            return 0 if held.is_set() else self.producer.poll(timeout)
+
+        def __len__(self):
+            return len(self.producer)
+
+        def __getattr__(self, name):
+            return getattr(self.producer, name)
+
+    worker, stop, thread = start_worker(settings, redis_client)
+    worker.producer = HeldReports(worker.producer)
+    try:
+        first = cohort(4, 1, 89_000_000)
+        produce(settings, first)
+        assert wait_for(lambda: worker.stats.scored >= 4 and not worker._dirty)
+        later = cohort(4, 1, 89_000_100)
+        produce(settings, later)  # consumed and scored while the first commit point waits
+        assert wait_for(lambda: worker.stats.events == len(first) + len(later) and not worker._dirty)
+        assert wait_for(lambda: len(worker._commit_points) >= 2)
+        assert worker.stats.commits == 0 and not committed_everything(settings)
+        held.clear()
+        assert wait_for(lambda: committed_everything(settings))
+    finally:
+        held.clear()
+        stop.set()
+        thread.join(30)
+    assert observations(redis_client, [e.hadm_id for e in first + later]) == {e.hadm_id: 1 for e in first + later}
+
+
 def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_settings, redis_client):
     # Base64 makes a 900 KB malformed event a 1.2 MB dead letter, over Kafka's 1 MB: it
     # must not crash the worker (after a restart it would crash again on the same event).
