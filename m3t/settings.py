@@ -51,6 +51,13 @@ class KafkaSettings(BaseModel):
     consumer_group: str = "m3t-stream"
     kafka_version: str = "4.3.1"
     heap: str = "512m"
+    # A stream worker's fetches: the broker answers once fetch_min_bytes are ready, or after
+    # fetch_wait_max_ms. Answering every produce request at once (librdkafka's default)
+    # made a fetch of two or three events each millisecond at 2,000 events/s: waiting 5 ms
+    # cost the broker and the worker 0.1-0.2 of this machine's 2 cores less at that load
+    # (benchmarks: m3t bench e2e reports the cores). A backlog fills the bytes at once.
+    fetch_wait_max_ms: int = 5
+    fetch_min_bytes: int = 1_000_000
 
     @property
     def bootstrap_servers(self) -> str:

@@ -165,6 +165,7 @@ class StreamWorker:
             "bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": group_id or settings.kafka.consumer_group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "client.id": "m3t-worker",
             "on_commit": _log_commit_failure,
+            "fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms, "fetch.min.bytes": settings.kafka.fetch_min_bytes,
         }, logger=log)
         # Revoked partitions' events not yet in a written score are redelivered to the new
         # owner; the stores are idempotent, so that changes nothing.
@@ -243,10 +244,11 @@ class StreamWorker:
                     self._flush_metrics()
                 if stop_after is not None and self.stats.events >= stop_after:
                     break
-                if not self.consumer.assignment():
-                    last_data = time.monotonic()  # still joining the group: not idle yet
-                elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
-                    break
+                if idle_timeout_s is not None and not records:  # (assignment() builds a list: not every loop)
+                    if not self.consumer.assignment():
+                        last_data = time.monotonic()  # still joining the group: not idle yet
+                    elif time.monotonic() - last_data > idle_timeout_s:
+                        break
             self._retrying("scoring", self._score_all)
             self._commit_all()
             self._flush_metrics()
