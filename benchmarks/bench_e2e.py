@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import threading
 import time
@@ -136,7 +137,7 @@ class ScoreObserver:
         topic = settings.kafka.topic_scores
         self.consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
                                   "group.id": f"bench-observer-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-                                  "fetch.wait.max.ms": 5})
+                                  })
         partitions = confluent_partitions(self.consumer, topic)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         # hadm_id -> (event time (epoch s), run, event index), oldest first
@@ -207,11 +208,12 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
     for n in workers:
         runs = _sweep(settings, n, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
                       ready_timeout_s, pipeline, seed, held)
-        for workload, level_s, run_ in runs:
+        for workload, level_s, run_, cores in runs:
             case = "event -> score" + (f", census {census:,}" if workload == CENSUS else ", new admissions")
             if level_s != seconds:
                 case += f", held {level_s:g} s"
-            result.rows.append({"case": case, "variant": f"{n} worker{'s' if n > 1 else ''}", **run_.summary()})
+            result.rows.append({"case": case, "variant": f"{n} worker{'s' if n > 1 else ''}", **run_.summary(),
+                                "cpu_cores": round(sum(cores.values()), 2), "cpu_cores_by_process": cores})
     first = next((r for r in result.rows if "p50_ms" in r), None)
     if first is not None:
         result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
@@ -222,7 +224,7 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
 def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
            ready_timeout_s, pipeline, seed, held=None):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
-    seconds, LoadRun) per workload and level."""
+    seconds, LoadRun, CPU cores by process while sending) per workload and level."""
     from confluent_kafka import Producer
 
     cfg = isolated(settings)
@@ -235,6 +237,10 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
     producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap_servers, "linger.ms": 1, "acks": "all",
                          "partitioner": "murmur2_random"})
     observer = ScoreObserver(cfg)
+    # Every process on this machine the load goes through: the load generator and the
+    # observer are this process (its worker children counted apart).
+    meter = h.CpuMeter({"workers": [w.pid for w in workers], "load generator + observer": [os.getpid()],
+                        **{name: [service(settings).pid() or 0] for name, service in services.SERVICES.items()}})
     rng = random.Random(seed)
     next_hadm, runs = FIRST_HADM, []
     try:
@@ -247,13 +253,15 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
             levels = [(rate, seconds) for rate in rates] + ([held] if held else [])
             for rate, level_s in levels:
                 if workload == CENSUS:
-                    run_ = _level(cfg, producer, observer, rate, level_s, drain_s,
-                                  lambda i: ward[rng.randrange(len(ward))], lambda h_, when: observation(h_, when, rng))
+                    run_, cores = _level(cfg, producer, observer, meter, rate, level_s, drain_s,
+                                         lambda i: ward[rng.randrange(len(ward))],
+                                         lambda h_, when: observation(h_, when, rng))
                 else:
                     first = next_hadm
-                    run_ = _level(cfg, producer, observer, rate, level_s, drain_s, lambda i: first + i, admission)
+                    run_, cores = _level(cfg, producer, observer, meter, rate, level_s, drain_s,
+                                         lambda i: first + i, admission)
                     next_hadm += len(run_.scheduled)
-                runs.append((workload, level_s, run_))
+                runs.append((workload, level_s, run_, cores))
     finally:
         stop.set()
         observer.close()
@@ -343,10 +351,11 @@ def _stored_scores(cfg: Settings, hadm_ids) -> int:
         client.close()
 
 
-def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float, admission_of, encode,
-           settle_s: float = 120.0):
+def _level(cfg, producer, observer, meter: h.CpuMeter, rate: float, seconds: float, drain_s: float, admission_of,
+           encode, settle_s: float = 120.0):
     """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
     when)`` its bytes. Event times are the schedule's, so they increase per admission.
+    Returns the run and the CPU cores each process used while the events were sent.
 
     The result is the run as it stood ``drain_s`` after the last send. Past saturation the
     workers are still behind then: the next level starts once they have caught up (up to
@@ -359,7 +368,9 @@ def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float,
         when = start + timedelta(seconds=offset)
         encoded.append(encode(hadm_id, when))
         observer.expect(hadm_id, when.timestamp(), run, i)
+    before, began = meter.sample(), time.perf_counter()
     h.drive(run, lambda i: _send(producer, cfg, targets[i], encoded[i]), synchronous=False)
+    cores = meter.cores(before, meter.sample(), time.perf_counter() - began)
     producer.flush(drain_s)
 
     def all_scored() -> bool:
@@ -369,7 +380,7 @@ def _level(cfg, producer, observer, rate: float, seconds: float, drain_s: float,
     result = replace(run, done=run.done.copy())
     _wait_until(all_scored, settle_s)
     observer.forget()
-    return result
+    return result, cores
 
 
 def _cleanup(cfg: Settings, hadm_ids) -> None:

@@ -54,6 +54,7 @@ COLUMNS = {
     "p50_ms": "p50 ms",
     "p95_ms": "p95 ms",
     "p99_ms": "p99 ms",
+    "cpu_cores": "CPU used (cores)",
     "max_abs_diff_vs_fp32_eager": "max abs diff vs fp32",
     "note": "note",
 }
@@ -215,6 +216,45 @@ def open_loop(rate: float, duration: float, send_fn: Callable[[int], object], *,
 
 
 # --- the machine ----------------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """CPU time of named process trees (a process and its descendants; Linux /proc), to
+    show where the cores went while a load ran: ``cores(before, after, seconds)``."""
+
+    def __init__(self, roots: dict[str, list[int]]):
+        self.roots = roots
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds (user + system) per name, over the trees' live processes."""
+        children: dict[int, list[int]] = {}
+        used: dict[int, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            except OSError:  # exited meanwhile
+                continue
+            pid = int(entry.name)
+            children.setdefault(int(fields[1]), []).append(pid)
+            used[pid] = (int(fields[11]) + int(fields[12])) / tick
+        claimed = {pid for roots in self.roots.values() for pid in roots}
+        out = {}
+        for name, roots in self.roots.items():
+            total, todo = 0.0, list(roots)
+            while todo:
+                pid = todo.pop()
+                total += used.get(pid, 0.0)
+                todo += [child for child in children.get(pid, []) if child not in claimed]  # another name's tree
+            out[name] = total
+        return out
+
+    @staticmethod
+    def cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+        return {name: round((after[name] - before[name]) / seconds, 3) for name in after}
 
 
 def _cpu_model() -> str:

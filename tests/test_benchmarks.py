@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import defaultdict, deque
 
 import numpy as np
@@ -237,7 +238,30 @@ def test_e2e_stage(settings, tmp_path):
     for level in data["rows"]:
         assert level["sent"] == 20 and level["offered_per_s"] == (10 if "held" in level["case"] else 20)
         assert level["completed"] == 20, "every event should be scored at these rates"
+        # While it sent, every process on the path was counted, the workers at least busy.
+        by_process = level["cpu_cores_by_process"]
+        assert set(by_process) == {"workers", "load generator + observer", "redis", "kafka", "triton"}
+        assert by_process["workers"] > 0 and level["cpu_cores"] == pytest.approx(sum(by_process.values()), abs=0.01)
     assert "end to end (event -> score)" in data["breakdown_ms"]
+
+
+def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out(tmp_path):
+    import subprocess
+    import sys
+
+    spin = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    # A parent that starts a busy child: the child's CPU is the parent's tree's.
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    meter = h.CpuMeter({"busy tree": [parent.pid], "idle": [other.pid]})
+    before, began = meter.sample(), time.perf_counter()
+    time.sleep(0.5)
+    during = meter.sample()
+    parent.wait(30)
+    other.kill()
+    assert during["busy tree"] - before["busy tree"] >= 0.1  # the child spun meanwhile
+    assert during["idle"] - before["idle"] < 0.1
+    assert h.CpuMeter.cores(before, during, time.perf_counter() - began)["busy tree"] >= 0.1 / 0.6
 
 
 def test_a_score_completes_the_events_its_features_include():
