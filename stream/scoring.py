@@ -300,14 +300,23 @@ class CachedEncoderScorer:
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
         hadm_ids = inputs["hadm_id"].tolist()
         uris = [u or "" for u in np.asarray(inputs["cxr_uri"], dtype=object).tolist()]
-        notes_stamps = [_stamp(self.notes.version, r, d)
-                        for r, d in zip(inputs[mi.NOTES_RADIOLOGY], inputs[mi.NOTES_DISCHARGE])]
-        cxr_stamps = [_stamp(self.image.version, u) for u in uris]
+        mask = inputs[mi.MODALITY_MASK]
+        has_notes = (mask[:, mi.MODALITIES.index("radiology")] > 0) | (mask[:, mi.MODALITIES.index("discharge")] > 0)
+        has_image = np.array([bool(u) for u in uris], dtype=bool)
+        # Stamps and cached embeddings only where the modality is there: a batch of numeric
+        # updates for admissions without notes or images reads no cache at all.
+        notes_stamps = [_stamp(self.notes.version, inputs[mi.NOTES_RADIOLOGY][i], inputs[mi.NOTES_DISCHARGE][i])
+                        if present else None for i, present in enumerate(has_notes.tolist())]
+        cxr_stamps = [_stamp(self.image.version, u) if u else None for u in uris]
         keys = [EMB_KEY.format(hadm_id=h) for h in hadm_ids]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
-            cached = [{k.decode(): v for k, v in row.items()} for row in pipe.execute()]
+        cached: list[dict] = [{} for _ in hadm_ids]
+        embedded = np.flatnonzero(has_notes | has_image).tolist()
+        if embedded:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for i in embedded:
+                    pipe.hgetall(keys[i])
+                for i, row in zip(embedded, pipe.execute()):
+                    cached[i] = {k.decode(): v for k, v in row.items()}
 
         def run_notes(rows):
             return self.notes.infer({k: inputs[k][rows] for k in self.notes.inputs})
@@ -317,9 +326,6 @@ class CachedEncoderScorer:
             return embed([uris[i] for i in rows])
 
         updates: list[dict] = [{} for _ in hadm_ids]
-        mask = inputs[mi.MODALITY_MASK]
-        has_notes = (mask[:, mi.MODALITIES.index("radiology")] > 0) | (mask[:, mi.MODALITIES.index("discharge")] > 0)
-        has_image = np.array([bool(u) for u in uris])
         notes = self._embeddings("notes", self.notes.widths, has_notes, notes_stamps, cached, run_notes, updates)
         image = self._embeddings("cxr", {**self.image.widths, "cxr_ok": 1}, has_image, cxr_stamps, cached,
                                  run_cxr, updates)

@@ -116,6 +116,38 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, c
     assert 0 < cached_scorer.runs["notes"] < worker.stats.scored
 
 
+def test_only_admissions_with_notes_or_an_xray_read_the_embedding_cache(isolated_settings, cohort, deployed,
+                                                                         redis_client):
+    fitted, _ = deployed
+    store = OnlineStore(redis_client, fitted, scratch=f"cache-{isolated_settings.kafka.consumer_group}")
+    scorer = CachedEncoderScorer(isolated_settings, redis_client, cxr=CxrInputs(CxrPreprocessor(device="cpu")))
+    features = OnlineFeatures(store)
+    hadm_ids = sorted(cohort)[:6]
+
+    def cache_reads() -> int:
+        return redis_client.info("commandstats").get("cmdstat_hgetall", {"calls": 0})["calls"]
+
+    try:
+        store.write_batch([e for h in hadm_ids for e in cohort[h] if e.type not in ("note", "cxr")])
+        inputs, _ = features.inputs(hadm_ids)
+        before = cache_reads()
+        los, _ = scorer.score(inputs)
+        assert len(los) == len(hadm_ids) and np.isfinite(los).all()
+        assert cache_reads() == before  # numbers only: no embedding to look up
+
+        store.write_batch([e for h in hadm_ids for e in cohort[h]])
+        inputs, _ = features.inputs(hadm_ids)
+        mask = inputs[mi.MODALITY_MASK]
+        with_modality = int(((mask[:, 0] > 0) | (mask[:, 1] > 0) | (inputs["cxr_uri"] != "")).sum())
+        assert with_modality > 0
+        before = cache_reads()
+        scorer.score(inputs)
+        assert cache_reads() == before + with_modality
+    finally:
+        store.drop()
+        redis_client.delete(*[f"m3t:emb:{{{h}}}" for h in hadm_ids])
+
+
 def test_scoring_benchmark_compares_cache_and_full_model(isolated_settings, cohort, deployed, redis_client, tmp_path):
     from benchmarks import bench_scoring, harness
 
