@@ -55,7 +55,9 @@ class KafkaSettings(BaseModel):
     # fetch_wait_max_ms. Answering every produce request at once (librdkafka's default)
     # made a fetch of two or three events each millisecond at 2,000 events/s: waiting 5 ms
     # cost the broker and the worker 0.1-0.2 of this machine's 2 cores less at that load
-    # (benchmarks: m3t bench e2e reports the cores). A backlog fills the bytes at once.
+    # (m3t bench e2e reports the cores). A backlog fills the bytes at once. The price is
+    # paid idle: an empty fetch every 5 ms, about 0.1 of a core of broker per idle worker
+    # (0.02 with librdkafka's 500 ms); raise the wait where workers idle more than they work.
     fetch_wait_max_ms: int = 5
     fetch_min_bytes: int = 1_000_000
 
