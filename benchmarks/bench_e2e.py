@@ -265,6 +265,10 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
                     run_, cores = _level(cfg, producer, observer, meter, rate, level_s, drain_s,
                                          lambda i: first + i, admission)
                     next_hadm += len(run_.scheduled)
+                    # A hospital's Redis holds its census, not the 10^5 admissions a few levels
+                    # create: left there, they made each append-only-file rewrite that came
+                    # in a later level fork a child writing a few hundred MB (10 s of a core).
+                    _cleanup(cfg, range(first, next_hadm))
                 runs.append((workload, level_s, run_, cores))
     finally:
         stop.set()
