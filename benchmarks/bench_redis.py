@@ -20,7 +20,7 @@ from benchmarks import harness as h
 from features import definitions as fd
 from features import model_inputs as mi
 from features.fitted import FittedFeatures
-from features.online import OnlineStore
+from features.online import OnlineStore, tune_allocator
 from features.sample import WORDS, cohort
 from features.vocab import Vocabulary
 from ingest.events import sort_key
@@ -107,6 +107,10 @@ def run(settings: Settings, *, admissions: int = 1024, observations: int = 40,
     result = h.Result("redis", {"admissions": admissions, "observations_per_admission": observations,
                                 "batches": list(batches), "write_batch": write_batch, "reads": reads,
                                 "repeats": repeats, "warmup": warmup})
+    # Reads are measured as the stream worker makes them: it tunes the allocator at start
+    # (stream/cli.py; the features stage measures what that is worth). Process-wide: `m3t
+    # bench all` runs the features stage, which measures glibc's defaults, before this one.
+    result.params["allocator"] = "tune_allocator()" if tune_allocator() else "glibc defaults"
     started = time.perf_counter()
     fitted = fitted_features()
     histories = cohort(admissions, seed=7, n_observations=observations)
