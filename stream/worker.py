@@ -198,6 +198,7 @@ class StreamWorker:
         # the first send number after them).
         self._commit_points: deque[tuple[int, dict, int]] = deque()
         self._committed_seq = 0
+        self._last_async_commit: tuple[int, dict] | None = None
         self._point_taken_at = time.monotonic()
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
@@ -497,20 +498,25 @@ class StreamWorker:
             seq, offsets, _ = self._commit_points[-1]
             self._commit_points.clear()
             self._commit(seq, offsets, asynchronous=False)
+        elif self._last_async_commit is not None:
+            # Nothing new, but the last commit went out asynchronously: see it land before
+            # leaving the group (closing does not promise to wait for it).
+            self._commit(*self._last_async_commit, asynchronous=False, again=True)
 
     def _check_sends(self) -> None:
         # A record Kafka refused stops the worker uncommitted rather than losing the record.
         if self._send_failure is not None:
             raise RuntimeError(f"Kafka did not take a record: {self._send_failure!r}") from self._send_failure
 
-    def _commit(self, seq: int, offsets: dict, asynchronous: bool) -> None:
-        if seq <= self._committed_seq:
+    def _commit(self, seq: int, offsets: dict, asynchronous: bool, again: bool = False) -> None:
+        if seq <= self._committed_seq and not again:
             return
         assigned = set(self.consumer.assignment())  # a revoked partition's events go to its new owner
         mine = [TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items() if tp in assigned]
         if mine:
             self.consumer.commit(offsets=mine, asynchronous=asynchronous)
         self._committed_seq = seq
+        self._last_async_commit = (seq, offsets) if asynchronous else None
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:

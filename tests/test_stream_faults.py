@@ -238,8 +238,23 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
         def __getattr__(self, name):
             return getattr(self.producer, name)
 
-    worker, stop, thread = start_worker(settings, redis_client)
-    worker.producer = HeldReports(worker.producer)
+    class RecordedCommits:
+        def __init__(self, consumer):
+            self.consumer, self.commits = consumer, []
+
+        def commit(self, offsets, asynchronous):
+            self.commits.append(([(tp.partition, tp.offset) for tp in offsets], asynchronous))
+            return self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+
+        def __getattr__(self, name):
+            return getattr(self.consumer, name)
+
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+                          ScoreStore(redis_client))
+    worker.producer, worker.consumer = HeldReports(worker.producer), RecordedCommits(worker.consumer)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
+    thread.start()
     try:
         first = cohort(4, 1, 89_000_000)
         produce(settings, first)
@@ -251,11 +266,15 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
         assert worker.stats.commits == 0 and not committed_everything(settings)
         held.clear()
         assert wait_for(lambda: committed_everything(settings))
+        assert worker.consumer.commits[-1][1] is True  # the loop's commits do not wait
     finally:
         held.clear()
         stop.set()
         thread.join(30)
     assert observations(redis_client, [e.hadm_id for e in first + later]) == {e.hadm_id: 1 for e in first + later}
+    # Leaving, the worker waits for its last commit: sent again synchronously.
+    (last_async, _), (final, synchronous) = worker.consumer.commits[-2:]
+    assert final == last_async and synchronous is False
 
 
 def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_settings, redis_client):
