@@ -136,8 +136,7 @@ class ScoreObserver:
 
         topic = settings.kafka.topic_scores
         self.consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
-                                  "group.id": f"bench-observer-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-                                  })
+                                  "group.id": f"bench-observer-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
         partitions = confluent_partitions(self.consumer, topic)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         # hadm_id -> (event time (epoch s), run, event index), oldest first

@@ -91,7 +91,7 @@ def mget(client: redis.Redis, keys: list[bytes]) -> list[bytes | None]:
     """MGET in one round trip (see ``Commands``); a Redis Cluster client splits it by slot."""
     if not keys:
         return []
-    if not hasattr(client, "connection_pool"):
+    if _is_cluster(client):
         return client.mget_nonatomic(keys)
     commands = Commands()
     commands.mget(keys)
@@ -117,13 +117,18 @@ def run_scripts(client: redis.Redis, queue: Callable[[Commands], None], *scripts
 
 
 def _round_trip(client: redis.Redis, queue: Callable[[Commands], None]) -> list:
-    if not hasattr(client, "connection_pool"):  # Redis Cluster: its pipeline routes each call by slot
+    if _is_cluster(client):  # its pipeline routes each call by slot
         with client.pipeline(transaction=False) as pipe:
             queue(pipe)
             return pipe.execute()
     commands = Commands()
     queue(commands)
     return send(client, commands)
+
+
+def _is_cluster(client) -> bool:
+    """A Redis Cluster client: no single connection pool to send commands on."""
+    return not hasattr(client, "connection_pool")
 
 
 def triton_client(settings: Settings):

@@ -194,11 +194,10 @@ class StreamWorker:
         self._seq = 0  # polls that returned records
         self._consumed: dict = {}  # partition -> next offset, after the latest poll
         self._positions: deque[tuple[int, dict]] = deque()  # (poll, consumed positions), uncommitted
-        # Commit points whose records Kafka may not have acknowledged yet: (poll, positions,
-        # the first send number after them).
-        self._commit_points: deque[tuple[int, dict, int]] = deque()
-        self._committed_seq = 0
-        self._last_async_commit: tuple[int, dict] | None = None
+        # Commit points whose records Kafka may not have acknowledged yet: (positions, the
+        # first send number after them). Each is newer than the one before.
+        self._commit_points: deque[tuple[dict, int]] = deque()
+        self._last_async_commit: dict | None = None  # positions, until a commit waits
         self._point_taken_at = time.monotonic()
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
@@ -453,7 +452,7 @@ class StreamWorker:
         gone = set(partitions)
         for tp in gone:
             self._consumed.pop(tp, None)
-        for offsets in [offsets for _, offsets in self._positions] + [p[1] for p in self._commit_points]:
+        for offsets in [offsets for _, offsets in self._positions] + [p[0] for p in self._commit_points]:
             for tp in gone:
                 offsets.pop(tp, None)
 
@@ -464,11 +463,11 @@ class StreamWorker:
         floor = min(self._firsts, default=self._seq + 1) - 1
         offsets = None
         while self._positions and self._positions[0][0] <= floor:
-            seq, offsets = self._positions.popleft()
+            _, offsets = self._positions.popleft()
         if offsets is not None:
             with self._send_lock:
                 sent = next(self._sends)  # every record sent before this point numbers less
-            self._commit_points.append((seq, offsets, sent))
+            self._commit_points.append((offsets, sent))
         self._point_taken_at = time.monotonic()
 
     def _commit_acknowledged(self) -> None:
@@ -479,11 +478,11 @@ class StreamWorker:
         self._check_sends()
         with self._send_lock:  # the scoring thread sends meanwhile
             oldest = next(iter(self._unacked), None)  # insertion order is send number order
-        point = None
-        while self._commit_points and (oldest is None or self._commit_points[0][2] <= oldest):
-            point = self._commit_points.popleft()
-        if point is not None:
-            self._commit(point[0], point[1], asynchronous=True)
+        offsets = None
+        while self._commit_points and (oldest is None or self._commit_points[0][1] <= oldest):
+            offsets, _ = self._commit_points.popleft()
+        if offsets is not None:
+            self._commit(offsets, asynchronous=True)
 
     def _commit_all(self) -> None:
         """At the end: wait for every record's ack, then commit all that is scored."""
@@ -494,29 +493,24 @@ class StreamWorker:
             raise RuntimeError(f"Kafka did not acknowledge {len(self.producer)} record(s) within "
                                f"{self.kafka_timeout_s:.0f} s")
         self._check_sends()
-        if self._commit_points:
-            seq, offsets, _ = self._commit_points[-1]
-            self._commit_points.clear()
-            self._commit(seq, offsets, asynchronous=False)
-        elif self._last_async_commit is not None:
-            # Nothing new, but the last commit went out asynchronously: see it land before
-            # leaving the group (closing does not promise to wait for it).
-            self._commit(*self._last_async_commit, asynchronous=False, again=True)
+        # With nothing new, the last commit is sent again if it went out asynchronously: it
+        # must land before the worker leaves the group (closing does not promise to wait).
+        offsets = self._commit_points[-1][0] if self._commit_points else self._last_async_commit
+        self._commit_points.clear()
+        if offsets is not None:
+            self._commit(offsets, asynchronous=False)
 
     def _check_sends(self) -> None:
         # A record Kafka refused stops the worker uncommitted rather than losing the record.
         if self._send_failure is not None:
             raise RuntimeError(f"Kafka did not take a record: {self._send_failure!r}") from self._send_failure
 
-    def _commit(self, seq: int, offsets: dict, asynchronous: bool, again: bool = False) -> None:
-        if seq <= self._committed_seq and not again:
-            return
+    def _commit(self, offsets: dict, asynchronous: bool) -> None:
         assigned = set(self.consumer.assignment())  # a revoked partition's events go to its new owner
         mine = [TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items() if tp in assigned]
         if mine:
             self.consumer.commit(offsets=mine, asynchronous=asynchronous)
-        self._committed_seq = seq
-        self._last_async_commit = (seq, offsets) if asynchronous else None
+        self._last_async_commit = offsets if asynchronous else None
         self.stats.commits += 1
 
     def _flush_metrics(self) -> None:
