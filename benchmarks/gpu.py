@@ -19,7 +19,15 @@ Measured, with the method of ``benchmarks.harness`` (warm-up, repeats, median/mi
   by batch size, on the real samples where ``--images`` has them (re-encoded as JPEG),
   otherwise on synthetic radiograph-sized JPEGs.
 
+* the project's DALI pipeline (``features.cxr.CxrPreprocessor``) with ``device="gpu"``
+  (nvJPEG through ``fn.decoders.image(device="mixed")``, resize and normalise on the GPU)
+  beside the same pipeline on the CPU and its Pillow/NumPy reference, by batch size, on the
+  samples as stored (PNG files, the JPEG frame of an 8-bit DICOM), the samples re-encoded as
+  JPEG, and pydicom-decoded pixels; each output's largest difference from the reference;
+  and the GPU pipeline serialized for Triton's DALI backend, deserialized and run.
+
 A time budget stops starting new measurements once spent and records what was skipped.
+DALI is not in that machine's image: carry its wheels (README, Performance).
 """
 
 from __future__ import annotations
@@ -275,6 +283,101 @@ def cxr_benchmarks(result: h.Result, folder: Path | None, images: int, batches, 
                                           gpu["items_per_s"], pil["items_per_s"]))
 
 
+# --- chest X-rays: the project's DALI pipeline --------------------------------------------------
+
+
+def dali_samples(folder: Path | None, count: int) -> dict[str, list]:
+    """The inputs of ``features.cxr`` by kind: as stored (PNG, DICOM JPEG frames), re-encoded
+    as JPEG (what nvJPEG decodes on the GPU), and pixels pydicom decoded; each cycled to
+    ``count``."""
+    from features import cxr
+
+    stored, pixels = [], []
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")) \
+        if folder and folder.is_dir() else []
+    for path in files:
+        try:
+            item = cxr.load(str(path))
+        except cxr.BadImage:  # e.g. JPEG 2000 without a pydicom decoder there
+            continue
+        (stored if isinstance(item, cxr.Encoded) else pixels).append(item)
+    jpegs, _ = jpeg_samples(folder, count)
+    groups = {"as stored": stored, "JPEG q90": [cxr.Encoded(d) for d in jpegs], "DICOM pixels": pixels}
+    return {kind: [items[i % len(items)] for i in range(count)] for kind, items in groups.items() if items}
+
+
+def _max_diff(result, reference: list[np.ndarray]) -> float:
+    return float(max(np.abs(result.tensors[i] - ref).max() for i, ref in enumerate(reference)))
+
+
+def dali_benchmarks(result: h.Result, folder: Path | None, images: int, batches, repeats: int, budget: Budget,
+                    device: str = "cuda", cpu_threads: int = 8) -> None:
+    try:
+        from features import cxr
+    except ImportError as exc:
+        result.missing["DALI"] = f"features.cxr not importable: {exc}"
+        return
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        result.missing["DALI"] = f"nvidia-dali not importable (carry its wheels): {exc}"
+        return
+    result.params["dali_cpu_threads"] = cpu_threads
+    samples = dali_samples(folder, images)
+    result.params["dali_samples"] = {kind: len(items) for kind, items in samples.items()}
+    devices = ("cpu", "gpu") if device == "cuda" else ("cpu",)
+    for kind, items in samples.items():
+        reference = [cxr.reference_preprocess(x) for x in items]
+        ref = h.measure(lambda: [cxr.reference_preprocess(x) for x in items], len(items), warmup=1, repeats=repeats)
+        result.rows.append({"case": f"DALI pipeline, {kind}", "variant": "Pillow/NumPy reference (1 thread)", **ref})
+        for batch in batches:
+            rates = {}
+            for where in devices:
+                label = f"DALI {where.upper()} ({cpu_threads} threads)"
+                if budget.left() < 0:
+                    result.missing[f"{label}, {kind}, batch {batch}"] = "time budget spent"
+                    continue
+                try:
+                    # The same CPU threads for both: the GPU pipeline's decoder uses them for PNG.
+                    pipeline = cxr.CxrPreprocessor(batch_size=batch, device=where, num_threads=cpu_threads)
+                    out = pipeline(items)
+                    rate = h.measure(lambda: pipeline(items), len(items), warmup=1, repeats=repeats)
+                except Exception as exc:  # keep what was measured; say why this one was not
+                    result.missing[f"{label}, {kind}, batch {batch}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    continue
+                result.rows.append({"case": f"DALI pipeline, {kind}", "variant": label, "batch": batch, **rate,
+                                    "failed_images": int((~out.ok).sum()),
+                                    "max_abs_diff_vs_reference": _max_diff(out, reference)})
+                result.comparisons.append(h.ratio(f"{kind} images/s at batch {batch}", label, "Pillow/NumPy reference",
+                                                  rate["items_per_s"], ref["items_per_s"]))
+                rates[where] = (label, rate["items_per_s"])
+            if len(rates) == 2:
+                (cpu_label, cpu_rate), (gpu_label, gpu_rate) = rates["cpu"], rates["gpu"]
+                result.comparisons.append(h.ratio(f"{kind} images/s at batch {batch}", gpu_label, cpu_label,
+                                                  gpu_rate, cpu_rate))
+    if device == "cuda" and "JPEG q90" in samples:
+        result.params["dali_serialized_gpu_pipeline"] = _serialized_check(cxr, samples["JPEG q90"][:32])
+
+
+def _serialized_check(cxr, items: list) -> dict:
+    """What Triton's DALI backend would load: the GPU pipeline, serialized, deserialized and
+    run, against the in-process pipeline on the same images."""
+    try:
+        from nvidia.dali import Pipeline
+
+        blob = cxr.serialized_pipeline("gpu", batch_size=len(items))
+        pipe = Pipeline.deserialize(serialized_pipeline=blob, batch_size=len(items), device_id=0)
+        pipe.build()
+        pipe.feed_input("input", [np.frombuffer(x.data, np.uint8) for x in items])
+        (out,) = pipe.run()
+        out = out.as_cpu()
+        direct = cxr.CxrPreprocessor(batch_size=len(items), device="gpu")(items)
+        diff = max(float(np.abs(np.array(out[i]) - direct.tensors[i]).max()) for i in range(len(items)))
+        return {"bytes": len(blob), "images": len(items), "max_abs_diff_vs_in_process": diff}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def run(result: h.Result, args, device: str) -> None:
     """Everything, in an order that keeps the most for a short budget: compiling is slow
     and may fail, so it goes last."""
@@ -289,6 +392,9 @@ def run(result: h.Result, args, device: str) -> None:
         model_benchmarks(result, args.batches, repeats, min_items, budget, modes, reference, device, dtypes)
     if "cxr" not in args.skip:
         cxr_benchmarks(result, args.images, images, (1, 8, 32, 128), repeats, budget, device)
+    if "dali" not in args.skip:
+        dali_benchmarks(result, args.images, images, (1, 32, 128) if device == "cuda" else (1, 2), repeats, budget,
+                        device)
     if "model" not in args.skip and device == "cuda" and "compile" in args.modes:
         model_benchmarks(result, args.batches, repeats, min_items, budget, ("compile",), reference, device, dtypes)
     if "model" not in args.skip:
@@ -313,7 +419,7 @@ def parse(argv=None) -> argparse.Namespace:
                         help="model dtypes, comma-separated, from fp32,fp16,bf16 (fp32 is the accuracy reference)")
     parser.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=MODES,
                         help="model modes, comma-separated, from eager,cuda-graph,compile (eager fp32 is the reference)")
-    parser.add_argument("--skip", choices=("model", "cxr"), action="append", default=[], help="skip a part")
+    parser.add_argument("--skip", choices=("model", "cxr", "dali"), action="append", default=[], help="skip a part")
     args = parser.parse_args(argv)
     if args.batches is None:
         args.batches = (1, 64, 1024) if args.quick else (1, 16, 64, 256, 1024)

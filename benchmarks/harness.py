@@ -37,7 +37,7 @@ SCHEMA_VERSION = 1
 
 # Distribution names whose versions every result records (absent ones are recorded as None).
 LIBRARIES = (
-    "torch", "torchvision", "numpy", "onnxruntime", "nvidia-dali-cuda120", "redis", "kafka-python",
+    "torch", "torchvision", "numpy", "onnxruntime", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "redis", "kafka-python",
     "confluent-kafka", "tritonclient", "nvidia-pytriton", "pillow", "pydicom",
 )
 

@@ -337,6 +337,10 @@ def test_gpu_script_dry_run_and_clear_failure_without_cuda(tmp_path, capsys):
     eager = [r for r in data["rows"] if r["variant"] == "eager fp32"]
     assert [r["batch"] for r in eager] == [1, 2] and all(r["max_abs_diff_vs_fp32_eager"] == 0 for r in eager)
     assert any(r["case"] == "CXR decode+preprocess" for r in data["rows"])
+    # The project's DALI pipeline on the CPU, each output checked against its reference.
+    dali = [r for r in data["rows"] if r["variant"].startswith("DALI CPU")]
+    assert {r["case"] for r in dali} >= {"DALI pipeline, as stored", "DALI pipeline, JPEG q90"}
+    assert all(r["failed_images"] == 0 and r["max_abs_diff_vs_reference"] < 1e-3 for r in dali)
     if not torch.cuda.is_available():
         assert gpu.main(["--quick", "--out", str(tmp_path / "real")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
