@@ -3,27 +3,31 @@
 Layout, per admission (``{hadm_id}`` is a Redis Cluster hash tag, so all of one
 admission's keys share a slot and the commit script may touch them together)::
 
-    m3t:<tag>:{12345}:f     string  the read blob (features.state.to_blob): one MGET serves a batch
-    m3t:<tag>:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
-    m3t:<tag>:{12345}:seen  set     event ids already applied
-    m3t:<tag>:fitted        string  the FittedFeatures JSON this namespace was written with
+    m3t:<tag>:2:{12345}:m     string  the serving blob (features.state): one MGET serves a batch
+    m3t:<tag>:2:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
+    m3t:<tag>:2:{12345}:seen  set     event ids already applied
+    m3t:<tag>:fitted          string  the FittedFeatures JSON this namespace was written with
 
 ``<tag>`` is the feature-set version, the layout fingerprint (``features.definitions.LAYOUT``:
 the numeric columns and the bucket width of the windowed aggregates) and the vocabulary
-fingerprint (``FittedFeatures.tag``).
+fingerprint (``FittedFeatures.tag``); ``2`` is ``STORE_FORMAT``, the layout of these keys.
 
 Writes (``write_batch``) take two round trips per batch, however many events: load the
 touched admissions' state and which of the batch's event ids they have seen (one Lua
 call per admission, all pipelined), fold the new
 events in with ``AdmissionState.apply`` (the same function the offline builder folds
-with), then commit every admission with one server-side Lua script that checks the
-version it loaded, adds the event ids to the seen set and stores the new state, atomically.
-A commit that lost a race with another worker (the version moved) is reloaded and
-refolded. So redelivery and concurrent workers are safe: an event id is in the seen set
-if and only if the stored state includes it.
+with), compute their serving blobs with ``assemble`` (the same transform the offline
+builder uses), vectorised over the batch, then commit every admission with one
+server-side Lua script that checks the version it loaded, adds the event ids to the seen
+set and stores the new state, atomically. A commit that lost a race with another worker
+(the version moved) is reloaded and refolded. So redelivery and concurrent workers are
+safe: an event id is in the seen set if and only if the stored state includes it.
 
-Reads (``read_batch`` / ``read_inputs``) are one MGET for the whole batch, decoded and
-transformed with numpy, vectorised over the batch.
+Reads: ``read_inputs`` at the default scoring time (each admission's latest event, what
+the stream scores) is one MGET of serving blobs, decoded with numpy: the transform ran
+when they were written. As of another time (parity checks, point-in-time reads) it is
+one round trip for the serving blobs and the aggregates, rebuilt into blobs and
+transformed with ``assemble``.
 """
 
 from __future__ import annotations
@@ -40,25 +44,29 @@ import redis
 
 from features import definitions as fd
 from features import model_inputs as mi
+from features import state as st
 from features.fitted import FittedFeatures
-from features.state import AdmissionState, hours
+from features.state import AdmissionState, hours, serving_blobs, serving_inputs
 from ingest.events import sort_key
-from m3t.clients import LuaScript, mget, run_scripts
+from m3t.clients import LuaScript, mget, round_trip, run_scripts
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
 OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
 CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
+# The layout of an admission's keys, in their names: 2 stores the serving blob instead of
+# the blob, so state written by format 1 is never half read (its events count as seen).
+STORE_FORMAT = 2
 
 _LOAD = LuaScript("""
--- KEYS: blob, state hash, seen set. ARGV: the batch's event ids for this admission.
--- Returns {version, aggregates, notes, blob, seen flags}.
+-- KEYS: serving blob, state hash, seen set. ARGV: the batch's event ids for this admission.
+-- Returns {version, aggregates, notes, serving blob, seen flags}.
 local state = redis.call('HMGET', KEYS[2], 'v', 'a', 'n')
 return {state[1], state[2], state[3], redis.call('GET', KEYS[1]), redis.call('SMISMEMBER', KEYS[3], unpack(ARGV))}
 """)
 
 _COMMIT = LuaScript("""
--- KEYS: blob, state hash, seen set.
--- ARGV: expected version, blob, aggregates, notes ('' = unchanged), ttl, event ids...
+-- KEYS: serving blob, state hash, seen set.
+-- ARGV: expected version, serving blob, aggregates, notes ('' = unchanged), ttl, event ids...
 local version = redis.call('HGET', KEYS[2], 'v') or '0'
 if version ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -120,13 +128,14 @@ class OnlineStore:
         self.discharged_ttl_s = discharged_ttl_s
         self.open_ttl_s = open_ttl_s
         self.max_retries = max_retries
-        self._key_formats = tuple(f"{self.prefix}:{{%d}}:{part}" for part in ("f", "s", "seen"))
-        self._blob_key = self._key_formats[0].encode()  # bytes %-formatting: the read path's keys
+        self._key_formats = tuple(f"{self.prefix}:{STORE_FORMAT}:{{%d}}:{part}" for part in ("m", "s", "seen"))
+        # bytes %-formatting: the read path's keys
+        self._serving_key, self._state_key = (key.encode() for key in self._key_formats[:2])
 
     # --- keys -------------------------------------------------------------------------
 
     def keys(self, hadm_id: int) -> tuple[str, str, str]:
-        """The blob, the state hash and the seen set of an admission."""
+        """The serving blob, the state hash and the seen set of an admission."""
         hadm_id = int(hadm_id)
         return tuple(key % hadm_id for key in self._key_formats)
 
@@ -186,18 +195,25 @@ class OnlineStore:
 
         loaded = run_scripts(self.client, load, _LOAD)
 
-        commits = []
-        for hadm_id, (version, aggregates, notes, blob, seen) in zip(hadm_ids, loaded):
+        folded = []
+        for hadm_id, (version, aggregates, notes, serving, seen) in zip(hadm_ids, loaded):
             fresh = [e for e, was_seen in zip(pending[hadm_id].values(), seen) if not was_seen]
             if not fresh:
                 stats.duplicates += len(seen)
                 continue
-            state = AdmissionState.from_stored(aggregates, notes, blob, self.fitted.note_tokens)
+            tail = serving[st.SERVING_BYTES :] if serving else None
+            state = AdmissionState.from_stored(aggregates, notes, tail, self.fitted.note_tokens)
             for event in sorted(fresh, key=sort_key):
                 state.apply(event, self.fitted.vocab)
+            folded.append((hadm_id, version, notes, seen, fresh, state))
+
+        blobs = [state.to_blob() for *_, state in folded]
+        served = serving_blobs(blobs, self.fitted.assemble(blobs)) if blobs else []
+        commits = []
+        for (hadm_id, version, notes, seen, fresh, state), serving in zip(folded, served):
             changed_notes = state.to_notes() if state.notes_changed or not notes else b""
             ttl = self.discharged_ttl_s if state.discharged else self.open_ttl_s
-            args = [version or b"0", state.to_blob(), state.to_aggregates(), changed_notes, ttl]
+            args = [version or b"0", serving, state.to_aggregates(), changed_notes, ttl]
             commits.append((hadm_id, len(seen) - len(fresh), fresh, args))
 
         def commit(pipe):
@@ -221,16 +237,34 @@ class OnlineStore:
     # --- reads --------------------------------------------------------------------------
 
     def read_blobs(self, hadm_ids: Sequence[int]) -> list[bytes | None]:
-        """The stored state of each admission (None if unknown), in one round trip."""
-        template = self._blob_key
-        return mget(self.client, [template % h for h in hadm_ids])
+        """Each admission's blob (None if unknown), rebuilt from its aggregates and its
+        serving blob's tail, in one round trip: what ``assemble`` reads as of any time."""
+
+        def queue(commands):
+            commands.mget([self._serving_key % h for h in hadm_ids])
+            for h in hadm_ids:
+                commands.hget(self._state_key % h, "a")
+
+        if not hadm_ids:
+            return []
+        servings, *aggregates = round_trip(self.client, queue)
+        tokens = self.fitted.note_tokens
+        return [
+            AdmissionState.from_stored(agg, None, serving[st.SERVING_BYTES :], tokens).to_blob()
+            if agg is not None and serving is not None else None
+            for agg, serving in zip(aggregates, servings)
+        ]
 
     def read_inputs(self, hadm_ids: Sequence[int], as_of=None) -> dict[str, np.ndarray]:
         """Model inputs for a batch, stacked; ``present`` marks the admissions found.
 
-        ``as_of``: the scoring time (datetime, epoch hours, or one per admission); by
-        default each admission is scored as of its latest applied event.
+        ``as_of``: the scoring time (datetime, epoch hours, or one per admission). By
+        default each admission is scored as of its latest applied event: one MGET of the
+        serving blobs, without ``numeric_raw``. Any other time goes through ``assemble``.
         """
+        if as_of is None:
+            keys = [self._serving_key % h for h in hadm_ids]
+            return serving_inputs(mget(self.client, keys), self.fitted.note_tokens)
         return self.fitted.assemble(self.read_blobs(hadm_ids), _as_hours(as_of))
 
     def read_batch(self, hadm_ids: Sequence[int], as_of=None) -> list[dict[str, np.ndarray] | None]:

@@ -34,16 +34,22 @@ vectorised over the batch, whatever the number of windows. (Were the scoring tim
 bucket before ``J``, online with an explicit earlier ``as_of``, the window read is the one
 ending with ``J``.)
 
-Two serialisations:
+Three serialisations:
 
-* the *blob* (read side, what a scoring read fetches): the features fixed at write time
+* the *blob* (what ``assemble`` reads, as of any time): the features fixed at write time
   (``NUMERIC_FEATURES[:N_STATIC]``, float32, NaN = missing), the time anchors the
   scoring-time features are measured from (float64 epoch hours), the windows' prefixes
   (float32 count, sum, min, max; ``J`` is not stored, it is the bucket of the item's
-  latest measurement, an anchor), the two token sequences (uint16) and the latest chest
-  X-ray's URI (utf-8, the variable-length tail);
+  latest measurement, an anchor), then the *tail*: the two token sequences (uint16) and
+  the latest chest X-ray's URI (utf-8, variable length);
+* the *serving blob* (what a scoring read fetches): ``assemble``'s output as of the latest
+  applied event, computed when the state is written: that time (float64), the normalised
+  numeric features as the model takes them (float32, 0 where missing), which of them were
+  observed (bits), then the same tail. Decoding it is the whole read; scoring as of
+  another time goes through the blob;
 * the *aggregates* and *notes* (write side): running counts/sums/extrema and the note
-  bookkeeping needed to apply later events; never read when scoring.
+  bookkeeping needed to apply later events. The blob is a function of the aggregates and
+  the tail, so the online store keeps those and the serving blob only.
 """
 
 from __future__ import annotations
@@ -117,6 +123,26 @@ def blob_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
 
 
 assert blob_dtype().fields["radiology"][1] == NUMERIC_BYTES
+# The serving blob's part before the tail.
+OBSERVED_BYTES = (fd.N_NUMERIC + 7) // 8
+SERVING_BYTES = 8 + fd.N_NUMERIC * 4 + OBSERVED_BYTES
+
+
+@functools.lru_cache(maxsize=4)
+def serving_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
+    """The fixed-size prefix of a serving blob; the URI follows it."""
+    return np.dtype(
+        [
+            ("as_of", "<f8"),
+            ("numeric", "<f4", (fd.N_NUMERIC,)),
+            ("observed", "u1", (OBSERVED_BYTES,)),  # numpy.packbits of the numeric mask
+            ("radiology", "<u2", (note_tokens,)),
+            ("discharge", "<u2", (note_tokens,)),
+        ]
+    )
+
+
+assert serving_dtype().fields["radiology"][1] == SERVING_BYTES
 
 
 class Notes:
@@ -294,12 +320,15 @@ class AdmissionState:
     # --- serialisation ------------------------------------------------------------------
 
     def to_blob(self) -> bytes:
-        """The read side: all ``assemble`` needs, nothing more (native byte order = the
-        little-endian ``blob_dtype`` on x86 and ARM)."""
+        """All ``assemble`` needs, nothing more (native byte order = the little-endian
+        ``blob_dtype`` on x86 and ARM)."""
+        numeric = array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes()
+        return numeric + array("f", self.agg[PREFIXES:]).tobytes() + self.blob_tail()
+
+    def blob_tail(self) -> bytes:
         if self._tail is None:
             self._tail = self.notes.blob_tail()
-        numeric = array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes()
-        return numeric + array("f", self.agg[PREFIXES:]).tobytes() + self._tail
+        return self._tail
 
     def to_aggregates(self) -> bytes:
         return array("d", self.agg).tobytes()
@@ -310,9 +339,10 @@ class AdmissionState:
         return self.notes.encode()
 
     @classmethod
-    def from_stored(cls, aggregates: bytes | None, notes: bytes | None, blob: bytes | None,
+    def from_stored(cls, aggregates: bytes | None, notes: bytes | None, tail: bytes | None,
                     note_tokens: int = mi.NOTE_TOKENS) -> "AdmissionState":
-        """The state as the online store keeps it (all None: a new admission)."""
+        """The state as the online store keeps it (all None: a new admission). ``tail``:
+        the stored blob tail (``blob_tail``), which spares decoding the notes to write."""
         state = cls(note_tokens)
         if aggregates:
             agg = array("d")
@@ -320,8 +350,8 @@ class AdmissionState:
             state.agg = agg.tolist()
         if notes:
             state._notes, state._notes_raw = None, notes
-            if blob:
-                state._tail = blob[NUMERIC_BYTES:]
+        if tail is not None:
+            state._tail = tail
         return state
 
 
@@ -344,18 +374,32 @@ def _empty_prefix(note_tokens: int) -> bytes:
     return AdmissionState(note_tokens).to_blob()
 
 
-def decode_blobs(blobs, note_tokens: int = mi.NOTE_TOKENS):
-    """(present [B] bool, records [B] of ``blob_dtype``, uris [B] object) for a batch."""
-    dtype = blob_dtype(note_tokens)
+@functools.lru_cache(maxsize=4)
+def _empty_serving_prefix(note_tokens: int) -> bytes:
+    """An unknown admission, as ``assemble`` has it: latest event -inf, nothing observed."""
+    record = np.zeros(1, serving_dtype(note_tokens))
+    record["as_of"] = -np.inf
+    return record.tobytes()
+
+
+def decode_blobs(blobs, note_tokens: int = mi.NOTE_TOKENS, serving: bool = False):
+    """(present [B] bool, records [B] of ``blob_dtype``, uris [B] object) for a batch
+    (``serving_dtype`` records with ``serving``)."""
+    dtype = serving_dtype(note_tokens) if serving else blob_dtype(note_tokens)
     size = dtype.itemsize
-    empty = _empty_prefix(note_tokens)
+    empty = _empty_serving_prefix(note_tokens) if serving else _empty_prefix(note_tokens)
     # The only per-row Python: which rows were found, slicing off and decoding the URIs.
-    found = [blob is not None and len(blob) >= size for blob in blobs]
-    records = np.frombuffer(
-        b"".join([(blob if len(blob) == size else blob[:size]) if ok else empty for blob, ok in zip(blobs, found)]),
-        dtype=dtype,
-    )
-    uris = [blob[size:].decode() if ok and len(blob) > size else "" for blob, ok in zip(blobs, found)]
+    found, heads, uris = [], [], []
+    for blob in blobs:
+        if blob is not None and len(blob) >= size:
+            found.append(True)
+            heads.append(blob[:size])
+            uris.append(blob[size:].decode())
+        else:
+            found.append(False)
+            heads.append(empty)
+            uris.append("")
+    records = np.frombuffer(b"".join(heads), dtype=dtype)
     return np.array(found, dtype=bool), records, np.array(uris, dtype=object)
 
 
@@ -421,17 +465,44 @@ def assemble(blobs, as_of, mean: np.ndarray, std: np.ndarray, note_tokens: int =
     numeric = np.subtract(raw, mean)
     np.divide(numeric, std, out=numeric)
     np.putmask(numeric, missing, 0.0)
-    rad = records["radiology"].astype(np.int64)
-    dis = records["discharge"].astype(np.int64)
-    modality = np.column_stack([rad[:, 0] != fd.PAD, dis[:, 0] != fd.PAD, uris != ""])
     return {
         mi.NUMERIC: numeric.astype(np.float32),
         mi.NUMERIC_MASK: (~missing).astype(np.float32),
-        mi.NOTES_RADIOLOGY: rad,
-        mi.NOTES_DISCHARGE: dis,
-        mi.MODALITY_MASK: modality.astype(np.float32),
-        "cxr_uri": uris,
+        **_text_inputs(records, uris),
         "numeric_raw": raw,
         "as_of": when,
+        "present": present,
+    }
+
+
+def _text_inputs(records: np.ndarray, uris: np.ndarray) -> dict[str, np.ndarray]:
+    rad = records["radiology"].astype(np.int64)
+    dis = records["discharge"].astype(np.int64)
+    modality = np.column_stack([rad[:, 0] != fd.PAD, dis[:, 0] != fd.PAD, uris != ""])
+    return {mi.NOTES_RADIOLOGY: rad, mi.NOTES_DISCHARGE: dis, mi.MODALITY_MASK: modality.astype(np.float32),
+            "cxr_uri": uris}
+
+
+def serving_blobs(blobs: list[bytes], inputs: dict[str, np.ndarray]) -> list[bytes]:
+    """The serving blob of each state blob, from ``assemble``'s output for them."""
+    head = np.empty(len(blobs), [("as_of", "<f8"), ("numeric", "<f4", (fd.N_NUMERIC,)),
+                                 ("observed", "u1", (OBSERVED_BYTES,))])
+    head["as_of"] = inputs["as_of"]
+    head["numeric"] = inputs[mi.NUMERIC]
+    head["observed"] = np.packbits(inputs[mi.NUMERIC_MASK] > 0, axis=1)
+    raw = head.tobytes()
+    return [raw[i * SERVING_BYTES : (i + 1) * SERVING_BYTES] + blob[NUMERIC_BYTES:] for i, blob in enumerate(blobs)]
+
+
+def serving_inputs(blobs, note_tokens: int = mi.NOTE_TOKENS) -> dict[str, np.ndarray]:
+    """``assemble``'s output at each admission's latest event (less ``numeric_raw``),
+    decoded from serving blobs; unknown admissions (``None``) as ``assemble`` has them."""
+    present, records, uris = decode_blobs(blobs, note_tokens, serving=True)
+    observed = np.unpackbits(records["observed"], axis=1, count=fd.N_NUMERIC)
+    return {
+        mi.NUMERIC: np.ascontiguousarray(records["numeric"]),
+        mi.NUMERIC_MASK: observed.astype(np.float32),
+        **_text_inputs(records, uris),
+        "as_of": records["as_of"].copy(),
         "present": present,
     }

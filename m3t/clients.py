@@ -58,6 +58,9 @@ class Commands(list):
     def mget(self, keys) -> None:
         self.append(hiredis.pack_command(("MGET", *keys)))
 
+    def hget(self, name, key) -> None:
+        self.append(hiredis.pack_command(("HGET", name, key)))
+
 
 def send(client: redis.Redis, commands: Commands) -> list:
     """Send the commands in one write and read every reply; raise the first error reply.
@@ -109,14 +112,16 @@ def run_scripts(client: redis.Redis, queue: Callable[[Commands], None], *scripts
     calls are sent again.
     """
     try:
-        return _round_trip(client, queue)
+        return round_trip(client, queue)
     except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script.source)
-    return _round_trip(client, queue)
+    return round_trip(client, queue)
 
 
-def _round_trip(client: redis.Redis, queue: Callable[[Commands], None]) -> list:
+def round_trip(client: redis.Redis, queue: Callable[[Commands], None]) -> list:
+    """Queue commands with ``queue(commands)`` (``Commands``' methods, named as redis-py's
+    pipeline has them) and send them in one round trip; their replies."""
     if _is_cluster(client):  # its pipeline routes each call by slot
         with client.pipeline(transaction=False) as pipe:
             queue(pipe)

@@ -45,11 +45,24 @@ def offline_blob(events) -> bytes:
 
 def test_streamed_state_equals_the_offline_fold(store):
     store.write_batch(EVENTS)
-    hadm_ids = list(COHORT)
-    online = store.read_inputs(hadm_ids)
-    want = FITTED.assemble([offline_blob(COHORT[h]) for h in hadm_ids])
-    for name in (mi.NUMERIC, mi.NUMERIC_MASK, mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE, mi.MODALITY_MASK, "cxr_uri"):
-        np.testing.assert_array_equal(online[name], want[name], err_msg=name)
+    hadm_ids = list(COHORT) + [1, 2]  # and two unknown admissions
+    fitted = FittedFeatures(FITTED.vocab, np.linspace(-1, 1, len(FITTED.mean)), np.linspace(0.5, 2, len(FITTED.std)))
+    normalised = OnlineStore(store.client, fitted, scratch=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        normalised.write_batch(EVENTS)
+        for name, s in (("unnormalised", store), ("normalised", normalised)):
+            # The serving read (what the stream scores) and the point-in-time read, both as of
+            # each admission's latest event: the same bits as the offline fold's transform.
+            want = s.fitted.assemble([offline_blob(COHORT[h]) for h in hadm_ids[:-2]] + [None, None])
+            served, rebuilt = s.read_inputs(hadm_ids), s.read_inputs(hadm_ids, as_of=want["as_of"])
+            assert set(served) == set(want) - {"numeric_raw"} and set(rebuilt) == set(want)
+            for key in want:
+                np.testing.assert_array_equal(rebuilt[key], want[key], err_msg=f"{name}: {key}")
+                if key != "numeric_raw":
+                    np.testing.assert_array_equal(served[key], want[key], err_msg=f"{name}: {key}")
+            assert list(served["present"]) == [True] * len(COHORT) + [False, False]
+    finally:
+        normalised.drop()
 
 
 def test_writes_load_their_scripts_once_and_again_after_the_cache_is_flushed(store, redis_client):
