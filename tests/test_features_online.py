@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from features import model_inputs as mi
 from features import offline, parity, sample
 from features.fitted import FittedFeatures
-from features.online import DISCHARGED_TTL_S, OPEN_TTL_S, OnlineStore
+from features.online import DISCHARGED_TTL_S, OPEN_TTL_S, STORE_FORMAT, OnlineStore
 from features.state import AdmissionState
 from features.vocab import Vocabulary
 from m3t.clients import redis_client as connect
@@ -186,6 +186,7 @@ def test_keys_carry_the_version_and_a_hash_tag_and_expire(store):
     store.write_batch(open_events + closed)
     blob_key = store.keys(list(COHORT)[1])[0]
     assert blob_key.startswith(store.prefix) and f"v{FITTED.version}-" in blob_key
+    assert blob_key.startswith(f"{store.prefix}:{STORE_FORMAT}:")  # the key layout's version
     assert f"{{{list(COHORT)[1]}}}" in blob_key
     for key in store.keys(list(COHORT)[1]):
         assert 0 < store.client.ttl(key) <= DISCHARGED_TTL_S
