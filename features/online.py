@@ -44,9 +44,8 @@ import redis
 
 from features import definitions as fd
 from features import model_inputs as mi
-from features import state as st
 from features.fitted import FittedFeatures
-from features.state import AdmissionState, hours, serving_blobs, serving_inputs
+from features.state import SERVING_BYTES, AdmissionState, hours, serving_blobs, serving_inputs
 from ingest.events import sort_key
 from m3t.clients import LuaScript, mget, round_trip, run_scripts
 
@@ -201,7 +200,7 @@ class OnlineStore:
             if not fresh:
                 stats.duplicates += len(seen)
                 continue
-            tail = serving[st.SERVING_BYTES :] if serving else None
+            tail = serving[SERVING_BYTES :] if serving else None
             state = AdmissionState.from_stored(aggregates, notes, tail, self.fitted.note_tokens)
             for event in sorted(fresh, key=sort_key):
                 state.apply(event, self.fitted.vocab)
@@ -236,12 +235,15 @@ class OnlineStore:
 
     # --- reads --------------------------------------------------------------------------
 
+    def _serving_keys(self, hadm_ids: Sequence[int]) -> list[bytes]:
+        return [self._serving_key % h for h in hadm_ids]
+
     def read_blobs(self, hadm_ids: Sequence[int]) -> list[bytes | None]:
         """Each admission's blob (None if unknown), rebuilt from its aggregates and its
         serving blob's tail, in one round trip: what ``assemble`` reads as of any time."""
 
         def queue(commands):
-            commands.mget([self._serving_key % h for h in hadm_ids])
+            commands.mget(self._serving_keys(hadm_ids))
             for h in hadm_ids:
                 commands.hget(self._state_key % h, "a")
 
@@ -250,7 +252,7 @@ class OnlineStore:
         servings, *aggregates = round_trip(self.client, queue)
         tokens = self.fitted.note_tokens
         return [
-            AdmissionState.from_stored(agg, None, serving[st.SERVING_BYTES :], tokens).to_blob()
+            AdmissionState.from_stored(agg, None, serving[SERVING_BYTES :], tokens).to_blob()
             if agg is not None and serving is not None else None
             for agg, serving in zip(aggregates, servings)
         ]
@@ -263,8 +265,7 @@ class OnlineStore:
         serving blobs, without ``numeric_raw``. Any other time goes through ``assemble``.
         """
         if as_of is None:
-            keys = [self._serving_key % h for h in hadm_ids]
-            return serving_inputs(mget(self.client, keys), self.fitted.note_tokens)
+            return serving_inputs(mget(self.client, self._serving_keys(hadm_ids)), self.fitted.note_tokens)
         return self.fitted.assemble(self.read_blobs(hadm_ids), _as_hours(as_of))
 
     def read_batch(self, hadm_ids: Sequence[int], as_of=None) -> list[dict[str, np.ndarray] | None]:

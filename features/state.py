@@ -124,25 +124,20 @@ def blob_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
 
 assert blob_dtype().fields["radiology"][1] == NUMERIC_BYTES
 # The serving blob's part before the tail.
-OBSERVED_BYTES = (fd.N_NUMERIC + 7) // 8
-SERVING_BYTES = 8 + fd.N_NUMERIC * 4 + OBSERVED_BYTES
+SERVING_HEAD = np.dtype(
+    [
+        ("as_of", "<f8"),
+        ("numeric", "<f4", (fd.N_NUMERIC,)),
+        ("observed", "u1", ((fd.N_NUMERIC + 7) // 8,)),  # numpy.packbits of the numeric mask
+    ]
+)
+SERVING_BYTES = SERVING_HEAD.itemsize
 
 
 @functools.lru_cache(maxsize=4)
 def serving_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
     """The fixed-size prefix of a serving blob; the URI follows it."""
-    return np.dtype(
-        [
-            ("as_of", "<f8"),
-            ("numeric", "<f4", (fd.N_NUMERIC,)),
-            ("observed", "u1", (OBSERVED_BYTES,)),  # numpy.packbits of the numeric mask
-            ("radiology", "<u2", (note_tokens,)),
-            ("discharge", "<u2", (note_tokens,)),
-        ]
-    )
-
-
-assert serving_dtype().fields["radiology"][1] == SERVING_BYTES
+    return np.dtype(SERVING_HEAD.descr + [("radiology", "<u2", (note_tokens,)), ("discharge", "<u2", (note_tokens,))])
 
 
 class Notes:
@@ -485,8 +480,7 @@ def _text_inputs(records: np.ndarray, uris: np.ndarray) -> dict[str, np.ndarray]
 
 def serving_blobs(blobs: list[bytes], inputs: dict[str, np.ndarray]) -> list[bytes]:
     """The serving blob of each state blob, from ``assemble``'s output for them."""
-    head = np.empty(len(blobs), [("as_of", "<f8"), ("numeric", "<f4", (fd.N_NUMERIC,)),
-                                 ("observed", "u1", (OBSERVED_BYTES,))])
+    head = np.empty(len(blobs), SERVING_HEAD)
     head["as_of"] = inputs["as_of"]
     head["numeric"] = inputs[mi.NUMERIC]
     head["observed"] = np.packbits(inputs[mi.NUMERIC_MASK] > 0, axis=1)
