@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import numpy as np
@@ -16,7 +19,7 @@ from m3t import services
 from m3t.cli import app
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
-from tests.conftest import make_settings
+from tests.conftest import free_ports, make_settings
 
 runner = CliRunner()
 
@@ -291,9 +294,9 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
 
 
 def test_http_api_contract(cli_settings, redis_client):
-    from fastapi.testclient import TestClient
+    """`m3t stream api` served by uvicorn in its own process, queried over HTTP."""
+    import httpx
 
-    from stream.api import create_app
     from stream.scores import RiskScore, ScoreStore
 
     store = ScoreStore(redis_client)
@@ -304,21 +307,37 @@ def test_http_api_contract(cli_settings, redis_client):
         "latency": {"bounds": [0.1, 1.0], "counts": [3, 1, 0], "sum": 0.9},
         "batch_size": {"bounds": [1, 2], "counts": [0, 2, 0], "sum": 4},
         "lag": {"events:0": 5}, "events_per_s": 12.5, "updated": 0}))
-    api = TestClient(create_app(cli_settings))
-    auth = {"Authorization": f"Bearer {cli_settings.api.bearer_token.get_secret_value()}"}
+    (port,) = free_ports(1)
+    server = subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "api", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()
+            try:
+                health = api.get("/healthz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the API did not start listening in 60 s"
+                time.sleep(0.2)
+        auth = {"Authorization": f"Bearer {cli_settings.api.bearer_token.get_secret_value()}"}
 
-    assert api.get("/healthz").json() == {"status": "ok"}
-    for path in ["/admissions/777/risk", "/risk/top?n=2", "/metrics"]:
-        assert api.get(path).status_code == 401
-        assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    risk = api.get("/admissions/777/risk", headers=auth).json()
-    assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
-    assert api.get("/admissions/1/risk", headers=auth).status_code == 404
-    assert [r["hadm_id"] for r in api.get("/risk/top?n=2", headers=auth).json()][:2] == [778, 777]
-    assert api.get("/risk/top?n=0", headers=auth).status_code == 422
-    metrics = api.get("/metrics", headers=auth).text
-    assert 'm3t_events_total{worker="w1"} 10.0' in metrics
-    assert 'm3t_consumer_lag{partition="events:0",worker="w1"} 5.0' in metrics
-    assert 'm3t_scoring_latency_bucket{le="1.0",worker="w1"} 4.0' in metrics
-    assert 'm3t_events_per_second{worker="w1"} 12.5' in metrics
-    redis_client.delete("m3t:metrics:worker:w1")
+        assert health.json() == {"status": "ok"}
+        for path in ["/admissions/777/risk", "/risk/top?n=2", "/metrics"]:
+            assert api.get(path).status_code == 401
+            assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        risk = api.get("/admissions/777/risk", headers=auth).json()
+        assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
+        assert api.get("/admissions/1/risk", headers=auth).status_code == 404
+        assert [r["hadm_id"] for r in api.get("/risk/top?n=2", headers=auth).json()][:2] == [778, 777]
+        assert api.get("/risk/top?n=0", headers=auth).status_code == 422
+        metrics = api.get("/metrics", headers=auth).text
+        assert 'm3t_events_total{worker="w1"} 10.0' in metrics
+        assert 'm3t_consumer_lag{partition="events:0",worker="w1"} 5.0' in metrics
+        assert 'm3t_scoring_latency_bucket{le="1.0",worker="w1"} 4.0' in metrics
+        assert 'm3t_events_per_second{worker="w1"} 12.5' in metrics
+    finally:
+        server.terminate()
+        server.wait(30)
+        redis_client.delete("m3t:metrics:worker:w1")
