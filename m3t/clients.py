@@ -58,8 +58,17 @@ class Commands(list):
     def mget(self, keys) -> None:
         self.append(hiredis.pack_command(("MGET", *keys)))
 
+    def get(self, name) -> None:
+        self.append(hiredis.pack_command(("GET", name)))
+
     def hget(self, name, key) -> None:
         self.append(hiredis.pack_command(("HGET", name, key)))
+
+    def hmget(self, name, keys) -> None:
+        self.append(hiredis.pack_command(("HMGET", name, *keys)))
+
+    def smismember(self, name, values) -> None:
+        self.append(hiredis.pack_command(("SMISMEMBER", name, *values)))
 
 
 def send(client: redis.Redis, commands: Commands) -> list:
