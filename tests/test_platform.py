@@ -310,8 +310,8 @@ def test_http_api_contract(cli_settings, redis_client):
     (port,) = free_ports(1)
     server = subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "api", "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, server.stdout.read().decode()
@@ -338,6 +338,7 @@ def test_http_api_contract(cli_settings, redis_client):
         assert 'm3t_scoring_latency_bucket{le="1.0",worker="w1"} 4.0' in metrics
         assert 'm3t_events_per_second{worker="w1"} 12.5' in metrics
     finally:
+        api.close()
         server.terminate()
         server.wait(30)
         redis_client.delete("m3t:metrics:worker:w1")
