@@ -108,6 +108,11 @@ def hours(t: datetime) -> float:
     return t.timestamp() / 3600.0
 
 
+def _tail_fields(note_tokens: int) -> list:
+    """The fixed-size start of the tail both blobs end with: the two token sequences."""
+    return [("radiology", "<u2", (note_tokens,)), ("discharge", "<u2", (note_tokens,))]
+
+
 @functools.lru_cache(maxsize=4)
 def blob_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
     """The fixed-size prefix of a blob; the URI follows it."""
@@ -116,8 +121,7 @@ def blob_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
             ("static", "<f4", (fd.N_STATIC,)),
             ("anchors", "<f8", (N_ANCHORS,)),
             ("prefixes", "<f4", (N_ITEMS, fd.N_BUCKETS, PREFIX)),
-            ("radiology", "<u2", (note_tokens,)),
-            ("discharge", "<u2", (note_tokens,)),
+            *_tail_fields(note_tokens),
         ]
     )
 
@@ -137,7 +141,7 @@ SERVING_BYTES = SERVING_HEAD.itemsize
 @functools.lru_cache(maxsize=4)
 def serving_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
     """The fixed-size prefix of a serving blob; the URI follows it."""
-    return np.dtype(SERVING_HEAD.descr + [("radiology", "<u2", (note_tokens,)), ("discharge", "<u2", (note_tokens,))])
+    return np.dtype(SERVING_HEAD.descr + _tail_fields(note_tokens))
 
 
 class Notes:

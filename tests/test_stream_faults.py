@@ -53,10 +53,13 @@ def committed_everything(settings) -> bool:
     return all(committed[tp] == ends[tp] for tp in parts)
 
 
-def start_worker(settings, client, **kwargs):
+def start_worker(settings, client, prepare=None, **kwargs):
+    """A placeholder-scoring worker on a thread; ``prepare(worker)`` runs before it starts."""
     worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"),
                           ScoreStore(client), **kwargs)
     worker.backoff_s = (0.1, 0.5)
+    if prepare is not None:
+        prepare(worker)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
     thread.start()
@@ -249,12 +252,10 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
         def __getattr__(self, name):
             return getattr(self.consumer, name)
 
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
-                          ScoreStore(redis_client))
-    worker.producer, worker.consumer = HeldReports(worker.producer), RecordedCommits(worker.consumer)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
-    thread.start()
+    def wrap(worker):
+        worker.producer, worker.consumer = HeldReports(worker.producer), RecordedCommits(worker.consumer)
+
+    worker, stop, thread = start_worker(settings, redis_client, prepare=wrap)
     try:
         first = cohort(4, 1, 89_000_000)
         produce(settings, first)
