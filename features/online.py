@@ -3,14 +3,14 @@
 Layout, per admission (``{hadm_id}`` is a Redis Cluster hash tag, so all of one
 admission's keys share a slot and the commit script may touch them together)::
 
-    m3t:<tag>:2:{12345}:m     string  the serving blob (features.state): one MGET serves a batch
-    m3t:<tag>:2:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
-    m3t:<tag>:2:{12345}:seen  set     event ids already applied
+    m3t:<tag>:3:{12345}:m     string  the serving blob (features.state): one MGET serves a batch
+    m3t:<tag>:3:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
+    m3t:<tag>:3:{12345}:seen  set     event ids already applied
     m3t:<tag>:fitted          string  the FittedFeatures JSON this namespace was written with
 
 ``<tag>`` is the feature-set version, the layout fingerprint (``features.definitions.LAYOUT``:
 the numeric columns and the bucket width of the windowed aggregates) and the vocabulary
-fingerprint (``FittedFeatures.tag``); ``2`` is ``STORE_FORMAT``, the layout of these keys.
+fingerprint (``FittedFeatures.tag``); ``3`` is ``STORE_FORMAT``, the layout of these keys.
 
 Writes (``write_batch``) take two round trips per batch, however many events: load the
 touched admissions' state and which of the batch's event ids they have seen (three plain
@@ -45,16 +45,17 @@ import redis
 from features import definitions as fd
 from features import model_inputs as mi
 from features.fitted import FittedFeatures
-from features.state import SERVING_BYTES, AdmissionState, hours, serving_blobs, serving_inputs
+from features.state import AdmissionState, hours, serving_blobs, serving_inputs, serving_tail
 from ingest.events import sort_key
 from m3t.clients import LuaScript, mget, round_trip, run_scripts
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
 OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
 CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
-# The layout of an admission's keys, in their names: 2 stores the serving blob instead of
-# the blob, so state written by format 1 is never half read (its events count as seen).
-STORE_FORMAT = 2
+# The layout of an admission's keys, in their names, so state written in another format is
+# never half read (its events count as seen): 2 stored the serving blob instead of the
+# blob; 3 makes the serving blob a fixed-size record (the URI in a fixed-width field).
+STORE_FORMAT = 3
 
 _STATE_FIELDS = ("v", "a", "n")  # commit version, aggregates, note bookkeeping
 _COMMIT = LuaScript("""
@@ -201,14 +202,14 @@ class OnlineStore:
             if not fresh:
                 stats.duplicates += len(seen)
                 continue
-            tail = serving[SERVING_BYTES :] if serving else None
+            tail = serving_tail(serving, self.fitted.note_tokens) if serving else None
             state = AdmissionState.from_stored(aggregates, notes, tail, self.fitted.note_tokens)
             for event in sorted(fresh, key=sort_key):
                 state.apply(event, self.fitted.vocab)
             folded.append((hadm_id, version, notes, seen, fresh, state))
 
         blobs = [state.to_blob() for *_, state in folded]
-        served = serving_blobs(blobs, self.fitted.assemble(blobs)) if blobs else []
+        served = serving_blobs(self.fitted.assemble(blobs)) if blobs else []
         commits = []
         for (hadm_id, version, notes, seen, fresh, state), serving in zip(folded, served):
             changed_notes = state.to_notes() if state.notes_changed or not notes else b""
@@ -253,7 +254,7 @@ class OnlineStore:
         servings, *aggregates = round_trip(self.client, queue)
         tokens = self.fitted.note_tokens
         return [
-            AdmissionState.from_stored(agg, None, serving[SERVING_BYTES :], tokens).to_blob()
+            AdmissionState.from_stored(agg, None, serving_tail(serving, tokens), tokens).to_blob()
             if agg is not None and serving is not None else None
             for agg, serving in zip(aggregates, servings)
         ]

@@ -15,8 +15,9 @@ from features import model_inputs as mi
 from features import offline, parity, sample
 from features.fitted import FittedFeatures
 from features.online import DISCHARGED_TTL_S, OPEN_TTL_S, STORE_FORMAT, OnlineStore
-from features.state import AdmissionState
+from features.state import URI_INLINE, AdmissionState
 from features.vocab import Vocabulary
+from ingest.events import sort_key
 from m3t.clients import redis_client as connect
 
 pytestmark = pytest.mark.services
@@ -178,6 +179,29 @@ def test_a_batch_read_is_one_round_trip(store, redis_client):
     assert {k: v for k, v in served.items() if v and k != "cmdstat_info"} == {"cmdstat_mget": 1}
     assert len(rows) == len(hadm_ids) and rows[-3:] == [None, None, None]
     assert all(row[mi.NUMERIC].shape == (FITTED.mean.shape[0],) for row in rows[:-3])
+
+
+def test_long_uris_are_read_back_whole_by_both_reads(store):
+    # The serving record holds URIs of up to URI_INLINE bytes; a longer one follows it, and
+    # the admission's later events are folded from it (the write's load).
+    hadm_ids = list(COHORT)[:4]
+    long_uri = "s3://archive/" + "é" * URI_INLINE
+    events = []
+    for i, h in enumerate(hadm_ids[:2]):
+        template = next(e for e in EVENTS if e.type == "cxr")
+        events.append(template.model_copy(update={
+            "event_id": f"long-uri-{h}", "hadm_id": h, "event_time": COHORT[h][-1].event_time,
+            "payload": template.payload.model_copy(update={"uri": long_uri + str(i), "studytime": COHORT[h][-1].event_time}),
+        }))
+    history = {h: COHORT[h] + [e for e in events if e.hadm_id == h] for h in hadm_ids}
+    store.write_batch(events + [e for h in hadm_ids for e in COHORT[h][: len(COHORT[h]) // 2]])
+    store.write_batch([e for h in hadm_ids for e in COHORT[h][len(COHORT[h]) // 2 :]])
+    want = FITTED.assemble([offline_blob(sorted(history[h], key=sort_key)) for h in hadm_ids])
+    assert want["cxr_uri"].tolist()[:2] == [long_uri + "0", long_uri + "1"]
+    served, rebuilt = store.read_inputs(hadm_ids), store.read_inputs(hadm_ids, as_of=want["as_of"])
+    for key in served:
+        np.testing.assert_array_equal(served[key], want[key], err_msg=key)
+        np.testing.assert_array_equal(rebuilt[key], want[key], err_msg=key)
 
 
 def test_keys_carry_the_version_and_a_hash_tag_and_expire(store):

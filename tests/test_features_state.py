@@ -12,7 +12,7 @@ from features import definitions as fd
 from features import model_inputs as mi
 from features import offline, sample
 from features.fitted import FittedFeatures
-from features.state import NUMERIC_BYTES, AdmissionState, hours
+from features.state import NUMERIC_BYTES, URI_INLINE, AdmissionState, hours, serving_blobs, serving_inputs, serving_tail
 from features.vocab import Vocabulary, tokenize
 from ingest import events as ev
 from tests.test_features_windows import recompute_windows
@@ -143,6 +143,45 @@ def test_latest_value_is_by_charttime_not_arrival():
     before, after = features_of(fold(events), 1e6), features_of(fold(events + [late]), 1e6)
     assert after[f"{item}.last"] == before[f"{item}.last"]
     assert after[f"{item}.count"] == before[f"{item}.count"] + 1
+
+
+def _cxr(hadm_id, i, when, uri):
+    return ev.CxrEvent(
+        event_id=ev.event_id("t", (hadm_id, "cxr", i)), hadm_id=hadm_id, subject_id=1, event_time=when,
+        source="t", payload=ev.CxrPayload(study_id=i, dicom_id=f"d{i}", uri=uri, studytime=when),
+    )
+
+
+def test_serving_blobs_decode_to_the_transform_whatever_the_uri():
+    """The serving record holds URIs of up to URI_INLINE bytes; longer ones (or ones the
+    fixed-width field would cut) follow it. Either way a read returns the transform's bits."""
+    histories = list(COHORT.values())[:6]
+    uris = ["", "file:///cxr/1.png", "f" * URI_INLINE, "s3://b/" + "é" * URI_INLINE, "file:///x\0", "g" * (URI_INLINE + 1)]
+    states = []
+    for i, (events, uri) in enumerate(zip(histories, uris)):
+        extra = [_cxr(events[0].hadm_id, 9, events[-1].event_time, uri)] if uri else []
+        states.append(fold([e for e in events if e.type != "cxr"] + extra))
+    blobs = [state.to_blob() for state in states]
+    want = FITTED.assemble(blobs)
+    assert want["cxr_uri"].tolist() == uris
+    served = serving_blobs(want)
+    assert [len(b) > len(served[0]) for b in served] == [False, False, False, True, True, True]
+    for batch in ([*blobs, None], [blobs[0], blobs[2], None, blobs[1]]):  # with and without long URIs
+        rows = [blobs.index(b) if b is not None else None for b in batch]
+        got = serving_inputs([served[r] if r is not None else None for r in rows])
+        expected = FITTED.assemble(batch)
+        assert set(got) == set(expected) - {"numeric_raw"}
+        for key in got:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    # What the write's load and a point-in-time read rebuild the blob from.
+    for blob, serving in zip(blobs, served):
+        assert serving_tail(serving) == blob[NUMERIC_BYTES:]
+
+
+def test_a_serving_row_too_short_for_a_record_reads_as_unknown():
+    served = serving_blobs(FITTED.assemble([fold(COHORT[h]).to_blob() for h in list(COHORT)[:2]]))
+    got = serving_inputs([served[0], served[1][:100]])
+    assert got["present"].tolist() == [True, False] and got[mi.NUMERIC_MASK][1].sum() == 0
 
 
 def test_unknown_admission_is_all_missing():
