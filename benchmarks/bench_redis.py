@@ -5,12 +5,17 @@ seeded admissions from ``features.sample``: events applied per second in worker-
 batches, one event's write latency, and read latency for batches of admissions. Beside it,
 on the same data and server, the plain baseline: one hash per admission (a field per
 numeric feature, the token arrays as bytes), read with a redis-py pipeline of one HGETALL
-per admission and parsed into the same arrays.
+per admission and parsed into the same arrays. And below it, the floor: the same MGET of
+serving blobs from Redis's own C client (``redis-benchmark``, one connection, no
+decoding), which is what this machine and server allow a read before any Python runs.
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
+import shutil
+import subprocess
 import time
 import uuid
 
@@ -29,6 +34,7 @@ from m3t.clients import redis_client
 from m3t.settings import Settings
 
 STORE, BASELINE = "online store", "redis-py HGETALL pipeline"
+FLOOR = "redis-benchmark MGET (C, no decoding)"
 
 
 def fitted_features() -> FittedFeatures:
@@ -87,6 +93,22 @@ def read_baseline(client, prefix: str, hadm_ids: list[int]) -> dict[str, np.ndar
             mi.NOTES_DISCHARGE: discharge}
 
 
+def c_client_read(settings: Settings, keys: list[bytes], calls: int) -> dict | None:
+    """p50/p95/p99 ms of ``calls`` MGETs of ``keys`` by ``redis-benchmark`` (the same keys
+    each call, one connection); None where it is not installed (Debian's redis-tools)."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    cfg = settings.redis
+    auth = ["--user", cfg.username] if cfg.username else []
+    auth += ["-a", cfg.password.get_secret_value()] if cfg.password.get_secret_value() else []
+    command = [binary, "-h", cfg.host, "-p", str(cfg.port), "-n", str(calls), "-c", "1", "--csv", *auth, "MGET", *keys]
+    out = subprocess.run(command, capture_output=True, check=True, timeout=120).stdout.decode()
+    header, row = list(csv.reader(out.strip().splitlines()))[-2:]
+    stats = dict(zip(header, row))
+    return {f"{p}_ms": float(stats[f"{p}_latency_ms"]) for p in ("p50", "p95", "p99")} | {"samples": calls}
+
+
 def drop_prefix(client, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     for start in range(0, len(keys), 1000):
@@ -119,7 +141,7 @@ def run(settings: Settings, *, admissions: int = 1024, observations: int = 40,
     client = redis_client(settings)
     try:
         _writes(result, client, fitted, events, write_batch, repeats, warmup)
-        _reads(result, client, fitted, events, hadm_ids, batches, reads)
+        _reads(result, settings, client, fitted, events, hadm_ids, batches, reads)
     finally:
         client.close()
     result.seconds = time.perf_counter() - started
@@ -150,7 +172,7 @@ def _writes(result, client, fitted, events, write_batch, repeats, warmup) -> Non
     result.breakdown_ms["redis feature write"] = single["p50_ms"]
 
 
-def _reads(result, client, fitted, events, hadm_ids, batches, reads) -> None:
+def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -> None:
     store = scratch_store(client, fitted)
     prefix = f"m3t:bench-baseline-{uuid.uuid4().hex[:8]}"
     try:
@@ -173,6 +195,12 @@ def _reads(result, client, fitted, events, hadm_ids, batches, reads) -> None:
                 read_p50[variant, batch] = summary["p50_ms"]
             result.comparisons.append(h.ratio(f"read p50 latency, batch {batch}", BASELINE, STORE,
                                               read_p50[BASELINE, batch], read_p50[STORE, batch]))
+            floor = c_client_read(settings, store._serving_keys(picks[0]), reads)
+            if floor is not None:
+                result.rows.append({"case": "MGET serving blobs", "variant": FLOOR, "batch": batch,
+                                    "items_per_s": batch / (floor["p50_ms"] / 1000), **floor})
+                result.comparisons.append(h.ratio(f"read p50 latency, batch {batch}", STORE, FLOOR,
+                                                  read_p50[STORE, batch], floor["p50_ms"]))
         if 1 in batches:
             result.breakdown_ms["redis feature read"] = read_p50[STORE, 1]
     finally:

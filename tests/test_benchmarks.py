@@ -179,6 +179,9 @@ def test_redis_stage(settings, tmp_path):
     data = assert_valid(h.save(result, tmp_path)["latest"], "redis")
     reads = {(r["variant"], r["batch"]) for r in data["rows"] if r["case"] == "read features"}
     assert reads == {(v, b) for v in (bench_redis.STORE, bench_redis.BASELINE) for b in (1, 8)}
+    # The floor: the same MGET from Redis's C client (Debian's redis-server brings redis-tools).
+    floor = [r for r in data["rows"] if r["variant"] == bench_redis.FLOOR]
+    assert [r["batch"] for r in floor] == [1, 8] and all(0 < r["p50_ms"] <= r["p99_ms"] for r in floor)
     assert set(data["breakdown_ms"]) == {"redis feature write", "redis feature read"}
 
 
