@@ -93,7 +93,7 @@ def read_baseline(client, prefix: str, hadm_ids: list[int]) -> dict[str, np.ndar
             mi.NOTES_DISCHARGE: discharge}
 
 
-def c_client_read(settings: Settings, keys: list[bytes], calls: int) -> dict | None:
+def c_client_read(settings: Settings, keys: list[str], calls: int) -> dict | None:
     """p50/p95/p99 ms of ``calls`` MGETs of ``keys`` by ``redis-benchmark`` (the same keys
     each call, one connection); None where it is not installed (Debian's redis-tools)."""
     binary = shutil.which("redis-benchmark")
@@ -195,7 +195,7 @@ def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -
                 read_p50[variant, batch] = summary["p50_ms"]
             result.comparisons.append(h.ratio(f"read p50 latency, batch {batch}", BASELINE, STORE,
                                               read_p50[BASELINE, batch], read_p50[STORE, batch]))
-            floor = c_client_read(settings, store._serving_keys(picks[0]), reads)
+            floor = c_client_read(settings, [store.keys(h)[0] for h in picks[0]], reads)
             if floor is not None:
                 result.rows.append({"case": "MGET serving blobs", "variant": FLOOR, "batch": batch,
                                     "items_per_s": batch / (floor["p50_ms"] / 1000), **floor})
