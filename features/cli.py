@@ -138,6 +138,31 @@ def publish(meta: Path = typer.Argument(..., exists=True, dir_okay=False, help="
     out.print(f"published feature set {fitted.tag}")
 
 
+@app.command("prune")
+def prune(apply: bool = typer.Option(False, "--apply", help="Delete the keys; without it, only list them.")):
+    """List (or delete) the online-store keys of feature sets and key layouts the stream no
+    longer uses, such as those left after a new feature set was published."""
+    from features.online import stale_namespaces
+
+    client = _redis()
+    try:
+        stale = stale_namespaces(client)
+    except LookupError as exc:
+        _fail(f"{exc}: nothing is stale until one is (run `m3t features publish DATASET/meta.json`)")
+    table = Table("namespace", "keys")
+    for namespace, keys in sorted(stale.items()):
+        table.add_row(namespace, f"{len(keys):,}")
+    out.print(table)
+    total = sum(len(keys) for keys in stale.values())
+    if not apply:
+        out.print(f"{total:,} stale keys; run with --apply to delete them")
+        return
+    keys = [key for group in stale.values() for key in group]
+    for start in range(0, len(keys), 1000):
+        client.unlink(*keys[start : start + 1000])
+    out.print(f"deleted {total:,} stale keys")
+
+
 @app.command("get")
 def get(
     hadm_id: int = typer.Argument(..., help="The admission (hadm_id)."),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -299,6 +300,32 @@ class OnlineStore:
             "discharge_tokens": int((row[mi.NOTES_DISCHARGE][0] != fd.PAD).sum()),
             "cxr_uri": row["cxr_uri"][0],
         }
+
+
+# A serving namespace's keys (see the module docstring); scratch namespaces do not match.
+_NAMESPACE_KEY = re.compile(r"(m3t:v\d+-[0-9a-f]+-[0-9a-f]+)(?::(\d+):\{\d+\}:[a-z]+|:fitted)")
+
+
+def stale_namespaces(client: redis.Redis) -> dict[str, list[bytes]]:
+    """Keys the stream no longer reads or writes, by namespace: those of every feature set
+    but the published one, and those of the published one's other key layouts
+    (``STORE_FORMAT``). They would otherwise stay until their TTL, up to OPEN_TTL_S.
+    Scratch namespaces, scores and the published namespace's own keys are not listed."""
+    current = client.get(CURRENT_KEY)
+    if current is None:
+        raise LookupError("no feature set has been published to this Redis yet")
+    current_prefix = f"m3t:{current.decode()}"
+    stale: dict[str, list[bytes]] = defaultdict(list)
+    for key in client.scan_iter(match="m3t:v*", count=1000):
+        match = _NAMESPACE_KEY.fullmatch(key.decode())
+        if match is None:
+            continue
+        prefix, layout = match.groups()
+        if prefix != current_prefix:
+            stale[prefix].append(key)
+        elif layout is not None and layout != str(STORE_FORMAT):
+            stale[f"{prefix}:{layout}"].append(key)
+    return dict(stale)
 
 
 def _as_hours(as_of):

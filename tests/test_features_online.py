@@ -267,6 +267,51 @@ def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
     assert missing.exit_code == 2
 
 
+def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, monkeypatch):
+    # On a database of its own, so that what the other tests publish and leave in database 0
+    # does not count.
+    from m3t.cli import app
+    from m3t.settings import get_settings
+
+    isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"db": 15})})
+    client = connect(isolated)
+    client.flushdb()
+    try:
+        other = FittedFeatures.unnormalised(Vocabulary.fit(["another vocabulary entirely"]))
+        current, previous = OnlineStore(client, FITTED), OnlineStore(client, other)
+        hadm_id = list(COHORT)[0]
+        previous.write_batch(COHORT[hadm_id])
+        previous.publish()
+        current.write_batch(COHORT[hadm_id])
+        current.publish()  # the stream moved on to FITTED's feature set
+        old_layout = [key.replace(f":{STORE_FORMAT}:", ":2:") for key in current.keys(hadm_id)]
+        for key in old_layout:
+            client.set(key, b"written by an older layout")
+        scratch = OnlineStore(client, FITTED, scratch="bench-0000")
+        scratch.write_batch(COHORT[hadm_id])
+        client.set("m3t:score:{1}", b"a score")
+        kept = set(client.keys("*")) - set(client.keys(f"{previous.prefix}:*")) - {k.encode() for k in old_layout}
+
+        monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
+        monkeypatch.setenv("M3T_REDIS__DB", "15")
+        get_settings.cache_clear()
+        try:
+            listed = runner.invoke(app, ["features", "prune"])
+            assert client.exists(*old_layout) == 3  # listing deletes nothing
+            pruned = runner.invoke(app, ["features", "prune", "--apply"])
+        finally:
+            get_settings.cache_clear()
+        assert listed.exit_code == 0, listed.output
+        assert previous.prefix in listed.output and f"{current.prefix}:2" in listed.output
+        assert "7 stale keys" in listed.output  # the other feature set's 3 keys and fitted, 3 old-layout keys
+        assert pruned.exit_code == 0 and "deleted 7 stale keys" in pruned.output
+        assert set(client.keys("*")) == kept
+        np.testing.assert_array_equal(current.read_inputs([hadm_id])["present"], [True])
+    finally:
+        client.flushdb()
+        client.close()
+
+
 def test_parity_on_a_synthetic_cohort(tmp_path, redis_client):
     from ingest.mimic import MimicReader
     from ingest.synth import generate
