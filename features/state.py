@@ -396,22 +396,26 @@ def _empty_serving(note_tokens: int) -> bytes:
 
 def decode_blobs(blobs, note_tokens: int = mi.NOTE_TOKENS):
     """(present [B] bool, records [B] of ``blob_dtype``, uris [B] object) for a batch."""
-    dtype = blob_dtype(note_tokens)
+    return _split_records(blobs, blob_dtype(note_tokens), _empty_prefix(note_tokens))
+
+
+def _split_records(blobs, dtype: np.dtype, empty: bytes):
+    """(present, records of ``dtype``, the text after each record): a blob that is None, or
+    too short for a record (never written so), reads as unknown (``empty``)."""
     size = dtype.itemsize
-    empty = _empty_prefix(note_tokens)
     # The only per-row Python: which rows were found, slicing off and decoding the URIs.
-    found, heads, uris = [], [], []
+    found, heads, tails = [], [], []
     for blob in blobs:
         if blob is not None and len(blob) >= size:
             found.append(True)
             heads.append(blob[:size])
-            uris.append(blob[size:].decode())
+            tails.append(blob[size:].decode())
         else:
             found.append(False)
             heads.append(empty)
-            uris.append("")
+            tails.append("")
     records = np.frombuffer(b"".join(heads), dtype=dtype)
-    return np.array(found, dtype=bool), records, np.array(uris, dtype=object)
+    return np.array(found, dtype=bool), records, np.array(tails, dtype=object)
 
 
 def raw_numeric(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
@@ -515,15 +519,14 @@ def serving_inputs(blobs, note_tokens: int = mi.NOTE_TOKENS) -> dict[str, np.nda
     decoded from serving blobs; unknown admissions (``None``) as ``assemble`` has them."""
     dtype, empty = serving_dtype(note_tokens), _empty_serving(note_tokens)
     rows = [empty if blob is None else blob for blob in blobs]
-    present = np.array([blob is not None for blob in blobs], dtype=bool)
-    long_uris = {}
     if set(map(len, rows)) <= {dtype.itemsize}:  # the usual batch: one array, no per-row slicing
-        records = np.frombuffer(b"".join(rows), dtype)
+        present = np.array([blob is not None for blob in blobs], dtype=bool)
+        records, long_uris = np.frombuffer(b"".join(rows), dtype), None
     else:
-        records, long_uris = _serving_records(rows, present, dtype, empty)
+        present, records, long_uris = _split_records(blobs, dtype, empty)
     uris = np.array([uri.decode() for uri in records["cxr_uri"].tolist()], dtype=object)
-    for i, uri in long_uris.items():
-        uris[i] = uri
+    if long_uris is not None:
+        uris = np.where(long_uris != "", long_uris, uris)
     observed = np.unpackbits(records["observed"], axis=1, count=fd.N_NUMERIC)
     return {
         mi.NUMERIC: np.ascontiguousarray(records["numeric"]),
@@ -533,15 +536,3 @@ def serving_inputs(blobs, note_tokens: int = mi.NOTE_TOKENS) -> dict[str, np.nda
         "present": present,
     }
 
-
-def _serving_records(rows: list[bytes], present: np.ndarray, dtype: np.dtype, empty: bytes):
-    """Records and the URIs that follow them, by row; a row too short to hold a record
-    (never written so) reads as unknown."""
-    size, records, long_uris = dtype.itemsize, [], {}
-    for i, row in enumerate(rows):
-        if len(row) < size:
-            present[i], row = False, empty
-        records.append(row[:size])
-        if len(row) > size:
-            long_uris[i] = row[size:].decode()
-    return np.frombuffer(b"".join(records), dtype), long_uris
