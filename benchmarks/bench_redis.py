@@ -30,7 +30,7 @@ from features.sample import WORDS, cohort
 from features.vocab import Vocabulary
 from ingest.events import sort_key
 from m3t import services
-from m3t.clients import redis_client
+from m3t.clients import redis_client, unlink
 from m3t.settings import Settings
 
 STORE, BASELINE = "online store", "redis-py HGETALL pipeline"
@@ -110,9 +110,7 @@ def c_client_read(settings: Settings, keys: list[str], calls: int) -> dict | Non
 
 
 def drop_prefix(client, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    for start in range(0, len(keys), 1000):
-        client.unlink(*keys[start : start + 1000])
+    unlink(client, client.scan_iter(match=f"{prefix}:*", count=1000))
 
 
 # --- the stage -------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def prune(apply: bool = typer.Option(False, "--apply", help="Delete the keys; wi
     """List (or delete) the online-store keys of feature sets and key layouts the stream no
     longer uses, such as those left after a new feature set was published."""
     from features.online import stale_namespaces
+    from m3t.clients import unlink
 
     client = _redis()
     try:
@@ -157,9 +158,7 @@ def prune(apply: bool = typer.Option(False, "--apply", help="Delete the keys; wi
     if not apply:
         out.print(f"{total:,} stale keys; run with --apply to delete them")
         return
-    keys = [key for group in stale.values() for key in group]
-    for start in range(0, len(keys), 1000):
-        client.unlink(*keys[start : start + 1000])
+    unlink(client, (key for keys in stale.values() for key in keys))
     out.print(f"deleted {total:,} stale keys")
 
 

@@ -48,7 +48,7 @@ from features import model_inputs as mi
 from features.fitted import FittedFeatures
 from features.state import AdmissionState, hours, serving_blobs, serving_inputs, serving_tail
 from ingest.events import sort_key
-from m3t.clients import LuaScript, mget, round_trip, run_scripts
+from m3t.clients import LuaScript, mget, round_trip, run_scripts, unlink
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
 OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
@@ -143,13 +143,7 @@ class OnlineStore:
 
     def drop(self) -> int:
         """Delete every key of this namespace (for scratch stores); returns how many."""
-        deleted = 0
-        with self.client.pipeline(transaction=False) as pipe:
-            for key in self.client.scan_iter(match=f"{self.prefix}:*", count=1000):
-                pipe.unlink(key)
-                deleted += 1
-            pipe.execute()
-        return deleted
+        return unlink(self.client, self.client.scan_iter(match=f"{self.prefix}:*", count=1000))
 
     @classmethod
     def current(cls, client: redis.Redis, **kwargs) -> "OnlineStore":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import hiredis
 import redis
@@ -108,6 +108,14 @@ def mget(client: redis.Redis, keys: list[bytes]) -> list[bytes | None]:
     commands = Commands()
     commands.mget(keys)
     return send(client, commands)[0]
+
+
+def unlink(client: redis.Redis, keys: Iterable) -> int:
+    """UNLINK ``keys`` (a list, or a SCAN's iterator) 1,000 to a command; returns how many."""
+    keys = list(keys)
+    for start in range(0, len(keys), 1000):
+        client.unlink(*keys[start : start + 1000])
+    return len(keys)
 
 
 def run_scripts(client: redis.Redis, queue: Callable[[Commands], None], *scripts: LuaScript) -> list:
