@@ -248,23 +248,45 @@ def test_e2e_stage(settings, tmp_path):
     assert "end to end (event -> score)" in data["breakdown_ms"]
 
 
-def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out(tmp_path):
+def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
+    import os
+    import signal
     import subprocess
     import sys
 
-    spin = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
-    # A parent that starts a busy child: the child's CPU is the parent's tree's.
-    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
-    meter = h.CpuMeter({"busy tree": [parent.pid], "idle": [other.pid]})
-    before, began = meter.sample(), time.perf_counter()
-    time.sleep(0.5)
-    during = meter.sample()
-    parent.wait(30)
-    other.kill()
-    assert during["busy tree"] - before["busy tree"] >= 0.1  # the child spun meanwhile
-    assert during["idle"] - before["idle"] < 0.1
-    assert h.CpuMeter.cores(before, during, time.perf_counter() - began)["busy tree"] >= 0.1 / 0.6
+    python = sys.executable
+    # A launcher whose child spins once it has said its pid; another process that only sleeps.
+    # Each says when it is ready, so that their start-up CPU falls before the first sample:
+    # on a loaded machine, starting two interpreters can take longer than any fixed wait.
+    spin = "import os\nprint(os.getpid(), flush=True)\nwhile True: pass\n"
+    launcher = subprocess.Popen([python, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    sleeper = subprocess.Popen([python, "-c", "import time; print('ready', flush=True); time.sleep(120)"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        spinner = int(launcher.stdout.readline())
+        assert sleeper.stdout.readline() == "ready\n"
+        whole = h.CpuMeter({"busy tree": [launcher.pid], "idle": [sleeper.pid]})
+        split = h.CpuMeter({"launcher": [launcher.pid], "spinner": [spinner]})  # the child is a name of its own
+        before, before_split, began = whole.sample(), split.sample(), time.perf_counter()
+        deadline = began + 60
+        while True:
+            during, during_split, seconds = whole.sample(), split.sample(), time.perf_counter() - began
+            spun = min(during["busy tree"] - before["busy tree"], during_split["spinner"] - before_split["spinner"])
+            if spun >= 0.3 or time.perf_counter() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the spinning child with it
+        sleeper.kill()
+        launcher.wait(30), sleeper.wait(30)
+
+    assert during["busy tree"] - before["busy tree"] >= 0.3, "the child's CPU should count in its launcher's tree"
+    assert during["idle"] - before["idle"] < 0.05
+    assert during_split["spinner"] - before_split["spinner"] >= 0.3
+    assert during_split["launcher"] - before_split["launcher"] < 0.05, "another name's tree is left out"
+    cores = h.CpuMeter.cores(before, during, seconds)
+    assert 0 < cores["busy tree"] <= os.cpu_count() and cores["idle"] < cores["busy tree"]
 
 
 def test_a_score_completes_the_events_its_features_include():
