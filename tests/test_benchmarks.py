@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from benchmarks import harness as h
 from benchmarks.cli import app
+from m3t.services.process import wait_until
 from m3t.settings import Settings
 
 runner = CliRunner()
@@ -269,17 +270,19 @@ def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
         whole = h.CpuMeter({"busy tree": [launcher.pid], "idle": [sleeper.pid]})
         split = h.CpuMeter({"launcher": [launcher.pid], "spinner": [spinner]})  # the child is a name of its own
         before, before_split, began = whole.sample(), split.sample(), time.perf_counter()
-        deadline = began + 60
-        while True:
+
+        def spun_enough() -> bool:
+            nonlocal during, during_split, seconds
             during, during_split, seconds = whole.sample(), split.sample(), time.perf_counter() - began
-            spun = min(during["busy tree"] - before["busy tree"], during_split["spinner"] - before_split["spinner"])
-            if spun >= 0.3 or time.perf_counter() > deadline:
-                break
-            time.sleep(0.05)
+            return min(during["busy tree"] - before["busy tree"], during_split["spinner"] - before_split["spinner"]) >= 0.3
+
+        during = during_split = seconds = None
+        wait_until(spun_enough, timeout_s=60, interval_s=0.05)
     finally:
         os.killpg(launcher.pid, signal.SIGKILL)  # the spinning child with it
         sleeper.kill()
-        launcher.wait(30), sleeper.wait(30)
+        launcher.wait(30)
+        sleeper.wait(30)
 
     assert during["busy tree"] - before["busy tree"] >= 0.3, "the child's CPU should count in its launcher's tree"
     assert during["idle"] - before["idle"] < 0.05
