@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from m3t.clients import redis_client
 from m3t.console import fail
@@ -18,6 +19,13 @@ console = Console()
 
 app = typer.Typer(help="Run the Kafka stream worker that keeps features and scores current.", no_args_is_help=True)
 scores_app = typer.Typer(help="Query current risk scores.", no_args_is_help=True)
+
+
+def scores_table(scores, title: str | None = None) -> Table:
+    table = Table("hadm_id", "mortality risk", "LoS (days)", "model", title=title)
+    for s in scores:
+        table.add_row(str(s.hadm_id), f"{s.mortality_prob:.3f}", f"{s.los_days:.1f}", s.model)
+    return table
 
 
 @app.command("run")
@@ -105,8 +113,6 @@ def get(hadm_id: int, as_json: bool = typer.Option(False, "--json", help="Print 
     if as_json:
         print(score.as_json())
     else:
-        from stream.demo import scores_table
-
         console.print(scores_table([score]))
 
 
@@ -117,8 +123,6 @@ def top(n: int = typer.Option(20, "--n", help="How many admissions."), as_json: 
     if as_json:
         print(json.dumps([asdict(s) for s in scores]))
     else:
-        from stream.demo import scores_table
-
         console.print(scores_table(scores))
 
 
@@ -132,8 +136,6 @@ def watch(
     import time
 
     from rich.live import Live
-
-    from stream.demo import scores_table
 
     store = _store()
     with Live(scores_table(store.top(n)), console=console, refresh_per_second=4) as live:

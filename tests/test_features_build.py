@@ -7,10 +7,10 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
+from app.cli import app
 from features import cxr, offline
 from features import model_inputs as mi
 from ingest.synth import generate
-from m3t.cli import app
 
 runner = CliRunner()
 

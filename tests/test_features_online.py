@@ -225,8 +225,8 @@ def test_online_offline_parity_on_hand_built_events(redis_client):
 
 
 def test_parity_on_the_mimic_demo_and_the_cli(settings, monkeypatch, redis_client):
+    from app.cli import app
     from ingest.mimic import MimicReader
-    from m3t.cli import app
     from m3t.settings import get_settings
 
     demo = settings.data_dir / "mimic-iv-demo-2.2"
@@ -245,7 +245,7 @@ def test_parity_on_the_mimic_demo_and_the_cli(settings, monkeypatch, redis_clien
 
 
 def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
-    from m3t.cli import app
+    from app.cli import app
     from m3t.settings import get_settings
 
     store = OnlineStore(redis_client, FITTED)  # the serving namespace, as `publish` makes it
@@ -270,7 +270,7 @@ def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
 def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, monkeypatch):
     # On a database of its own, so that what the other tests publish and leave in database 0
     # does not count.
-    from m3t.cli import app
+    from app.cli import app
     from m3t.settings import get_settings
 
     isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"db": 15})})

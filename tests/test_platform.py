@@ -15,8 +15,8 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 from typer.testing import CliRunner
 
+from app.cli import app
 from m3t import services
-from m3t.cli import app
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
 from tests.conftest import free_ports, make_settings
@@ -308,7 +308,7 @@ def test_http_api_contract(cli_settings, redis_client):
         "batch_size": {"bounds": [1, 2], "counts": [0, 2, 0], "sum": 4},
         "lag": {"events:0": 5}, "events_per_s": 12.5, "updated": 0}))
     (port,) = free_ports(1)
-    server = subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "api", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "stream", "api", "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:

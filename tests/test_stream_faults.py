@@ -130,7 +130,7 @@ def worker_process(settings, *extra):
         "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
         "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
     }
-    return subprocess.Popen([sys.executable, "-m", "m3t.cli", "stream", "run", "--scorer", "placeholder", *extra], env=env,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "stream", "run", "--scorer", "placeholder", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

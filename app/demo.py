@@ -14,16 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from m3t.settings import Settings
-
-
-def scores_table(scores, title: str | None = None) -> Table:
-    table = Table("hadm_id", "mortality risk", "LoS (days)", "model", title=title)
-    for s in scores:
-        table.add_row(str(s.hadm_id), f"{s.mortality_prob:.3f}", f"{s.los_days:.1f}", s.model)
-    return table
+from stream.cli import scores_table
 
 
 def demo_steps(work: Path, admissions: int, seed: int, epochs: int) -> list[list[str]]:
@@ -41,7 +34,7 @@ def demo_steps(work: Path, admissions: int, seed: int, epochs: int) -> list[list
 
 
 def m3t(*args: str) -> list[str]:
-    return [sys.executable, "-m", "m3t.cli", *args]
+    return [sys.executable, "-m", "app.cli", *args]
 
 
 def run_demo(settings: Settings, console: Console, admissions: int = 3000, seed: int = 7, epochs: int = 20) -> None:

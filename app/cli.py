@@ -6,20 +6,24 @@ Each package owns its commands in ``<package>/cli.py``; this module mounts them 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.cli import app as bench_app
+from features.cli import app as features_app
+from ingest.cli import app as ingest_app
 from m3t import services as svc
 from m3t.console import fail
 from m3t.settings import get_settings
+from stream.cli import app as stream_app
+from stream.cli import scores_app
+from trainer.cli import app as train_app
+from trainer.cli import export_app
 
 console = Console()
-err = Console(stderr=True)
 
 app = typer.Typer(
     name="m3t",
@@ -72,44 +76,24 @@ def services_status(
         raise typer.Exit(1)
 
 
-def _not_built(name: str, issue: int, help_text: str) -> typer.Typer:
-    group = typer.Typer(help=f"{help_text} [not built yet: issue {issue}]")
-
-    @group.callback(invoke_without_command=True)
-    def _explain():
-        err.print(f"`m3t {name}` is not built yet (issue {issue}); nothing was done.")
-        raise typer.Exit(2)
-
-    return group
-
-
-# (command, module, attribute, issue, help) — a group whose module is missing says so.
+# (command, sub-CLI, help), in the order `m3t --help` lists them.
 GROUPS = [
-    ("ingest", "ingest.cli", "app", 3, "Read MIMIC-IV, generate a synthetic cohort, replay it into Kafka."),
-    ("features", "features.cli", "app", 4, "Online (Redis) and offline features, parity, CXR preprocessing."),
-    ("train", "trainer.cli", "app", 5, "Train and evaluate M3T-LM."),
-    ("export", "trainer.cli", "export_app", 5, "Export M3T-LM to ONNX/TensorRT and publish to model_repo/."),
-    ("stream", "stream.cli", "app", 6, "Run the Kafka stream worker that keeps features and scores current."),
-    ("scores", "stream.cli", "scores_app", 6, "Query current risk scores."),
-    ("bench", "benchmarks.cli", "app", 7, "Benchmark throughput and latency, stage by stage and end to end."),
+    ("ingest", ingest_app, "Read MIMIC-IV, generate a synthetic cohort, replay it into Kafka."),
+    ("features", features_app, "Online (Redis) and offline features, parity, CXR preprocessing."),
+    ("train", train_app, "Train and evaluate M3T-LM."),
+    ("export", export_app, "Export M3T-LM to ONNX/TensorRT and publish to model_repo/."),
+    ("stream", stream_app, "Run the Kafka stream worker that keeps features and scores current."),
+    ("scores", scores_app, "Query current risk scores."),
+    ("bench", bench_app, "Benchmark throughput and latency, stage by stage and end to end."),
 ]
-
-
-def _mount(name: str, module: str, attribute: str, issue: int, help_text: str) -> None:
-    sub = None
-    if importlib.util.find_spec(module) is not None:
-        sub = getattr(importlib.import_module(module), attribute, None)
-    app.add_typer(sub or _not_built(name, issue, help_text), name=name, help=help_text)
-
-
-for _group in GROUPS:
-    _mount(*_group)
+for _name, _sub, _help in GROUPS:
+    app.add_typer(_sub, name=_name, help=_help)
 
 
 @app.command("demo")
 def demo():
     """Run the whole system on a synthetic cohort and print how to query it."""
-    from stream.demo import run_demo
+    from app.demo import run_demo
 
     try:
         run_demo(get_settings(), console)
