@@ -116,7 +116,8 @@ def tensorrt_gap() -> str:
 
 def run(settings: Settings, *, batches: tuple[int, ...] = (1, 4, 16, 64, 256, 1024), repeats: int = 3,
         warmup: int = 1, min_items: int = 256, threads: int = 1, triton: bool = True) -> h.Result:
-    from trainer.export import example_inputs, export_graph, onnx_session
+    from m3t.onnx_runtime import onnx_session
+    from trainer.export import example_inputs, export_graph
 
     result = h.Result("inference", {"batches": list(batches), "repeats": repeats, "warmup": warmup,
                                     "min_items_per_repeat": min_items, "threads": threads})

@@ -97,7 +97,7 @@ class OnnxModel:
     without a server (development). Same interface as ``TritonModel``."""
 
     def __init__(self, repo: Path, name: str, version: str = "", threads: int = 1):
-        from trainer.export import onnx_session
+        from m3t.onnx_runtime import onnx_session
 
         folder = repo / name
         published = sorted(int(v.name) for v in folder.iterdir()

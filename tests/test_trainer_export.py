@@ -10,10 +10,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
 from features import model_inputs as mi
+from m3t.onnx_runtime import onnx_session
 from m3t.settings import PROJECT_ROOT
 from trainer.export import (
     MODELS, ParityError, TensorRTUnavailable, example_inputs, export_onnx, export_tensorrt, graphs, onnx_io,
-    onnx_session,
 )
 from trainer.model import M3TConfig, M3TLM
 from trainer.publish import Batching, PublishError, model_config, publish, read_config, versions

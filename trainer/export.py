@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from features import model_inputs as mi
+from m3t.onnx_runtime import onnx_session
 from trainer.model import M3TLM, Rescore, note_embedding_name
 
 OPSET = 17
@@ -145,13 +145,6 @@ def _export(graph: Graph, path: Path, example: dict[str, np.ndarray], names: lis
         opset_version=OPSET,
         dynamo=False,  # the TorchScript exporter: no onnxscript dependency, LSTM supported
     )
-
-
-def onnx_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_parity(graph: Graph, path: Path, vocab_size: int, batches: tuple[int, ...] = (1, 7), seed: int = 1) -> float:
