@@ -21,10 +21,10 @@ import time
 from benchmarks import harness as h
 from features import offline
 from features.fitted import FittedFeatures
-from features.online import tune_allocator
 from features.sample import WORDS, cohort
 from features.state import AdmissionState
 from features.vocab import Vocabulary
+from m3t.allocator import tune_allocator
 from m3t.settings import Settings
 
 READ_BATCHES = (1, 64, 256, 1024)

@@ -25,11 +25,12 @@ from benchmarks import harness as h
 from features import definitions as fd
 from features import model_inputs as mi
 from features.fitted import FittedFeatures
-from features.online import OnlineStore, tune_allocator
+from features.online import OnlineStore
 from features.sample import WORDS, cohort
 from features.vocab import Vocabulary
 from ingest.events import sort_key
 from m3t import services
+from m3t.allocator import tune_allocator
 from m3t.clients import redis_client, unlink
 from m3t.settings import Settings
 

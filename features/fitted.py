@@ -14,7 +14,7 @@ import numpy as np
 
 from features import definitions as fd
 from features import model_inputs as mi
-from features import state as st
+from features import transform
 from features.vocab import Vocabulary
 
 
@@ -56,7 +56,7 @@ class FittedFeatures:
         return f"v{self.version}-{fd.LAYOUT}-{self.vocab.fingerprint}"
 
     def assemble(self, blobs, as_of=None) -> dict[str, np.ndarray]:
-        return st.assemble(blobs, as_of, self.mean, self.std, self.note_tokens)
+        return transform.assemble(blobs, as_of, self.mean, self.std, self.note_tokens)
 
     def to_dict(self) -> dict:
         return {

@@ -3,8 +3,8 @@
 For each admission and each cutoff (hours after admission, while the patient is still in
 hospital), the builder folds the admission's events with ``event_time <= cutoff`` through
 ``AdmissionState.apply`` (the update the online store applies) and turns the snapshots
-into model inputs with ``features.state.assemble`` (the transform the online store reads
-through). Labels come only from the discharge event, which is never folded into a
+into model inputs with ``features.transform.assemble`` (the transform the online store
+reads through). Labels come only from the discharge event, which is never folded into a
 snapshot (it is after every cutoff).
 
 The vocabulary and the normalisation statistics are fitted on the training split only

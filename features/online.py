@@ -3,7 +3,7 @@
 Layout, per admission (``{hadm_id}`` is a Redis Cluster hash tag, so all of one
 admission's keys share a slot and the commit script may touch them together)::
 
-    m3t:<tag>:3:{12345}:m     string  the serving blob (features.state): one MGET serves a batch
+    m3t:<tag>:3:{12345}:m     string  the serving blob (features.layout): one MGET serves a batch
     m3t:<tag>:3:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
     m3t:<tag>:3:{12345}:seen  set     event ids already applied
     m3t:<tag>:fitted          string  the FittedFeatures JSON this namespace was written with
@@ -32,7 +32,6 @@ transformed with ``assemble``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 from collections import defaultdict
@@ -46,16 +45,18 @@ import redis
 from features import definitions as fd
 from features import model_inputs as mi
 from features.fitted import FittedFeatures
-from features.state import AdmissionState, hours, serving_blobs, serving_inputs, serving_tail
+from features.layout import serving_tail
+from features.state import AdmissionState, hours
+from features.transform import serving_blobs, serving_inputs
 from ingest.events import sort_key
 from m3t.clients import LuaScript, mget, round_trip, run_scripts, unlink
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
 OPEN_TTL_S = 60 * 24 * 3600  # an admission that never sees its discharge still expires
 CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
-# The layout of an admission's keys, in their names, so state written in another format is
-# never half read (its events count as seen): 2 stored the serving blob instead of the
-# blob; 3 makes the serving blob a fixed-size record (the URI in a fixed-width field).
+# The layout of an admission's keys and of the blobs they hold (features.layout), in their
+# names, so state written in another format is never half read (its events would count as
+# seen). Bump it when either changes.
 STORE_FORMAT = 3
 
 _STATE_FIELDS = ("v", "a", "n")  # commit version, aggregates, note bookkeeping
@@ -73,25 +74,6 @@ end
 for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[5]) end
 return 1
 """)
-
-
-def tune_allocator(threshold_bytes: int = 64 << 20) -> bool:
-    """Keep the few-hundred-KiB buffers of a batch read on the heap; call once at startup.
-
-    glibc serves allocations above its mmap threshold (128 KiB at start, then adapting)
-    with fresh mmaps and unmaps them on free, so a batch read can page-fault its numpy
-    buffers anew each time: on this project's machine that made the transform of 1,024
-    admissions several times slower, and of 256 up to twice (benchmarks/bench_features.py
-    measures both). Process-wide, hence explicit; returns False where there is no glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(
-        libc.mallopt(m_trim_threshold, 2 * threshold_bytes)
-    )
 
 
 class ConcurrentUpdateError(RuntimeError):
@@ -179,9 +161,9 @@ class OnlineStore:
         hadm_ids = list(pending)
 
         def load(commands):
-            # No script: the version comes first, so a commit landing between these reads
-            # moves it and this admission's own commit fails its check and is reloaded. A
-            # Lua call doing the same reads cost Redis 11 us more per admission.
+            # No script, which would cost Redis more per admission: the version comes
+            # first, so a commit landing between these reads moves it and this
+            # admission's own commit fails its check and is reloaded.
             for hadm_id in hadm_ids:
                 serving_key, state_key, seen_key = self.keys(hadm_id)
                 commands.hmget(state_key, _STATE_FIELDS)

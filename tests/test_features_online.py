@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from features import model_inputs as mi
 from features import offline, parity, sample
 from features.fitted import FittedFeatures
+from features.layout import URI_INLINE
 from features.online import DISCHARGED_TTL_S, OPEN_TTL_S, STORE_FORMAT, OnlineStore
-from features.state import URI_INLINE, AdmissionState
+from features.state import AdmissionState
 from features.vocab import Vocabulary
 from ingest.events import sort_key
 from m3t.clients import redis_client as connect

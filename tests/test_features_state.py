@@ -12,7 +12,9 @@ from features import definitions as fd
 from features import model_inputs as mi
 from features import offline, sample
 from features.fitted import FittedFeatures
-from features.state import NUMERIC_BYTES, URI_INLINE, AdmissionState, hours, serving_blobs, serving_inputs, serving_tail
+from features.layout import NUMERIC_BYTES, URI_INLINE, serving_tail
+from features.state import AdmissionState, hours
+from features.transform import serving_blobs, serving_inputs
 from features.vocab import Vocabulary, tokenize
 from ingest import events as ev
 from tests.test_features_windows import recompute_windows

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from features import definitions as fd
-from features import state as st
+from features import transform
 from features.fitted import FittedFeatures
 from features.online import OnlineStore
 from features.state import AdmissionState, hours
@@ -143,8 +143,8 @@ def test_every_window_up_to_the_widest_equals_brute_force():
             state = AdmissionState()
             for event in rng.sample(visible, len(visible)):
                 state.apply(event, FITTED.vocab)
-            records = st.decode_blobs([state.to_blob()])[1]
-            got = dict(zip(names, st.windowed(records, np.array([hours(as_of)]), windows)[0]))
+            records = transform.decode_blobs([state.to_blob()])[1]
+            got = dict(zip(names, transform.windowed(records, np.array([hours(as_of)]), windows)[0]))
             want = recompute_windows([e.payload for e in visible if e.type == "observation"], hours(as_of), windows)
             assert got.keys() == want.keys()
             for name in names:
