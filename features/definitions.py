@@ -34,7 +34,7 @@ from ingest.itemids import ITEMS, LABS, VITALS
 
 # Bump when any definition below changes meaning; it is part of every Redis key and of the
 # offline dataset's metadata, so old state and old datasets are never read as new.
-FEATURE_SET_VERSION = 2  # 2: windowed aggregates
+FEATURE_SET_VERSION = 2
 
 # MIMIC-IV admissions.admission_type values (demo 2.2). Anything else maps to "other".
 ADMISSION_TYPES: tuple[str, ...] = (
@@ -60,17 +60,13 @@ ITEM_TIMES: tuple[str, ...] = ("hours_since_last",)
 
 # Windowed aggregates. Measurements also fall into fixed time buckets of BUCKET_HOURS (by
 # charttime, aligned to the epoch), and the state keeps, per item, count/sum/min/max over
-# its newest 1, 2, ..., N_BUCKETS buckets (``features.state``): an event is constant work
-# and a read picks one entry per item and window. A window is therefore bucket-aligned:
-# "the last W hours" is the W / BUCKET_HOURS newest buckets, the one holding the scoring
-# time included, so it covers between W - BUCKET_HOURS and W hours before the scoring
-# time. The bucket width trades that resolution against the read blob, whose bytes the
-# batch read's cost follows. Measured on the project's 2-core machine, p50 of reading the
-# full feature set of 256 admissions (Redis MGET + transform), against 0.70-0.95 ms
-# without windows (a 1,042-byte blob): 8-hour buckets (16 items x 3 prefixes x 4 float32
-# = +768 bytes) 0.97-1.2 ms; 6-hour (+1,024 bytes) 1.08-1.45 ms; 4-hour (+1,536 bytes)
-# 1.15-1.3 ms; hourly would add 6,144 bytes. 8 hours keeps the read about 1 ms. More
-# windows up to the widest cost no bytes, only a little transform time.
+# its newest 1, 2, ..., N_BUCKETS buckets (``features.state``, ``features.layout``): an
+# event is constant work and a read picks one entry per item and window. A window is
+# therefore bucket-aligned: "the last W hours" is the W / BUCKET_HOURS newest buckets, the
+# one holding the scoring time included, so it covers between W - BUCKET_HOURS and W hours
+# before the scoring time. The bucket width trades that resolution against the size of
+# the read blob, which a batch read's cost follows (benchmarks/bench_redis.py times the
+# read); more windows up to the widest cost no bytes, only a little transform time.
 BUCKET_HOURS = 8.0
 WINDOW_HOURS: tuple[float, ...] = (24.0,)
 WINDOW_STATS: tuple[str, ...] = ("count", "mean", "min", "max")

@@ -62,8 +62,8 @@ class TrainConfig:
     modalities: tuple[str, ...] = mi.MODALITIES  # the rest are forced absent (ablations)
     device: str = "auto"
     # CPU threads for torch during training. One by default: on a shared 2-core host,
-    # OpenMP threads spin-wait against other processes and two threads measured up to 10x
-    # slower per step than one (trainer/README.md); None keeps torch's default.
+    # OpenMP threads spin-wait against other processes, so two threads step slower than
+    # one (trainer/README.md); None keeps torch's default.
     threads: int | None = 1
     max_minutes: float | None = None  # stop after the epoch that crosses this (not deterministic)
 
