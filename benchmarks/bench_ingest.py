@@ -60,7 +60,7 @@ def run(settings: Settings, *, admissions: int = 2000, repeats: int = 3, warmup:
             for validate in (True, False):
                 topic = create_topic(settings)
                 try:
-                    producer = make_producer(settings.kafka.bootstrap_servers, client)
+                    producer = make_producer(settings, client)
                     try:
                         measured = h.measure(
                             lambda: replay(events, producer, topic, dead_letter_topic=topic, validate=validate),

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from benchmarks import harness as h
 from ingest import events as ev
 from ingest.replay import make_producer
-from m3t import services
+from m3t import kafka, services
 from m3t.settings import Settings
 
 CLIENTS = ("kafka-python", "confluent")
@@ -40,30 +40,20 @@ def make_events(n: int, admissions: int = 256) -> list[tuple[bytes, bytes]]:
 
 
 def create_topic(settings: Settings, partitions: int | None = None) -> str:
-    from kafka.admin import NewTopic
-
-    from m3t.clients import kafka_admin
+    from confluent_kafka.admin import NewTopic
 
     name = f"bench-{uuid.uuid4().hex[:10]}"
-    admin = kafka_admin(settings)
-    try:
-        admin.create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])
-    finally:
-        admin.close()
+    futures = kafka.admin(settings).create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])
+    futures[name].result()
     return name
 
 
 def delete_topics(settings: Settings, names: list[str]) -> None:
-    from m3t.clients import kafka_admin
-
-    admin = kafka_admin(settings)
     try:
-        admin.delete_topics(names)
+        for future in kafka.admin(settings).delete_topics(names).values():
+            future.result()
     except Exception:  # a benchmark topic left behind is harmless; never fail the run for it
         pass
-    finally:
-        admin.close()
-
 
 def wait_for_partitions(lookup, topic: str, timeout_s: float = 20.0) -> list[int]:
     """The topic's partition ids, once the client's metadata has them: right after a topic
@@ -82,21 +72,13 @@ def kafka_python_partitions(consumer, topic: str) -> list[int]:
     return wait_for_partitions(lambda: consumer.partitions_for_topic(topic), topic)
 
 
-def confluent_partitions(client, topic: str) -> list[int]:
-    def lookup():
-        meta = client.list_topics(topic, timeout=10).topics.get(topic)
-        return list(meta.partitions) if meta is not None and meta.error is None else None
-
-    return wait_for_partitions(lookup, topic)
-
-
 # --- consumers: read n records from the start of a topic; return the seconds taken ----------
 
 
-def consume_kafka_python(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> float:
+def consume_kafka_python(settings: Settings, topic: str, n: int, timeout_s: float = 60.0) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
                              max_poll_records=5000, client_id="m3t-bench")
     try:
         partitions = [TopicPartition(topic, p) for p in kafka_python_partitions(consumer, topic)]
@@ -113,13 +95,12 @@ def consume_kafka_python(bootstrap: str, topic: str, n: int, timeout_s: float = 
         consumer.close()
 
 
-def consume_confluent(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> float:
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+def consume_confluent(settings: Settings, topic: str, n: int, timeout_s: float = 60.0) -> float:
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "client.id": "m3t-bench"})
+    consumer = kafka.consumer(settings, group_id=f"bench-{uuid.uuid4().hex[:8]}", client_id="m3t-bench")
     try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in confluent_partitions(consumer, topic)])
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in kafka.partitions(consumer, topic)])
         started, seen = time.perf_counter(), 0
         while seen < n:
             seen += sum(1 for m in consumer.consume(num_messages=5000, timeout=0.5) if m.error() is None)
@@ -194,12 +175,11 @@ def run(settings: Settings, *, n_events: int = 50_000, repeats: int = 3, warmup:
                                 "partitions": settings.kafka.partitions})
     started = time.perf_counter()
     events = make_events(n_events)
-    bootstrap = settings.kafka.bootstrap_servers
     topic = create_topic(settings)
     try:
         rates_by = {}
         for client in CLIENTS:
-            producer = make_producer(bootstrap, client)
+            producer = make_producer(settings, client)
             try:
                 def produce_all():
                     for key, value in events:
@@ -213,7 +193,7 @@ def run(settings: Settings, *, n_events: int = 50_000, repeats: int = 3, warmup:
             rates_by["produce", client] = produced["items_per_s"]
         for client in CLIENTS:
             consume = CONSUMERS[client]
-            consumed = h.measure_seconds(lambda: consume(bootstrap, topic, n_events), n_events,
+            consumed = h.measure_seconds(lambda: consume(settings, topic, n_events), n_events,
                                          warmup=warmup, repeats=repeats)
             result.rows.append({"case": "consume", "variant": client, **consumed})
             rates_by["consume", client] = consumed["items_per_s"]

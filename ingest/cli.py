@@ -47,7 +47,7 @@ def _kafka(settings, client: str, **options):
     from ingest.replay import make_producer
 
     try:
-        producer = make_producer(settings.kafka.bootstrap_servers, client, **options)
+        producer = make_producer(settings, client, **options)
     except Exception as exc:  # kafka-python raises NoBrokersAvailable, confluent a KafkaException
         _fail(f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(exc).__name__}); "
               "is it up? (m3t services up kafka)")
@@ -66,7 +66,7 @@ def mimic(
                                           "[default: <state_dir>/dead-letters.jsonl]."),
     max_note_chars: int = typer.Option(MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."),
     cxr: str = typer.Option("auto", help="Chest X-rays from: auto, jpg (MIMIC-CXR-JPG), dicom (MIMIC-CXR), none."),
-    client: str = typer.Option("kafka-python", help="Kafka client: kafka-python or confluent."),
+    client: str = typer.Option("confluent", help="Kafka client: confluent (librdkafka) or kafka-python."),
 ):
     """Read a MIMIC-IV folder: every admission's events, and where every row went.
 
@@ -130,10 +130,10 @@ def replay(
     speed: float = typer.Option(0.0, min=0.0, help="Event time runs this many times faster than wall time; "
                                 "0: as fast as possible."),
     max_wait: float = typer.Option(1.0, min=0.0, help="Longest wait between two events, in wall seconds."),
-    client: str = typer.Option("kafka-python", help="Kafka client: kafka-python or confluent."),
+    client: str = typer.Option("confluent", help="Kafka client: confluent (librdkafka) or kafka-python."),
     linger_ms: int = typer.Option(20, help="Producer batching delay."),
     batch_size: int = typer.Option(512 * 1024, help="Producer batch size in bytes."),
-    compression: str = typer.Option("none", help="none, gzip, lz4 (lz4 needs the lz4 package for kafka-python)."),
+    compression: str = typer.Option("none", help="none, gzip, lz4, zstd (kafka-python needs the lz4 package for lz4)."),
     max_note_chars: int = typer.Option(MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."),
     cxr: str = typer.Option("auto", help="Chest X-rays from: auto, jpg, dicom, none."),
     first_hours: float = typer.Option(None, min=0.0, help="Replay only each admission's first HOURS after "

@@ -7,8 +7,8 @@ still open) yields the global event-time order without holding the cohort's even
 Every message is encoded, validated against the contract on its way out, keyed by
 ``hadm_id`` (one admission stays in one partition, in order) and produced with
 ``acks=all``. Events that fail validation go to the dead-letter topic with their reason,
-source and event id, never their content. kafka-python is the default client; the
-optional confluent-kafka client sits behind the same small interface.
+source and event id, never their content. The producer is librdkafka's (``m3t.kafka``);
+kafka-python's sits behind the same small interface for those who ask for it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Callable, Iterable, Iterator, Literal, Protocol
 
 from ingest.accounting import DeadLetter
 from ingest.events import InvalidEvent, encode, key, sort_key, validate_json
+from m3t.settings import Settings
 
-Client = Literal["kafka-python", "confluent"]
+Client = Literal["confluent", "kafka-python"]
 
 
 class ReplayError(RuntimeError):
@@ -38,16 +39,49 @@ class EventProducer(Protocol):
     def close(self) -> None: ...
 
 
-class KafkaPythonProducer:
-    """kafka-python's KafkaProducer, batching by size or linger time; errors raise at flush."""
+class ConfluentProducer:
+    """librdkafka's producer (``m3t.kafka``), batching by size or linger time; delivery
+    failures raise at flush."""
 
-    def __init__(self, bootstrap_servers: str, *, linger_ms: int = 20, batch_size: int = 512 * 1024,
+    def __init__(self, settings: Settings, *, linger_ms: int = 20, batch_size: int = 512 * 1024,
+                 compression: str | None = None, acks: str | int = "all"):
+        from m3t import kafka
+
+        self._kafka = kafka
+        self._producer = kafka.producer(settings, client_id="m3t-replay", **{
+            "acks": str(acks), "enable.idempotence": str(acks) == "all", "linger.ms": linger_ms,
+            "batch.size": batch_size, "compression.type": compression or "none",
+            "queue.buffering.max.messages": 1_000_000,
+        })
+        self._failures: list[str] = []
+
+    def _delivered(self, error, message) -> None:
+        if error is not None:
+            self._failures.append(str(error.name()))
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self._kafka.produce(self._producer, topic, value, key, self._delivered)
+        self._producer.poll(0)
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(60)
+        if remaining or self._failures:
+            raise ReplayError(f"{remaining + len(self._failures)} message(s) not delivered")
+
+    def close(self) -> None:
+        self._producer.flush(10)
+
+
+class KafkaPythonProducer:
+    """kafka-python's KafkaProducer behind the same interface (``--client kafka-python``)."""
+
+    def __init__(self, settings: Settings, *, linger_ms: int = 20, batch_size: int = 512 * 1024,
                  compression: str | None = None, acks: str | int = "all"):
         from kafka import KafkaProducer
 
         self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers, acks=acks, linger_ms=linger_ms, batch_size=batch_size,
-            compression_type=compression, max_request_size=4 * 1024 * 1024,
+            bootstrap_servers=settings.kafka.bootstrap_servers, acks=acks, linger_ms=linger_ms,
+            batch_size=batch_size, compression_type=compression, max_request_size=4 * 1024 * 1024,
             # Idempotence keeps each partition's order through retries (an admission's
             # events must arrive in order), with several requests in flight.
             enable_idempotence=acks == "all", retries=5, client_id="m3t-replay",
@@ -66,51 +100,12 @@ class KafkaPythonProducer:
         self._producer.close()
 
 
-class ConfluentProducer:
-    """confluent-kafka (librdkafka) behind the same interface."""
-
-    def __init__(self, bootstrap_servers: str, *, linger_ms: int = 20, batch_size: int = 512 * 1024,
-                 compression: str | None = None, acks: str | int = "all"):
-        from confluent_kafka import Producer
-
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap_servers, "acks": str(acks), "linger.ms": linger_ms,
-            "batch.size": batch_size, "compression.type": compression or "none",
-            "queue.buffering.max.messages": 1_000_000, "client.id": "m3t-replay",
-            "enable.idempotence": str(acks) == "all",
-            # Java's (and kafka-python's) key hashing, so both clients put a hadm_id on the same partition.
-            "partitioner": "murmur2_random",
-        })
-        self._failures: list[str] = []
-
-    def _delivered(self, error, message) -> None:
-        if error is not None:
-            self._failures.append(str(error.name()))
-
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
-                break
-            except BufferError:  # local queue full: let librdkafka drain it
-                self._producer.poll(0.05)
-        self._producer.poll(0)
-
-    def flush(self) -> None:
-        remaining = self._producer.flush(60)
-        if remaining or self._failures:
-            raise ReplayError(f"{remaining + len(self._failures)} message(s) not delivered")
-
-    def close(self) -> None:
-        self._producer.flush(10)
-
-
-def make_producer(bootstrap_servers: str, client: Client = "kafka-python", **options) -> EventProducer:
-    if client == "kafka-python":
-        return KafkaPythonProducer(bootstrap_servers, **options)
+def make_producer(settings: Settings, client: Client = "confluent", **options) -> EventProducer:
     if client == "confluent":
-        return ConfluentProducer(bootstrap_servers, **options)
-    raise ValueError(f"unknown Kafka client {client!r} (kafka-python or confluent)")
+        return ConfluentProducer(settings, **options)
+    if client == "kafka-python":
+        return KafkaPythonProducer(settings, **options)
+    raise ValueError(f"unknown Kafka client {client!r} (confluent or kafka-python)")
 
 
 # --------------------------------------------------------------------------- ordering and pacing

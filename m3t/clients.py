@@ -157,13 +157,3 @@ def triton_client(settings: Settings):
     import tritonclient.grpc as grpcclient
 
     return grpcclient.InferenceServerClient(url=settings.triton.grpc_url)
-
-
-def kafka_admin(settings: Settings):
-    from kafka import KafkaAdminClient
-
-    return KafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        client_id="m3t-admin",
-        request_timeout_ms=10_000,
-    )

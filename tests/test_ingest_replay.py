@@ -88,7 +88,7 @@ def _consume(bootstrap: str, topic: str, expected: int) -> list:
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_replay_round_trip_through_kafka_in_order_per_admission(isolated_settings, admissions, client):
     kafka = isolated_settings.kafka
-    producer = make_producer(kafka.bootstrap_servers, client)
+    producer = make_producer(isolated_settings, client)
     try:
         summary = replay(admissions, producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
     finally:
@@ -117,7 +117,7 @@ def test_both_clients_put_an_admission_on_the_same_partition(isolated_settings, 
     kafka = isolated_settings.kafka
     sample = [events[:1] for events in admissions]
     for client in ("kafka-python", "confluent"):
-        producer = make_producer(kafka.bootstrap_servers, client)
+        producer = make_producer(isolated_settings, client)
         replay(sample, producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
         producer.close()
     records = _consume(kafka.bootstrap_servers, kafka.topic_events, 2 * len(sample))
@@ -140,7 +140,7 @@ def test_an_invalid_event_goes_to_the_dead_letter_topic_without_its_content(isol
     )
     # model_copy does not validate: this is how a broken event could reach a producer.
     broken = note.model_copy(update={"payload": note.payload.model_copy(update={"text": secret})})
-    producer = make_producer(kafka.bootstrap_servers)
+    producer = make_producer(isolated_settings)
     summary = replay([[opened, broken]], producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
     producer.close()
     assert summary.events == 1 and summary.dead_letters == {"schema_violation": 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from m3t.services.kafka_broker import KafkaBroker, ensure_topics
+from m3t.services.kafka_broker import KafkaBroker
 from m3t.services.process import Health, ManagedService, ServiceError
 from m3t.services.redis_server import RedisServer
 from m3t.services.triton_server import TritonServer
@@ -16,7 +16,7 @@ SERVICES: dict[str, type[ManagedService]] = {
     "triton": TritonServer,
 }
 
-__all__ = ["SERVICES", "Health", "ServiceError", "ensure_topics", "up", "down", "status"]
+__all__ = ["SERVICES", "Health", "ServiceError", "up", "down", "status"]
 
 
 def _select(settings: Settings, names: list[str] | None) -> list[ManagedService]:

@@ -115,38 +115,12 @@ class KafkaBroker(ManagedService):
         return [*jvm, "kafka.Kafka", str(props)], {}
 
     def ready(self):
-        from kafka import KafkaAdminClient
+        from m3t import kafka
 
-        admin = KafkaAdminClient(
-            bootstrap_servers=self.address, client_id="m3t-health", request_timeout_ms=3000
-        )
-        try:
-            brokers = admin.describe_cluster()["brokers"]
-            return bool(brokers), f"{len(brokers)} broker(s)"
-        finally:
-            admin.close()
+        count = kafka.brokers(self.settings)
+        return bool(count), f"{count} broker(s)"
 
     def after_start(self) -> None:
-        ensure_topics(self.settings)
+        from m3t import kafka
 
-
-def ensure_topics(settings, partitions: int | None = None) -> list[str]:
-    """Create the project's topics that are missing; return the names created."""
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    from m3t.clients import kafka_admin
-
-    admin = kafka_admin(settings)
-    try:
-        existing = set(admin.list_topics())
-        wanted = [t for t in settings.kafka.topics if t not in existing]
-        count = partitions or settings.kafka.partitions
-        if wanted:
-            try:
-                admin.create_topics([NewTopic(t, count, 1) for t in wanted])
-            except TopicAlreadyExistsError:
-                pass
-        return wanted
-    finally:
-        admin.close()
+        kafka.ensure_topics(self.settings)
