@@ -1,0 +1,167 @@
+"""The worker's pure parts, without Kafka: the commit ledger and the micro-batcher."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream.batcher import MicroBatcher
+from stream.ledger import CommitLedger
+
+A, B = ("events", 0), ("events", 1)
+
+
+# --- the commit ledger ----------------------------------------------------------------------
+
+
+def test_a_point_is_the_newest_position_whose_polls_are_all_scored():
+    ledger = CommitLedger()
+    assert ledger.polled({A: 10}) == 1
+    assert ledger.polled({B: 4}) == 2
+    assert ledger.polled({A: 12}) == 3
+    assert ledger.consumed == {A: 12, B: 4}
+    assert not ledger.take_point(floor=0, mark=7)  # poll 1 not fully scored yet
+    assert ledger.take_point(floor=2, mark=7)
+    assert ledger.points[-1] == ({A: 10, B: 4}, 7)  # poll 3's position is not in it
+    assert not ledger.take_point(floor=2, mark=9)  # nothing moved
+    assert ledger.take_point(floor=3, mark=9)
+    assert [p for p, _ in ledger.points] == [{A: 10, B: 4}, {A: 12, B: 4}]
+
+
+def test_a_position_never_moves_back_within_a_partition():
+    ledger = CommitLedger()
+    ledger.polled({A: 10})
+    ledger.polled({A: 8})  # a redelivery after a rebalance
+    assert ledger.consumed == {A: 10}
+
+
+def test_a_point_is_ready_only_once_every_record_sent_before_it_is_acknowledged():
+    ledger = CommitLedger()
+    ledger.polled({A: 1})
+    ledger.take_point(floor=1, mark=5)  # records 0-4 were sent before it
+    ledger.polled({A: 2})
+    ledger.take_point(floor=2, mark=8)
+    assert ledger.ready(oldest_unacknowledged=4) is None  # record 4 still waits
+    assert ledger.ready(oldest_unacknowledged=5) == {A: 1}
+    assert ledger.ready(oldest_unacknowledged=7) is None
+    assert ledger.ready(oldest_unacknowledged=None) == {A: 2}  # nothing unacknowledged
+    assert not ledger.points
+
+
+def test_the_newest_ready_point_is_committed_and_older_ones_dropped():
+    ledger = CommitLedger()
+    for poll in range(1, 4):
+        ledger.polled({A: poll})
+        ledger.take_point(floor=poll, mark=poll)
+    assert ledger.ready(oldest_unacknowledged=None) == {A: 3}
+    assert ledger.ready(oldest_unacknowledged=None) is None
+
+
+def test_final_resends_the_last_asynchronous_commit_when_nothing_is_newer():
+    ledger = CommitLedger()
+    ledger.polled({A: 3})
+    ledger.take_point(floor=1, mark=0)
+    positions = ledger.ready(None)
+    ledger.committed(positions, asynchronous=True)
+    assert ledger.final() == {A: 3}
+    ledger.committed(positions, asynchronous=False)
+    assert ledger.final() is None
+    ledger.polled({A: 5})
+    ledger.take_point(floor=2, mark=0)
+    assert ledger.final() == {A: 5} and not ledger.points
+
+
+def test_revoked_partitions_are_forgotten_everywhere():
+    ledger = CommitLedger()
+    ledger.polled({A: 3, B: 2})
+    ledger.take_point(floor=1, mark=0)
+    ledger.polled({A: 4, B: 6})
+    ledger.forget([B])
+    assert ledger.consumed == {A: 4}
+    assert ledger.points[0][0] == {A: 3}
+    ledger.take_point(floor=2, mark=0)
+    assert ledger.points[-1][0] == {A: 4}
+
+
+# --- the micro-batcher -----------------------------------------------------------------------
+
+
+def test_batches_take_the_oldest_changes_first_up_to_max_batch():
+    batcher = MicroBatcher(max_batch=2, max_wait_s=60)
+    batcher.add(1, [(10, 1.0, False), (11, 2.0, False)])
+    batcher.add(2, [(12, 3.0, False), (10, 4.0, False)])  # 10 changes again before any batch
+    assert batcher.waiting == 3
+    batch, discharged = batcher.launch(poll=2)
+    assert batch == [10, 11] and discharged == set()
+    assert batcher.waiting == 1
+    with pytest.raises(RuntimeError):
+        batcher.launch(poll=2)
+    assert batcher.scored() == [1.0, 2.0]  # the oldest change of each admission
+    assert list(batcher.pending) == [12]
+
+
+def test_a_change_while_in_flight_is_scored_by_the_next_batch():
+    batcher = MicroBatcher(max_batch=8, max_wait_s=60)
+    batcher.add(1, [(10, 1.0, False)])
+    batcher.launch(poll=1)
+    batcher.add(2, [(10, 5.0, False), (10, 6.0, False)])
+    change = batcher.pending[10]
+    assert change.in_flight and change.next_first == 2 and change.next_arrived == 5.0
+    assert batcher.waiting == 0  # it waits for its batch to land
+    assert batcher.scored() == [1.0]
+    again = batcher.pending[10]
+    assert not again.in_flight and (again.arrived, again.first) == (5.0, 2)
+    assert batcher.launch(poll=2)[0] == [10]
+
+
+def test_a_failed_batch_waits_for_the_next_keeping_its_oldest_arrival():
+    batcher = MicroBatcher(max_batch=8, max_wait_s=60)
+    batcher.add(1, [(10, 3.0, False)])
+    batcher.launch(poll=1)
+    batcher.add(2, [(10, 1.5, False)])
+    batcher.failed()
+    change = batcher.pending[10]
+    assert not change.in_flight and change.arrived == 1.5 and change.next_first is None
+    assert batcher.launch(poll=2)[0] == [10]
+
+
+def test_the_floor_is_the_last_poll_whose_every_change_is_scored():
+    batcher = MicroBatcher(max_batch=1, max_wait_s=60)
+    assert batcher.floor(poll=0) == 0
+    batcher.add(1, [(10, 1.0, False)])
+    batcher.add(2, [(11, 2.0, False)])
+    assert batcher.floor(poll=2) == 0
+    batcher.launch(poll=2)
+    batcher.scored()  # 10, from poll 1
+    assert batcher.floor(poll=2) == 1
+    batcher.launch(poll=2)
+    batcher.add(3, [(11, 3.0, False)])  # while 11 is in flight
+    batcher.scored()
+    assert batcher.floor(poll=3) == 2  # poll 3's change to 11 is not scored yet
+    batcher.launch(poll=3)
+    batcher.scored()
+    assert batcher.floor(poll=3) == 3 and not batcher.pending
+
+
+def test_a_discharge_is_reported_until_a_batch_that_read_it_is_written():
+    batcher = MicroBatcher(max_batch=8, max_wait_s=60)
+    batcher.add(1, [(10, 1.0, True)])
+    assert batcher.launch(poll=1)[1] == {10}
+    batcher.add(2, [(10, 2.0, False)])  # a late result, while the discharge is scored
+    batcher.scored()
+    assert batcher.launch(poll=2)[1] == {10}  # still discharged: the next score keeps it off the ranking
+    batcher.scored()
+    batcher.add(3, [(10, 3.0, False)])
+    assert batcher.launch(poll=3)[1] == set()
+
+
+def test_a_batch_is_due_when_the_stream_pauses_a_batch_is_full_or_a_change_waited():
+    batcher = MicroBatcher(max_batch=2, max_wait_s=60)
+    assert not batcher.due(polled=False)  # nothing waiting
+    batcher.add(1, [(10, 1.0, False)])
+    assert not batcher.due(polled=True)
+    assert batcher.due(polled=False)
+    batcher.add(2, [(11, 1.0, False)])
+    assert batcher.due(polled=True)  # a full batch
+    impatient = MicroBatcher(max_batch=100, max_wait_s=0.0)
+    impatient.add(1, [(10, 1.0, False)])
+    assert impatient.due(polled=True)
