@@ -12,8 +12,8 @@ Triton, score writes) while the loop goes on polling and applying the next event
 worker's Python and Triton's model run at the same time. The parts, each in its module:
 ``KafkaSource`` and ``KafkaSink`` (``stream.kafka_io``), the ``MicroBatcher``
 (``stream.batcher``: what to score and when), the ``CommitLedger`` (``stream.ledger``: which
-offsets may be committed), ``DeadLetters`` (``stream.dead_letters``). This module wires
-them, and waits out outages of Redis or Triton.
+offsets may be committed), ``DeadLetters`` (``stream.dead_letters``) and the ``Retrier``
+that waits out outages of Redis or Triton (``stream.outages``). This module wires them.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-import redis
-from tritonclient.utils import InferenceServerException
-
 from ingest import events as ev
 from m3t import kafka
 from m3t.settings import Settings
@@ -39,8 +36,8 @@ from stream.dead_letters import DeadLetters
 from stream.kafka_io import KafkaSink, KafkaSource, log_commit_failure
 from stream.ledger import CommitLedger
 from stream.metrics import WorkerMetrics
+from stream.outages import REDIS_OUTAGES, Retrier, is_outage
 from stream.scores import RiskScore, ScoreStore
-from stream.scoring import OUTAGE_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +68,6 @@ class WorkerStats:
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
-REDIS_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Redis or Triton unreachable: worth waiting out. Anything else is a bug and stops
-    the worker uncommitted (its events are redelivered to the next one)."""
-    if isinstance(exc, REDIS_OUTAGES):
-        return True
-    return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
-
-
 class StreamWorker:
     """Args:
         source: the events topic (``KafkaSource``); the worker closes it.
@@ -96,11 +82,8 @@ class StreamWorker:
         worker_id: the name its metrics are published under (default: host-pid).
     """
 
-    backoff_s = (0.2, 5.0)
     # Under load, take a commit point at most this often; idle, at once.
     commit_interval_s = 0.2
-    # On SIGTERM during an outage, give up waiting: the uncommitted events are redelivered.
-    give_up_on_stop = True
 
     def __init__(self, source: KafkaSource, sink: KafkaSink, features: FeatureSource, scorer: Scorer,
                  scores: ScoreStore, *, scores_topic: str, dead_letter_topic: str, max_batch: int = 256,
@@ -110,6 +93,7 @@ class StreamWorker:
         self.scores_topic = scores_topic
         self.batcher = MicroBatcher(max_batch, max_wait_ms / 1000)
         self.ledger = CommitLedger()
+        self.outages = Retrier(source)
         # Revoked partitions' events not yet in a written score are redelivered to the new
         # owner; the stores are idempotent, so that changes nothing.
         source.on_revoke = self.ledger.forget
@@ -165,30 +149,8 @@ class StreamWorker:
         return self.stats
 
     def _retrying(self, what: str, step) -> None:
-        """Run ``step`` until it succeeds, backing off while Redis or Triton is down.
-
-        Consumption is paused meanwhile (polls keep the group membership alive) and nothing
-        is committed, so a crash during an outage loses nothing: the events are redelivered.
-        """
-        delay = self.backoff_s[0]
-        paused = False
-        while True:
-            try:
-                step()
-                break
-            except Exception as exc:
-                if not is_outage(exc) or (self._stop.is_set() and self.give_up_on_stop):
-                    raise
-                log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
-                self.stats.retries += 1
-                if not paused:
-                    self.source.pause()
-                    paused = True
-                self._stop.wait(delay)
-                self.source.keep_alive()
-                delay = min(delay * 2, self.backoff_s[1])
-        if paused:
-            self.source.resume()
+        self.outages.run(what, step, self._stop)
+        self.stats.retries = self.outages.retries
 
     def _apply(self, records) -> None:
         valid, changes = [], []

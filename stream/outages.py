@@ -1,0 +1,70 @@
+"""Outages of Redis or Triton: waited out with backoff, consumption paused, nothing committed.
+
+Anything else that fails is a bug and stops the worker uncommitted, so its events are
+redelivered to the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+from tritonclient.utils import InferenceServerException
+
+from stream.kafka_io import KafkaSource
+from stream.scoring import OUTAGE_STATUSES
+
+log = logging.getLogger(__name__)
+
+REDIS_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Redis or Triton unreachable: worth waiting out."""
+    if isinstance(exc, REDIS_OUTAGES):
+        return True
+    return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
+
+
+class Retrier:
+    """Runs a step until it succeeds, backing off while it fails with an outage.
+
+    Consumption is paused meanwhile (polls keep the group membership alive) and nothing is
+    committed, so a crash during an outage loses nothing: the events are redelivered.
+
+    Args:
+        source: the consumer to pause.
+        backoff_s: the first wait and the longest, doubling in between.
+        give_up_on_stop: once ``stop`` is set (SIGTERM), raise instead of waiting on: the
+            uncommitted events are redelivered.
+    """
+
+    def __init__(self, source: KafkaSource, backoff_s: tuple[float, float] = (0.2, 5.0),
+                 give_up_on_stop: bool = True):
+        self.source = source
+        self.backoff_s = backoff_s
+        self.give_up_on_stop = give_up_on_stop
+        self.retries = 0
+
+    def run(self, what: str, step: Callable[[], None], stop: threading.Event) -> None:
+        delay = self.backoff_s[0]
+        paused = False
+        while True:
+            try:
+                step()
+                break
+            except Exception as exc:
+                if not is_outage(exc) or (stop.is_set() and self.give_up_on_stop):
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+                self.retries += 1
+                if not paused:
+                    self.source.pause()
+                    paused = True
+                stop.wait(delay)
+                self.source.keep_alive()
+                delay = min(delay * 2, self.backoff_s[1])
+        if paused:
+            self.source.resume()
