@@ -2,8 +2,8 @@
 
 Values come from the constructor (tests), then ``M3T_*`` environment variables, then the
 defaults below, which point at the local services that ``m3t services up`` starts.
-Nested groups use a double underscore: ``M3T_KAFKA__BOOTSTRAP_SERVERS``,
-``M3T_REDIS__URL``, ``M3T_TRITON__GRPC_PORT``. Nothing else in the code reads the environment.
+Nested groups use a double underscore: ``M3T_KAFKA__HOST``, ``M3T_REDIS__PORT``,
+``M3T_TRITON__GRPC_PORT``. Nothing else in the code reads the environment.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ class RedisSettings(BaseModel):
     reader_username: str = "m3t-reader"
     reader_password: SecretStr = SecretStr("m3t-reader-local")
     socket_timeout_s: float = 5.0
-    # Redis rewrites its append-only file once it doubled and reached this size. At Redis's
-    # default (64mb) a stream of 2,000 admissions/s rewrote it about once a minute, and
-    # each rewrite (a fork writing the whole data set) took a core for a second of a
-    # 2-core host: it made most of the stream's p99 latency under sustained load.
+    # Redis rewrites its append-only file once it doubled and reached this size: each
+    # rewrite forks and writes the whole data set, so at Redis's default (64mb) a busy
+    # stream rewrote often enough to set its p99 latency.
     aof_rewrite_min_size: str = "1gb"
 
     @property
@@ -52,12 +51,9 @@ class KafkaSettings(BaseModel):
     kafka_version: str = "4.3.1"
     heap: str = "512m"
     # A stream worker's fetches: the broker answers once fetch_min_bytes are ready, or after
-    # fetch_wait_max_ms. Answering every produce request at once (librdkafka's default)
-    # made a fetch of two or three events each millisecond at 2,000 events/s: waiting 5 ms
-    # cost the broker and the worker 0.1-0.2 of this machine's 2 cores less at that load
-    # (m3t bench e2e reports the cores). A backlog fills the bytes at once. The price is
-    # paid idle: an empty fetch every 5 ms, about 0.1 of a core of broker per idle worker
-    # (0.02 with librdkafka's 500 ms); raise the wait where workers idle more than they work.
+    # fetch_wait_max_ms. A short wait lets a fetch gather several events under load instead
+    # of one per produce request, and a backlog fills the bytes at once; the price is an
+    # empty fetch every few ms while idle (benchmarks/README.md has the figures).
     fetch_wait_max_ms: int = 5
     fetch_min_bytes: int = 1_000_000
 
