@@ -1,1 +1,1 @@
-"""m3t-stream platform: settings, service management, the CLI."""
+"""The core every other package stands on: settings, clients for Redis, Kafka and Triton, the local services."""
