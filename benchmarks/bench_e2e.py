@@ -17,10 +17,11 @@ event's scheduled send time to that score's arrival: queueing anywhere (producer
 worker, Triton, Redis) counts. Events not scored within ``drain_s`` of the end of a level
 count as not completed; the next level waits until the workers have caught up.
 
-The worker is built by ``build_pipeline``: M3T-LM (the online feature store, scored by the
-cached encoders and fusion head on Triton) where a feature set is published and the models
-are loaded (after `make demo`), else the walking skeleton (``stream.skeleton`` scored by
-Triton's ``placeholder`` model). The result records which.
+The workers score M3T-LM as `m3t stream run` does (``stream.scoring.build_scoring``: the
+online feature store, scored by the cached encoders and fusion head on Triton), so a feature
+set must be published and the models loaded (`make demo`). ``run(pipeline=...)`` gives the
+workers other pieces (the tests' walking skeleton, which needs no trained model); the result
+records which.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from ingest.itemids import LABS, VITALS
 from m3t import services
 from m3t.settings import Settings
 
-SKELETON = "stream.skeleton.SkeletonFeatures + Triton 'placeholder' (the walking skeleton)"
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
 FIRST_HADM = 95_000_000
 NEW_ADMISSIONS, CENSUS = "new admissions", "census"
@@ -58,33 +58,25 @@ def m3t_deployed(settings: Settings) -> bool:
         OnlineStore.current(redis_client(settings))
         client = triton_client(settings)
         return all(client.is_model_ready(f"m3t_{name}") for name in ("enc_notes", "enc_cxr", "rescore"))
-    except Exception:  # nothing published, or a model not loaded: the skeleton it is
+    except Exception:  # nothing published, or a model not loaded
         return False
 
 
-def build_pipeline(settings: Settings, pipeline: str):
-    """(features, scorer, scores) for the worker, built inside the worker's process."""
+def m3t_pipeline(settings: Settings):
+    """(features, scorer, scores) for a worker, as `m3t stream run` builds them."""
     from m3t.clients import redis_client
     from stream.scores import ScoreStore
+    from stream.scoring import build_scoring
 
     client = redis_client(settings)
-    if pipeline == M3T:
-        from features.online import OnlineStore, tune_allocator
-        from stream.scoring import CachedEncoderScorer, OnlineFeatures
-
-        tune_allocator()
-        return OnlineFeatures(OnlineStore.current(client)), CachedEncoderScorer(settings, client), ScoreStore(client)
-    from stream.skeleton import SkeletonFeatures
-    from stream.triton_scorer import TritonScorer
-
-    return SkeletonFeatures(client), TritonScorer(settings, "placeholder"), ScoreStore(client)
+    return (*build_scoring(settings, client, "cached"), ScoreStore(client))
 
 
-def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline: str) -> None:
-    """The worker process: consume until ``stop`` is set."""
+def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline) -> None:
+    """The worker process, its pieces from ``pipeline(settings)``: consume until ``stop`` is set."""
     from stream.worker import StreamWorker
 
-    features, scorer, scores = build_pipeline(settings, pipeline)
+    features, scorer, scores = pipeline(settings)
     worker = StreamWorker(settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms)
     worker.run(stop=stop)
 
@@ -187,18 +179,25 @@ class ScoreObserver:
 def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seconds: float = 5.0,
         drain_s: float = 10.0, workers: tuple[int, ...] = (1,), workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS),
         census: int = 1000, max_batch: int = 256, max_wait_ms: int = 20, ready_timeout_s: float = 90.0,
-        seed: int = 0, held: tuple[float, float] | None = None) -> h.Result:
+        seed: int = 0, held: tuple[float, float] | None = None, pipeline=None) -> h.Result:
     """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
     ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
-    such as Redis's append-only-file rewrites, show in p99 only over longer runs)."""
+    such as Redis's append-only-file rewrites, show in p99 only over longer runs).
+
+    ``pipeline(settings)`` -> (features, scorer, scores) builds each worker's pieces in its
+    own process (a module-level function: it is pickled by name); by default M3T-LM's
+    (``m3t_pipeline``), which fails fast unless it is deployed."""
     unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS}
     if unknown:
         raise ValueError(f"unknown workload(s) {sorted(unknown)}: choose from {NEW_ADMISSIONS!r}, {CENSUS!r}")
     services.up(settings)
-    pipeline = M3T if m3t_deployed(settings) else SKELETON
+    if pipeline is None and not m3t_deployed(settings):
+        raise RuntimeError("M3T-LM is not deployed: publish a feature set and load the models first (`make demo`)")
+    pipeline = pipeline or m3t_pipeline
+    described = M3T if pipeline is m3t_pipeline else f"{pipeline.__module__}.{pipeline.__qualname__}"
     result = h.Result("e2e", {"rates": list(rates), "seconds": seconds, "drain_s": drain_s, "workers": list(workers),
                               "workloads": list(workloads), "census": census, "max_batch": max_batch,
-                              "max_wait_ms": max_wait_ms, "pipeline": pipeline, "seed": seed,
+                              "max_wait_ms": max_wait_ms, "pipeline": described, "seed": seed,
                               "held": list(held) if held else None,
                               "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: one admission event "
                                                 "per new admission; census: lab and vital results for open "
@@ -395,7 +394,6 @@ def _cleanup(cfg: Settings, hadm_ids) -> None:
     from features.online import OnlineStore
     from m3t.clients import redis_client
     from stream import scores as sc
-    from stream import skeleton as sk
     from stream.scoring import EMB_KEY
 
     client = redis_client(cfg)
@@ -408,7 +406,7 @@ def _cleanup(cfg: Settings, hadm_ids) -> None:
         for start in range(0, len(hadm_ids), 1000):
             chunk = hadm_ids[start : start + 1000]
             keys = [k.format(hadm_id=x) for x in chunk
-                    for k in (sc.SCORE_KEY, sc.HISTORY_KEY, sk.KEY, sk.SEEN, EMB_KEY)]
+                    for k in (sc.SCORE_KEY, sc.HISTORY_KEY, EMB_KEY)]
             if store is not None:
                 keys += [key for x in chunk for key in store.keys(x)]
             client.unlink(*keys)

@@ -85,14 +85,14 @@ def onnx_call(session, inputs: dict, output_names):
 def triton_scorer(settings: Settings):
     """(scorer, input specs) for the served model, or (None, reason)."""
     from features import model_inputs as mi
-    from stream.triton_scorer import TritonScorer
+    from stream.scoring import ModelScorer
 
     try:
-        scorer = TritonScorer(settings, settings.triton.model_name)
+        scorer = ModelScorer(settings, settings.triton.model_name)
     except Exception as exc:  # not running, or the model is not loaded: a recorded gap
         return None, f"model {settings.triton.model_name!r} not ready on Triton at {settings.triton.grpc_url}: " \
                      f"{type(exc).__name__}: {str(exc)[:200]}"
-    meta = scorer.client.get_model_metadata(settings.triton.model_name, as_json=True)
+    meta = scorer.net.client.get_model_metadata(settings.triton.model_name, as_json=True)
     dtypes = {"FP32": np.dtype("float32"), "INT64": np.dtype("int64")}
     specs = tuple(mi.TensorSpec(i["name"], dtypes[i["datatype"]], tuple(int(d) for d in i["shape"][1:]))
                   for i in meta["inputs"])
@@ -141,10 +141,10 @@ def run(settings: Settings, *, batches: tuple[int, ...] = (1, 4, 16, 64, 256, 10
             calls = {EAGER: eager_call(model, inputs, in_names), ONNX: onnx_call(session, inputs, out_names)}
             notes = {}
             if scorer is not None:
-                requests = split(example_inputs(triton_specs, batch, vocab_size=2, seed=batch), scorer.max_batch)
+                requests = split(example_inputs(triton_specs, batch, vocab_size=2, seed=batch), scorer.net.max_batch)
                 calls[TRITON] = lambda requests=requests: [scorer.score(r) for r in requests]
                 if len(requests) > 1:
-                    notes[TRITON] = f"{len(requests)} requests of max_batch_size {scorer.max_batch}, in turn"
+                    notes[TRITON] = f"{len(requests)} requests of max_batch_size {scorer.net.max_batch}, in turn"
             rates = {}
             for variant, call in calls.items():
                 fn, items = repeated(call, batch, min_items)

@@ -30,8 +30,7 @@ def scores_table(scores, title: str | None = None) -> Table:
 
 @app.command("run")
 def run(
-    scorer: str = typer.Option("cached", help="cached (encoders + fusion, embeddings cached), full (m3t_lm), "
-                                               "or placeholder (the walking skeleton)."),
+    scorer: str = typer.Option("cached", help="cached (encoders + fusion, embeddings cached) or full (m3t_lm)."),
     idle_timeout: float = typer.Option(None, help="Stop after this many seconds without events."),
     max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
     max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
@@ -46,40 +45,30 @@ def run(
     batch in hand, commits and leaves the group.
     """
     from stream.scores import ScoreStore
-    from stream.worker import StreamWorker
+    from stream.scoring import build_scoring
 
     settings = get_settings()
     client = redis_client(settings)
     try:
-        features, model = _scoring(scorer, settings, client, backend)
+        features, model = build_scoring(settings, client, scorer, backend)
     except (LookupError, RuntimeError, ValueError) as exc:
         fail(exc)
-    worker = StreamWorker(settings, features, model, ScoreStore(client), max_batch=max_batch,
-                          max_wait_ms=max_wait_ms, max_poll_records=max_poll, group_id=group)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stats = worker.run(stop=stop, idle_timeout_s=idle_timeout)
+    stats = run_worker(settings, features, model, ScoreStore(client), idle_timeout, max_batch=max_batch,
+                       max_wait_ms=max_wait_ms, max_poll_records=max_poll, group_id=group)
     console.print(asdict(stats))
 
 
-def _scoring(scorer: str, settings, client, backend: str = "triton"):
-    """The feature source and the scorer for ``--scorer``."""
-    if scorer == "placeholder":
-        from stream.skeleton import SkeletonFeatures
-        from stream.triton_scorer import TritonScorer
+def run_worker(settings, features, scorer, scores, idle_timeout_s: float | None = None, **options):
+    """A stream worker over these pieces, run until SIGTERM or SIGINT (it finishes the batch in
+    hand, commits and leaves the group) or ``idle_timeout_s`` without events; its stats.
+    ``options`` are ``stream.worker.connect``'s."""
+    from stream.worker import connect
 
-        return SkeletonFeatures(client), TritonScorer(settings, "placeholder")
-    from features.online import OnlineStore, tune_allocator
-    from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
-
-    tune_allocator()  # batch reads allocate large numpy arrays: keep them off mmap (features/online.py)
-    features = OnlineFeatures(OnlineStore.current(client))
-    if scorer == "cached":
-        return features, CachedEncoderScorer(settings, client, backend=backend)
-    if scorer == "full":
-        return features, FullModelScorer(settings, backend=backend)
-    raise RuntimeError(f"--scorer must be cached, full or placeholder, not {scorer!r}")
+    worker = connect(settings, features, scorer, scores, **options)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return worker.run(stop=stop, idle_timeout_s=idle_timeout_s)
 
 
 @app.command("api")

@@ -4,14 +4,15 @@ Two paths give the same numbers, on Triton or, for development, in-process with 
 Runtime on the same published ONNX files (``backend="onnx"``):
 
 * ``FullModelScorer``: every rescoring runs the whole model (``m3t_lm``), X-ray decode
-  included.
+  included. Its base, ``ModelScorer``, sends the batch's arrays to one model as they are.
 * ``CachedEncoderScorer``: the per-modality encoders run only when their input changed (a
   new X-ray: the X-ray encoder once; a new note: the notes encoder once); their embeddings
   are cached in Redis. A numeric update re-runs only the numeric encoder and the fusion
   head, in one call (``m3t_rescore``).
 
 A chest X-ray that cannot be read or decoded is scored as absent (its ``modality_mask``
-flag cleared), exactly as the offline builder treats it.
+flag cleared), exactly as the offline builder treats it. ``build_scoring`` builds the stream
+worker's (features, scorer) pair from the published feature set.
 """
 
 from __future__ import annotations
@@ -236,17 +237,39 @@ def _mask_with_decoded(inputs: dict, decoded: np.ndarray) -> np.ndarray:
     return mask
 
 
-class FullModelScorer:
-    def __init__(self, settings: Settings, cxr: CxrInputs | None = None, backend: str = "triton"):
-        self.net = open_model(settings, settings.triton.model_name, backend)
+class ModelScorer:
+    """One model scores the batch in one call, the batch's arrays sent as they are (no X-ray
+    decode). On Triton the model is checked once (ready, I/O, max batch) when it is opened."""
+
+    def __init__(self, settings: Settings, name: str, backend: str = "triton"):
+        self.net = open_model(settings, name, backend)
         self.model = f"{self.net.name}:{self.net.version}"
-        self.cxr = cxr or CxrInputs()
+
+    def arrays(self, inputs: dict) -> dict:
+        """The model's inputs from the batch's."""
+        return inputs
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
-        tensors, decoded = self.cxr(inputs["cxr_uri"])
-        arrays = {**inputs, mi.CXR: tensors, mi.MODALITY_MASK: _mask_with_decoded(inputs, decoded)}
-        out = self.net.infer(arrays)
+        out = self.net.infer(self.arrays(inputs))
         return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
+
+    def close(self) -> None:
+        client = getattr(self.net, "client", None)  # on Triton: this scorer's own client
+        if client is not None:
+            client.close()
+
+
+class FullModelScorer(ModelScorer):
+    """The whole model (``settings.triton.model_name``), the X-ray URIs decoded into its
+    ``cxr`` input first."""
+
+    def __init__(self, settings: Settings, cxr: CxrInputs | None = None, backend: str = "triton"):
+        super().__init__(settings, settings.triton.model_name, backend)
+        self.cxr = cxr or CxrInputs()
+
+    def arrays(self, inputs: dict) -> dict:
+        tensors, decoded = self.cxr(inputs["cxr_uri"])
+        return {**inputs, mi.CXR: tensors, mi.MODALITY_MASK: _mask_with_decoded(inputs, decoded)}
 
 
 def _stamp(version: str, *rows) -> bytes:
@@ -357,3 +380,26 @@ class CachedEncoderScorer:
             for name in widths:
                 out[name][i] = fresh[name][position[i]] if i in position else np.frombuffer(cached[i][name], np.float32)
         return out
+
+
+SCORERS = ("cached", "full")
+
+
+def build_scoring(settings: Settings, client: redis.Redis, scorer: str = "cached",
+                  backend: str = "triton") -> tuple[OnlineFeatures, CachedEncoderScorer | FullModelScorer]:
+    """The stream worker's (features, scorer): the published feature set in Redis, scored by
+    ``cached`` (``CachedEncoderScorer``) or ``full`` (``FullModelScorer``) on ``backend``.
+
+    Raises ``LookupError`` where no feature set is published, ``RuntimeError`` where a model
+    is not ready and ``ValueError`` for an unknown scorer or backend.
+    """
+    from features.online import OnlineStore
+    from m3t.allocator import tune_allocator
+
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be {' or '.join(SCORERS)}, not {scorer!r}")
+    tune_allocator()  # batch reads allocate large numpy arrays: keep them off mmap
+    features = OnlineFeatures(OnlineStore.current(client))
+    if scorer == "cached":
+        return features, CachedEncoderScorer(settings, client, backend=backend)
+    return features, FullModelScorer(settings, backend=backend)

@@ -1,8 +1,9 @@
 """Session fixtures: the real Redis, Kafka and Triton, started on test ports and torn down.
 
 The test services use free ports picked at session start, their own state directory and a
-copy of model_repo/, so neither a running `make demo` nor another test session is touched. A service that cannot start fails the tests that
-need it with the reason; nothing is skipped.
+copy of model_repo/ with the tests' stand-in model (tests/triton_models/placeholder) added, so
+neither a running `make demo` nor another test session is touched. A service that cannot
+start fails the tests that need it with the reason; nothing is skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def make_settings(root, **overrides) -> Settings:
 def services_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("m3t")
     shutil.copytree(PROJECT_ROOT / "model_repo", root / "model_repo")
+    shutil.copytree(PROJECT_ROOT / "tests" / "triton_models" / "placeholder", root / "model_repo" / "placeholder")
     return root
 
 
@@ -87,7 +89,7 @@ def isolated_settings(settings):
     """The session's settings with this test's own, freshly created Kafka topics."""
     import uuid
 
-    from m3t.services import ensure_topics
+    from m3t.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
     kafka = settings.kafka.model_copy(update={

@@ -231,11 +231,19 @@ def test_inference_stage(settings, tmp_path):
 
 
 @pytest.mark.services
-def test_e2e_stage(settings, tmp_path):
+def test_e2e_stage(settings, redis_client, tmp_path):
     from benchmarks import bench_e2e
+    from m3t.clients import unlink
+    from tests import skeleton
 
-    result = bench_e2e.run(settings, rates=(20,), seconds=1.0, drain_s=10.0, census=10, held=(10, 2.0))
+    # The workers score the walking skeleton: the harness is measured without a trained model.
+    try:
+        result = bench_e2e.run(settings, rates=(20,), seconds=1.0, drain_s=10.0, census=10, held=(10, 2.0),
+                               pipeline=skeleton.pipeline)
+    finally:  # the skeleton's features (the benchmark removes the rest of what it wrote)
+        unlink(redis_client, redis_client.scan_iter(f"m3t:skeleton:{{{bench_e2e.FIRST_HADM // 10**6}*"))
     data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+    assert data["params"]["pipeline"] == "tests.skeleton.pipeline"
     assert [row["case"] for row in data["rows"]] == [
         "event -> score, new admissions", "event -> score, new admissions, held 2 s",
         "event -> score, census 10", "event -> score, census 10, held 2 s"]

@@ -241,17 +241,16 @@ def test_cli_status_fails_when_unhealthy(tmp_path, monkeypatch):
 
 def test_walking_skeleton_end_to_end(cli_settings, redis_client):
     """Events -> Kafka -> worker -> Redis features -> Triton -> scores -> `m3t scores get`."""
-    from stream.skeleton import produce, skeleton_events
     from stream.scores import ScoreStore
-    from stream.skeleton import SkeletonFeatures
-    from stream.triton_scorer import TritonScorer
-    from stream.worker import StreamWorker
+    from stream.scoring import ModelScorer
+    from stream.worker import connect
+    from tests.skeleton import SkeletonFeatures, produce, skeleton_events
 
     events = skeleton_events(3)
     produce(cli_settings, events)
     produce(cli_settings, events[:4])  # a redelivered prefix must change nothing
     store = ScoreStore(redis_client)
-    worker = StreamWorker(cli_settings, SkeletonFeatures(redis_client), TritonScorer(cli_settings, "placeholder"),
+    worker = connect(cli_settings, SkeletonFeatures(redis_client), ModelScorer(cli_settings, "placeholder"),
                           store, group_id=f"skeleton-{uuid.uuid4().hex}")
     stats = worker.run(stop_after=len(events) + 4, idle_timeout_s=30.0)
     assert stats.events == len(events) + 4 and stats.dead_letters == 0
@@ -270,9 +269,9 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
 
 def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     from stream.scores import ScoreStore
-    from stream.skeleton import SkeletonFeatures
-    from stream.triton_scorer import TritonScorer
-    from stream.worker import StreamWorker
+    from stream.scoring import ModelScorer
+    from stream.worker import connect
+    from tests.skeleton import SkeletonFeatures
 
     marker = uuid.uuid4().hex
     producer = KafkaProducer(bootstrap_servers=cli_settings.kafka.bootstrap_servers)
@@ -280,7 +279,7 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     producer.send(cli_settings.kafka.topic_events, key=marker.encode(), value=json.dumps({"schema_version": 1, "type": "admission"}).encode())
     producer.flush()
     producer.close()
-    worker = StreamWorker(cli_settings, SkeletonFeatures(redis_client), TritonScorer(cli_settings, "placeholder"),
+    worker = connect(cli_settings, SkeletonFeatures(redis_client), ModelScorer(cli_settings, "placeholder"),
                           ScoreStore(redis_client), group_id=f"poison-{marker}")
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     assert stats.dead_letter_reasons.get("malformed_json", 0) >= 1

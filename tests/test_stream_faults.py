@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -16,11 +17,10 @@ from kafka import KafkaConsumer, TopicPartition
 from ingest import events as ev
 from m3t import services
 from m3t.clients import redis_client
-from stream.skeleton import produce
 from stream.scores import ScoreStore
-from stream.skeleton import KEY, SkeletonFeatures
-from stream.triton_scorer import TritonScorer
+from stream.scoring import ModelScorer
 from stream.worker import StreamWorker
+from tests.skeleton import KEY, SkeletonFeatures, produce
 
 
 def cohort(n_admissions: int, observations: int, first_hadm: int) -> list:
@@ -55,7 +55,7 @@ def committed_everything(settings) -> bool:
 
 def start_worker(settings, client, prepare=None, **kwargs):
     """A placeholder-scoring worker on a thread; ``prepare(worker)`` runs before it starts."""
-    worker = StreamWorker(settings, SkeletonFeatures(client), TritonScorer(settings, "placeholder"),
+    worker = StreamWorker(settings, SkeletonFeatures(client), ModelScorer(settings, "placeholder"),
                           ScoreStore(client), **kwargs)
     worker.backoff_s = (0.1, 0.5)
     if prepare is not None:
@@ -130,7 +130,7 @@ def worker_process(settings, *extra):
         "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
         "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
     }
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "stream", "run", "--scorer", "placeholder", *extra], env=env,
+    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "skeleton.py"), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -185,7 +185,7 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
     later = [e for e in events if e.type != "admission"]
     started, release = threading.Event(), threading.Event()
 
-    class HeldScorer(TritonScorer):
+    class HeldScorer(ModelScorer):
         def score(self, inputs):
             if not release.is_set():
                 started.set()
@@ -295,7 +295,7 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_se
     producer.flush()
     producer.close()
     produce(settings, good)
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
                           ScoreStore(redis_client))
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     assert stats.dead_letter_reasons == {"malformed_json": 1}
@@ -325,7 +325,7 @@ def test_a_record_kafka_refuses_stops_the_worker_uncommitted(isolated_settings, 
     producer.send(settings.kafka.topic_events, key=b"87000000", value=b"{" + b"x" * 900_000)
     producer.flush()
     producer.close()
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
                           ScoreStore(redis_client))
     with pytest.raises(RuntimeError, match="Kafka did not take a record"):
         worker.run(stop_after=1, idle_timeout_s=30.0)
@@ -363,7 +363,7 @@ def test_consumer_lag_is_published_from_the_fetches_high_watermarks(isolated_set
     settings = isolated_settings
     events = cohort(12, 2, 89_000_000)
     produce(settings, events[:18])
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), TritonScorer(settings, "placeholder"),
+    worker = StreamWorker(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
                           ScoreStore(redis_client), worker_id="lag-check", max_poll_records=4)
     # Mid-stream (4 events a poll), some partition is behind; at the end, none is.
     seen_behind = []

@@ -1,11 +1,20 @@
-"""PLACEHOLDER features for the walking skeleton (issue 2), scored by model_repo/placeholder.
+"""The walking skeleton (issue 2), kept for tests: stand-in features scored by the stand-in
+Triton model ``placeholder`` (tests/triton_models/placeholder, served by the test Triton).
 
 Two numbers per admission, kept idempotently in Redis: age and the count of observations.
-The M3T-LM feature store (features/) replaces this; it exists to prove the path end to end.
+Cheaper than M3T-LM and needing nothing trained, it lets the tests drive the stream worker
+(faults, restarts, the e2e benchmark's harness) through every hop.
+
+Run as a script, it is a stream worker over these pieces, as `m3t stream run` runs the
+product's (the same signal handling, settings from the M3T_* environment):
+
+    python tests/skeleton.py [--idle-timeout S] [--max-batch N] [--max-wait-ms MS] [--max-poll N]
 """
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -13,7 +22,9 @@ import redis
 from kafka import KafkaProducer
 
 from ingest import events as ev
-from m3t.settings import Settings
+from m3t.settings import Settings, get_settings
+
+MODEL = "placeholder"
 
 KEY = "m3t:skeleton:{{{hadm_id}}}"
 SEEN = "m3t:skeleton:{{{hadm_id}}}:seen"
@@ -80,3 +91,42 @@ def produce(settings: Settings, events: list) -> None:
         producer.flush()
     finally:
         producer.close()
+
+
+def placeholder_scorer(settings: Settings):
+    """The ``placeholder`` model on Triton, given the batch's arrays as they are."""
+    from stream.scoring import ModelScorer
+
+    return ModelScorer(settings, MODEL)
+
+
+def pipeline(settings: Settings):
+    """(features, scorer, scores) for a benchmark worker (``benchmarks.bench_e2e.run``)."""
+    from m3t.clients import redis_client
+    from stream.scores import ScoreStore
+
+    client = redis_client(settings)
+    return SkeletonFeatures(client), placeholder_scorer(settings), ScoreStore(client)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from m3t.clients import redis_client
+    from stream.cli import run_worker
+    from stream.scores import ScoreStore
+
+    parser = argparse.ArgumentParser(description="A stream worker scoring the walking skeleton.")
+    parser.add_argument("--idle-timeout", type=float, default=None)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--max-wait-ms", type=int, default=50)
+    parser.add_argument("--max-poll", type=int, default=2048)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    client = redis_client(settings)
+    stats = run_worker(settings, SkeletonFeatures(client), placeholder_scorer(settings), ScoreStore(client),
+                       args.idle_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                       max_poll_records=args.max_poll)
+    print(asdict(stats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""PLACEHOLDER scorer for the walking skeleton: a fixed formula, not a trained model."""
+"""Stand-in scorer for the tests' walking skeleton: a fixed formula, not a trained model."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
