@@ -7,7 +7,7 @@ preprocessing, Pillow/pydicom beside DALI, is ``bench_cxr``.)
 * offline build: ``features.offline.build`` over the same cohort, cutoffs 6/24/48 h;
 * transform: ``FittedFeatures.assemble`` over stored blobs (the CPU half of a batch read)
   for batches of 1, 64, 256 and 1,024 admissions, with glibc's default allocator settings
-  and after ``features.online.tune_allocator()``, in one run.
+  and after ``m3t.allocator.tune_allocator()``, in one run.
 
 Run: ``python -m benchmarks.bench_features [ADMISSIONS]`` (results under benchmarks/results/).
 """

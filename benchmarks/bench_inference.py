@@ -8,9 +8,9 @@ Runtime runs the graph ``trainer.export`` exports; Triton runs whatever model
 or the column is recorded as missing with the reason. TensorRT is measured where its
 builder and a GPU exist, and recorded as missing otherwise.
 
-PyTorch and ONNX Runtime get the same number of threads, one by default: on the shared
-2-core machine two OpenMP threads made eager PyTorch wait for a descheduled thread in every
-parallel region (batch-1 calls from 2 ms to over 400 ms), while one thread stayed steady.
+PyTorch and ONNX Runtime get the same number of threads, one by default: on a shared
+machine with few cores, more OpenMP threads make eager PyTorch wait for a descheduled thread
+in every parallel region, while one thread stays steady.
 
 Each repeat runs at least ``min_items`` examples (up to 32 calls at small batches), so
 small batches are not timed by a single millisecond call.

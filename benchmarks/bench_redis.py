@@ -184,7 +184,7 @@ def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -
             for variant, read in ((STORE, lambda ids: store.read_inputs(ids)),
                                   (BASELINE, lambda ids: read_baseline(client, prefix, ids))):
                 batches_in_turn = itertools.cycle(picks)
-                # The baseline is 30-150x slower: 200 calls bound its time; the store's p99
+                # The baseline is far slower: 200 calls bound its time; the store's p99
                 # needs more (of 200 calls, p99 is the second slowest on a noisy machine).
                 calls = reads if variant == STORE else min(reads, 200)
                 latencies = h.time_calls(lambda: read(next(batches_in_turn)), calls)

@@ -45,7 +45,7 @@ class RiskScore:
     scored_at: float  # epoch seconds
 
     def as_json(self) -> str:
-        # A dict by hand: dataclasses.asdict deep-copies, ~40 us a score on the hot path.
+        # A dict by hand: dataclasses.asdict deep-copies, too slow for the hot path.
         return json.dumps({"hadm_id": self.hadm_id, "los_days": self.los_days, "mortality_prob": self.mortality_prob,
                            "model": self.model, "feature_time": self.feature_time, "scored_at": self.scored_at})
 
