@@ -38,10 +38,10 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from benchmarks import harness as h
-from benchmarks.bench_kafka import confluent_partitions
 from ingest import events as ev
 from ingest.itemids import LABS, VITALS
-from m3t import services
+from m3t import kafka, services
+from m3t.services.process import wait_until
 from m3t.settings import Settings
 
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
@@ -74,10 +74,10 @@ def m3t_pipeline(settings: Settings):
 
 def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline) -> None:
     """The worker process, its pieces from ``pipeline(settings)``: consume until ``stop`` is set."""
-    from stream.worker import StreamWorker
+    from stream.worker import connect
 
     features, scorer, scores = pipeline(settings)
-    worker = StreamWorker(settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    worker = connect(settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms)
     worker.run(stop=stop)
 
 
@@ -106,12 +106,12 @@ def observation(hadm_id: int, when: datetime, rng: random.Random) -> bytes:
 def isolated(settings: Settings) -> Settings:
     """The settings with this run's own topics and consumer group, created on the broker."""
     tag = uuid.uuid4().hex[:8]
-    kafka = settings.kafka.model_copy(update={
+    topics = settings.kafka.model_copy(update={
         "topic_events": f"bench-events-{tag}", "topic_dead_letter": f"bench-dead-letter-{tag}",
         "topic_scores": f"bench-scores-{tag}", "consumer_group": f"bench-{tag}",
     })
-    cfg = settings.model_copy(update={"kafka": kafka})
-    services.ensure_topics(cfg)
+    cfg = settings.model_copy(update={"kafka": topics})
+    kafka.ensure_topics(cfg)
     return cfg
 
 
@@ -124,12 +124,12 @@ class ScoreObserver:
     slack_s = 5e-6
 
     def __init__(self, settings: Settings):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         topic = settings.kafka.topic_scores
-        self.consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
-                                  "group.id": f"bench-observer-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
-        partitions = confluent_partitions(self.consumer, topic)
+        self.consumer = kafka.consumer(settings, group_id=f"bench-observer-{uuid.uuid4().hex[:8]}",
+                                       client_id="m3t-bench")
+        partitions = kafka.partitions(self.consumer, topic)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         # hadm_id -> (event time (epoch s), run, event index), oldest first
         self.waiting: dict[int, deque[tuple[float, h.LoadRun, int]]] = defaultdict(deque)
@@ -151,15 +151,10 @@ class ScoreObserver:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            # consume(n, timeout) waits out its timeout unless n messages came (measured: a
-            # lone message took 51 ms with a 50 ms timeout), which would add to every latency;
-            # poll returns at the first message, then the rest are taken without waiting.
-            first = self.consumer.poll(0.05)
+            messages = kafka.poll_batch(self.consumer, 1001, 0.05)
             now = time.perf_counter()
-            messages = ([first] + self.consumer.consume(num_messages=1000, timeout=0)) if first is not None else []
             for message in messages:
-                if message.error() is None:
-                    self._complete(json.loads(message.value()), now)
+                self._complete(json.loads(message.value()), now)
 
     def _complete(self, score: dict, when: float) -> None:
         with self._lock:
@@ -223,8 +218,6 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
            ready_timeout_s, pipeline, seed, held=None):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
     seconds, LoadRun, CPU cores by process while sending) per workload and level."""
-    from confluent_kafka import Producer
-
     cfg = isolated(settings)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
@@ -236,8 +229,7 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
     # 2,000 events/s a 1-ms linger sent the broker a produce request of two events each
     # millisecond (0.07 cores more for the broker, 0.04 for this process). The linger is in
     # the measured latency, which starts at an event's scheduled send time.
-    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap_servers, "linger.ms": 5, "acks": "all",
-                         "partitioner": "murmur2_random"})
+    producer = kafka.producer(cfg, client_id="m3t-bench", **{"linger.ms": 5, "enable.idempotence": False})
     observer = ScoreObserver(cfg)
     # Every process on this machine the load goes through: the load generator and the
     # observer are this process (its worker children counted apart).
@@ -285,43 +277,14 @@ def _admit(cfg, producer, observer, ward: list[int], timeout_s: float) -> None:
     for hadm_id in ward:
         _send(producer, cfg, hadm_id)
     producer.flush(timeout_s)
-    if not _wait_until(lambda: observer.scored.issuperset(ward), timeout_s):
+    if not wait_until(lambda: observer.scored.issuperset(ward), timeout_s, 0.05):
         raise TimeoutError(f"{len(set(ward) - observer.scored)} of the {len(ward)} census admissions "
                            f"were not scored within {timeout_s:.0f} s")
 
 
-def _wait_until(done, timeout_s: float) -> bool:
-    """Whether ``done()`` came true within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _group_members(cfg: Settings) -> int:
-    from m3t.clients import kafka_admin
-
-    admin = kafka_admin(cfg)
-    try:
-        (group,) = admin.describe_consumer_groups([cfg.kafka.consumer_group])
-    except Exception:  # the group does not exist yet
-        return 0
-    finally:
-        admin.close()
-    return len(group.members) if group.state == "Stable" else 0
-
-
 def _send(producer, cfg: Settings, hadm_id: int, value: bytes | None = None) -> None:
-    while True:
-        try:
-            producer.produce(cfg.kafka.topic_events, key=str(hadm_id).encode(), value=value or admission(hadm_id))
-            break
-        except BufferError:
-            producer.poll(0.01)
+    kafka.produce(producer, cfg.kafka.topic_events, value or admission(hadm_id), str(hadm_id).encode())
     producer.poll(0)
-
 
 def _wait_until_scoring(cfg, producer, observer, workers, hadm_id: int, timeout_s: float) -> int:
     """Send one event a second until every worker has joined the group and one event is
@@ -337,13 +300,13 @@ def _wait_until_scoring(cfg, producer, observer, workers, hadm_id: int, timeout_
         hadm_id += 1
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
-            if observer.scored & set(range(first, hadm_id)) and _group_members(cfg) == len(workers):
+            if observer.scored & set(range(first, hadm_id)) and kafka.group_members(cfg, cfg.kafka.consumer_group) == len(workers):
                 return hadm_id
             time.sleep(0.1)
     raise TimeoutError(f"no score within {timeout_s:.0f} s of starting the workers (the score observer saw "
                        f"{len(observer.scored)} score(s); {_stored_scores(cfg, range(first, hadm_id))} of the "
                        f"{hadm_id - first} warm-up admissions have a score in Redis; "
-                       f"{_group_members(cfg)} of {len(workers)} workers in the group)")
+                       f"{kafka.group_members(cfg, cfg.kafka.consumer_group)} of {len(workers)} workers in the group)")
 
 
 def _stored_scores(cfg: Settings, hadm_ids) -> int:
@@ -382,9 +345,9 @@ def _level(cfg, producer, observer, meter: h.CpuMeter, rate: float, seconds: flo
     def all_scored() -> bool:
         return run.completed == len(run.scheduled)
 
-    _wait_until(all_scored, drain_s)
+    wait_until(all_scored, drain_s, 0.05)
     result = replace(run, done=run.done.copy())
-    _wait_until(all_scored, settle_s)
+    wait_until(all_scored, settle_s, 0.05)
     observer.forget()
     return result, cores
 

@@ -43,15 +43,16 @@ def create_topic(settings: Settings, partitions: int | None = None) -> str:
     from confluent_kafka.admin import NewTopic
 
     name = f"bench-{uuid.uuid4().hex[:10]}"
-    futures = kafka.admin(settings).create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])
-    futures[name].result()
+    admin = kafka.admin(settings)
+    admin.create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])[name].result(timeout=30)
     return name
 
 
 def delete_topics(settings: Settings, names: list[str]) -> None:
+    admin = kafka.admin(settings)
     try:
-        for future in kafka.admin(settings).delete_topics(names).values():
-            future.result()
+        for future in admin.delete_topics(names).values():
+            future.result(timeout=30)
     except Exception:  # a benchmark topic left behind is harmless; never fail the run for it
         pass
 

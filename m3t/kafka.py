@@ -44,6 +44,7 @@ def consumer(settings: Settings, *, group_id: str, client_id: str, **options) ->
 
 
 def admin(settings: Settings) -> AdminClient:
+    """An admin client; keep it referenced until its futures resolve."""
     return AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": "m3t-admin", "logger": log})
 
 
@@ -106,7 +107,7 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     futures = client.create_topics([NewTopic(t, count, 1) for t in wanted], operation_timeout=timeout_s) if wanted else {}
     for future in futures.values():
         try:
-            future.result()
+            future.result(timeout=timeout_s + 5)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another caller made it meanwhile
                 raise
@@ -117,9 +118,10 @@ def group_members(settings: Settings, group_id: str, timeout_s: float = 10.0) ->
     """Members of a consumer group once it is stable (0 while it forms or if it is unknown)."""
     from confluent_kafka import ConsumerGroupState
 
-    future = admin(settings).describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
+    client = admin(settings)  # held until the answer: a collected client never resolves its futures
+    future = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
     try:
-        group = future.result()
+        group = future.result(timeout=timeout_s + 5)
     except KafkaException:
         return 0
     return len(group.members) if group.state == ConsumerGroupState.STABLE else 0

@@ -19,7 +19,7 @@ from m3t import services
 from m3t.clients import redis_client
 from stream.scores import ScoreStore
 from stream.scoring import ModelScorer
-from stream.worker import StreamWorker
+from stream.worker import connect
 from tests.skeleton import KEY, SkeletonFeatures, produce
 
 
@@ -55,9 +55,9 @@ def committed_everything(settings) -> bool:
 
 def start_worker(settings, client, prepare=None, **kwargs):
     """A placeholder-scoring worker on a thread; ``prepare(worker)`` runs before it starts."""
-    worker = StreamWorker(settings, SkeletonFeatures(client), ModelScorer(settings, "placeholder"),
+    worker = connect(settings, SkeletonFeatures(client), ModelScorer(settings, "placeholder"),
                           ScoreStore(client), **kwargs)
-    worker.backoff_s = (0.1, 0.5)
+    worker.outages.backoff_s = (0.1, 0.5)
     if prepare is not None:
         prepare(worker)
     stop = threading.Event()
@@ -85,7 +85,7 @@ def test_triton_down_keeps_dirty_set_and_recovers(isolated_settings, redis_clien
         produce(settings, events)
         assert wait_for(lambda: worker.stats.retries >= 3)
         assert all(store.get(e.hadm_id) is None for e in events)
-        assert worker.stats.commits == 0 and len(worker._dirty) == 5  # kept, not committed
+        assert worker.stats.commits == 0 and len(worker.batcher.pending) == 5  # kept, not committed
         services.up(settings, ["triton"])
         assert wait_for(lambda: all(store.get(e.hadm_id) for e in events))
         assert wait_for(lambda: committed_everything(settings))
@@ -103,7 +103,7 @@ def test_redis_down_pauses_without_commit(isolated_settings):
     worker, stop, thread = start_worker(settings, client)
     worker.metrics.flush_every_s = 0.0  # metrics are published every loop, into the outage too
     try:
-        assert wait_for(lambda: worker.consumer.assignment())
+        assert wait_for(lambda: worker.source.assignment())
         services.down(settings, ["redis"])
         produce(settings, events)
         assert wait_for(lambda: worker.stats.retries >= 3)
@@ -192,7 +192,7 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
                 assert release.wait(60)
             return super().score(inputs)
 
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), HeldScorer(settings, "placeholder"),
+    worker = connect(settings, SkeletonFeatures(redis_client), HeldScorer(settings, "placeholder"),
                           ScoreStore(redis_client), max_wait_ms=20)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
@@ -202,12 +202,12 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
         assert wait_for(started.is_set)
         produce(settings, later)
         assert wait_for(lambda: worker.stats.events == len(events))
-        in_flight = [h for h, change in worker._dirty.items() if change.in_flight]
-        assert in_flight and all(worker._dirty[h].next_first for h in in_flight)
+        in_flight = [h for h, change in worker.batcher.pending.items() if change.in_flight]
+        assert in_flight and all(worker.batcher.pending[h].next_first for h in in_flight)
         assert worker.stats.commits == 0 and not committed_everything(settings)
         release.set()
         assert wait_for(lambda: committed_everything(settings))
-        assert wait_for(lambda: not worker._dirty)
+        assert wait_for(lambda: not worker.batcher.pending)
     finally:
         release.set()
         stop.set()
@@ -253,28 +253,29 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
             return getattr(self.consumer, name)
 
     def wrap(worker):
-        worker.producer, worker.consumer = HeldReports(worker.producer), RecordedCommits(worker.consumer)
+        worker.sink.producer = HeldReports(worker.sink.producer)
+        worker.source.consumer = RecordedCommits(worker.source.consumer)
 
     worker, stop, thread = start_worker(settings, redis_client, prepare=wrap)
     try:
         first = cohort(4, 1, 89_000_000)
         produce(settings, first)
-        assert wait_for(lambda: worker.stats.scored >= 4 and not worker._dirty)
+        assert wait_for(lambda: worker.stats.scored >= 4 and not worker.batcher.pending)
         later = cohort(4, 1, 89_000_100)
         produce(settings, later)  # consumed and scored while the first commit point waits
-        assert wait_for(lambda: worker.stats.events == len(first) + len(later) and not worker._dirty)
-        assert wait_for(lambda: len(worker._commit_points) >= 2)
+        assert wait_for(lambda: worker.stats.events == len(first) + len(later) and not worker.batcher.pending)
+        assert wait_for(lambda: len(worker.ledger.points) >= 2)
         assert worker.stats.commits == 0 and not committed_everything(settings)
         held.clear()
         assert wait_for(lambda: committed_everything(settings))
-        assert worker.consumer.commits[-1][1] is True  # the loop's commits do not wait
+        assert worker.source.consumer.commits[-1][1] is True  # the loop's commits do not wait
     finally:
         held.clear()
         stop.set()
         thread.join(30)
     assert observations(redis_client, [e.hadm_id for e in first + later]) == {e.hadm_id: 1 for e in first + later}
     # Leaving, the worker waits for its last commit: sent again synchronously.
-    (last_async, _), (final, synchronous) = worker.consumer.commits[-2:]
+    (last_async, _), (final, synchronous) = worker.source.consumer.commits[-2:]
     assert final == last_async and synchronous is False
 
 
@@ -295,7 +296,7 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_se
     producer.flush()
     producer.close()
     produce(settings, good)
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
+    worker = connect(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
                           ScoreStore(redis_client))
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     assert stats.dead_letter_reasons == {"malformed_json": 1}
@@ -317,15 +318,15 @@ def test_a_record_kafka_refuses_stops_the_worker_uncommitted(isolated_settings, 
     # returned, and the worker must notice before committing, not lose the dead letter.
     from kafka import KafkaProducer
 
-    from stream import worker as worker_module
+    from stream import dead_letters
 
-    monkeypatch.setattr(worker_module, "DEAD_LETTER_MAX_BYTES", 10**9)
+    monkeypatch.setattr(dead_letters, "DEAD_LETTER_MAX_BYTES", 10**9)
     settings = isolated_settings
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000)
     producer.send(settings.kafka.topic_events, key=b"87000000", value=b"{" + b"x" * 900_000)
     producer.flush()
     producer.close()
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
+    worker = connect(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
                           ScoreStore(redis_client))
     with pytest.raises(RuntimeError, match="Kafka did not take a record"):
         worker.run(stop_after=1, idle_timeout_s=30.0)
@@ -341,12 +342,12 @@ def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(isolated_set
     second = stop_second = thread_second = None
     try:
         assert wait_for(lambda: committed_everything(settings))
-        consumed = set(first._consumed)
+        consumed = set(first.ledger.consumed)
         assert len(consumed) > 1  # the events came from several partitions
         second, stop_second, thread_second = start_worker(settings, redis_client)
-        assert wait_for(lambda: second.consumer.assignment())
-        assert wait_for(lambda: set(first._consumed) < consumed)  # the moved ones are forgotten
-        assert not set(first._consumed) & set(second.consumer.assignment())
+        assert wait_for(lambda: second.source.assignment())
+        assert wait_for(lambda: set(first.ledger.consumed) < consumed)  # the moved ones are forgotten
+        assert not set(first.ledger.consumed) & set(second.source.assignment())
     finally:
         stop_first.set()
         thread_first.join(30)
@@ -363,7 +364,7 @@ def test_consumer_lag_is_published_from_the_fetches_high_watermarks(isolated_set
     settings = isolated_settings
     events = cohort(12, 2, 89_000_000)
     produce(settings, events[:18])
-    worker = StreamWorker(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
+    worker = connect(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
                           ScoreStore(redis_client), worker_id="lag-check", max_poll_records=4)
     # Mid-stream (4 events a poll), some partition is behind; at the end, none is.
     seen_behind = []

@@ -18,7 +18,7 @@ from ingest.replay import make_producer, replay
 from ingest.synth import generate
 from stream.scores import SCORE_KEY, ScoreStore
 from stream.scoring import CachedEncoderScorer, CxrInputs, FullModelScorer, OnlineFeatures
-from stream.worker import StreamWorker
+from stream.worker import StreamWorker, connect
 from trainer.export import export_onnx, graphs
 from trainer.model import M3TConfig, M3TLM
 from trainer.publish import load_in_triton, publish, read_config
@@ -80,7 +80,7 @@ def stream_scores(settings, cohort, store, scorer, redis_client, group: str) -> 
     for h in cohort:
         redis_client.delete(SCORE_KEY.format(hadm_id=h))
     scores = ScoreStore(redis_client)
-    worker = StreamWorker(settings, OnlineFeatures(store), scorer, scores, max_batch=8, max_wait_ms=20,
+    worker = connect(settings, OnlineFeatures(store), scorer, scores, max_batch=8, max_wait_ms=20,
                           group_id=group)
     total = sum(len(events) for events in cohort.values())
     worker.run(stop_after=total, idle_timeout_s=60)
@@ -91,7 +91,7 @@ def stream_scores(settings, cohort, store, scorer, redis_client, group: str) -> 
 def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, cohort, deployed, redis_client):
     settings = isolated_settings
     fitted, model = deployed
-    producer = make_producer(settings.kafka.bootstrap_servers)
+    producer = make_producer(settings)
     summary = replay(list(cohort.values()), producer, settings.kafka.topic_events,
                      dead_letter_topic=settings.kafka.topic_dead_letter)
     producer.close()
