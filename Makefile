@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test services-up services-down clean
+.PHONY: setup system-deps demo lint test services-up services-down clean
 
 setup: system-deps $(STAMP)
 
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/m3t demo
 
-test: setup
+# ruff: lint and formatting, as configured in pyproject.toml; a finding fails the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/pytest
 
 services-up: setup

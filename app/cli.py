@@ -33,19 +33,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-services_app = typer.Typer(help="Start, stop and check the local Redis, Kafka and Triton.", no_args_is_help=True)
+services_app = typer.Typer(
+    help="Start, stop and check the local Redis, Kafka and Triton.", no_args_is_help=True
+)
 app.add_typer(services_app, name="services")
 
 
 def _health_table(healths) -> Table:
     table = Table("service", "address", "healthy", "pid", "detail")
     for h in healths:
-        table.add_row(h.name, h.address, "[green]yes[/]" if h.healthy else "[red]no[/]", str(h.pid or "-"), h.detail)
+        table.add_row(
+            h.name,
+            h.address,
+            "[green]yes[/]" if h.healthy else "[red]no[/]",
+            str(h.pid or "-"),
+            h.detail,
+        )
     return table
 
 
 @services_app.command("up")
-def services_up(names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)")):
+def services_up(
+    names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)"),
+):
     """Start the services that are not running, and wait until each is healthy."""
     try:
         healths = svc.up(get_settings(), names or None)
@@ -55,7 +65,9 @@ def services_up(names: list[str] = typer.Argument(None, help="redis, kafka, trit
 
 
 @services_app.command("down")
-def services_down(names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)")):
+def services_down(
+    names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)"),
+):
     """Stop the services (the whole process group of each), leaving none behind."""
     stopped = svc.down(get_settings(), names or None)
     for name, was_running in stopped.items():
@@ -64,7 +76,9 @@ def services_down(names: list[str] = typer.Argument(None, help="redis, kafka, tr
 
 @services_app.command("status")
 def services_status(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON; exit 1 unless all are healthy."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON; exit 1 unless all are healthy."
+    ),
 ):
     """Show each service's address and health; exit non-zero unless all are healthy."""
     healths = svc.status(get_settings())

@@ -23,11 +23,32 @@ def demo_steps(work: Path, admissions: int, seed: int, epochs: int) -> list[list
     cohort, dataset, run = work / "cohort", work / "dataset", work / "run"
     return [
         ["services", "up"],
-        ["ingest", "synth", "--admissions", str(admissions), "--seed", str(seed), "--out", str(cohort)],
+        [
+            "ingest",
+            "synth",
+            "--admissions",
+            str(admissions),
+            "--seed",
+            str(seed),
+            "--out",
+            str(cohort),
+        ],
         ["features", "build", str(cohort), "--out", str(dataset)],
         ["features", "publish", str(dataset / "meta.json")],
-        ["train", "run", "--data", str(dataset), "--out", str(run), "--epochs", str(epochs),
-         "--seed", str(seed), "--bootstrap", "50"],
+        [
+            "train",
+            "run",
+            "--data",
+            str(dataset),
+            "--out",
+            str(run),
+            "--epochs",
+            str(epochs),
+            "--seed",
+            str(seed),
+            "--bootstrap",
+            "50",
+        ],
         ["export", "publish", "--run", str(run), "--load"],
         ["ingest", "replay", str(cohort), "--first-hours", "48"],
     ]
@@ -37,7 +58,9 @@ def m3t(*args: str) -> list[str]:
     return [sys.executable, "-m", "app.cli", *args]
 
 
-def run_demo(settings: Settings, console: Console, admissions: int = 3000, seed: int = 7, epochs: int = 20) -> None:
+def run_demo(
+    settings: Settings, console: Console, admissions: int = 3000, seed: int = 7, epochs: int = 20
+) -> None:
     from m3t.clients import redis_client
     from stream.scores import ScoreStore
 
@@ -58,8 +81,12 @@ def run_demo(settings: Settings, console: Console, admissions: int = 3000, seed:
         with Live(scores_table([]), console=console, refresh_per_second=2) as live:
             while worker.poll() is None:
                 state = "replaying" if replaying.poll() is None else "replayed"
-                live.update(scores_table(store.top(15), title=f"top mortality risk, {time.strftime('%H:%M:%S')} "
-                                                             f"({state})"))
+                live.update(
+                    scores_table(
+                        store.top(15),
+                        title=f"top mortality risk, {time.strftime('%H:%M:%S')} ({state})",
+                    )
+                )
                 time.sleep(1.0)
             live.update(scores_table(store.top(15), title="top mortality risk (final)"))
         replaying.wait()

@@ -25,7 +25,9 @@ DALI = "DALI CPU"
 
 def sample_files(settings: Settings) -> list[Path]:
     folder = Path(settings.data_dir) / "cxr-samples"
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")
+    )
     if not files:
         raise FileNotFoundError(f"no chest X-ray samples in {folder}")
     return files
@@ -35,13 +37,29 @@ def _cycle(items: list, n: int) -> list:
     return [items[i % len(items)] for i in range(n)]
 
 
-def run(settings: Settings, *, images: int = 64, batches: tuple[int, ...] = (1, 8, 32),
-        repeats: int = 3, warmup: int = 1, threads: int = 2) -> h.Result:
+def run(
+    settings: Settings,
+    *,
+    images: int = 64,
+    batches: tuple[int, ...] = (1, 8, 32),
+    repeats: int = 3,
+    warmup: int = 1,
+    threads: int = 2,
+) -> h.Result:
     """Each measured call preprocesses ``images`` images (the samples, cycled)."""
     from features import cxr
 
-    result = h.Result("cxr", {"images": images, "batches": list(batches), "repeats": repeats, "warmup": warmup,
-                              "dali_threads": threads, "size": cxr.CXR_SIZE})
+    result = h.Result(
+        "cxr",
+        {
+            "images": images,
+            "batches": list(batches),
+            "repeats": repeats,
+            "warmup": warmup,
+            "dali_threads": threads,
+            "size": cxr.CXR_SIZE,
+        },
+    )
     started = time.perf_counter()
     files = sample_files(settings)
     loaded = {}
@@ -57,15 +75,21 @@ def run(settings: Settings, *, images: int = 64, batches: tuple[int, ...] = (1, 
     result.params["samples"] = {k: len(v) for k, v in groups.items()}
     dicoms = [p for p in loaded if p.suffix.lower() == ".dcm"]
     if dicoms:
-        decoded = h.measure(lambda: [cxr.load(str(p)) for p in dicoms], len(dicoms), warmup=0, repeats=repeats)
+        decoded = h.measure(
+            lambda: [cxr.load(str(p)) for p in dicoms], len(dicoms), warmup=0, repeats=repeats
+        )
         result.rows.append({"case": "read DICOM", "variant": "pydicom", **decoded})
 
     for kind, samples in groups.items():
         if not samples:
             continue
         work = _cycle(samples, images)
-        baseline = h.measure(lambda: [cxr.reference_preprocess(x) for x in work], images,
-                             warmup=warmup, repeats=repeats)
+        baseline = h.measure(
+            lambda: [cxr.reference_preprocess(x) for x in work],
+            images,
+            warmup=warmup,
+            repeats=repeats,
+        )
         result.rows.append({"case": kind, "variant": PIL, **baseline})
         for batch in batches:
             try:
@@ -75,8 +99,15 @@ def run(settings: Settings, *, images: int = 64, batches: tuple[int, ...] = (1, 
                 result.missing[DALI] = f"nvidia-dali not importable: {exc}"
                 break
             result.rows.append({"case": kind, "variant": DALI, "batch": batch, **dali})
-            result.comparisons.append(h.ratio(f"{kind} images/s at batch {batch}", DALI, PIL,
-                                              dali["items_per_s"], baseline["items_per_s"]))
+            result.comparisons.append(
+                h.ratio(
+                    f"{kind} images/s at batch {batch}",
+                    DALI,
+                    PIL,
+                    dali["items_per_s"],
+                    baseline["items_per_s"],
+                )
+            )
             if kind == "encoded" and batch == 1:
                 result.breakdown_ms["cxr decode+preprocess (1 image)"] = 1000 / dali["items_per_s"]
     result.seconds = time.perf_counter() - started

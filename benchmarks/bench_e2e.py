@@ -35,7 +35,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from benchmarks import harness as h
 from ingest import events as ev
@@ -57,7 +57,9 @@ def m3t_deployed(settings: Settings) -> bool:
     try:
         OnlineStore.current(redis_client(settings))
         client = triton_client(settings)
-        return all(client.is_model_ready(f"m3t_{name}") for name in ("enc_notes", "enc_cxr", "rescore"))
+        return all(
+            client.is_model_ready(f"m3t_{name}") for name in ("enc_notes", "enc_cxr", "rescore")
+        )
     except Exception:  # nothing published, or a model not loaded
         return False
 
@@ -77,16 +79,23 @@ def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline) 
     from stream.worker import connect
 
     features, scorer, scores = pipeline(settings)
-    worker = connect(settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    worker = connect(
+        settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms
+    )
     worker.run(stop=stop)
 
 
 def admission(hadm_id: int, when: datetime | None = None) -> bytes:
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     event = ev.AdmissionEvent(
-        event_id=ev.event_id("bench/e2e", hadm_id), hadm_id=hadm_id, subject_id=hadm_id, event_time=when,
+        event_id=ev.event_id("bench/e2e", hadm_id),
+        hadm_id=hadm_id,
+        subject_id=hadm_id,
+        event_time=when,
         source="bench/e2e",
-        payload=ev.AdmissionPayload(admittime=when, admission_type="EW EMER.", gender="F", age=60.0),
+        payload=ev.AdmissionPayload(
+            admittime=when, admission_type="EW EMER.", gender="F", age=60.0
+        ),
     )
     return ev.encode(event)
 
@@ -95,10 +104,18 @@ def observation(hadm_id: int, when: datetime, rng: random.Random) -> bytes:
     """A lab or vital result within its item's plausible range."""
     item = rng.choice(LABS + VITALS)
     event = ev.ObservationEvent(
-        event_id=ev.event_id("bench/e2e", f"{hadm_id}/{when.timestamp():.6f}/{item.itemid}"), hadm_id=hadm_id,
-        subject_id=hadm_id, event_time=when, source="bench/e2e",
-        payload=ev.ObservationPayload(itemid=item.itemid, value=round(rng.uniform(item.low, item.high), 2),
-                                      unit=item.unit, charttime=when, kind=item.kind),
+        event_id=ev.event_id("bench/e2e", f"{hadm_id}/{when.timestamp():.6f}/{item.itemid}"),
+        hadm_id=hadm_id,
+        subject_id=hadm_id,
+        event_time=when,
+        source="bench/e2e",
+        payload=ev.ObservationPayload(
+            itemid=item.itemid,
+            value=round(rng.uniform(item.low, item.high), 2),
+            unit=item.unit,
+            charttime=when,
+            kind=item.kind,
+        ),
     )
     return ev.encode(event)
 
@@ -106,10 +123,14 @@ def observation(hadm_id: int, when: datetime, rng: random.Random) -> bytes:
 def isolated(settings: Settings) -> Settings:
     """The settings with this run's own topics and consumer group, created on the broker."""
     tag = uuid.uuid4().hex[:8]
-    topics = settings.kafka.model_copy(update={
-        "topic_events": f"bench-events-{tag}", "topic_dead_letter": f"bench-dead-letter-{tag}",
-        "topic_scores": f"bench-scores-{tag}", "consumer_group": f"bench-{tag}",
-    })
+    topics = settings.kafka.model_copy(
+        update={
+            "topic_events": f"bench-events-{tag}",
+            "topic_dead_letter": f"bench-dead-letter-{tag}",
+            "topic_scores": f"bench-scores-{tag}",
+            "consumer_group": f"bench-{tag}",
+        }
+    )
     cfg = settings.model_copy(update={"kafka": topics})
     kafka.ensure_topics(cfg)
     return cfg
@@ -127,8 +148,9 @@ class ScoreObserver:
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         topic = settings.kafka.topic_scores
-        self.consumer = kafka.consumer(settings, group_id=f"bench-observer-{uuid.uuid4().hex[:8]}",
-                                       client_id="m3t-bench")
+        self.consumer = kafka.consumer(
+            settings, group_id=f"bench-observer-{uuid.uuid4().hex[:8]}", client_id="m3t-bench"
+        )
         partitions = kafka.partitions(self.consumer, topic)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         # hadm_id -> (event time (epoch s), run, event index), oldest first
@@ -171,10 +193,22 @@ class ScoreObserver:
         self.consumer.close()
 
 
-def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seconds: float = 5.0,
-        drain_s: float = 10.0, workers: tuple[int, ...] = (1,), workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS),
-        census: int = 1000, max_batch: int = 256, max_wait_ms: int = 20, ready_timeout_s: float = 90.0,
-        seed: int = 0, held: tuple[float, float] | None = None, pipeline=None) -> h.Result:
+def run(
+    settings: Settings,
+    *,
+    rates: tuple[float, ...] = (100, 500, 2000),
+    seconds: float = 5.0,
+    drain_s: float = 10.0,
+    workers: tuple[int, ...] = (1,),
+    workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS),
+    census: int = 1000,
+    max_batch: int = 256,
+    max_wait_ms: int = 20,
+    ready_timeout_s: float = 90.0,
+    seed: int = 0,
+    held: tuple[float, float] | None = None,
+    pipeline=None,
+) -> h.Result:
     """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
     ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
     such as Redis's append-only-file rewrites, show in p99 only over longer runs).
@@ -184,29 +218,69 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
     (``m3t_pipeline``), which fails fast unless it is deployed."""
     unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS}
     if unknown:
-        raise ValueError(f"unknown workload(s) {sorted(unknown)}: choose from {NEW_ADMISSIONS!r}, {CENSUS!r}")
+        raise ValueError(
+            f"unknown workload(s) {sorted(unknown)}: choose from {NEW_ADMISSIONS!r}, {CENSUS!r}"
+        )
     services.up(settings)
     if pipeline is None and not m3t_deployed(settings):
-        raise RuntimeError("M3T-LM is not deployed: publish a feature set and load the models first (`make demo`)")
+        raise RuntimeError(
+            "M3T-LM is not deployed: publish a feature set and load the models first (`make demo`)"
+        )
     pipeline = pipeline or m3t_pipeline
-    described = M3T if pipeline is m3t_pipeline else f"{pipeline.__module__}.{pipeline.__qualname__}"
-    result = h.Result("e2e", {"rates": list(rates), "seconds": seconds, "drain_s": drain_s, "workers": list(workers),
-                              "workloads": list(workloads), "census": census, "max_batch": max_batch,
-                              "max_wait_ms": max_wait_ms, "pipeline": described, "seed": seed,
-                              "held": list(held) if held else None,
-                              "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: one admission event "
-                                                "per new admission; census: lab and vital results for open "
-                                                "admissions chosen uniformly at random"})
+    described = (
+        M3T if pipeline is m3t_pipeline else f"{pipeline.__module__}.{pipeline.__qualname__}"
+    )
+    result = h.Result(
+        "e2e",
+        {
+            "rates": list(rates),
+            "seconds": seconds,
+            "drain_s": drain_s,
+            "workers": list(workers),
+            "workloads": list(workloads),
+            "census": census,
+            "max_batch": max_batch,
+            "max_wait_ms": max_wait_ms,
+            "pipeline": described,
+            "seed": seed,
+            "held": list(held) if held else None,
+            "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: "
+            "one admission event per new admission; census: lab and vital results for open "
+            "admissions chosen uniformly at random",
+        },
+    )
     started = time.perf_counter()
     for n in workers:
-        runs = _sweep(settings, n, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
-                      ready_timeout_s, pipeline, seed, held)
+        runs = _sweep(
+            settings,
+            n,
+            rates,
+            seconds,
+            drain_s,
+            workloads,
+            census,
+            max_batch,
+            max_wait_ms,
+            ready_timeout_s,
+            pipeline,
+            seed,
+            held,
+        )
         for workload, level_s, run_, cores in runs:
-            case = "event -> score" + (f", census {census:,}" if workload == CENSUS else ", new admissions")
+            case = "event -> score" + (
+                f", census {census:,}" if workload == CENSUS else ", new admissions"
+            )
             if level_s != seconds:
                 case += f", held {level_s:g} s"
-            result.rows.append({"case": case, "variant": f"{n} worker{'s' if n > 1 else ''}", **run_.summary(),
-                                "cpu_cores": round(sum(cores.values()), 2), "cpu_cores_by_process": cores})
+            result.rows.append(
+                {
+                    "case": case,
+                    "variant": f"{n} worker{'s' if n > 1 else ''}",
+                    **run_.summary(),
+                    "cpu_cores": round(sum(cores.values()), 2),
+                    "cpu_cores_by_process": cores,
+                }
+            )
     first = next((r for r in result.rows if "p50_ms" in r), None)
     if first is not None:
         result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
@@ -214,31 +288,57 @@ def run(settings: Settings, *, rates: tuple[float, ...] = (100, 500, 2000), seco
     return result
 
 
-def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_batch, max_wait_ms,
-           ready_timeout_s, pipeline, seed, held=None):
+def _sweep(
+    settings,
+    n_workers,
+    rates,
+    seconds,
+    drain_s,
+    workloads,
+    census,
+    max_batch,
+    max_wait_ms,
+    ready_timeout_s,
+    pipeline,
+    seed,
+    held=None,
+):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
     seconds, LoadRun, CPU cores by process while sending) per workload and level."""
     cfg = isolated(settings)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    workers = [context.Process(target=serve, args=(cfg, stop, max_batch, max_wait_ms, pipeline), daemon=True)
-               for _ in range(n_workers)]
+    workers = [
+        context.Process(
+            target=serve, args=(cfg, stop, max_batch, max_wait_ms, pipeline), daemon=True
+        )
+        for _ in range(n_workers)
+    ]
     for worker in workers:
         worker.start()
     # The sources batch as librdkafka and Kafka 4's Java producer do by default (5 ms): at
     # 2,000 events/s a 1-ms linger sent the broker a produce request of two events each
     # millisecond (0.07 cores more for the broker, 0.04 for this process). The linger is in
     # the measured latency, which starts at an event's scheduled send time.
-    producer = kafka.producer(cfg, client_id="m3t-bench", **{"linger.ms": 5, "enable.idempotence": False})
+    producer = kafka.producer(
+        cfg, client_id="m3t-bench", **{"linger.ms": 5, "enable.idempotence": False}
+    )
     observer = ScoreObserver(cfg)
     # Every process on this machine the load goes through: the load generator and the
     # observer are this process (its worker children counted apart).
-    meter = h.CpuMeter({"workers": [w.pid for w in workers], "load generator + observer": [os.getpid()],
-                        **{name: [service(settings).pid() or 0] for name, service in services.SERVICES.items()}})
+    meter = h.CpuMeter(
+        {
+            "workers": [w.pid for w in workers],
+            "load generator + observer": [os.getpid()],
+            **{name: [service(settings).pid() or 0] for name, service in services.SERVICES.items()},
+        }
+    )
     rng = random.Random(seed)
     next_hadm, runs = FIRST_HADM, []
     try:
-        next_hadm = _wait_until_scoring(cfg, producer, observer, workers, next_hadm, ready_timeout_s)
+        next_hadm = _wait_until_scoring(
+            cfg, producer, observer, workers, next_hadm, ready_timeout_s
+        )
         for workload in workloads:
             if workload == CENSUS:
                 ward = list(range(next_hadm, next_hadm + census))
@@ -247,13 +347,30 @@ def _sweep(settings, n_workers, rates, seconds, drain_s, workloads, census, max_
             levels = [(rate, seconds) for rate in rates] + ([held] if held else [])
             for rate, level_s in levels:
                 if workload == CENSUS:
-                    run_, cores = _level(cfg, producer, observer, meter, rate, level_s, drain_s,
-                                         lambda i: ward[rng.randrange(len(ward))],
-                                         lambda h_, when: observation(h_, when, rng))
+                    run_, cores = _level(
+                        cfg,
+                        producer,
+                        observer,
+                        meter,
+                        rate,
+                        level_s,
+                        drain_s,
+                        lambda i: ward[rng.randrange(len(ward))],
+                        lambda h_, when: observation(h_, when, rng),
+                    )
                 else:
                     first = next_hadm
-                    run_, cores = _level(cfg, producer, observer, meter, rate, level_s, drain_s,
-                                         lambda i: first + i, admission)
+                    run_, cores = _level(
+                        cfg,
+                        producer,
+                        observer,
+                        meter,
+                        rate,
+                        level_s,
+                        drain_s,
+                        lambda i: first + i,
+                        admission,
+                    )
                     next_hadm += len(run_.scheduled)
                     # A hospital's Redis holds its census, not the 10^5 admissions a few levels
                     # create: left there, they made each append-only-file rewrite that came
@@ -278,13 +395,18 @@ def _admit(cfg, producer, observer, ward: list[int], timeout_s: float) -> None:
         _send(producer, cfg, hadm_id)
     producer.flush(timeout_s)
     if not wait_until(lambda: observer.scored.issuperset(ward), timeout_s, 0.05):
-        raise TimeoutError(f"{len(set(ward) - observer.scored)} of the {len(ward)} census admissions "
-                           f"were not scored within {timeout_s:.0f} s")
+        raise TimeoutError(
+            f"{len(set(ward) - observer.scored)} of the {len(ward)} census admissions "
+            f"were not scored within {timeout_s:.0f} s"
+        )
 
 
 def _send(producer, cfg: Settings, hadm_id: int, value: bytes | None = None) -> None:
-    kafka.produce(producer, cfg.kafka.topic_events, value or admission(hadm_id), str(hadm_id).encode())
+    kafka.produce(
+        producer, cfg.kafka.topic_events, value or admission(hadm_id), str(hadm_id).encode()
+    )
     producer.poll(0)
+
 
 def _wait_until_scoring(cfg, producer, observer, workers, hadm_id: int, timeout_s: float) -> int:
     """Send one event a second until every worker has joined the group and one event is
@@ -300,13 +422,18 @@ def _wait_until_scoring(cfg, producer, observer, workers, hadm_id: int, timeout_
         hadm_id += 1
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
-            if observer.scored & set(range(first, hadm_id)) and kafka.group_members(cfg, cfg.kafka.consumer_group) == len(workers):
+            if observer.scored & set(range(first, hadm_id)) and kafka.group_members(
+                cfg, cfg.kafka.consumer_group
+            ) == len(workers):
                 return hadm_id
             time.sleep(0.1)
-    raise TimeoutError(f"no score within {timeout_s:.0f} s of starting the workers (the score observer saw "
-                       f"{len(observer.scored)} score(s); {_stored_scores(cfg, range(first, hadm_id))} of the "
-                       f"{hadm_id - first} warm-up admissions have a score in Redis; "
-                       f"{kafka.group_members(cfg, cfg.kafka.consumer_group)} of {len(workers)} workers in the group)")
+    raise TimeoutError(
+        f"no score within {timeout_s:.0f} s of starting the workers (the score observer saw "
+        f"{len(observer.scored)} score(s); {_stored_scores(cfg, range(first, hadm_id))} of the "
+        f"{hadm_id - first} warm-up admissions have a score in Redis; "
+        f"{kafka.group_members(cfg, cfg.kafka.consumer_group)} of {len(workers)} workers "
+        "in the group)"
+    )
 
 
 def _stored_scores(cfg: Settings, hadm_ids) -> int:
@@ -320,8 +447,18 @@ def _stored_scores(cfg: Settings, hadm_ids) -> int:
         client.close()
 
 
-def _level(cfg, producer, observer, meter: h.CpuMeter, rate: float, seconds: float, drain_s: float, admission_of,
-           encode, settle_s: float = 120.0):
+def _level(
+    cfg,
+    producer,
+    observer,
+    meter: h.CpuMeter,
+    rate: float,
+    seconds: float,
+    drain_s: float,
+    admission_of,
+    encode,
+    settle_s: float = 120.0,
+):
     """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
     when)`` its bytes. Event times are the schedule's, so they increase per admission.
     Returns the run and the CPU cores each process used while the events were sent.
@@ -330,7 +467,7 @@ def _level(cfg, producer, observer, meter: h.CpuMeter, rate: float, seconds: flo
     workers are still behind then: the next level starts once they have caught up (up to
     ``settle_s``), so it does not inherit this one's backlog."""
     run = h.schedule(rate, seconds)
-    start = datetime.now(timezone.utc)
+    start = datetime.now(UTC)
     targets = [admission_of(i) for i in range(len(run.scheduled))]
     encoded = []
     for i, (hadm_id, offset) in enumerate(zip(targets, run.scheduled.tolist())):
@@ -368,8 +505,9 @@ def _cleanup(cfg: Settings, hadm_ids) -> None:
         hadm_ids = list(hadm_ids)
         for start in range(0, len(hadm_ids), 1000):
             chunk = hadm_ids[start : start + 1000]
-            keys = [k.format(hadm_id=x) for x in chunk
-                    for k in (sc.SCORE_KEY, sc.HISTORY_KEY, EMB_KEY)]
+            keys = [
+                k.format(hadm_id=x) for x in chunk for k in (sc.SCORE_KEY, sc.HISTORY_KEY, EMB_KEY)
+            ]
             if store is not None:
                 keys += [key for x in chunk for key in store.keys(x)]
             client.unlink(*keys)

@@ -30,10 +30,25 @@ from m3t.settings import Settings
 READ_BATCHES = (1, 64, 256, 1024)
 
 
-def run(settings: Settings, *, admissions: int = 1024, observations: int = 40, calls: int = 500,
-        repeats: int = 3, warmup: int = 1) -> h.Result:
-    result = h.Result("features", {"admissions": admissions, "observations_per_admission": observations,
-                                   "transform_calls": calls, "repeats": repeats, "warmup": warmup})
+def run(
+    settings: Settings,
+    *,
+    admissions: int = 1024,
+    observations: int = 40,
+    calls: int = 500,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> h.Result:
+    result = h.Result(
+        "features",
+        {
+            "admissions": admissions,
+            "observations_per_admission": observations,
+            "transform_calls": calls,
+            "repeats": repeats,
+            "warmup": warmup,
+        },
+    )
     started = time.perf_counter()
     fitted = FittedFeatures.unnormalised(Vocabulary.fit([" ".join(WORDS)]))
     histories = list(cohort(admissions, seed=7, n_observations=observations).values())
@@ -46,13 +61,27 @@ def run(settings: Settings, *, admissions: int = 1024, observations: int = 40, c
                 state.apply(event, fitted.vocab)
             state.to_blob()
 
-    result.rows.append({"case": "fold events", "variant": "AdmissionState.apply",
-                        **h.measure(fold_all, n_events, warmup=warmup, repeats=repeats), "note": "events/s"})
+    result.rows.append(
+        {
+            "case": "fold events",
+            "variant": "AdmissionState.apply",
+            **h.measure(fold_all, n_events, warmup=warmup, repeats=repeats),
+            "note": "events/s",
+        }
+    )
     policy = offline.CutoffPolicy((6.0, 24.0, 48.0))
     examples = len(offline.build(histories, policy))
-    built = h.measure(lambda: offline.build(histories, policy), n_events, warmup=warmup, repeats=repeats)
-    result.rows.append({"case": "offline build", "variant": "cutoffs 6/24/48 h", **built,
-                        "note": f"events/s; {examples} examples"})
+    built = h.measure(
+        lambda: offline.build(histories, policy), n_events, warmup=warmup, repeats=repeats
+    )
+    result.rows.append(
+        {
+            "case": "offline build",
+            "variant": "cutoffs 6/24/48 h",
+            **built,
+            "note": f"events/s; {examples} examples",
+        }
+    )
 
     _transform(result, fitted, histories, calls)
     result.seconds = time.perf_counter() - started
@@ -72,14 +101,32 @@ def _transform(result: h.Result, fitted: FittedFeatures, histories: list, calls:
             result.missing["tune_allocator()"] = "no glibc mallopt here"
             break
         for batch in (b for b in READ_BATCHES if b <= len(blobs)):
-            picks = itertools.cycle([blobs[i : i + batch] for i in range(0, len(blobs) - batch + 1, batch)])
-            summary = h.latency_summary(h.time_calls(lambda: fitted.assemble(next(picks)), calls, warmup=20))
-            result.rows.append({"case": "transform (assemble)", "variant": variant, "batch": batch,
-                                "items_per_s": batch / (summary["p50_ms"] / 1000), **summary})
+            picks = itertools.cycle(
+                [blobs[i : i + batch] for i in range(0, len(blobs) - batch + 1, batch)]
+            )
+            summary = h.latency_summary(
+                h.time_calls(lambda: fitted.assemble(next(picks)), calls, warmup=20)
+            )
+            result.rows.append(
+                {
+                    "case": "transform (assemble)",
+                    "variant": variant,
+                    "batch": batch,
+                    "items_per_s": batch / (summary["p50_ms"] / 1000),
+                    **summary,
+                }
+            )
             p50[variant, batch] = summary["p50_ms"]
     if ("tune_allocator()", 256) in p50:
-        result.comparisons.append(h.ratio("assemble p50, batch 256", "glibc defaults", "tune_allocator()",
-                                          p50["glibc defaults", 256], p50["tune_allocator()", 256]))
+        result.comparisons.append(
+            h.ratio(
+                "assemble p50, batch 256",
+                "glibc defaults",
+                "tune_allocator()",
+                p50["glibc defaults", 256],
+                p50["tune_allocator()", 256],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -90,12 +90,18 @@ def triton_scorer(settings: Settings):
     try:
         scorer = ModelScorer(settings, settings.triton.model_name)
     except Exception as exc:  # not running, or the model is not loaded: a recorded gap
-        return None, f"model {settings.triton.model_name!r} not ready on Triton at {settings.triton.grpc_url}: " \
-                     f"{type(exc).__name__}: {str(exc)[:200]}"
+        return (
+            None,
+            f"model {settings.triton.model_name!r} not ready on Triton at "
+            f"{settings.triton.grpc_url}: "
+            f"{type(exc).__name__}: {str(exc)[:200]}",
+        )
     meta = scorer.net.client.get_model_metadata(settings.triton.model_name, as_json=True)
     dtypes = {"FP32": np.dtype("float32"), "INT64": np.dtype("int64")}
-    specs = tuple(mi.TensorSpec(i["name"], dtypes[i["datatype"]], tuple(int(d) for d in i["shape"][1:]))
-                  for i in meta["inputs"])
+    specs = tuple(
+        mi.TensorSpec(i["name"], dtypes[i["datatype"]], tuple(int(d) for d in i["shape"][1:]))
+        for i in meta["inputs"]
+    )
     return scorer, specs
 
 
@@ -111,25 +117,47 @@ def tensorrt_gap() -> str:
 
     if not torch.cuda.is_available():
         return "installed, but there is no CUDA GPU here"
-    return "installed with a GPU: build an engine with `m3t export tensorrt` and time it with trtexec"
+    return (
+        "installed with a GPU: build an engine with `m3t export tensorrt` and time it with trtexec"
+    )
 
 
-def run(settings: Settings, *, batches: tuple[int, ...] = (1, 4, 16, 64, 256, 1024), repeats: int = 3,
-        warmup: int = 1, min_items: int = 256, threads: int = 1, triton: bool = True) -> h.Result:
+def run(
+    settings: Settings,
+    *,
+    batches: tuple[int, ...] = (1, 4, 16, 64, 256, 1024),
+    repeats: int = 3,
+    warmup: int = 1,
+    min_items: int = 256,
+    threads: int = 1,
+    triton: bool = True,
+) -> h.Result:
     from m3t.onnx_runtime import onnx_session
     from trainer.export import example_inputs, export_graph
 
-    result = h.Result("inference", {"batches": list(batches), "repeats": repeats, "warmup": warmup,
-                                    "min_items_per_repeat": min_items, "threads": threads})
+    result = h.Result(
+        "inference",
+        {
+            "batches": list(batches),
+            "repeats": repeats,
+            "warmup": warmup,
+            "min_items_per_repeat": min_items,
+            "threads": threads,
+        },
+    )
     started = time.perf_counter()
     model, graph = build(threads)
     vocab = model.config.vocab_size
     in_names = [s.name for s in graph.inputs]
     out_names = [s.name for s in graph.outputs]
-    result.params["model"] = {"config": model.config.to_dict(),
-                              "parameters": sum(p.numel() for p in model.parameters())}
+    result.params["model"] = {
+        "config": model.config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        session = onnx_session(export_graph(graph, Path(tmp) / "m3t_lm.onnx", vocab), threads=threads)
+        session = onnx_session(
+            export_graph(graph, Path(tmp) / "m3t_lm.onnx", vocab), threads=threads
+        )
     scorer, triton_specs = triton_scorer(settings) if triton else (None, "not requested")
     if scorer is None:
         result.missing[TRITON] = triton_specs
@@ -138,13 +166,22 @@ def run(settings: Settings, *, batches: tuple[int, ...] = (1, 4, 16, 64, 256, 10
     try:
         for batch in batches:
             inputs = example_inputs(graph.inputs, batch, vocab_size=vocab, seed=batch)
-            calls = {EAGER: eager_call(model, inputs, in_names), ONNX: onnx_call(session, inputs, out_names)}
+            calls = {
+                EAGER: eager_call(model, inputs, in_names),
+                ONNX: onnx_call(session, inputs, out_names),
+            }
             notes = {}
             if scorer is not None:
-                requests = split(example_inputs(triton_specs, batch, vocab_size=2, seed=batch), scorer.net.max_batch)
+                requests = split(
+                    example_inputs(triton_specs, batch, vocab_size=2, seed=batch),
+                    scorer.net.max_batch,
+                )
                 calls[TRITON] = lambda requests=requests: [scorer.score(r) for r in requests]
                 if len(requests) > 1:
-                    notes[TRITON] = f"{len(requests)} requests of max_batch_size {scorer.net.max_batch}, in turn"
+                    notes[TRITON] = (
+                        f"{len(requests)} requests of max_batch_size {scorer.net.max_batch}, "
+                        "in turn"
+                    )
             rates = {}
             for variant, call in calls.items():
                 fn, items = repeated(call, batch, min_items)
@@ -154,12 +191,19 @@ def run(settings: Settings, *, batches: tuple[int, ...] = (1, 4, 16, 64, 256, 10
                 rates[variant] = measured["items_per_s"]
                 if batch == 1:
                     latency = h.latency_summary(h.time_calls(call, 50))
-                    result.rows.append({"case": "M3T-LM latency", "variant": variant, "batch": 1, **latency})
+                    result.rows.append(
+                        {"case": "M3T-LM latency", "variant": variant, "batch": 1, **latency}
+                    )
                     result.breakdown_ms[f"inference, {variant}"] = latency["p50_ms"]
-            result.comparisons.append(h.ratio(f"examples/s at batch {batch}", ONNX, EAGER, rates[ONNX], rates[EAGER]))
+            result.comparisons.append(
+                h.ratio(f"examples/s at batch {batch}", ONNX, EAGER, rates[ONNX], rates[EAGER])
+            )
             if TRITON in rates:
-                result.comparisons.append(h.ratio(f"examples/s at batch {batch}", TRITON, ONNX,
-                                                  rates[TRITON], rates[ONNX]))
+                result.comparisons.append(
+                    h.ratio(
+                        f"examples/s at batch {batch}", TRITON, ONNX, rates[TRITON], rates[ONNX]
+                    )
+                )
     finally:
         if scorer is not None:
             scorer.close()

@@ -27,20 +27,42 @@ from m3t.settings import Settings
 CLIENTS = ("kafka-python", "confluent")
 
 
-def run(settings: Settings, *, admissions: int = 2000, repeats: int = 3, warmup: int = 1,
-        workdir: Path | None = None) -> h.Result:
+def run(
+    settings: Settings,
+    *,
+    admissions: int = 2000,
+    repeats: int = 3,
+    warmup: int = 1,
+    workdir: Path | None = None,
+) -> h.Result:
     services.up(settings, ["kafka"])
-    result = h.Result("ingest", {"admissions": admissions, "repeats": repeats, "warmup": warmup, "acks": "all",
-                                 "linger_ms": 20, "batch_size": 512 * 1024, "compression": "none",
-                                 "partitions": settings.kafka.partitions})
+    result = h.Result(
+        "ingest",
+        {
+            "admissions": admissions,
+            "repeats": repeats,
+            "warmup": warmup,
+            "acks": "all",
+            "linger_ms": 20,
+            "batch_size": 512 * 1024,
+            "compression": "none",
+            "partitions": settings.kafka.partitions,
+        },
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cohort = Path(tmp) / "cohort"
         t = time.perf_counter()
         generate(cohort, admissions, seed=0)
         seconds = time.perf_counter() - t
-        result.rows.append({"case": "synth", "variant": "256px, DICOM", "items_per_s": admissions / seconds,
-                            "note": f"admissions/s, one run ({seconds:.1f} s)"})
+        result.rows.append(
+            {
+                "case": "synth",
+                "variant": "256px, DICOM",
+                "items_per_s": admissions / seconds,
+                "note": f"admissions/s, one run ({seconds:.1f} s)",
+            }
+        )
 
         readers = []
 
@@ -48,12 +70,20 @@ def run(settings: Settings, *, admissions: int = 2000, repeats: int = 3, warmup:
             reader = MimicReader(cohort)
             readers.append((reader, list(reader.admissions())))
 
-        read = h.measure(read_all, 1, warmup=0, repeats=repeats)  # one item per call: rescaled below
+        read = h.measure(
+            read_all, 1, warmup=0, repeats=repeats
+        )  # one item per call: rescaled below
         reader, events = readers[-1]
         rows = sum(t.read for t in reader.stats.tables.values())
         n_events = sum(map(len, events))
-        result.rows.append({"case": "read", "variant": "rows", **_scaled(read, rows),
-                            "note": f"{rows:,} rows -> {n_events:,} events"})
+        result.rows.append(
+            {
+                "case": "read",
+                "variant": "rows",
+                **_scaled(read, rows),
+                "note": f"{rows:,} rows -> {n_events:,} events",
+            }
+        )
 
         rates = {}
         for client in CLIENTS:
@@ -63,19 +93,40 @@ def run(settings: Settings, *, admissions: int = 2000, repeats: int = 3, warmup:
                     producer = make_producer(settings, client)
                     try:
                         measured = h.measure(
-                            lambda: replay(events, producer, topic, dead_letter_topic=topic, validate=validate),
-                            n_events, warmup=warmup, repeats=repeats)
+                            lambda: replay(
+                                events, producer, topic, dead_letter_topic=topic, validate=validate
+                            ),
+                            n_events,
+                            warmup=warmup,
+                            repeats=repeats,
+                        )
                     finally:
                         producer.close()
                 finally:
                     delete_topics(settings, [topic])
                 variant = f"{client}{'' if validate else ', no validation'}"
-                result.rows.append({"case": "replay", "variant": variant, **measured, "note": "events/s"})
+                result.rows.append(
+                    {"case": "replay", "variant": variant, **measured, "note": "events/s"}
+                )
                 rates[client, validate] = measured["items_per_s"]
-    result.comparisons.append(h.ratio("replay events/s (validated)", "confluent", "kafka-python",
-                                      rates["confluent", True], rates["kafka-python", True]))
-    result.comparisons.append(h.ratio("replay events/s, validation off over on", "confluent no validation",
-                                      "confluent", rates["confluent", False], rates["confluent", True]))
+    result.comparisons.append(
+        h.ratio(
+            "replay events/s (validated)",
+            "confluent",
+            "kafka-python",
+            rates["confluent", True],
+            rates["kafka-python", True],
+        )
+    )
+    result.comparisons.append(
+        h.ratio(
+            "replay events/s, validation off over on",
+            "confluent no validation",
+            "confluent",
+            rates["confluent", False],
+            rates["confluent", True],
+        )
+    )
     result.seconds = time.perf_counter() - started
     return result
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from benchmarks import harness as h
 from ingest import events as ev
@@ -25,15 +25,19 @@ CLIENTS = ("kafka-python", "confluent")
 
 def make_events(n: int, admissions: int = 256) -> list[tuple[bytes, bytes]]:
     """``n`` encoded (key, value) observation events spread over ``admissions`` admissions."""
-    t0 = datetime(2150, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2150, 1, 1, tzinfo=UTC)
     out = []
     for i in range(n):
         when = t0 + timedelta(seconds=i)
         event = ev.ObservationEvent(
-            event_id=ev.event_id("bench/kafka", i), hadm_id=30_000_000 + i % admissions,
-            subject_id=11_000_000 + i % admissions, event_time=when, source="bench/kafka",
-            payload=ev.ObservationPayload(itemid=50912, value=1.0 + (i % 50) / 10, unit="mg/dL",
-                                          charttime=when, kind="lab"),
+            event_id=ev.event_id("bench/kafka", i),
+            hadm_id=30_000_000 + i % admissions,
+            subject_id=11_000_000 + i % admissions,
+            event_time=when,
+            source="bench/kafka",
+            payload=ev.ObservationPayload(
+                itemid=50912, value=1.0 + (i % 50) / 10, unit="mg/dL", charttime=when, kind="lab"
+            ),
         )
         out.append((ev.key(event), ev.encode(event)))
     return out
@@ -44,7 +48,9 @@ def create_topic(settings: Settings, partitions: int | None = None) -> str:
 
     name = f"bench-{uuid.uuid4().hex[:10]}"
     admin = kafka.admin(settings)
-    admin.create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])[name].result(timeout=30)
+    admin.create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])[name].result(
+        timeout=30
+    )
     return name
 
 
@@ -55,6 +61,7 @@ def delete_topics(settings: Settings, names: list[str]) -> None:
             future.result(timeout=30)
     except Exception:  # a benchmark topic left behind is harmless; never fail the run for it
         pass
+
 
 def wait_for_partitions(lookup, topic: str, timeout_s: float = 20.0) -> list[int]:
     """The topic's partition ids, once the client's metadata has them: right after a topic
@@ -79,8 +86,13 @@ def kafka_python_partitions(consumer, topic: str) -> list[int]:
 def consume_kafka_python(settings: Settings, topic: str, n: int, timeout_s: float = 60.0) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                             max_poll_records=5000, client_id="m3t-bench")
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        client_id="m3t-bench",
+    )
     try:
         partitions = [TopicPartition(topic, p) for p in kafka_python_partitions(consumer, topic)]
         consumer.assign(partitions)
@@ -99,14 +111,22 @@ def consume_kafka_python(settings: Settings, topic: str, n: int, timeout_s: floa
 def consume_confluent(settings: Settings, topic: str, n: int, timeout_s: float = 60.0) -> float:
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-    consumer = kafka.consumer(settings, group_id=f"bench-{uuid.uuid4().hex[:8]}", client_id="m3t-bench")
+    consumer = kafka.consumer(
+        settings, group_id=f"bench-{uuid.uuid4().hex[:8]}", client_id="m3t-bench"
+    )
     try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in kafka.partitions(consumer, topic)])
+        consumer.assign(
+            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in kafka.partitions(consumer, topic)]
+        )
         started, seen = time.perf_counter(), 0
         while seen < n:
-            seen += sum(1 for m in consumer.consume(num_messages=5000, timeout=0.5) if m.error() is None)
+            seen += sum(
+                1 for m in consumer.consume(num_messages=5000, timeout=0.5) if m.error() is None
+            )
             if time.perf_counter() - started > timeout_s:
-                raise TimeoutError(f"confluent-kafka read {seen} of {n} records in {timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"confluent-kafka read {seen} of {n} records in {timeout_s:.0f} s"
+                )
         return time.perf_counter() - started
     finally:
         consumer.close()
@@ -118,7 +138,9 @@ CONSUMERS = {"kafka-python": consume_kafka_python, "confluent": consume_confluen
 # --- latency under open-loop load -------------------------------------------------------------
 
 
-def produce_to_consume_latency(settings: Settings, rate: float, seconds: float, drain_s: float = 5.0) -> dict:
+def produce_to_consume_latency(
+    settings: Settings, rate: float, seconds: float, drain_s: float = 5.0
+) -> dict:
     """Events sent at ``rate``/s with kafka-python (linger 1 ms); each event's latency runs
     from its scheduled send time to its arrival at a kafka-python consumer."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -126,9 +148,16 @@ def produce_to_consume_latency(settings: Settings, rate: float, seconds: float, 
     bootstrap = settings.kafka.bootstrap_servers
     topic = create_topic(settings)
     payload = make_events(1)[0][1]
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=5, client_id="m3t-bench")
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1, client_id="m3t-bench")
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
+        client_id="m3t-bench",
+    )
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=1, client_id="m3t-bench"
+    )
     try:
         partitions = [TopicPartition(topic, p) for p in kafka_python_partitions(consumer, topic)]
         consumer.assign(partitions)
@@ -166,14 +195,30 @@ def produce_to_consume_latency(settings: Settings, rate: float, seconds: float, 
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def run(settings: Settings, *, n_events: int = 50_000, repeats: int = 3, warmup: int = 1,
-        rates: tuple[float, ...] = (200, 1000, 4000), load_seconds: float = 3.0) -> h.Result:
+def run(
+    settings: Settings,
+    *,
+    n_events: int = 50_000,
+    repeats: int = 3,
+    warmup: int = 1,
+    rates: tuple[float, ...] = (200, 1000, 4000),
+    load_seconds: float = 3.0,
+) -> h.Result:
     """Produce and consume ``n_events`` with each client (median of ``repeats``), then
     produce-to-consume latency at each offered ``rate`` for ``load_seconds``."""
     services.up(settings, ["kafka"])
-    result = h.Result("kafka", {"n_events": n_events, "repeats": repeats, "warmup": warmup, "rates": list(rates),
-                                "load_seconds": load_seconds, "acks": "all",
-                                "partitions": settings.kafka.partitions})
+    result = h.Result(
+        "kafka",
+        {
+            "n_events": n_events,
+            "repeats": repeats,
+            "warmup": warmup,
+            "rates": list(rates),
+            "load_seconds": load_seconds,
+            "acks": "all",
+            "partitions": settings.kafka.partitions,
+        },
+    )
     started = time.perf_counter()
     events = make_events(n_events)
     topic = create_topic(settings)
@@ -182,6 +227,7 @@ def run(settings: Settings, *, n_events: int = 50_000, repeats: int = 3, warmup:
         for client in CLIENTS:
             producer = make_producer(settings, client)
             try:
+
                 def produce_all():
                     for key, value in events:
                         producer.send(topic, key, value)
@@ -194,15 +240,23 @@ def run(settings: Settings, *, n_events: int = 50_000, repeats: int = 3, warmup:
             rates_by["produce", client] = produced["items_per_s"]
         for client in CLIENTS:
             consume = CONSUMERS[client]
-            consumed = h.measure_seconds(lambda: consume(settings, topic, n_events), n_events,
-                                         warmup=warmup, repeats=repeats)
+            consumed = h.measure_seconds(
+                lambda: consume(settings, topic, n_events), n_events, warmup=warmup, repeats=repeats
+            )
             result.rows.append({"case": "consume", "variant": client, **consumed})
             rates_by["consume", client] = consumed["items_per_s"]
     finally:
         delete_topics(settings, [topic])
     for case in ("produce", "consume"):
-        result.comparisons.append(h.ratio(f"{case} events/s", "confluent", "kafka-python",
-                                          rates_by[case, "confluent"], rates_by[case, "kafka-python"]))
+        result.comparisons.append(
+            h.ratio(
+                f"{case} events/s",
+                "confluent",
+                "kafka-python",
+                rates_by[case, "confluent"],
+                rates_by[case, "kafka-python"],
+            )
+        )
     for rate in rates:
         latency = produce_to_consume_latency(settings, rate, load_seconds)
         result.rows.append({"case": "produce->consume", "variant": "kafka-python", **latency})

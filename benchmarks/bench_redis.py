@@ -63,8 +63,13 @@ def write_baseline(client, prefix: str, store: OnlineStore, hadm_ids: list[int])
     inputs = store.read_inputs(hadm_ids)
     with client.pipeline(transaction=False) as pipe:
         for i, hadm_id in enumerate(hadm_ids):
-            fields = {name: repr(float(v)) for name, v, seen in
-                      zip(fd.NUMERIC_FEATURES, inputs[mi.NUMERIC][i], inputs[mi.NUMERIC_MASK][i]) if seen}
+            fields = {
+                name: repr(float(v))
+                for name, v, seen in zip(
+                    fd.NUMERIC_FEATURES, inputs[mi.NUMERIC][i], inputs[mi.NUMERIC_MASK][i]
+                )
+                if seen
+            }
             fields[mi.NOTES_RADIOLOGY] = inputs[mi.NOTES_RADIOLOGY][i].astype(np.int64).tobytes()
             fields[mi.NOTES_DISCHARGE] = inputs[mi.NOTES_DISCHARGE][i].astype(np.int64).tobytes()
             pipe.hset(baseline_key(prefix, hadm_id), mapping=fields)
@@ -90,8 +95,12 @@ def read_baseline(client, prefix: str, hadm_ids: list[int]) -> dict[str, np.ndar
                 numeric[i, column], mask[i, column] = float(value), 1.0
         radiology[i] = np.frombuffer(row[mi.NOTES_RADIOLOGY.encode()], np.int64)
         discharge[i] = np.frombuffer(row[mi.NOTES_DISCHARGE.encode()], np.int64)
-    return {mi.NUMERIC: numeric, mi.NUMERIC_MASK: mask, mi.NOTES_RADIOLOGY: radiology,
-            mi.NOTES_DISCHARGE: discharge}
+    return {
+        mi.NUMERIC: numeric,
+        mi.NUMERIC_MASK: mask,
+        mi.NOTES_RADIOLOGY: radiology,
+        mi.NOTES_DISCHARGE: discharge,
+    }
 
 
 def c_client_read(settings: Settings, keys: list[str], calls: int) -> dict | None:
@@ -103,31 +112,64 @@ def c_client_read(settings: Settings, keys: list[str], calls: int) -> dict | Non
     cfg = settings.redis
     auth = ["--user", cfg.username] if cfg.username else []
     auth += ["-a", cfg.password.get_secret_value()] if cfg.password.get_secret_value() else []
-    command = [binary, "-h", cfg.host, "-p", str(cfg.port), "-n", str(calls), "-c", "1", "--csv", *auth, "MGET", *keys]
+    command = [
+        binary,
+        "-h",
+        cfg.host,
+        "-p",
+        str(cfg.port),
+        "-n",
+        str(calls),
+        "-c",
+        "1",
+        "--csv",
+        *auth,
+        "MGET",
+        *keys,
+    ]
     out = subprocess.run(command, capture_output=True, check=True, timeout=120).stdout.decode()
     header, row = list(csv.reader(out.strip().splitlines()))[-2:]
     stats = dict(zip(header, row))
-    return {f"{p}_ms": float(stats[f"{p}_latency_ms"]) for p in ("p50", "p95", "p99")} | {"samples": calls}
+    return {f"{p}_ms": float(stats[f"{p}_latency_ms"]) for p in ("p50", "p95", "p99")} | {
+        "samples": calls
+    }
 
 
 def drop_prefix(client, prefix: str) -> None:
     unlink(client, client.scan_iter(match=f"{prefix}:*", count=1000))
 
 
-# --- the stage -------------------------------------------------------------------------------------
+# --- the stage ------------------------------------------------------------------------------------
 
 
-def run(settings: Settings, *, admissions: int = 1024, observations: int = 40,
-        batches: tuple[int, ...] = (1, 64, 256, 1024), write_batch: int = 500, reads: int = 1000,
-        repeats: int = 3, warmup: int = 1) -> h.Result:
+def run(
+    settings: Settings,
+    *,
+    admissions: int = 1024,
+    observations: int = 40,
+    batches: tuple[int, ...] = (1, 64, 256, 1024),
+    write_batch: int = 500,
+    reads: int = 1000,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> h.Result:
     """Writes: every event of ``admissions`` seeded admissions, ``write_batch`` events per
     call, in a fresh namespace each repeat. Reads: ``reads`` calls per batch size (at most
     200 for the HGETALL baseline)."""
     services.up(settings, ["redis"])
     batches = tuple(b for b in batches if b <= admissions)
-    result = h.Result("redis", {"admissions": admissions, "observations_per_admission": observations,
-                                "batches": list(batches), "write_batch": write_batch, "reads": reads,
-                                "repeats": repeats, "warmup": warmup})
+    result = h.Result(
+        "redis",
+        {
+            "admissions": admissions,
+            "observations_per_admission": observations,
+            "batches": list(batches),
+            "write_batch": write_batch,
+            "reads": reads,
+            "repeats": repeats,
+            "warmup": warmup,
+        },
+    )
     # Reads are measured as the stream worker makes them: it tunes the allocator at start
     # (stream/cli.py; the features stage measures what that is worth). Process-wide: `m3t
     # bench all` runs the features stage, which measures glibc's defaults, before this one.
@@ -181,25 +223,55 @@ def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -
         read_p50 = {}
         for batch in batches:
             picks = [rng.choice(hadm_ids, batch, replace=False).tolist() for _ in range(8)]
-            for variant, read in ((STORE, lambda ids: store.read_inputs(ids)),
-                                  (BASELINE, lambda ids: read_baseline(client, prefix, ids))):
+            for variant, read in (
+                (STORE, lambda ids: store.read_inputs(ids)),
+                (BASELINE, lambda ids: read_baseline(client, prefix, ids)),
+            ):
                 batches_in_turn = itertools.cycle(picks)
                 # The baseline is far slower: 200 calls bound its time; the store's p99
                 # needs more (of 200 calls, p99 is the second slowest on a noisy machine).
                 calls = reads if variant == STORE else min(reads, 200)
                 latencies = h.time_calls(lambda: read(next(batches_in_turn)), calls)
                 summary = h.latency_summary(latencies)
-                result.rows.append({"case": "read features", "variant": variant, "batch": batch,
-                                    "items_per_s": batch / (summary["p50_ms"] / 1000), **summary})
+                result.rows.append(
+                    {
+                        "case": "read features",
+                        "variant": variant,
+                        "batch": batch,
+                        "items_per_s": batch / (summary["p50_ms"] / 1000),
+                        **summary,
+                    }
+                )
                 read_p50[variant, batch] = summary["p50_ms"]
-            result.comparisons.append(h.ratio(f"read p50 latency, batch {batch}", BASELINE, STORE,
-                                              read_p50[BASELINE, batch], read_p50[STORE, batch]))
+            result.comparisons.append(
+                h.ratio(
+                    f"read p50 latency, batch {batch}",
+                    BASELINE,
+                    STORE,
+                    read_p50[BASELINE, batch],
+                    read_p50[STORE, batch],
+                )
+            )
             floor = c_client_read(settings, [store.keys(h)[0] for h in picks[0]], reads)
             if floor is not None:
-                result.rows.append({"case": "MGET serving blobs", "variant": FLOOR, "batch": batch,
-                                    "items_per_s": batch / (floor["p50_ms"] / 1000), **floor})
-                result.comparisons.append(h.ratio(f"read p50 latency, batch {batch}", STORE, FLOOR,
-                                                  read_p50[STORE, batch], floor["p50_ms"]))
+                result.rows.append(
+                    {
+                        "case": "MGET serving blobs",
+                        "variant": FLOOR,
+                        "batch": batch,
+                        "items_per_s": batch / (floor["p50_ms"] / 1000),
+                        **floor,
+                    }
+                )
+                result.comparisons.append(
+                    h.ratio(
+                        f"read p50 latency, batch {batch}",
+                        STORE,
+                        FLOOR,
+                        read_p50[STORE, batch],
+                        floor["p50_ms"],
+                    )
+                )
         if 1 in batches:
             result.breakdown_ms["redis feature read"] = read_p50[STORE, 1]
     finally:

@@ -4,8 +4,9 @@ The common event is a lab or a vital: the admission's notes and X-ray are unchan
 full-model path (``m3t_lm``) decodes the X-ray and runs every encoder again; the cached
 path (``m3t_rescore``: the numeric encoder and the fusion head in one call, note and X-ray
 embeddings from Redis) runs only what changed. Both score the same batch of admissions,
-side by side in one run, on the real Triton and Redis. The admissions are those the live system holds (after `make demo`:
-the current inpatients), so the numbers are of real feature rows with notes and X-rays.
+side by side in one run, on the real Triton and Redis. The admissions are those the live
+system holds (after `make demo`: the current inpatients), so the numbers are of real feature
+rows with notes and X-rays.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def current_admissions(client, limit: int) -> list[int]:
     return [int(m) for m in client.zrevrange(RANKING_KEY, 0, limit - 1)]
 
 
-def run(settings: Settings, *, batch: int = 256, repeats: int = 5, store=None, hadm_ids=None) -> h.Result:
+def run(
+    settings: Settings, *, batch: int = 256, repeats: int = 5, store=None, hadm_ids=None
+) -> h.Result:
     from m3t.clients import redis_client
     from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
 
@@ -40,7 +43,9 @@ def run(settings: Settings, *, batch: int = 256, repeats: int = 5, store=None, h
             store = OnlineStore.current(client)
         hadm_ids = list(hadm_ids or current_admissions(client, batch))
         if not hadm_ids:
-            raise LookupError("no current admissions in Redis: run `make demo` (or replay a cohort) first")
+            raise LookupError(
+                "no current admissions in Redis: run `make demo` (or replay a cohort) first"
+            )
         full, cached = FullModelScorer(settings), CachedEncoderScorer(settings, client)
     except (LookupError, RuntimeError) as exc:
         result.missing["scoring"] = str(exc)
@@ -51,20 +56,40 @@ def run(settings: Settings, *, batch: int = 256, repeats: int = 5, store=None, h
     modalities = inputs["modality_mask"].mean(axis=0)
     rows = {}
     for name, scorer in ((FULL, full), (CACHED, cached)):
-        rows[name] = h.measure(lambda s=scorer: s.score(inputs), len(hadm_ids), warmup=1, repeats=repeats)
-        result.rows.append({"case": "rescoring after a numeric update", "variant": name,
-                            "batch": len(hadm_ids), **rows[name]})
+        rows[name] = h.measure(
+            lambda s=scorer: s.score(inputs), len(hadm_ids), warmup=1, repeats=repeats
+        )
+        result.rows.append(
+            {
+                "case": "rescoring after a numeric update",
+                "variant": name,
+                "batch": len(hadm_ids),
+                **rows[name],
+            }
+        )
     los_full, mort_full = full.score(inputs)
     los_cached, mort_cached = cached.score(inputs)
-    result.params.update({
-        "admissions": len(hadm_ids),
-        "with_radiology_note": float(modalities[0]), "with_discharge_note": float(modalities[1]),
-        "with_cxr": float(modalities[2]),
-        "max_abs_diff_los": float(np.max(np.abs(los_full - los_cached))),
-        "max_abs_diff_mortality": float(np.max(np.abs(mort_full - mort_cached))),
-    })
-    result.comparisons.append(h.ratio("rescoring admissions/s", CACHED, FULL,
-                                      rows[CACHED]["items_per_s"], rows[FULL]["items_per_s"]))
-    result.breakdown_ms = {name: 1000 * r["seconds_median"] / len(hadm_ids) for name, r in rows.items()}
+    result.params.update(
+        {
+            "admissions": len(hadm_ids),
+            "with_radiology_note": float(modalities[0]),
+            "with_discharge_note": float(modalities[1]),
+            "with_cxr": float(modalities[2]),
+            "max_abs_diff_los": float(np.max(np.abs(los_full - los_cached))),
+            "max_abs_diff_mortality": float(np.max(np.abs(mort_full - mort_cached))),
+        }
+    )
+    result.comparisons.append(
+        h.ratio(
+            "rescoring admissions/s",
+            CACHED,
+            FULL,
+            rows[CACHED]["items_per_s"],
+            rows[FULL]["items_per_s"],
+        )
+    )
+    result.breakdown_ms = {
+        name: 1000 * r["seconds_median"] / len(hadm_ids) for name, r in rows.items()
+    }
     result.seconds = time.perf_counter() - started
     return result

@@ -17,11 +17,15 @@ from benchmarks.stages import STAGES, run_all
 console = Console()
 err = Console(stderr=True)
 
-app = typer.Typer(help="Benchmark throughput and latency, stage by stage and end to end.", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmark throughput and latency, stage by stage and end to end.", no_args_is_help=True
+)
 
 QUICK = typer.Option(False, "--quick", help="Small sizes: every stage in a few minutes on 2 cores.")
 OUT = typer.Option(h.RESULTS_DIR, "--out", help="Folder for the JSON, markdown and PNG results.")
-AS_JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of tables.")
+AS_JSON = typer.Option(
+    False, "--json", help="Print the result as JSON on stdout instead of tables."
+)
 
 
 def _settings():
@@ -53,7 +57,7 @@ def _stage_command(name: str):
             result = stage.run(_settings(), quick=quick)
         except Exception as exc:  # services down, data missing: one clean line
             err.print(f"[red]error:[/] bench {name} failed: {type(exc).__name__}: {exc}")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         _show(result, h.save(result, out), as_json)
 
     command.__doc__ = stage.help
@@ -81,11 +85,16 @@ def all_stages(
         if not as_json:
             _show(result, None, False)
 
-    results, pipeline = run_all(_settings(), quick=quick, out_dir=out, stages=stages or None, on_result=progress)
+    results, pipeline = run_all(
+        _settings(), quick=quick, out_dir=out, stages=stages or None, on_result=progress
+    )
     if as_json:
         print(h.dumps([r.to_dict() for r in [*results, pipeline]]))
     else:
-        console.print("one event's path (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in pipeline.breakdown_ms.items()))
+        console.print(
+            "one event's path (ms): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in pipeline.breakdown_ms.items())
+        )
         console.print(f"[dim]wrote {Path(out) / 'summary-latest.md'}[/]")
     for name, why in pipeline.missing.items():
         err.print(f"[red]stage {name} failed:[/] {why}")
@@ -94,13 +103,17 @@ def all_stages(
 
 
 @app.command("show")
-def show(path: Path = typer.Argument(..., help="A result JSON file, e.g. benchmarks/results/redis-latest.json")):
+def show(
+    path: Path = typer.Argument(
+        ..., help="A result JSON file, e.g. benchmarks/results/redis-latest.json"
+    ),
+):
     """Print a saved result's tables (and redraw its plots next to it)."""
     try:
         result = h.load(path)
     except (OSError, ValueError, TypeError) as exc:
         err.print(f"[red]error:[/] cannot read {path}: {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     _show(result, None, False)
     from benchmarks.plots import plot
 

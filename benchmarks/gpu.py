@@ -33,6 +33,7 @@ DALI is not in that machine's image: carry its wheels (README, Performance).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
 import sys
@@ -64,9 +65,14 @@ class Budget:
 
 def build_model(device: str):
     from features import definitions as fd
-    from trainer.model import M3TConfig, build_model as build
+    from trainer.model import M3TConfig
+    from trainer.model import build_model as build
 
-    return build(M3TConfig(n_features=fd.N_NUMERIC, vocab_size=fd.VOCAB_SIZE), seed=0).eval().to(device)
+    return (
+        build(M3TConfig(n_features=fd.N_NUMERIC, vocab_size=fd.VOCAB_SIZE), seed=0)
+        .eval()
+        .to(device)
+    )
 
 
 def make_inputs(batch: int, device: str, dtype, seed: int = 0):
@@ -131,9 +137,17 @@ def synchronized(call, device: str):
     return run
 
 
-def model_benchmarks(result: h.Result, batches, repeats: int, min_items: int, budget: Budget,
-                     modes=MODES, reference: dict | None = None, device: str = "cuda",
-                     dtypes=DTYPES) -> None:
+def model_benchmarks(
+    result: h.Result,
+    batches,
+    repeats: int,
+    min_items: int,
+    budget: Budget,
+    modes=MODES,
+    reference: dict | None = None,
+    device: str = "cuda",
+    dtypes=DTYPES,
+) -> None:
     """Every (mode, dtype, batch), fp32 eager first: ``reference`` keeps its outputs per
     batch so each other variant's accuracy is measured on the same inputs."""
     import torch
@@ -157,11 +171,22 @@ def model_benchmarks(result: h.Result, batches, repeats: int, min_items: int, bu
                     continue
                 inputs = make_inputs(batch, device, torch_dtypes[name], seed=batch)
                 try:
-                    call = cuda_graph(model, inputs) if mode == "cuda-graph" else (lambda: run_model(*inputs))
-                    result.rows.append(_measure_model(call, label, name, mode, batch, repeats, min_items,
-                                                      reference, device))
-                except Exception as exc:  # one variant failing (e.g. compile) must not lose the rest
-                    result.missing[f"{label}, batch {batch}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    call = (
+                        cuda_graph(model, inputs)
+                        if mode == "cuda-graph"
+                        else functools.partial(run_model, *inputs)
+                    )
+                    result.rows.append(
+                        _measure_model(
+                            call, label, name, mode, batch, repeats, min_items, reference, device
+                        )
+                    )
+                except (
+                    Exception
+                ) as exc:  # one variant failing (e.g. compile) must not lose the rest
+                    result.missing[f"{label}, batch {batch}"] = (
+                        f"{type(exc).__name__}: {str(exc)[:300]}"
+                    )
             del model, run_model
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -177,8 +202,10 @@ def _measure_model(call, label, dtype, mode, batch, repeats, min_items, referenc
             reference[batch] = (los.clone(), mortality.clone())
         diff = None
         if batch in reference:
-            diff = max(float((los - reference[batch][0]).abs().max()),
-                       float((mortality - reference[batch][1]).abs().max()))
+            diff = max(
+                float((los - reference[batch][0]).abs().max()),
+                float((mortality - reference[batch][1]).abs().max()),
+            )
         calls = min(64, max(1, math.ceil(min_items / batch)))
 
         def many():
@@ -186,23 +213,47 @@ def _measure_model(call, label, dtype, mode, batch, repeats, min_items, referenc
                 call()
             sync(device)
 
-        row = {"case": "M3T-LM", "variant": label, "batch": batch, "dtype": dtype, "mode": mode, "device": device,
-               "max_abs_diff_vs_fp32_eager": diff,
-               **h.measure(many, calls * batch, warmup=1, repeats=repeats)}
+        row = {
+            "case": "M3T-LM",
+            "variant": label,
+            "batch": batch,
+            "dtype": dtype,
+            "mode": mode,
+            "device": device,
+            "max_abs_diff_vs_fp32_eager": diff,
+            **h.measure(many, calls * batch, warmup=1, repeats=repeats),
+        }
         if batch == 1:
             row.update(h.latency_summary(h.time_calls(synchronized(call, device), 100, warmup=5)))
     return row
 
 
 def model_ratios(result: h.Result, batches) -> None:
-    rate = {(r["variant"], r["batch"]): r["items_per_s"] for r in result.rows if r.get("case") == "M3T-LM"}
+    rate = {
+        (r["variant"], r["batch"]): r["items_per_s"]
+        for r in result.rows
+        if r.get("case") == "M3T-LM"
+    }
     for batch in batches:
         base = rate.get(("eager fp32", batch))
-        for variant in ("cuda-graph fp32", "compile fp32", "eager fp16", "eager bf16", "cuda-graph fp16",
-                        "cuda-graph bf16"):
+        for variant in (
+            "cuda-graph fp32",
+            "compile fp32",
+            "eager fp16",
+            "eager bf16",
+            "cuda-graph fp16",
+            "cuda-graph bf16",
+        ):
             if base and (variant, batch) in rate:
-                result.comparisons.append(h.ratio(f"M3T-LM examples/s at batch {batch}", variant, "eager fp32",
-                                                  rate[variant, batch], base))
+                result.comparisons.append(
+                    h.ratio(
+                        f"M3T-LM examples/s at batch {batch}",
+                        variant,
+                        "eager fp32",
+                        rate[variant, batch],
+                        base,
+                    )
+                )
 
 
 # --- chest X-rays: nvJPEG -------------------------------------------------------------------------
@@ -214,8 +265,11 @@ def jpeg_samples(folder: Path | None, count: int) -> tuple[list[bytes], str]:
     from PIL import Image
 
     images, source = [], "synthetic 2048x2048 grayscale"
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder and \
-        folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if folder and folder.is_dir()
+        else []
+    )
     if files:
         source = f"{len(files)} real samples from {folder} (re-encoded as JPEG q90)"
         for path in files:
@@ -241,7 +295,10 @@ def pil_preprocess(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        x = np.asarray(img.convert("L").resize((CXR_SIZE, CXR_SIZE), Image.BILINEAR), np.float32) / 255.0
+        x = (
+            np.asarray(img.convert("L").resize((CXR_SIZE, CXR_SIZE), Image.BILINEAR), np.float32)
+            / 255.0
+        )
     return ((x - CXR_MEAN) / CXR_STD)[None]
 
 
@@ -252,35 +309,67 @@ def nvjpeg_preprocess(encoded: list):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     decoded = decode_jpeg(encoded, mode=ImageReadMode.GRAY, device="cuda")
-    resized = [F.interpolate(img[None].float(), size=(CXR_SIZE, CXR_SIZE), mode="bilinear", antialias=True)
-               for img in decoded]
+    resized = [
+        F.interpolate(img[None].float(), size=(CXR_SIZE, CXR_SIZE), mode="bilinear", antialias=True)
+        for img in decoded
+    ]
     out = (torch.cat(resized) / 255.0 - CXR_MEAN) / CXR_STD
     torch.cuda.synchronize()
     return out
 
 
-def cxr_benchmarks(result: h.Result, folder: Path | None, images: int, batches, repeats: int, budget: Budget,
-                   device: str = "cuda") -> None:
+def cxr_benchmarks(
+    result: h.Result,
+    folder: Path | None,
+    images: int,
+    batches,
+    repeats: int,
+    budget: Budget,
+    device: str = "cuda",
+) -> None:
     import torch
 
     data, source = jpeg_samples(folder, images)
     result.params["cxr_images"] = source
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     pil = h.measure(lambda: [pil_preprocess(d) for d in data], len(data), warmup=1, repeats=repeats)
-    result.rows.append({"case": "CXR decode+preprocess", "variant": "Pillow + NumPy (CPU, 1 thread)", **pil})
+    result.rows.append(
+        {"case": "CXR decode+preprocess", "variant": "Pillow + NumPy (CPU, 1 thread)", **pil}
+    )
     for batch in batches:
         if budget.left() < 0 or device != "cuda":
-            result.missing[f"nvJPEG, batch {batch}"] = "time budget spent" if device == "cuda" else "needs CUDA"
+            result.missing[f"nvJPEG, batch {batch}"] = (
+                "time budget spent" if device == "cuda" else "needs CUDA"
+            )
             continue
         chunks = [tensors[i : i + batch] for i in range(0, len(tensors), batch)]
         try:
-            gpu = h.measure(lambda: [nvjpeg_preprocess(c) for c in chunks], len(tensors), warmup=1, repeats=repeats)
+            gpu = h.measure(
+                lambda: [nvjpeg_preprocess(c) for c in chunks],
+                len(tensors),
+                warmup=1,
+                repeats=repeats,
+            )
         except Exception as exc:  # keep what was measured; say why this one was not
             result.missing[f"nvJPEG, batch {batch}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             continue
-        result.rows.append({"case": "CXR decode+preprocess", "variant": "nvJPEG + torch (GPU)", "batch": batch, **gpu})
-        result.comparisons.append(h.ratio(f"CXR images/s at batch {batch}", "nvJPEG + torch (GPU)", "Pillow + NumPy",
-                                          gpu["items_per_s"], pil["items_per_s"]))
+        result.rows.append(
+            {
+                "case": "CXR decode+preprocess",
+                "variant": "nvJPEG + torch (GPU)",
+                "batch": batch,
+                **gpu,
+            }
+        )
+        result.comparisons.append(
+            h.ratio(
+                f"CXR images/s at batch {batch}",
+                "nvJPEG + torch (GPU)",
+                "Pillow + NumPy",
+                gpu["items_per_s"],
+                pil["items_per_s"],
+            )
+        )
 
 
 # --- chest X-rays: the project's DALI pipeline --------------------------------------------------
@@ -293,8 +382,11 @@ def dali_samples(folder: Path | None, count: int) -> dict[str, list]:
     from features import cxr
 
     stored, pixels = [], []
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")) \
-        if folder and folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+        if folder and folder.is_dir()
+        else []
+    )
     for path in files:
         try:
             item = cxr.load(str(path))
@@ -302,16 +394,32 @@ def dali_samples(folder: Path | None, count: int) -> dict[str, list]:
             continue
         (stored if isinstance(item, cxr.Encoded) else pixels).append(item)
     jpegs, _ = jpeg_samples(folder, count)
-    groups = {"as stored": stored, "JPEG q90": [cxr.Encoded(d) for d in jpegs], "DICOM pixels": pixels}
-    return {kind: [items[i % len(items)] for i in range(count)] for kind, items in groups.items() if items}
+    groups = {
+        "as stored": stored,
+        "JPEG q90": [cxr.Encoded(d) for d in jpegs],
+        "DICOM pixels": pixels,
+    }
+    return {
+        kind: [items[i % len(items)] for i in range(count)]
+        for kind, items in groups.items()
+        if items
+    }
 
 
 def _max_diff(result, reference: list[np.ndarray]) -> float:
     return float(max(np.abs(result.tensors[i] - ref).max() for i, ref in enumerate(reference)))
 
 
-def dali_benchmarks(result: h.Result, folder: Path | None, images: int, batches, repeats: int, budget: Budget,
-                    device: str = "cuda", cpu_threads: int = 8) -> None:
+def dali_benchmarks(
+    result: h.Result,
+    folder: Path | None,
+    images: int,
+    batches,
+    repeats: int,
+    budget: Budget,
+    device: str = "cuda",
+    cpu_threads: int = 8,
+) -> None:
     try:
         from features import cxr
     except ImportError as exc:
@@ -328,8 +436,19 @@ def dali_benchmarks(result: h.Result, folder: Path | None, images: int, batches,
     devices = ("cpu", "gpu") if device == "cuda" else ("cpu",)
     for kind, items in samples.items():
         reference = [cxr.reference_preprocess(x) for x in items]
-        ref = h.measure(lambda: [cxr.reference_preprocess(x) for x in items], len(items), warmup=1, repeats=repeats)
-        result.rows.append({"case": f"DALI pipeline, {kind}", "variant": "Pillow/NumPy reference (1 thread)", **ref})
+        ref = h.measure(
+            lambda: [cxr.reference_preprocess(x) for x in items],
+            len(items),
+            warmup=1,
+            repeats=repeats,
+        )
+        result.rows.append(
+            {
+                "case": f"DALI pipeline, {kind}",
+                "variant": "Pillow/NumPy reference (1 thread)",
+                **ref,
+            }
+        )
         for batch in batches:
             rates = {}
             for where in devices:
@@ -339,24 +458,51 @@ def dali_benchmarks(result: h.Result, folder: Path | None, images: int, batches,
                     continue
                 try:
                     # The same CPU threads for both: the GPU pipeline's decoder uses them for PNG.
-                    pipeline = cxr.CxrPreprocessor(batch_size=batch, device=where, num_threads=cpu_threads)
+                    pipeline = cxr.CxrPreprocessor(
+                        batch_size=batch, device=where, num_threads=cpu_threads
+                    )
                     out = pipeline(items)  # the outputs checked below, and the warm-up
                     rate = h.measure(lambda: pipeline(items), len(items), warmup=0, repeats=repeats)
                 except Exception as exc:  # keep what was measured; say why this one was not
-                    result.missing[f"{label}, {kind}, batch {batch}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    result.missing[f"{label}, {kind}, batch {batch}"] = (
+                        f"{type(exc).__name__}: {str(exc)[:300]}"
+                    )
                     continue
-                result.rows.append({"case": f"DALI pipeline, {kind}", "variant": label, "batch": batch, **rate,
-                                    "failed_images": int((~out.ok).sum()),
-                                    "max_abs_diff_vs_reference": _max_diff(out, reference)})
-                result.comparisons.append(h.ratio(f"{kind} images/s at batch {batch}", label, "Pillow/NumPy reference",
-                                                  rate["items_per_s"], ref["items_per_s"]))
+                result.rows.append(
+                    {
+                        "case": f"DALI pipeline, {kind}",
+                        "variant": label,
+                        "batch": batch,
+                        **rate,
+                        "failed_images": int((~out.ok).sum()),
+                        "max_abs_diff_vs_reference": _max_diff(out, reference),
+                    }
+                )
+                result.comparisons.append(
+                    h.ratio(
+                        f"{kind} images/s at batch {batch}",
+                        label,
+                        "Pillow/NumPy reference",
+                        rate["items_per_s"],
+                        ref["items_per_s"],
+                    )
+                )
                 rates[where] = (label, rate["items_per_s"])
             if len(rates) == 2:
                 (cpu_label, cpu_rate), (gpu_label, gpu_rate) = rates["cpu"], rates["gpu"]
-                result.comparisons.append(h.ratio(f"{kind} images/s at batch {batch}", gpu_label, cpu_label,
-                                                  gpu_rate, cpu_rate))
+                result.comparisons.append(
+                    h.ratio(
+                        f"{kind} images/s at batch {batch}",
+                        gpu_label,
+                        cpu_label,
+                        gpu_rate,
+                        cpu_rate,
+                    )
+                )
     if device == "cuda" and "JPEG q90" in samples:
-        result.params["dali_serialized_gpu_pipeline"] = _serialized_check(cxr, samples["JPEG q90"][:32])
+        result.params["dali_serialized_gpu_pipeline"] = _serialized_check(
+            cxr, samples["JPEG q90"][:32]
+        )
 
 
 def _serialized_check(cxr, items: list) -> dict:
@@ -372,7 +518,9 @@ def _serialized_check(cxr, items: list) -> dict:
         (out,) = pipe.run()
         out = out.as_cpu()
         direct = cxr.CxrPreprocessor(batch_size=len(items), device="gpu")(items)
-        diff = max(float(np.abs(np.array(out[i]) - direct.tensors[i]).max()) for i in range(len(items)))
+        diff = max(
+            float(np.abs(np.array(out[i]) - direct.tensors[i]).max()) for i in range(len(items))
+        )
         return {"bytes": len(blob), "images": len(items), "max_abs_diff_vs_in_process": diff}
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -387,16 +535,37 @@ def run(result: h.Result, args, device: str) -> None:
         dtypes, modes = args.dtypes, tuple(m for m in args.modes if m != "compile")
     else:  # --dry-run: the same code at the smallest sizes, fp32 eager on the CPU
         repeats, min_items, images, dtypes, modes = 1, 1, 2, ("fp32",), ("eager",)
-    result.params.update(repeats=repeats, min_items_per_repeat=min_items, cxr_image_count=images, device=device)
+    result.params.update(
+        repeats=repeats, min_items_per_repeat=min_items, cxr_image_count=images, device=device
+    )
     if "model" not in args.skip:
-        model_benchmarks(result, args.batches, repeats, min_items, budget, modes, reference, device, dtypes)
+        model_benchmarks(
+            result, args.batches, repeats, min_items, budget, modes, reference, device, dtypes
+        )
     if "cxr" not in args.skip:
         cxr_benchmarks(result, args.images, images, (1, 8, 32, 128), repeats, budget, device)
     if "dali" not in args.skip:
-        dali_benchmarks(result, args.images, images, (1, 32, 128) if device == "cuda" else (1, 2), repeats, budget,
-                        device)
+        dali_benchmarks(
+            result,
+            args.images,
+            images,
+            (1, 32, 128) if device == "cuda" else (1, 2),
+            repeats,
+            budget,
+            device,
+        )
     if "model" not in args.skip and device == "cuda" and "compile" in args.modes:
-        model_benchmarks(result, args.batches, repeats, min_items, budget, ("compile",), reference, device, dtypes)
+        model_benchmarks(
+            result,
+            args.batches,
+            repeats,
+            min_items,
+            budget,
+            ("compile",),
+            reference,
+            device,
+            dtypes,
+        )
     if "model" not in args.skip:
         model_ratios(result, args.batches)
 
@@ -405,21 +574,52 @@ def run(result: h.Result, args, device: str) -> None:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="m3t-stream GPU benchmarks (one call, results as JSON).")
-    parser.add_argument("--out", type=Path, default=h.RESULTS_DIR, help="results folder (default benchmarks/results)")
+    parser = argparse.ArgumentParser(
+        description="m3t-stream GPU benchmarks (one call, results as JSON)."
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=h.RESULTS_DIR,
+        help="results folder (default benchmarks/results)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="no GPU needed: run the script's code on the CPU at tiny sizes and write the result")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting measurements after this")
-    parser.add_argument("--batches", type=lambda s: tuple(int(b) for b in s.split(",")), default=None,
-                        help="model batch sizes, comma-separated (default 1,16,64,256,1024; quick 1,64,1024)")
-    parser.add_argument("--images", type=Path, default=h.PROJECT_ROOT.parent / "shared" / "data" / "cxr-samples",
-                        help="folder of real chest X-ray PNG/JPEG samples (synthetic images if absent)")
-    parser.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES,
-                        help="model dtypes, comma-separated, from fp32,fp16,bf16 (fp32 is the accuracy reference)")
-    parser.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=MODES,
-                        help="model modes, comma-separated, from eager,cuda-graph,compile (eager fp32 is the reference)")
-    parser.add_argument("--skip", choices=("model", "cxr", "dali"), action="append", default=[], help="skip a part")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU needed: run the script's code on the CPU at tiny sizes and write the result",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=480.0, help="stop starting measurements after this"
+    )
+    parser.add_argument(
+        "--batches",
+        type=lambda s: tuple(int(b) for b in s.split(",")),
+        default=None,
+        help="model batch sizes, comma-separated (default 1,16,64,256,1024; quick 1,64,1024)",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=h.PROJECT_ROOT.parent / "shared" / "data" / "cxr-samples",
+        help="folder of real chest X-ray PNG/JPEG samples (synthetic images if absent)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=lambda s: tuple(s.split(",")),
+        default=DTYPES,
+        help="model dtypes, comma-separated, from fp32,fp16,bf16 (fp32 is the accuracy reference)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=lambda s: tuple(s.split(",")),
+        default=MODES,
+        help="model modes, comma-separated, from eager,cuda-graph,compile "
+        "(eager fp32 is the reference)",
+    )
+    parser.add_argument(
+        "--skip", choices=("model", "cxr", "dali"), action="append", default=[], help="skip a part"
+    )
     args = parser.parse_args(argv)
     if args.batches is None:
         args.batches = (1, 64, 1024) if args.quick else (1, 16, 64, 256, 1024)
@@ -436,8 +636,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    result = h.Result("gpu", {"quick": args.quick, "batches": list(args.batches), "budget_s": args.budget_s,
-                              "dry_run": args.dry_run})
+    result = h.Result(
+        "gpu",
+        {
+            "quick": args.quick,
+            "batches": list(args.batches),
+            "budget_s": args.budget_s,
+            "dry_run": args.dry_run,
+        },
+    )
     started = time.perf_counter()
     import torch
 
@@ -445,15 +652,22 @@ def main(argv=None) -> int:
         args.batches = (1, 2)
         result.params["batches"] = list(args.batches)
         run(result, args, "cpu")
-        result.missing["GPU"] = "--dry-run: the script's own code ran on the CPU at tiny sizes; nothing on a GPU"
+        result.missing["GPU"] = (
+            "--dry-run: the script's own code ran on the CPU at tiny sizes; nothing on a GPU"
+        )
     elif not torch.cuda.is_available():
-        print("error: no CUDA device is visible to torch: this script measures the GPU path "
-              "(use --dry-run to check it without one; `m3t bench` measures the CPU)", file=sys.stderr)
+        print(
+            "error: no CUDA device is visible to torch: this script measures the GPU path "
+            "(use --dry-run to check it without one; `m3t bench` measures the CPU)",
+            file=sys.stderr,
+        )
         return 2
     else:
         try:
             run(result, args, "cuda")
-        except Exception as exc:  # a device run is scarce: save whatever was measured, and why it stopped
+        except (
+            Exception
+        ) as exc:  # a device run is scarce: save whatever was measured, and why it stopped
             result.missing["aborted"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     result.seconds = time.perf_counter() - started
     paths = h.save(result, args.out)

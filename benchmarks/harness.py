@@ -21,11 +21,11 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,8 +37,19 @@ SCHEMA_VERSION = 1
 
 # Distribution names whose versions every result records (absent ones are recorded as None).
 LIBRARIES = (
-    "torch", "torchvision", "numpy", "onnxruntime", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "redis", "kafka-python",
-    "confluent-kafka", "tritonclient", "nvidia-pytriton", "pillow", "pydicom",
+    "torch",
+    "torchvision",
+    "numpy",
+    "onnxruntime",
+    "nvidia-dali-cuda120",
+    "nvidia-dali-cuda130",
+    "redis",
+    "kafka-python",
+    "confluent-kafka",
+    "tritonclient",
+    "nvidia-pytriton",
+    "pillow",
+    "pydicom",
 )
 
 # Table columns, in display order, with their headers; a row shows the ones it has.
@@ -89,8 +100,14 @@ def latency_summary(seconds: Sequence[float]) -> dict:
     }
 
 
-def measure(fn: Callable[[], object], items: int, *, warmup: int = 1, repeats: int = 5,
-            clock: Callable[[], float] = time.perf_counter) -> dict:
+def measure(
+    fn: Callable[[], object],
+    items: int,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Throughput of ``fn`` (which handles ``items`` items per call): median, min, max."""
 
     def timed() -> float:
@@ -101,7 +118,9 @@ def measure(fn: Callable[[], object], items: int, *, warmup: int = 1, repeats: i
     return measure_seconds(timed, items, warmup=warmup, repeats=repeats)
 
 
-def measure_seconds(timed_fn: Callable[[], float], items: int, *, warmup: int = 1, repeats: int = 5) -> dict:
+def measure_seconds(
+    timed_fn: Callable[[], float], items: int, *, warmup: int = 1, repeats: int = 5
+) -> dict:
     """Like ``measure``, for a function that times its own measured part (leaving out its
     setup, e.g. a consumer joining) and returns the seconds."""
     for _ in range(warmup):
@@ -119,8 +138,13 @@ def measure_seconds(timed_fn: Callable[[], float], items: int, *, warmup: int = 
     }
 
 
-def time_calls(fn: Callable[[], object], calls: int, *, warmup: int = 3,
-               clock: Callable[[], float] = time.perf_counter) -> list[float]:
+def time_calls(
+    fn: Callable[[], object],
+    calls: int,
+    *,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
     """Seconds taken by each of ``calls`` back-to-back calls, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
@@ -134,8 +158,12 @@ def time_calls(fn: Callable[[], object], calls: int, *, warmup: int = 3,
 
 def ratio(what: str, numerator: str, denominator: str, a: float, b: float) -> dict:
     """A side-by-side comparison from one run: ``a / b`` (e.g. confluent over kafka-python)."""
-    return {"what": what, "numerator": numerator, "denominator": denominator,
-            "ratio": a / b if b else None}
+    return {
+        "what": what,
+        "numerator": numerator,
+        "denominator": denominator,
+        "ratio": a / b if b else None,
+    }
 
 
 # --- open-loop load -------------------------------------------------------------------------------
@@ -172,8 +200,12 @@ class LoadRun:
 
     def summary(self) -> dict:
         latencies = self.latencies_s
-        out = {"offered_per_s": self.offered_per_s, "achieved_per_s": self.achieved_per_s,
-               "sent": len(self.scheduled), "completed": self.completed}
+        out = {
+            "offered_per_s": self.offered_per_s,
+            "achieved_per_s": self.achieved_per_s,
+            "sent": len(self.scheduled),
+            "completed": self.completed,
+        }
         if len(latencies):
             out.update(latency_summary(latencies.tolist()))
         return out
@@ -187,8 +219,14 @@ def schedule(rate: float, duration: float) -> LoadRun:
     return LoadRun(rate, 0.0, np.arange(n) / rate, np.full(n, np.nan))
 
 
-def drive(run: LoadRun, send_fn: Callable[[int], object], *, synchronous: bool = True,
-          clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> LoadRun:
+def drive(
+    run: LoadRun,
+    send_fn: Callable[[int], object],
+    *,
+    synchronous: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> LoadRun:
     """Send the run's events on schedule (see ``open_loop``); sets ``run.start``."""
     run.start = clock()
     for i, due in enumerate(run.scheduled):
@@ -201,9 +239,15 @@ def drive(run: LoadRun, send_fn: Callable[[int], object], *, synchronous: bool =
     return run
 
 
-def open_loop(rate: float, duration: float, send_fn: Callable[[int], object], *,
-              synchronous: bool = True, clock: Callable[[], float] = time.perf_counter,
-              sleep: Callable[[float], None] = time.sleep) -> LoadRun:
+def open_loop(
+    rate: float,
+    duration: float,
+    send_fn: Callable[[int], object],
+    *,
+    synchronous: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> LoadRun:
     """Send ``rate * duration`` events at fixed intervals: event i is due at ``i / rate``.
 
     The sender never waits for the system to catch up before scheduling the next event:
@@ -212,7 +256,9 @@ def open_loop(rate: float, duration: float, send_fn: Callable[[int], object], *,
     ``send_fn(i)`` returns. Otherwise build the run with ``schedule``, hand it to whatever
     sees events finish (e.g. a consumer thread calling ``run.complete``), then ``drive`` it.
     """
-    return drive(schedule(rate, duration), send_fn, synchronous=synchronous, clock=clock, sleep=sleep)
+    return drive(
+        schedule(rate, duration), send_fn, synchronous=synchronous, clock=clock, sleep=sleep
+    )
 
 
 # --- the machine ----------------------------------------------------------------------------------
@@ -235,7 +281,9 @@ class CpuMeter:
                 continue
             try:
                 with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+                    fields = (
+                        f.read().rsplit(")", 1)[1].split()
+                    )  # after the command name, which may hold spaces
             except OSError:  # exited meanwhile
                 continue
             pid = int(entry.name)
@@ -248,12 +296,16 @@ class CpuMeter:
             while todo:
                 pid = todo.pop()
                 total += used.get(pid, 0.0)
-                todo += [child for child in children.get(pid, []) if child not in claimed]  # another name's tree
+                todo += [
+                    child for child in children.get(pid, []) if child not in claimed
+                ]  # another name's tree
             out[name] = total
         return out
 
     @staticmethod
-    def cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    def cores(
+        before: dict[str, float], after: dict[str, float], seconds: float
+    ) -> dict[str, float]:
         return {name: round((after[name] - before[name]) / seconds, 3) for name in after}
 
 
@@ -284,9 +336,12 @@ def _gpu() -> dict | None:
         return None
     if not torch.cuda.is_available():
         return None
-    return {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-            "cuda": torch.version.cuda,
-            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    return {
+        "name": torch.cuda.get_device_name(0),
+        "count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+        "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+    }
 
 
 def _version(distribution: str) -> str | None:
@@ -298,7 +353,9 @@ def _version(distribution: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -317,7 +374,7 @@ def machine() -> dict:
         "libraries": {name: _version(name) for name in LIBRARIES},
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -335,7 +392,7 @@ class Result:
     missing: dict[str, str] = field(default_factory=dict)  # column or case -> why not measured
     breakdown_ms: dict[str, float] = field(default_factory=dict)  # one event's path, by stage
     machine: dict = field(default_factory=machine)
-    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     seconds: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
@@ -343,7 +400,7 @@ class Result:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Result":
+    def from_dict(cls, data: dict) -> Result:
         return cls(**data)
 
 
@@ -374,22 +431,35 @@ def markdown(result: Result) -> str:
     """The summary: rows, ratios, what is missing and where it ran."""
     m = result.machine
     gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
-    lines = [f"### {result.stage}", "",
-             f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; Python {m['python']}; "
-             f"commit {(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}; {m['date']}", ""]
+    lines = [
+        f"### {result.stage}",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; Python {m['python']}; "
+        f"commit {(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}; "
+        f"{m['date']}",
+        "",
+    ]
     for rows in row_groups(result.rows):
         columns = table_columns(rows)
-        lines += ["| " + " | ".join(COLUMNS[c] for c in columns) + " |",
-                  "|" + "|".join("---" for _ in columns) + "|"]
+        lines += [
+            "| " + " | ".join(COLUMNS[c] for c in columns) + " |",
+            "|" + "|".join("---" for _ in columns) + "|",
+        ]
         lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
         lines += [""]
     if result.comparisons:
-        lines += [""] + [f"- {c['what']}: {c['numerator']} / {c['denominator']} = "
-                         f"{_cell(c['ratio'])}x" for c in result.comparisons]
+        lines += [""] + [
+            f"- {c['what']}: {c['numerator']} / {c['denominator']} = {_cell(c['ratio'])}x"
+            for c in result.comparisons
+        ]
     if result.missing:
         lines += [""] + [f"- not measured, {name}: {why}" for name, why in result.missing.items()]
     if result.breakdown_ms:
-        lines += ["", "One event's path (ms): " + ", ".join(f"{k} {_cell(v)}" for k, v in result.breakdown_ms.items())]
+        lines += [
+            "",
+            "One event's path (ms): "
+            + ", ".join(f"{k} {_cell(v)}" for k, v in result.breakdown_ms.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -46,8 +46,13 @@ def throughput_vs_batch(result, path: Path) -> Path | None:
         low = [y - p.get("items_per_s_min", y) for p, y in zip(points, ys)]
         high = [p.get("items_per_s_max", y) - y for p, y in zip(points, ys)]
         ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="items/s (median, min..max)",
-           title=f"{result.stage}: throughput against batch size")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="items/s (median, min..max)",
+        title=f"{result.stage}: throughput against batch size",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -60,10 +65,19 @@ def latency_vs_load(result, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (label, points) in enumerate(lines.items()):
         xs = [p["offered_per_s"] for p in points]
-        for q, style in (("p50_ms", "-o"), ("p95_ms", "--s"), ("p99_ms", ":^")):  # one colour per series
+        for q, style in (
+            ("p50_ms", "-o"),
+            ("p95_ms", "--s"),
+            ("p99_ms", ":^"),
+        ):  # one colour per series
             ax.plot(xs, [p[q] for p in points], style, color=f"C{k}", label=f"{label} {q[:3]}")
-    ax.set(xscale="log", yscale="log", xlabel="offered load (events/s)", ylabel="latency from scheduled send (ms)",
-           title=f"{result.stage}: latency against offered load (open loop)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="offered load (events/s)",
+        ylabel="latency from scheduled send (ms)",
+        title=f"{result.stage}: latency against offered load (open loop)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -78,15 +92,28 @@ def breakdown(result, path: Path) -> Path | None:
     colors = ["tab:orange" if n.startswith("end to end") else "tab:blue" for n in names]
     ax.barh(names[::-1], values[::-1], color=colors[::-1])
     for y, v in enumerate(values[::-1]):
-        ax.annotate(f"{v:.2f} ms", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-    ax.set(xlabel="milliseconds (p50 at batch 1)", title=f"{result.stage}: one event's path by stage")
+        ax.annotate(
+            f"{v:.2f} ms",
+            (v, y),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set(
+        xlabel="milliseconds (p50 at batch 1)", title=f"{result.stage}: one event's path by stage"
+    )
     return _save(fig, path)
 
 
 def plot(result, out_dir: Path) -> dict[str, Path]:
     """Draw what the result supports; returns {kind: path}."""
     out = {}
-    for kind, draw in (("throughput", throughput_vs_batch), ("latency", latency_vs_load), ("breakdown", breakdown)):
+    for kind, draw in (
+        ("throughput", throughput_vs_batch),
+        ("latency", latency_vs_load),
+        ("breakdown", breakdown),
+    ):
         path = draw(result, Path(out_dir) / f"{result.stage}-{kind}.png")
         if path is not None:
             out[kind] = path

@@ -8,9 +8,9 @@ so ``m3t bench kafka`` does not load torch.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from benchmarks import harness as h
 from m3t.settings import Settings
@@ -31,44 +31,92 @@ class Stage:
         return result
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("ingest", "benchmarks.bench_ingest",
-          "Synthetic cohort generation, reader rows/s and replay events/s into Kafka (both clients).",
-          full=dict(admissions=2000, repeats=3), quick=dict(admissions=200, repeats=2)),
-    Stage("kafka", "benchmarks.bench_kafka",
-          "Kafka produce/consume events/s (kafka-python beside confluent-kafka) and produce->consume latency.",
-          full=dict(n_events=50_000, repeats=3, rates=(200, 1000, 4000), load_seconds=5.0),
-          quick=dict(n_events=10_000, repeats=2, rates=(200, 1000), load_seconds=2.0)),
-    Stage("features", "benchmarks.bench_features",
-          "Feature state updates (events/s), the offline builder, and the batch-read transform.",
-          full=dict(admissions=1024, observations=40, calls=500, repeats=3),
-          quick=dict(admissions=256, observations=10, calls=50, repeats=2)),
-    Stage("redis", "benchmarks.bench_redis",
-          "Online store writes (events/s) and batch reads (p50/p99) beside a plain HGETALL pipeline.",
-          full=dict(admissions=1024, observations=40, batches=(1, 64, 256, 1024), reads=1000, repeats=3),
-          quick=dict(admissions=1024, observations=5, batches=(1, 64, 256, 1024), reads=40, repeats=2)),
-    Stage("cxr", "benchmarks.bench_cxr",
-          "Chest X-ray decode+preprocess images/s: Pillow/pydicom + NumPy beside DALI on the CPU.",
-          full=dict(images=64, batches=(1, 8, 32), repeats=3),
-          quick=dict(images=16, batches=(1, 8), repeats=2)),
-    Stage("inference", "benchmarks.bench_inference",
-          "M3T-LM examples/s by batch size: PyTorch eager, ONNX Runtime, Triton; TensorRT where installed.",
-          full=dict(batches=(1, 4, 16, 64, 256, 1024), repeats=3, min_items=256),
-          quick=dict(batches=(1, 16, 256), repeats=2, min_items=64)),
-    Stage("scoring", "benchmarks.bench_scoring",
-          "Rescoring after a numeric update: the encoder cache beside full-model scoring (needs `make demo`).",
-          full=dict(batch=256, repeats=5), quick=dict(batch=64, repeats=2)),
-    Stage("e2e", "benchmarks.bench_e2e",
-          "Offered-load sweep through the stream worker (new admissions; a census of open ones): "
-          "achieved events/s and event-to-score p50/p95/p99.",
-          full=dict(rates=(100, 500, 2000, 10_000, 15_000), seconds=5.0, workers=(1, 2), held=(2000, 30.0)),
-          quick=dict(rates=(50, 200), seconds=2.0, drain_s=5.0)),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "ingest",
+            "benchmarks.bench_ingest",
+            "Synthetic cohort generation, reader rows/s and replay events/s into Kafka "
+            "(both clients).",
+            full=dict(admissions=2000, repeats=3),
+            quick=dict(admissions=200, repeats=2),
+        ),
+        Stage(
+            "kafka",
+            "benchmarks.bench_kafka",
+            "Kafka produce/consume events/s (kafka-python beside confluent-kafka) "
+            "and produce->consume latency.",
+            full=dict(n_events=50_000, repeats=3, rates=(200, 1000, 4000), load_seconds=5.0),
+            quick=dict(n_events=10_000, repeats=2, rates=(200, 1000), load_seconds=2.0),
+        ),
+        Stage(
+            "features",
+            "benchmarks.bench_features",
+            "Feature state updates (events/s), the offline builder, and the batch-read transform.",
+            full=dict(admissions=1024, observations=40, calls=500, repeats=3),
+            quick=dict(admissions=256, observations=10, calls=50, repeats=2),
+        ),
+        Stage(
+            "redis",
+            "benchmarks.bench_redis",
+            "Online store writes (events/s) and batch reads (p50/p99) "
+            "beside a plain HGETALL pipeline.",
+            full=dict(
+                admissions=1024, observations=40, batches=(1, 64, 256, 1024), reads=1000, repeats=3
+            ),
+            quick=dict(
+                admissions=1024, observations=5, batches=(1, 64, 256, 1024), reads=40, repeats=2
+            ),
+        ),
+        Stage(
+            "cxr",
+            "benchmarks.bench_cxr",
+            "Chest X-ray decode+preprocess images/s: Pillow/pydicom + NumPy "
+            "beside DALI on the CPU.",
+            full=dict(images=64, batches=(1, 8, 32), repeats=3),
+            quick=dict(images=16, batches=(1, 8), repeats=2),
+        ),
+        Stage(
+            "inference",
+            "benchmarks.bench_inference",
+            "M3T-LM examples/s by batch size: PyTorch eager, ONNX Runtime, Triton; "
+            "TensorRT where installed.",
+            full=dict(batches=(1, 4, 16, 64, 256, 1024), repeats=3, min_items=256),
+            quick=dict(batches=(1, 16, 256), repeats=2, min_items=64),
+        ),
+        Stage(
+            "scoring",
+            "benchmarks.bench_scoring",
+            "Rescoring after a numeric update: the encoder cache beside full-model scoring "
+            "(needs `make demo`).",
+            full=dict(batch=256, repeats=5),
+            quick=dict(batch=64, repeats=2),
+        ),
+        Stage(
+            "e2e",
+            "benchmarks.bench_e2e",
+            "Offered-load sweep through the stream worker (new admissions; a census of open ones): "
+            "achieved events/s and event-to-score p50/p95/p99.",
+            full=dict(
+                rates=(100, 500, 2000, 10_000, 15_000),
+                seconds=5.0,
+                workers=(1, 2),
+                held=(2000, 30.0),
+            ),
+            quick=dict(rates=(50, 200), seconds=2.0, drain_s=5.0),
+        ),
+    )
+}
 
 
-def run_all(settings: Settings, quick: bool = False, out_dir: Path = h.RESULTS_DIR,
-            stages: list[str] | None = None,
-            on_result: Callable[[h.Result], None] | None = None) -> tuple[list[h.Result], h.Result]:
+def run_all(
+    settings: Settings,
+    quick: bool = False,
+    out_dir: Path = h.RESULTS_DIR,
+    stages: list[str] | None = None,
+    on_result: Callable[[h.Result], None] | None = None,
+) -> tuple[list[h.Result], h.Result]:
     """Every stage in turn (each saved as it finishes), then the ``pipeline`` summary: one
     event's path by stage, from each stage's batch-1 medians, and ``summary-latest.md``."""
     results, failed = [], {}
@@ -82,7 +130,9 @@ def run_all(settings: Settings, quick: bool = False, out_dir: Path = h.RESULTS_D
         results.append(result)
         if on_result is not None:
             on_result(result)
-    pipeline = h.Result("pipeline", {"quick": quick, "stages": [r.stage for r in results]}, missing=failed)
+    pipeline = h.Result(
+        "pipeline", {"quick": quick, "stages": [r.stage for r in results]}, missing=failed
+    )
     for result in results:
         pipeline.breakdown_ms.update(result.breakdown_ms)
         pipeline.seconds += result.seconds

@@ -13,11 +13,15 @@ from rich.table import Table
 
 from m3t.console import fail as _fail
 
-app = typer.Typer(help="Online (Redis) and offline features, parity, CXR preprocessing.", no_args_is_help=True)
+app = typer.Typer(
+    help="Online (Redis) and offline features, parity, CXR preprocessing.", no_args_is_help=True
+)
 console = Console(stderr=True)  # stdout stays clean for --json
 out = Console()
 
-COHORT_HELP = "A cohort folder in the MIMIC-IV layout (the MIMIC-IV demo, or `m3t ingest synth` output)."
+COHORT_HELP = (
+    "A cohort folder in the MIMIC-IV layout (the MIMIC-IV demo, or `m3t ingest synth` output)."
+)
 CUTOFFS_HELP = "Cutoffs, hours after admission, comma separated."
 
 
@@ -37,8 +41,14 @@ def _admissions(root: Path, cxr: str = "auto"):
         reader = MimicReader(root, cxr=cxr)
     except MimicLayoutError as exc:
         _fail(str(exc))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("reading events", total=None)
         admissions = []
         for events in reader.admissions():
@@ -48,23 +58,27 @@ def _admissions(root: Path, cxr: str = "auto"):
 
 
 def _redis():
+    import redis
+
     from m3t.clients import redis_client
     from m3t.settings import get_settings
-
-    import redis
 
     client = redis_client(get_settings())
     try:
         client.ping()
     except redis.RedisError as exc:
-        _fail(f"Redis is not reachable ({type(exc).__name__}); start it with `m3t services up redis`")
+        _fail(
+            f"Redis is not reachable ({type(exc).__name__}); start it with `m3t services up redis`"
+        )
     return client
 
 
 @app.command("build")
 def build(
     cohort: Path = typer.Argument(..., exists=True, file_okay=False, help=COHORT_HELP),
-    out_dir: Path = typer.Option(..., "--out", file_okay=False, help="Where dataset.npz and meta.json go."),
+    out_dir: Path = typer.Option(
+        ..., "--out", file_okay=False, help="Where dataset.npz and meta.json go."
+    ),
     cutoffs: str = typer.Option("24", help=CUTOFFS_HELP),
     cxr: bool = typer.Option(True, help="Preprocess the chest X-rays (DALI) into the `cxr` array."),
     device: str = typer.Option("auto", help="DALI device for the X-rays: auto, cpu or gpu."),
@@ -83,13 +97,21 @@ def build(
     if cxr:
         from features.cxr import CxrPreprocessor
 
-        tensors, cxr_errors = offline.cxr_tensors(dataset, CxrPreprocessor(device=device), base_dir=cohort)
+        tensors, cxr_errors = offline.cxr_tensors(
+            dataset, CxrPreprocessor(device=device), base_dir=cohort
+        )
         dataset.meta["cxr_errors"] = cxr_errors
         dataset.meta["cxr_examples"] = int(dataset.arrays["modality_mask"][:, 2].sum())
     path = offline.write(dataset, out_dir, tensors)
-    summary = {"dataset": str(path), **{k: dataset.meta[k] for k in
-               ("examples", "admissions", "examples_per_split", "skipped_admissions")},
-               "feature_set": dataset.fitted.tag, "cxr_errors": cxr_errors}
+    summary = {
+        "dataset": str(path),
+        **{
+            k: dataset.meta[k]
+            for k in ("examples", "admissions", "examples_per_split", "skipped_admissions")
+        },
+        "feature_set": dataset.fitted.tag,
+        "cxr_errors": cxr_errors,
+    }
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -120,12 +142,17 @@ def check_parity(
             table.add_row(name, str(rows), f"{report.max_abs_diff.get(name, 0.0):.3g}")
         out.print(table)
         verdict = "[green]parity[/]" if report.ok else "[red]MISMATCH[/]"
-        out.print(f"{verdict}: {report.admissions} admissions, {report.cutoffs} (admission, cutoff) pairs compared")
+        out.print(
+            f"{verdict}: {report.admissions} admissions, "
+            f"{report.cutoffs} (admission, cutoff) pairs compared"
+        )
     raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command("publish")
-def publish(meta: Path = typer.Argument(..., exists=True, dir_okay=False, help="A dataset's meta.json.")):
+def publish(
+    meta: Path = typer.Argument(..., exists=True, dir_okay=False, help="A dataset's meta.json."),
+):
     """Make a fitted feature set (vocabulary, normalisation) the one the stream writes under."""
     from features.fitted import FittedFeatures
     from features.online import OnlineStore
@@ -139,7 +166,11 @@ def publish(meta: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 
 
 @app.command("prune")
-def prune(apply: bool = typer.Option(False, "--apply", help="Delete the keys; without it, only list them.")):
+def prune(
+    apply: bool = typer.Option(
+        False, "--apply", help="Delete the keys; without it, only list them."
+    ),
+):
     """List (or delete) the online-store keys of feature sets and key layouts the stream no
     longer uses, such as those left after a new feature set was published."""
     from features.online import stale_namespaces
@@ -149,7 +180,9 @@ def prune(apply: bool = typer.Option(False, "--apply", help="Delete the keys; wi
     try:
         stale = stale_namespaces(client)
     except LookupError as exc:
-        _fail(f"{exc}: nothing is stale until one is (run `m3t features publish DATASET/meta.json`)")
+        _fail(
+            f"{exc}: nothing is stale until one is (run `m3t features publish DATASET/meta.json`)"
+        )
     table = Table("namespace", "keys")
     for namespace, keys in sorted(stale.items()):
         table.add_row(namespace, f"{len(keys):,}")
@@ -165,7 +198,9 @@ def prune(apply: bool = typer.Option(False, "--apply", help="Delete the keys; wi
 @app.command("get")
 def get(
     hadm_id: int = typer.Argument(..., help="The admission (hadm_id)."),
-    as_of: datetime = typer.Option(None, help="Scoring time (default: the admission's latest event)."),
+    as_of: datetime = typer.Option(
+        None, help="Scoring time (default: the admission's latest event)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the features as JSON on stdout."),
 ):
     """Show an admission's current online features, unnormalised."""

@@ -84,17 +84,27 @@ def _pipeline_def():
             images = images.gpu() if decode_device == "mixed" else images
             scale = 1.0
         images = fn.resize(
-            images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True,
+            images,
+            resize_x=size,
+            resize_y=size,
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
             dtype=types.FLOAT,
         )
         return fn.crop_mirror_normalize(
-            images, mean=[CXR_MEAN * scale], std=[CXR_STD * scale], output_layout="CHW", dtype=types.FLOAT,
+            images,
+            mean=[CXR_MEAN * scale],
+            std=[CXR_STD * scale],
+            output_layout="CHW",
+            dtype=types.FLOAT,
         )
 
     return cxr_pipeline
 
 
-def serialized_pipeline(device: str = "gpu", batch_size: int = 64, num_threads: int = 4, size: int = CXR_SIZE) -> bytes:
+def serialized_pipeline(
+    device: str = "gpu", batch_size: int = 64, num_threads: int = 4, size: int = CXR_SIZE
+) -> bytes:
     """The encoded-image pipeline, serialized for Triton's DALI backend: its external source
     ``input`` takes one image's compressed bytes per sample, its one output is the ``cxr``
     tensor. ``device="gpu"`` decodes with nvJPEG; DALI serializes a GPU pipeline only where
@@ -102,8 +112,14 @@ def serialized_pipeline(device: str = "gpu", batch_size: int = 64, num_threads: 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be cpu or gpu, not {device!r}")
     gpu = device == "gpu"
-    pipe = _pipeline_def()(source="encoded", decode_device="mixed" if gpu else "cpu", size=size,
-                           batch_size=batch_size, num_threads=num_threads, device_id=0 if gpu else None)
+    pipe = _pipeline_def()(
+        source="encoded",
+        decode_device="mixed" if gpu else "cpu",
+        size=size,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=0 if gpu else None,
+    )
     return pipe.serialize()
 
 
@@ -122,14 +138,24 @@ class CxrPreprocessor:
     ``device``: "gpu" (decode with nvJPEG, resize on the GPU), "cpu", or "auto".
     """
 
-    def __init__(self, batch_size: int = 16, device: str = "auto", num_threads: int = 2, size: int = CXR_SIZE,
-                 device_id: int = 0):
+    def __init__(
+        self,
+        batch_size: int = 16,
+        device: str = "auto",
+        num_threads: int = 2,
+        size: int = CXR_SIZE,
+        device_id: int = 0,
+    ):
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, not {device!r}")
         self.gpu = gpu_available() if device == "auto" else device == "gpu"
         self.batch_size, self.size = batch_size, size
-        self._options = dict(batch_size=batch_size, num_threads=num_threads,
-                             device_id=device_id if self.gpu else None, prefetch_queue_depth=1)
+        self._options = dict(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id if self.gpu else None,
+            prefetch_queue_depth=1,
+        )
         self._pipes = {}
 
     @property
@@ -138,8 +164,12 @@ class CxrPreprocessor:
 
     def _pipe(self, source: str):
         if source not in self._pipes:
-            pipe = _pipeline_def()(source=source, decode_device="mixed" if self.gpu else "cpu", size=self.size,
-                                   **self._options)
+            pipe = _pipeline_def()(
+                source=source,
+                decode_device="mixed" if self.gpu else "cpu",
+                size=self.size,
+                **self._options,
+            )
             pipe.build()
             self._pipes[source] = pipe
         return self._pipes[source]
@@ -210,7 +240,9 @@ def check_encoded(data: bytes) -> None:
         raise BadImage("too_large") from None
     except Exception:
         raise BadImage("unreadable_header") from None
-    if kind == "JPEG" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":  # DICOM pads frames to even length
+    if (
+        kind == "JPEG" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9"
+    ):  # DICOM pads frames to even length
         raise BadImage("truncated_jpeg")
     if kind not in ("PNG", "JPEG", "JPEG2000", "TIFF"):
         raise BadImage("unsupported_format")
@@ -224,8 +256,14 @@ def from_dicom(source) -> Encoded | Pixels:
     ds = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source)
     syntax = str(ds.file_meta.TransferSyntaxUID)
     eight_bit = int(ds.BitsStored) <= 8 and int(ds.SamplesPerPixel) == 1
-    if syntax in DALI_TRANSFER_SYNTAXES and eight_bit and ds.PhotometricInterpretation == "MONOCHROME2":
-        return Encoded(next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1)))))
+    if (
+        syntax in DALI_TRANSFER_SYNTAXES
+        and eight_bit
+        and ds.PhotometricInterpretation == "MONOCHROME2"
+    ):
+        return Encoded(
+            next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+        )
     return Pixels(dicom_unit_range(ds))
 
 
@@ -318,5 +356,7 @@ def reference_preprocess(item: Encoded | Pixels, size: int = CXR_SIZE) -> np.nda
     h, w = x.shape
     pad = int(math.ceil(max(h, w) / size)) + 2
     padded = Image.fromarray(np.pad(x, pad, mode="edge"), mode="F")
-    resized = np.asarray(padded.resize((size, size), Image.BILINEAR, box=(pad, pad, pad + w, pad + h)))
+    resized = np.asarray(
+        padded.resize((size, size), Image.BILINEAR, box=(pad, pad, pad + w, pad + h))
+    )
     return ((resized - CXR_MEAN) / CXR_STD)[None].astype(np.float32)

@@ -71,8 +71,9 @@ BUCKET_HOURS = 8.0
 WINDOW_HOURS: tuple[float, ...] = (24.0,)
 WINDOW_STATS: tuple[str, ...] = ("count", "mean", "min", "max")
 WINDOW_BUCKETS: tuple[int, ...] = tuple(round(w / BUCKET_HOURS) for w in WINDOW_HOURS)
-assert all(n >= 1 and n * BUCKET_HOURS == w for n, w in zip(WINDOW_BUCKETS, WINDOW_HOURS)), \
+assert all(n >= 1 and n * BUCKET_HOURS == w for n, w in zip(WINDOW_BUCKETS, WINDOW_HOURS)), (
     "windows must be whole multiples of BUCKET_HOURS"
+)
 N_BUCKETS = max(WINDOW_BUCKETS)  # enough for the widest window: older buckets can never be read
 
 
@@ -93,8 +94,15 @@ def _numeric_names() -> tuple[str, ...]:
     demographics = ["age", "sex_male"]
     demographics += [f"admission_type={t}" for t in ADMISSION_TYPES] + ["admission_type=other"]
     per_item = [f"{item.name}.{stat}" for item in MEASURED for stat in ITEM_STATS]
-    times = ["hours_since_admission"] + [f"{item.name}.{t}" for item in MEASURED for t in ITEM_TIMES]
-    windows = [f"{item.name}.{stat}_{w:g}h" for w in WINDOW_HOURS for item in MEASURED for stat in WINDOW_STATS]
+    times = ["hours_since_admission"] + [
+        f"{item.name}.{t}" for item in MEASURED for t in ITEM_TIMES
+    ]
+    windows = [
+        f"{item.name}.{stat}_{w:g}h"
+        for w in WINDOW_HOURS
+        for item in MEASURED
+        for stat in WINDOW_STATS
+    ]
     return tuple(demographics + per_item + times + windows)
 
 
@@ -106,18 +114,32 @@ N_STATIC = NUMERIC_FEATURES.index("hours_since_admission")  # known at write tim
 
 # Part of the feature-set tag (the Redis namespace, the fitted features): a change of the
 # numeric columns or of the bucket width never lets old state or datasets be read as new.
-LAYOUT = hashlib.blake2b(repr((NUMERIC_FEATURES, BUCKET_HOURS, N_BUCKETS)).encode(), digest_size=4).hexdigest()
+LAYOUT = hashlib.blake2b(
+    repr((NUMERIC_FEATURES, BUCKET_HOURS, N_BUCKETS)).encode(), digest_size=4
+).hexdigest()
 
 F32, I64 = np.dtype("float32"), np.dtype("int64")
 FEATURES: tuple[FeatureDef, ...] = (
     FeatureDef(mi.NUMERIC, F32, (N_NUMERIC,), "z-scored numeric features, 0 where missing"),
     FeatureDef(mi.NUMERIC_MASK, F32, (N_NUMERIC,), "1 observed, 0 missing"),
-    FeatureDef(mi.NOTES_RADIOLOGY, I64, (mi.NOTE_TOKENS,),
-               "token ids of this stay's radiology reports, latest text kept, 0 padded"),
-    FeatureDef(mi.NOTES_DISCHARGE, I64, (mi.NOTE_TOKENS,),
-               "token ids of the previous admission's discharge summary"),
-    FeatureDef(mi.MODALITY_MASK, F32, (len(mi.MODALITIES),),
-               "1 where the radiology note / discharge note / chest X-ray is present"),
+    FeatureDef(
+        mi.NOTES_RADIOLOGY,
+        I64,
+        (mi.NOTE_TOKENS,),
+        "token ids of this stay's radiology reports, latest text kept, 0 padded",
+    ),
+    FeatureDef(
+        mi.NOTES_DISCHARGE,
+        I64,
+        (mi.NOTE_TOKENS,),
+        "token ids of the previous admission's discharge summary",
+    ),
+    FeatureDef(
+        mi.MODALITY_MASK,
+        F32,
+        (len(mi.MODALITIES),),
+        "1 where the radiology note / discharge note / chest X-ray is present",
+    ),
     FeatureDef("cxr_uri", np.dtype(object), (), "URI of the latest chest X-ray study, '' if none"),
 )
 

@@ -29,22 +29,26 @@ class FittedFeatures:
     def __post_init__(self):
         for name in ("mean", "std"):
             if np.shape(getattr(self, name)) != (fd.N_NUMERIC,):
-                raise ValueError(f"{name} must have {fd.N_NUMERIC} entries, one per numeric feature")
+                raise ValueError(
+                    f"{name} must have {fd.N_NUMERIC} entries, one per numeric feature"
+                )
 
     @classmethod
-    def unnormalised(cls, vocab: Vocabulary, note_tokens: int = mi.NOTE_TOKENS) -> "FittedFeatures":
+    def unnormalised(cls, vocab: Vocabulary, note_tokens: int = mi.NOTE_TOKENS) -> FittedFeatures:
         """Identity normalisation: enough to write state, which depends on the vocabulary only."""
         return cls(vocab, np.zeros(fd.N_NUMERIC), np.ones(fd.N_NUMERIC), note_tokens)
 
-    def with_norm_fitted(self, raw: np.ndarray) -> "FittedFeatures":
+    def with_norm_fitted(self, raw: np.ndarray) -> FittedFeatures:
         """Mean/std per feature over ``raw`` [rows, F] (NaN = missing)."""
         observed = ~np.isnan(raw)
         counts = observed.sum(axis=0)
         safe = np.where(observed, raw, 0.0)
         mean = np.divide(safe.sum(axis=0), counts, out=np.zeros(fd.N_NUMERIC), where=counts > 0)
         var = np.divide(
-            (np.where(observed, raw - mean, 0.0) ** 2).sum(axis=0), counts,
-            out=np.zeros(fd.N_NUMERIC), where=counts > 0,
+            (np.where(observed, raw - mean, 0.0) ** 2).sum(axis=0),
+            counts,
+            out=np.zeros(fd.N_NUMERIC),
+            where=counts > 0,
         )
         std = np.sqrt(var)
         std = np.where(std > 1e-12, std, 1.0)
@@ -72,7 +76,7 @@ class FittedFeatures:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FittedFeatures":
+    def from_dict(cls, data: dict) -> FittedFeatures:
         if data["version"] != fd.FEATURE_SET_VERSION:
             raise ValueError(
                 f"fitted for feature-set version {data['version']}, this code is version "
@@ -81,7 +85,10 @@ class FittedFeatures:
         if list(data["numeric_features"]) != list(fd.NUMERIC_FEATURES):
             raise ValueError("the numeric feature list differs from features.definitions")
         if data.get("layout") != fd.LAYOUT:
-            raise ValueError("fitted for another bucket layout of the windowed aggregates: rebuild the offline dataset")
+            raise ValueError(
+                "fitted for another bucket layout of the windowed aggregates: "
+                "rebuild the offline dataset"
+            )
         return cls(
             Vocabulary(data["vocab"]),
             np.asarray(data["norm"]["mean"], dtype=np.float64),
@@ -93,6 +100,6 @@ class FittedFeatures:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: Path) -> "FittedFeatures":
+    def load(cls, path: Path) -> FittedFeatures:
         data = json.loads(Path(path).read_text())
         return cls.from_dict(data.get("features", data))  # a dataset meta.json or a bare file

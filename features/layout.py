@@ -114,7 +114,9 @@ URI_INLINE = 160
 @functools.lru_cache(maxsize=4)
 def serving_dtype(note_tokens: int = mi.NOTE_TOKENS) -> np.dtype:
     """The serving record; a URI longer than ``URI_INLINE`` bytes follows it."""
-    return np.dtype(SERVING_HEAD.descr + _tail_fields(note_tokens) + [("cxr_uri", f"S{URI_INLINE}")])
+    return np.dtype(
+        SERVING_HEAD.descr + _tail_fields(note_tokens) + [("cxr_uri", f"S{URI_INLINE}")]
+    )
 
 
 def serving_tail(serving: bytes, note_tokens: int = mi.NOTE_TOKENS) -> bytes:

@@ -110,14 +110,21 @@ def labelled(grouped: Mapping[int, list], skipped: dict[str, int] | None = None)
             continue
         out.append(
             Admission(
-                hadm_id, admit.subject_id, evs, hours(admit.payload.admittime), hours(discharge.payload.dischtime),
-                float(discharge.payload.los_days), float(discharge.payload.hospital_expire_flag),
+                hadm_id,
+                admit.subject_id,
+                evs,
+                hours(admit.payload.admittime),
+                hours(discharge.payload.dischtime),
+                float(discharge.payload.los_days),
+                float(discharge.payload.hospital_expire_flag),
             )
         )
     return out
 
 
-def snapshots(events: list, cutoffs: list[float], vocab: Vocabulary, note_tokens: int = mi.NOTE_TOKENS):
+def snapshots(
+    events: list, cutoffs: list[float], vocab: Vocabulary, note_tokens: int = mi.NOTE_TOKENS
+):
     """The state blob as of each cutoff: only events with event_time <= cutoff folded in."""
     state, blobs, i = AdmissionState(note_tokens), [], 0
     for cutoff in sorted(cutoffs):
@@ -130,7 +137,9 @@ def snapshots(events: list, cutoffs: list[float], vocab: Vocabulary, note_tokens
 
 def visible_notes(admission: Admission, cutoffs: list[float]) -> Iterable[str]:
     last = max(cutoffs)
-    return (e.payload.text for e in admission.events if e.type == "note" and hours(e.event_time) <= last)
+    return (
+        e.payload.text for e in admission.events if e.type == "note" and hours(e.event_time) <= last
+    )
 
 
 def build(
@@ -151,15 +160,21 @@ def build(
 
     refit = fitted is None  # else: reuse the training split's fit (e.g. for a later cohort)
     if refit:
-        texts = (t for a, cutoffs, split in plan if split == "train" for t in visible_notes(a, cutoffs))
+        texts = (
+            t for a, cutoffs, split in plan if split == "train" for t in visible_notes(a, cutoffs)
+        )
         vocab = Vocabulary.fit(texts, max_size=vocab_size)
         fitted = FittedFeatures.unnormalised(vocab, note_tokens)
 
     blobs, rows = [], []
     for n, (a, cutoffs, split) in enumerate(plan, 1):
-        for cutoff, blob in zip(cutoffs, snapshots(a.events, cutoffs, fitted.vocab, fitted.note_tokens)):
+        for cutoff, blob in zip(
+            cutoffs, snapshots(a.events, cutoffs, fitted.vocab, fitted.note_tokens)
+        ):
             blobs.append(blob)
-            rows.append((a.hadm_id, a.subject_id, cutoff, cutoff - a.admit, split, a.los_days, a.mortality))
+            rows.append(
+                (a.hadm_id, a.subject_id, cutoff, cutoff - a.admit, split, a.los_days, a.mortality)
+            )
         if progress:
             progress(n)
     if not rows:
@@ -197,7 +212,9 @@ def build(
         "vocab_size": len(fitted.vocab),
         "numeric_features": list(fd.NUMERIC_FEATURES),
         "features": fitted.to_dict(),
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in fd.FEATURES],
+        "inputs": [
+            {"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in fd.FEATURES
+        ],
     }
     return Dataset(arrays, fitted, meta)
 
@@ -207,7 +224,9 @@ def write(dataset: Dataset, out_dir: Path, cxr_tensors: np.ndarray | None = None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = dict(dataset.arrays)
-    if cxr_tensors is None:  # images not preprocessed: the trainer still gets the input, marked absent
+    if (
+        cxr_tensors is None
+    ):  # images not preprocessed: the trainer still gets the input, marked absent
         cxr_tensors = np.zeros((len(dataset), 1, mi.CXR_SIZE, mi.CXR_SIZE), np.float32)
         arrays[mi.MODALITY_MASK] = arrays[mi.MODALITY_MASK].copy()
         arrays[mi.MODALITY_MASK][:, mi.MODALITIES.index("cxr")] = 0.0
@@ -226,7 +245,9 @@ def load(out_dir: Path) -> Dataset:
     return Dataset(arrays, FittedFeatures.from_dict(meta["features"]), meta)
 
 
-def cxr_tensors(dataset: Dataset, preprocessor, base_dir: Path | None = None) -> tuple[np.ndarray, dict[str, int]]:
+def cxr_tensors(
+    dataset: Dataset, preprocessor, base_dir: Path | None = None
+) -> tuple[np.ndarray, dict[str, int]]:
     """The ``cxr`` input [N, 1, S, S] for every example (zeros where there is none).
 
     Each distinct image is read and preprocessed once (cutoffs of one stay share it). An
@@ -243,7 +264,9 @@ def cxr_tensors(dataset: Dataset, preprocessor, base_dir: Path | None = None) ->
 
     position = {uri: i for i, uri in enumerate(distinct)}
     index = np.array([position.get(u, -1) for u in uris.tolist()], dtype=np.int64)
-    has_image = (index >= 0) & ok[np.maximum(index, 0)] if len(distinct) else np.zeros(len(uris), bool)
+    has_image = (
+        (index >= 0) & ok[np.maximum(index, 0)] if len(distinct) else np.zeros(len(uris), bool)
+    )
     tensors = np.zeros((len(uris), 1, size, size), np.float32)
     tensors[has_image] = images[index[has_image]]
     dataset.arrays[mi.MODALITY_MASK][:, mi.MODALITIES.index("cxr")] = has_image.astype(np.float32)

@@ -37,7 +37,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import redis
@@ -105,7 +105,9 @@ class OnlineStore:
         self.discharged_ttl_s = discharged_ttl_s
         self.open_ttl_s = open_ttl_s
         self.max_retries = max_retries
-        self._key_formats = tuple(f"{self.prefix}:{STORE_FORMAT}:{{%d}}:{part}" for part in ("m", "s", "seen"))
+        self._key_formats = tuple(
+            f"{self.prefix}:{STORE_FORMAT}:{{%d}}:{part}" for part in ("m", "s", "seen")
+        )
         # bytes %-formatting: the read path's keys
         self._serving_key, self._state_key = (key.encode() for key in self._key_formats[:2])
 
@@ -128,14 +130,16 @@ class OnlineStore:
         return unlink(self.client, self.client.scan_iter(match=f"{self.prefix}:*", count=1000))
 
     @classmethod
-    def current(cls, client: redis.Redis, **kwargs) -> "OnlineStore":
+    def current(cls, client: redis.Redis, **kwargs) -> OnlineStore:
         """The store the stream workers publish to (see ``publish``)."""
         tag = client.get(CURRENT_KEY)
         if tag is None:
             raise LookupError("no feature set has been published to this Redis yet")
         raw = client.get(f"m3t:{tag.decode()}:fitted")
         if raw is None:
-            raise LookupError(f"feature set {tag.decode()} is current but its fitted data is missing")
+            raise LookupError(
+                f"feature set {tag.decode()} is current but its fitted data is missing"
+            )
         return cls(client, FittedFeatures.from_dict(json.loads(raw)), **kwargs)
 
     # --- writes -------------------------------------------------------------------------
@@ -144,8 +148,9 @@ class OnlineStore:
         """Apply a batch of events: each at most once, each by its event time."""
         pending: dict[int, dict[str, object]] = defaultdict(dict)
         received = 0
-        for received, event in enumerate(events, 1):
+        for event in events:
             pending[event.hadm_id][event.event_id] = event  # duplicates within the batch collapse
+            received += 1
         stats = WriteStats(duplicates=received - sum(len(evs) for evs in pending.values()))
         for attempt in range(self.max_retries + 1):
             if not pending:
@@ -232,7 +237,8 @@ class OnlineStore:
         tokens = self.fitted.note_tokens
         return [
             AdmissionState.from_stored(agg, None, serving_tail(serving, tokens), tokens).to_blob()
-            if agg is not None and serving is not None else None
+            if agg is not None and serving is not None
+            else None
             for agg, serving in zip(aggregates, servings)
         ]
 
@@ -244,14 +250,18 @@ class OnlineStore:
         serving blobs, without ``numeric_raw``. Any other time goes through ``assemble``.
         """
         if as_of is None:
-            return serving_inputs(mget(self.client, self._serving_keys(hadm_ids)), self.fitted.note_tokens)
+            return serving_inputs(
+                mget(self.client, self._serving_keys(hadm_ids)), self.fitted.note_tokens
+            )
         return self.fitted.assemble(self.read_blobs(hadm_ids), _as_hours(as_of))
 
     def read_batch(self, hadm_ids: Sequence[int], as_of=None) -> list[dict[str, np.ndarray] | None]:
         """The full feature set per admission, aligned with ``hadm_ids``; None if unknown."""
         batch = self.read_inputs(hadm_ids, as_of)
         return [
-            {name: values[i] for name, values in batch.items() if name != "present"} if found else None
+            {name: values[i] for name, values in batch.items() if name != "present"}
+            if found
+            else None
             for i, found in enumerate(batch["present"])
         ]
 
@@ -266,7 +276,7 @@ class OnlineStore:
         return {
             "hadm_id": int(hadm_id),
             "feature_set": self.fitted.tag,
-            "as_of": datetime.fromtimestamp(float(row["as_of"][0]) * 3600, timezone.utc).isoformat(),
+            "as_of": datetime.fromtimestamp(float(row["as_of"][0]) * 3600, UTC).isoformat(),
             "discharged": AdmissionState.from_stored(discharged, None, None).discharged,
             "numeric": {
                 name: (None if np.isnan(value) else round(float(value), 4))

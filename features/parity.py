@@ -38,16 +38,22 @@ class ParityReport:
         return self.cutoffs > 0 and not any(self.mismatched_rows.values())
 
 
-def compare(offline_rows: dict[str, np.ndarray], online_rows: dict[str, np.ndarray], report: ParityReport):
+def compare(
+    offline_rows: dict[str, np.ndarray], online_rows: dict[str, np.ndarray], report: ParityReport
+):
     for spec in fd.FEATURES:
         a, b = offline_rows[spec.name], online_rows[spec.name]
         if spec.name in EXACT:
             same = (a == b).reshape(len(a), -1).all(axis=1)
         else:
-            same = np.isclose(a, b, rtol=FLOAT_RTOL, atol=FLOAT_ATOL).reshape(len(a), -1).all(axis=1)
+            same = (
+                np.isclose(a, b, rtol=FLOAT_RTOL, atol=FLOAT_ATOL).reshape(len(a), -1).all(axis=1)
+            )
             diff = float(np.max(np.abs(a - b))) if a.size else 0.0
             report.max_abs_diff[spec.name] = max(report.max_abs_diff.get(spec.name, 0.0), diff)
-        report.mismatched_rows[spec.name] = report.mismatched_rows.get(spec.name, 0) + int((~same).sum())
+        report.mismatched_rows[spec.name] = report.mismatched_rows.get(spec.name, 0) + int(
+            (~same).sum()
+        )
 
 
 def check_parity(
@@ -65,7 +71,10 @@ def check_parity(
     rng = random.Random(seed)
     chosen = sorted(set(arrays["hadm_id"].tolist()))
     chosen = rng.sample(chosen, min(sample, len(chosen)))
-    row_of = {(h, c): i for i, (h, c) in enumerate(zip(arrays["hadm_id"].tolist(), arrays["cutoff"].tolist()))}
+    row_of = {
+        (h, c): i
+        for i, (h, c) in enumerate(zip(arrays["hadm_id"].tolist(), arrays["cutoff"].tolist()))
+    }
     cutoffs = {h: sorted(c for (hh, c) in row_of if hh == h) for h in chosen}
 
     store = OnlineStore(client, dataset.fitted, scratch=f"parity-{uuid.uuid4().hex[:8]}")

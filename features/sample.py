@@ -7,12 +7,12 @@ For tests, the benchmark and smoke checks of the feature store; the cohort gener
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from ingest import events as ev
 from ingest.itemids import ITEMS
 
-T0 = datetime(2150, 3, 1, 8, 0, tzinfo=timezone.utc)
+T0 = datetime(2150, 3, 1, 8, 0, tzinfo=UTC)
 WORDS = (
     "no acute cardiopulmonary process mild bibasilar atelectasis small left pleural effusion "
     "stable cardiomegaly right picc line tip in the svc patient discharged home on lisinopril "
@@ -30,7 +30,9 @@ def _envelope(hadm_id: int, subject_id: int, source: str, position, when: dateti
     }
 
 
-def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hours_span: float = 72.0):
+def admission_events(
+    hadm_id: int, seed: int = 0, n_observations: int = 40, hours_span: float = 72.0
+):
     """One admission's events in event-time order: admit, labs/vitals, notes, a CXR, discharge."""
     rng = random.Random(hadm_id * 7919 + seed)
     subject_id = 10_000_000 + hadm_id % 1000
@@ -40,15 +42,20 @@ def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hour
         ev.AdmissionEvent(
             **env("admit", admit),
             payload=ev.AdmissionPayload(
-                admittime=admit, admission_type=rng.choice(["EW EMER.", "URGENT", "ELECTIVE", "NEW KIND"]),
-                gender=rng.choice("MF"), age=rng.uniform(18, 95),
+                admittime=admit,
+                admission_type=rng.choice(["EW EMER.", "URGENT", "ELECTIVE", "NEW KIND"]),
+                gender=rng.choice("MF"),
+                age=rng.uniform(18, 95),
             ),
         ),
         ev.NoteEvent(
             **env("prior-discharge", admit),
             payload=ev.NotePayload(
-                note_type="discharge", text=" ".join(rng.choices(WORDS, k=rng.randint(50, 300))),
-                charttime=admit - timedelta(days=40), note_id=f"{hadm_id}-DS", from_hadm_id=hadm_id - 1,
+                note_type="discharge",
+                text=" ".join(rng.choices(WORDS, k=rng.randint(50, 300))),
+                charttime=admit - timedelta(days=40),
+                note_id=f"{hadm_id}-DS",
+                from_hadm_id=hadm_id - 1,
             ),
         ),
     ]
@@ -60,7 +67,9 @@ def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hour
         out.append(
             ev.ObservationEvent(
                 **env(("obs", i), when),
-                payload=ev.ObservationPayload(itemid=item.itemid, value=value, charttime=when, kind=item.kind),
+                payload=ev.ObservationPayload(
+                    itemid=item.itemid, value=value, charttime=when, kind=item.kind
+                ),
             )
         )
     for i in range(rng.randint(0, 3)):
@@ -69,8 +78,11 @@ def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hour
             ev.NoteEvent(
                 **env(("rad", i), when),
                 payload=ev.NotePayload(
-                    note_type="radiology", text=" ".join(rng.choices(WORDS, k=rng.randint(20, 90))),
-                    charttime=when, note_id=f"{hadm_id}-RR-{i}", from_hadm_id=hadm_id,
+                    note_type="radiology",
+                    text=" ".join(rng.choices(WORDS, k=rng.randint(20, 90))),
+                    charttime=when,
+                    note_id=f"{hadm_id}-RR-{i}",
+                    from_hadm_id=hadm_id,
                 ),
             )
         )
@@ -80,7 +92,9 @@ def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hour
             ev.CxrEvent(
                 **env(("cxr", i), when),
                 payload=ev.CxrPayload(
-                    study_id=hadm_id * 10 + i, dicom_id=f"d{hadm_id}-{i}", uri=f"file:///cxr/{hadm_id}/{i}.png",
+                    study_id=hadm_id * 10 + i,
+                    dicom_id=f"d{hadm_id}-{i}",
+                    uri=f"file:///cxr/{hadm_id}/{i}.png",
                     studytime=when,
                 ),
             )
@@ -90,7 +104,8 @@ def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hour
         ev.DischargeEvent(
             **env("discharge", discharge),
             payload=ev.DischargePayload(
-                dischtime=discharge, los_days=(discharge - admit).total_seconds() / 86400,
+                dischtime=discharge,
+                los_days=(discharge - admit).total_seconds() / 86400,
                 hospital_expire_flag=rng.random() < 0.1,
             ),
         )
@@ -99,4 +114,7 @@ def admission_events(hadm_id: int, seed: int = 0, n_observations: int = 40, hour
 
 
 def cohort(n_admissions: int, seed: int = 0, first_hadm_id: int = 20_000_000, **kwargs):
-    return {h: admission_events(h, seed, **kwargs) for h in range(first_hadm_id, first_hadm_id + n_admissions)}
+    return {
+        h: admission_events(h, seed, **kwargs)
+        for h in range(first_hadm_id, first_hadm_id + n_admissions)
+    }

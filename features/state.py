@@ -33,7 +33,7 @@ import bisect
 import json
 import math
 from array import array
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from features import definitions as fd
 from features import model_inputs as mi
@@ -72,7 +72,7 @@ from features.vocab import Vocabulary
 def hours(t: datetime) -> float:
     """Epoch hours; MIMIC's naive local times are read as UTC, as ingest.events does."""
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return t.timestamp() / 3600.0
 
 
@@ -120,15 +120,24 @@ class Notes:
     def blob_tail(self) -> bytes:
         """The blob after its numeric part: both token sequences, then the URI."""
         n = self.note_tokens
-        return _ids_bytes(self.radiology_tail(), n) + _ids_bytes(self.dis_ids, n) + self.cxr_uri.encode()
+        return (
+            _ids_bytes(self.radiology_tail(), n)
+            + _ids_bytes(self.dis_ids, n)
+            + self.cxr_uri.encode()
+        )
 
     def encode(self) -> bytes:
-        data = {"rad": self.rad_notes, "dis": self.dis_key, "dis_ids": self.dis_ids,
-                "cxr": self.cxr_key, "uri": self.cxr_uri}
+        data = {
+            "rad": self.rad_notes,
+            "dis": self.dis_key,
+            "dis_ids": self.dis_ids,
+            "cxr": self.cxr_key,
+            "uri": self.cxr_uri,
+        }
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, raw: bytes, note_tokens: int) -> "Notes":
+    def decode(cls, raw: bytes, note_tokens: int) -> Notes:
         data, notes = json.loads(raw), cls(note_tokens)
         notes.rad_notes = [(t, note_id, ids) for t, note_id, ids in data["rad"]]
         notes.dis_key, notes.dis_ids = tuple(data["dis"]), data["dis_ids"]
@@ -231,7 +240,13 @@ class AdmissionState:
         for base in range(HEADER, HEADER + N_ITEMS * STATS, STATS):
             count = a[base + S_COUNT]
             if count:
-                out += (a[base + S_LAST_VALUE], a[base + S_SUM] / count, a[base + S_MIN], a[base + S_MAX], count)
+                out += (
+                    a[base + S_LAST_VALUE],
+                    a[base + S_SUM] / count,
+                    a[base + S_MIN],
+                    a[base + S_MAX],
+                    count,
+                )
             else:
                 out += (NAN, NAN, NAN, NAN, 0.0)
         return out
@@ -253,7 +268,9 @@ class AdmissionState:
     def to_blob(self) -> bytes:
         """All ``assemble`` needs, nothing more (native byte order = the little-endian
         ``features.layout.blob_dtype`` on x86 and ARM)."""
-        numeric = array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes()
+        numeric = (
+            array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes()
+        )
         return numeric + array("f", self.agg[PREFIXES:]).tobytes() + self.blob_tail()
 
     def blob_tail(self) -> bytes:
@@ -270,8 +287,13 @@ class AdmissionState:
         return self.notes.encode()
 
     @classmethod
-    def from_stored(cls, aggregates: bytes | None, notes: bytes | None, tail: bytes | None,
-                    note_tokens: int = mi.NOTE_TOKENS) -> "AdmissionState":
+    def from_stored(
+        cls,
+        aggregates: bytes | None,
+        notes: bytes | None,
+        tail: bytes | None,
+        note_tokens: int = mi.NOTE_TOKENS,
+    ) -> AdmissionState:
         """The state as the online store keeps it (all None: a new admission). ``tail``:
         the stored blob tail (``blob_tail``), which spares decoding the notes to write."""
         state = cls(note_tokens)

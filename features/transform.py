@@ -94,8 +94,12 @@ def raw_numeric(records: np.ndarray, as_of: np.ndarray) -> np.ndarray:
     return raw
 
 
-def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = fd.WINDOW_BUCKETS,
-             out: np.ndarray | None = None) -> np.ndarray:
+def windowed(
+    records: np.ndarray,
+    as_of: np.ndarray,
+    windows: tuple[int, ...] = fd.WINDOW_BUCKETS,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Per window (in buckets, at most N_BUCKETS), item and ``fd.WINDOW_STATS``, as of
     ``as_of``: [B, N_WINDOWED] float64, NaN where missing (a count is never missing).
     Windows end with ``as_of``'s bucket."""
@@ -110,14 +114,20 @@ def windowed(records: np.ndarray, as_of: np.ndarray, windows: tuple[int, ...] = 
     empty = len(prefixes) - 1
     # Each item's newest bucket, from its latest measurement's time (NaN: never measured).
     newest = np.floor(records["anchors"][:, A_ITEMS:] / fd.BUCKET_HOURS).ravel()
-    behind = np.maximum(np.repeat(np.floor(as_of / fd.BUCKET_HOURS), N_ITEMS) - newest, 0.0)  # buckets
+    behind = np.maximum(
+        np.repeat(np.floor(as_of / fd.BUCKET_HOURS), N_ITEMS) - newest, 0.0
+    )  # buckets
     first = np.arange(rows * N_ITEMS) * fd.N_BUCKETS  # each item's prefix 0
     for w, n in enumerate(windows):
         reach = n - 1 - behind  # the prefix this window is; NaN or negative: empty
-        picked = np.take(prefixes, np.where(reach >= 0, first + reach, empty).astype(np.intp), axis=0)
+        picked = np.take(
+            prefixes, np.where(reach >= 0, first + reach, empty).astype(np.intp), axis=0
+        )
         block = out[:, w * width : (w + 1) * width]
         block[...] = picked.reshape(rows, width)  # [B, items * (count, sum, min, max)]
-        block[:, P_SUM::PREFIX] /= np.maximum(block[:, P_COUNT::PREFIX], 1.0)  # the mean; NaN stays NaN
+        block[:, P_SUM::PREFIX] /= np.maximum(
+            block[:, P_COUNT::PREFIX], 1.0
+        )  # the mean; NaN stays NaN
     return out
 
 
@@ -157,8 +167,12 @@ def _text_inputs(records: np.ndarray, uris: np.ndarray) -> dict[str, np.ndarray]
     rad = records["radiology"].astype(np.int64)
     dis = records["discharge"].astype(np.int64)
     modality = np.column_stack([rad[:, 0] != fd.PAD, dis[:, 0] != fd.PAD, uris != ""])
-    return {mi.NOTES_RADIOLOGY: rad, mi.NOTES_DISCHARGE: dis, mi.MODALITY_MASK: modality.astype(np.float32),
-            "cxr_uri": uris}
+    return {
+        mi.NOTES_RADIOLOGY: rad,
+        mi.NOTES_DISCHARGE: dis,
+        mi.MODALITY_MASK: modality.astype(np.float32),
+        "cxr_uri": uris,
+    }
 
 
 def serving_blobs(inputs: dict[str, np.ndarray]) -> list[bytes]:
@@ -174,7 +188,10 @@ def serving_blobs(inputs: dict[str, np.ndarray]) -> list[bytes]:
     inline = [len(uri) <= URI_INLINE and not uri.endswith(b"\0") for uri in uris]
     records["cxr_uri"] = [uri if fits else b"" for uri, fits in zip(uris, inline)]
     raw, size = records.tobytes(), records.itemsize
-    return [raw[i * size : (i + 1) * size] + (b"" if fits else uri) for i, (uri, fits) in enumerate(zip(uris, inline))]
+    return [
+        raw[i * size : (i + 1) * size] + (b"" if fits else uri)
+        for i, (uri, fits) in enumerate(zip(uris, inline))
+    ]
 
 
 def serving_inputs(blobs, note_tokens: int = mi.NOTE_TOKENS) -> dict[str, np.ndarray]:

@@ -39,7 +39,9 @@ class Vocabulary:
     def fit(cls, texts: Iterable[str], max_size: int = VOCAB_SIZE, min_count: int = 1):
         counts = Counter(word for text in texts for word in tokenize(text))
         # Ties broken alphabetically so the same notes always give the same vocabulary.
-        ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        ranked = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(SPECIALS + tuple(ranked[: max_size - len(SPECIALS)]))
 
     def encode(self, text: str) -> list[int]:

@@ -15,13 +15,21 @@ from ingest.accounting import IngestStats, JsonLinesDeadLetters
 from ingest.events import MAX_NOTE_CHARS
 from m3t.console import fail as _fail
 
-app = typer.Typer(help="Read MIMIC-IV, generate a synthetic cohort, replay it into Kafka.", no_args_is_help=True)
+app = typer.Typer(
+    help="Read MIMIC-IV, generate a synthetic cohort, replay it into Kafka.", no_args_is_help=True
+)
 console = Console(stderr=True)  # stdout stays clean for --json
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _reader(root: Path, max_note_chars: int, cxr: str, dead_letters):
@@ -36,9 +44,13 @@ def _reader(root: Path, max_note_chars: int, cxr: str, dead_letters):
 def _stats_table(stats: IngestStats) -> Table:
     table = Table("source table", "read", "used", "dead letters", "skipped", title="rows")
     for name, t in sorted(stats.tables.items()):
-        table.add_row(name, f"{t.read:,}", f"{t.used:,}",
-                      ", ".join(f"{k} {v:,}" for k, v in sorted(t.dead.items())) or "-",
-                      ", ".join(f"{k} {v:,}" for k, v in sorted(t.skipped.items())) or "-")
+        table.add_row(
+            name,
+            f"{t.read:,}",
+            f"{t.used:,}",
+            ", ".join(f"{k} {v:,}" for k, v in sorted(t.dead.items())) or "-",
+            ", ".join(f"{k} {v:,}" for k, v in sorted(t.skipped.items())) or "-",
+        )
     return table
 
 
@@ -49,8 +61,10 @@ def _kafka(settings, client: str, **options):
     try:
         producer = make_producer(settings, client, **options)
     except Exception as exc:  # kafka-python raises NoBrokersAvailable, confluent a KafkaException
-        _fail(f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(exc).__name__}); "
-              "is it up? (m3t services up kafka)")
+        _fail(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(exc).__name__}); "
+            "is it up? (m3t services up kafka)"
+        )
     try:
         yield producer
     finally:
@@ -59,14 +73,27 @@ def _kafka(settings, client: str, **options):
 
 @app.command("mimic")
 def mimic(
-    root: Path = typer.Argument(..., exists=True, file_okay=False, help="A MIMIC-IV folder (hosp/, icu/, note/, CXR)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Read and count everything; send nothing to Kafka."),
+    root: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="A MIMIC-IV folder (hosp/, icu/, note/, CXR)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Read and count everything; send nothing to Kafka."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    dead_letter_file: Path = typer.Option(None, help="Dry runs: JSON-lines file for dead letters "
-                                          "[default: <state_dir>/dead-letters.jsonl]."),
-    max_note_chars: int = typer.Option(MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."),
-    cxr: str = typer.Option("auto", help="Chest X-rays from: auto, jpg (MIMIC-CXR-JPG), dicom (MIMIC-CXR), none."),
-    client: str = typer.Option("confluent", help="Kafka client: confluent (librdkafka) or kafka-python."),
+    dead_letter_file: Path = typer.Option(
+        None,
+        help="Dry runs: JSON-lines file for dead letters "
+        "[default: <state_dir>/dead-letters.jsonl].",
+    ),
+    max_note_chars: int = typer.Option(
+        MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."
+    ),
+    cxr: str = typer.Option(
+        "auto", help="Chest X-rays from: auto, jpg (MIMIC-CXR-JPG), dicom (MIMIC-CXR), none."
+    ),
+    client: str = typer.Option(
+        "confluent", help="Kafka client: confluent (librdkafka) or kafka-python."
+    ),
 ):
     """Read a MIMIC-IV folder: every admission's events, and where every row went.
 
@@ -77,9 +104,19 @@ def mimic(
 
     settings = get_settings()
     if not dry_run:
-        return _replay(root, settings, speed=0.0, max_wait_s=0.0, client=client, linger_ms=20,
-                       batch_size=512 * 1024, compression=None, as_json=as_json, max_note_chars=max_note_chars,
-                       cxr=cxr)
+        return _replay(
+            root,
+            settings,
+            speed=0.0,
+            max_wait_s=0.0,
+            client=client,
+            linger_ms=20,
+            batch_size=512 * 1024,
+            compression=None,
+            as_json=as_json,
+            max_note_chars=max_note_chars,
+            cxr=cxr,
+        )
     path = dead_letter_file or settings.state_dir / "dead-letters.jsonl"
     with JsonLinesDeadLetters(path) as sink:
         reader = _reader(root, max_note_chars, cxr, sink)
@@ -102,7 +139,9 @@ def synth(
     seed: int = typer.Option(0, help="Random seed (same seed, same cohort)."),
     out: Path = typer.Option(..., file_okay=False, help="Output folder (MIMIC-IV layout)."),
     image_size: int = typer.Option(256, min=32, help="Radiograph side in pixels."),
-    dicom: bool = typer.Option(True, help="Also write the DICOM tree (CR/DX; JPEG-baseline and uncompressed)."),
+    dicom: bool = typer.Option(
+        True, help="Also write the DICOM tree (CR/DX; JPEG-baseline and uncompressed)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ):
     """Write a synthetic multimodal cohort in the MIMIC-IV layout (see ingest/synth.py)."""
@@ -112,8 +151,14 @@ def synth(
 
     with _progress() as progress:
         task = progress.add_task("painting radiographs", total=studies_count(admissions, seed))
-        summary = generate(out, admissions, seed, image_size=image_size, dicom=dicom,
-                           progress=lambda n: progress.advance(task, n))
+        summary = generate(
+            out,
+            admissions,
+            seed,
+            image_size=image_size,
+            dicom=dicom,
+            progress=lambda n: progress.advance(task, n),
+        )
     if as_json:
         print(json.dumps(asdict(summary), indent=2))
         return
@@ -126,33 +171,76 @@ def synth(
 
 @app.command("replay")
 def replay(
-    root: Path = typer.Argument(..., exists=True, file_okay=False, help="A cohort folder (MIMIC-IV layout)."),
-    speed: float = typer.Option(0.0, min=0.0, help="Event time runs this many times faster than wall time; "
-                                "0: as fast as possible."),
-    max_wait: float = typer.Option(1.0, min=0.0, help="Longest wait between two events, in wall seconds."),
-    client: str = typer.Option("confluent", help="Kafka client: confluent (librdkafka) or kafka-python."),
+    root: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="A cohort folder (MIMIC-IV layout)."
+    ),
+    speed: float = typer.Option(
+        0.0,
+        min=0.0,
+        help="Event time runs this many times faster than wall time; 0: as fast as possible.",
+    ),
+    max_wait: float = typer.Option(
+        1.0, min=0.0, help="Longest wait between two events, in wall seconds."
+    ),
+    client: str = typer.Option(
+        "confluent", help="Kafka client: confluent (librdkafka) or kafka-python."
+    ),
     linger_ms: int = typer.Option(20, help="Producer batching delay."),
     batch_size: int = typer.Option(512 * 1024, help="Producer batch size in bytes."),
-    compression: str = typer.Option("none", help="none, gzip, lz4, zstd (kafka-python needs the lz4 package for lz4)."),
-    max_note_chars: int = typer.Option(MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."),
+    compression: str = typer.Option(
+        "none", help="none, gzip, lz4, zstd (kafka-python needs the lz4 package for lz4)."
+    ),
+    max_note_chars: int = typer.Option(
+        MAX_NOTE_CHARS, help="Notes longer than this are dead-lettered."
+    ),
     cxr: str = typer.Option("auto", help="Chest X-rays from: auto, jpg, dicom, none."),
-    first_hours: float = typer.Option(None, min=0.0, help="Replay only each admission's first HOURS after "
-                                      "admission (longer stays stay open: current inpatients)."),
+    first_hours: float = typer.Option(
+        None,
+        min=0.0,
+        help="Replay only each admission's first HOURS after "
+        "admission (longer stays stay open: current inpatients).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ):
     """Stream a cohort's events into Kafka in event-time order (key: hadm_id)."""
     from m3t.settings import get_settings
 
-    _replay(root, get_settings(), speed=speed, max_wait_s=max_wait, client=client, linger_ms=linger_ms,
-            batch_size=batch_size, compression=None if compression == "none" else compression, as_json=as_json,
-            max_note_chars=max_note_chars, cxr=cxr, first_hours=first_hours)
+    _replay(
+        root,
+        get_settings(),
+        speed=speed,
+        max_wait_s=max_wait,
+        client=client,
+        linger_ms=linger_ms,
+        batch_size=batch_size,
+        compression=None if compression == "none" else compression,
+        as_json=as_json,
+        max_note_chars=max_note_chars,
+        cxr=cxr,
+        first_hours=first_hours,
+    )
 
 
-def _replay(root, settings, *, speed, max_wait_s, client, linger_ms, batch_size, compression, as_json,
-            max_note_chars, cxr, first_hours=None):
+def _replay(
+    root,
+    settings,
+    *,
+    speed,
+    max_wait_s,
+    client,
+    linger_ms,
+    batch_size,
+    compression,
+    as_json,
+    max_note_chars,
+    cxr,
+    first_hours=None,
+):
     from ingest import replay as rp
 
-    with _kafka(settings, client, linger_ms=linger_ms, batch_size=batch_size, compression=compression) as producer:
+    with _kafka(
+        settings, client, linger_ms=linger_ms, batch_size=batch_size, compression=compression
+    ) as producer:
         dead = rp.KafkaDeadLetters(producer, settings.kafka.topic_dead_letter)
         reader = _reader(root, max_note_chars, cxr, dead)
         with _progress() as progress:
@@ -162,9 +250,15 @@ def _replay(root, settings, *, speed, max_wait_s, client, linger_ms, batch_size,
                 if first_hours is not None:
                     admissions = rp.first_hours(admissions, first_hours)
                 summary = rp.replay(
-                    admissions, producer, settings.kafka.topic_events,
-                    dead_letter_topic=settings.kafka.topic_dead_letter, speed=speed, max_wait_s=max_wait_s,
-                    progress=lambda n: progress.update(task, completed=n, total=reader.expected_events),
+                    admissions,
+                    producer,
+                    settings.kafka.topic_events,
+                    dead_letter_topic=settings.kafka.topic_dead_letter,
+                    speed=speed,
+                    max_wait_s=max_wait_s,
+                    progress=lambda n: progress.update(
+                        task, completed=n, total=reader.expected_events
+                    ),
                 )
             except rp.ReplayError as exc:
                 _fail(str(exc))
@@ -173,9 +267,16 @@ def _replay(root, settings, *, speed, max_wait_s, client, linger_ms, batch_size,
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("type", "events", title=f"replayed {summary.events:,} events in {summary.seconds:.1f} s "
-                  f"({summary.events_per_s:,.0f} events/s, {client})")
+    table = Table(
+        "type",
+        "events",
+        title=f"replayed {summary.events:,} events in {summary.seconds:.1f} s "
+        f"({summary.events_per_s:,.0f} events/s, {client})",
+    )
     for name, count in sorted(summary.by_type.items()):
         table.add_row(name, f"{count:,}")
     console.print(table)
-    console.print(f"dead letters -> {settings.kafka.topic_dead_letter}: {dict(summary.dead_letters) or 'none'}")
+    console.print(
+        f"dead letters -> {settings.kafka.topic_dead_letter}: "
+        f"{dict(summary.dead_letters) or 'none'}"
+    )

@@ -23,7 +23,7 @@ import pydicom
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGBaseline8Bit
 
 # pydicom's own warnings name the file, and MIMIC-CXR paths carry the subject id: they are
 # turned into InvalidDicom reasons here instead of log lines.
@@ -94,9 +94,16 @@ def read_image(path: Path) -> DicomImage:
     else:
         data, kind = _pixels(dataset, header), "pixels"
     return DicomImage(
-        kind=kind, data=data, transfer_syntax=header.transfer_syntax, modality=header.modality,
-        rows=header.rows, cols=header.cols, photometric=header.photometric,
-        view_position=header.view_position, bits_stored=header.bits_stored or 8, frames=header.frames,
+        kind=kind,
+        data=data,
+        transfer_syntax=header.transfer_syntax,
+        modality=header.modality,
+        rows=header.rows,
+        cols=header.cols,
+        photometric=header.photometric,
+        view_position=header.view_position,
+        bits_stored=header.bits_stored or 8,
+        frames=header.frames,
     )
 
 
@@ -151,7 +158,11 @@ def _first_frame(ds: pydicom.Dataset, header: DicomHeader) -> bytes:
         frame = next(generate_frames(ds.PixelData, number_of_frames=header.frames))
     except Exception as exc:
         raise InvalidDicom("bad_encapsulation", type(exc).__name__) from None
-    if not (frame.startswith(_JPEG_SOI) or frame.startswith(_J2K_SOC) or frame.startswith(_JP2_SIGNATURE)):
+    if not (
+        frame.startswith(_JPEG_SOI)
+        or frame.startswith(_J2K_SOC)
+        or frame.startswith(_JP2_SIGNATURE)
+    ):
         raise InvalidDicom("bad_frame", "no JPEG/JPEG 2000 start marker")
     if _EOI not in frame[-4:]:  # a frame may be padded to even length after the marker
         raise InvalidDicom("truncated_frame", "no end marker")

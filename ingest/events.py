@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -86,14 +86,14 @@ class _Envelope(BaseModel):
     hadm_id: int
     subject_id: int
     event_time: datetime
-    ingest_time: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    ingest_time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source: str
 
     @field_validator("event_time", "ingest_time")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
         # MIMIC times are naive local times; carry them as UTC-aware so ordering is total.
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class AdmissionEvent(_Envelope):
@@ -122,7 +122,7 @@ class DischargeEvent(_Envelope):
 
 
 Event = Annotated[
-    Union[AdmissionEvent, ObservationEvent, NoteEvent, CxrEvent, DischargeEvent],
+    AdmissionEvent | ObservationEvent | NoteEvent | CxrEvent | DischargeEvent,
     Field(discriminator="type"),
 ]
 _EVENT = TypeAdapter(Event)
@@ -145,7 +145,7 @@ def event_id(source: str, position: Any) -> str:
     return hashlib.blake2b(f"{source}\x1f{position}".encode(), digest_size=12).hexdigest()
 
 
-def sort_key(event: "AdmissionEvent | ObservationEvent | NoteEvent | CxrEvent | DischargeEvent"):
+def sort_key(event: AdmissionEvent | ObservationEvent | NoteEvent | CxrEvent | DischargeEvent):
     return (event.event_time, TYPE_ORDER[event.type], event.event_id)
 
 

@@ -41,10 +41,11 @@ import re
 import warnings
 import zlib
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -83,10 +84,19 @@ def find_table(root: Path, stem: str) -> Path | None:
     return None
 
 
-def cxr_image_path(files_root: Path, subject_id: int, study_id: int, dicom_id: str, ext: str) -> Path:
+def cxr_image_path(
+    files_root: Path, subject_id: int, study_id: int, dicom_id: str, ext: str
+) -> Path:
     """MIMIC-CXR's tree: files/p10/p10000032/s50414267/<dicom_id>.<ext>."""
     subject = str(subject_id)
-    return Path(files_root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study_id}" / f"{dicom_id}.{ext}"
+    return (
+        Path(files_root)
+        / "files"
+        / f"p{subject[:2]}"
+        / f"p{subject}"
+        / f"s{study_id}"
+        / f"{dicom_id}.{ext}"
+    )
 
 
 # --------------------------------------------------------------------------- chunk I/O
@@ -97,8 +107,15 @@ class _CorruptFile(Exception):
 
 
 _SKIPPED_LINE = re.compile(r"Skipping line (\d+)")
-_READ_ERRORS = (EOFError, OSError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError,
-                pd.errors.ParserError, pd.errors.EmptyDataError)
+_READ_ERRORS = (
+    EOFError,
+    OSError,
+    gzip.BadGzipFile,
+    zlib.error,
+    UnicodeDecodeError,
+    pd.errors.ParserError,
+    pd.errors.EmptyDataError,
+)
 
 
 def _chunks(path: Path, columns: list[str], chunksize: int, on_bad_line) -> Iterator[pd.DataFrame]:
@@ -112,8 +129,13 @@ def _chunks(path: Path, columns: list[str], chunksize: int, on_bad_line) -> Iter
         raise MimicLayoutError(f"{path.name} lacks column(s) {', '.join(missing)}")
     # All columns are parsed: with ``usecols`` pandas silently accepts rows with extra fields.
     reader = pd.read_csv(
-        path, dtype=str, chunksize=chunksize, on_bad_lines="warn",
-        keep_default_na=False, na_values=[""], encoding="utf-8",
+        path,
+        dtype=str,
+        chunksize=chunksize,
+        on_bad_lines="warn",
+        keep_default_na=False,
+        na_values=[""],
+        encoding="utf-8",
     )
     while True:
         # Rejected lines only surface as ParserWarnings naming the line.
@@ -155,7 +177,9 @@ class _Triage:
 
     def _hits(self, mask) -> pd.Series:
         mask = pd.Series(mask, index=self.frame.index) if not isinstance(mask, pd.Series) else mask
-        return self.alive & mask.reindex(self.frame.index, fill_value=False).fillna(False).astype(bool)
+        return self.alive & mask.reindex(self.frame.index, fill_value=False).fillna(False).astype(
+            bool
+        )
 
     def dead(self, mask, reason: str, detail: str = "") -> None:
         hits = self._hits(mask)
@@ -185,14 +209,16 @@ class _Cursor:
     """Walks a table's kept rows in admission order, converting them to tuples in blocks."""
 
     def __init__(self, frame: pd.DataFrame, rank: dict[int, int], block: int = 20_000):
-        self.frame = frame.assign(rank=frame.hadm_id.map(rank)).sort_values(["rank", "row"], kind="stable")
+        self.frame = frame.assign(rank=frame.hadm_id.map(rank)).sort_values(
+            ["rank", "row"], kind="stable"
+        )
         self.block = block
         self._rows = self._iterate()
         self._next = next(self._rows, None)
 
     def _iterate(self):
         for start in range(0, len(self.frame), self.block):
-            yield from self.frame.iloc[start:start + self.block].itertuples(index=False)
+            yield from self.frame.iloc[start : start + self.block].itertuples(index=False)
 
     def take(self, rank: int) -> list:
         """The rows of the admission with this rank (ranks are asked for in order)."""
@@ -310,7 +336,9 @@ class MimicReader:
 
     def _read_patients(self) -> pd.DataFrame:
         parts = []
-        for rows in self._rows("hosp/patients", ["subject_id", "gender", "anchor_age", "anchor_year"]):
+        for rows in self._rows(
+            "hosp/patients", ["subject_id", "gender", "anchor_age", "anchor_year"]
+        ):
             f = rows.frame
             subject, age, year = _ids(f.subject_id), _numbers(f.anchor_age), _ids(f.anchor_year)
             rows.missing(subject, "subject_id")
@@ -318,22 +346,40 @@ class MimicReader:
             rows.missing(year, "anchor_year")
             rows.dead(~f.gender.isin(["M", "F"]), "invalid_value", "gender")
             kept = rows.kept
-            parts.append(pd.DataFrame({"subject_id": subject[kept].astype("int64"), "gender": f.gender[kept],
-                                       "anchor_age": age[kept], "anchor_year": year[kept]}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "subject_id": subject[kept].astype("int64"),
+                        "gender": f.gender[kept],
+                        "anchor_age": age[kept],
+                        "anchor_year": year[kept],
+                    }
+                )
+            )
         patients = pd.concat(parts) if parts else pd.DataFrame(columns=["subject_id"])
         stats = self.stats.table("hosp/patients")
         duplicated = patients.subject_id.duplicated(keep="first")
         for index in patients.index[duplicated.to_numpy()]:
             stats.dead["duplicate_key"] += 1
-            self._sink(DeadLetter("duplicate_key", "hosp/patients", f"row {index + 1}", "subject_id"))
+            self._sink(
+                DeadLetter("duplicate_key", "hosp/patients", f"row {index + 1}", "subject_id")
+            )
         patients = patients[~duplicated]
         stats.used += len(patients)
         return patients.set_index("subject_id")
 
     def _read_admissions(self) -> None:
         table = "hosp/admissions"
-        columns = ["subject_id", "hadm_id", "admittime", "dischtime", "admission_type",
-                   "admission_location", "insurance", "hospital_expire_flag"]
+        columns = [
+            "subject_id",
+            "hadm_id",
+            "admittime",
+            "dischtime",
+            "admission_type",
+            "admission_location",
+            "insurance",
+            "hospital_expire_flag",
+        ]
         for rows in self._rows(table, columns):
             f = rows.frame
             subject, hadm = _ids(f.subject_id), _ids(f.hadm_id)
@@ -349,8 +395,15 @@ class MimicReader:
             rows.dead(~subject.isin(self._patients.index), "unknown_patient")
             rows.dead(hadm.duplicated() | hadm.isin(list(self._adm)), "duplicate_key", "hadm_id")
             for index in rows.kept:
-                adm = self._admission(index, int(subject[index]), int(hadm[index]), admit[index],
-                                      disch[index], f.loc[index], bool(flag[index]))
+                adm = self._admission(
+                    index,
+                    int(subject[index]),
+                    int(hadm[index]),
+                    admit[index],
+                    disch[index],
+                    f.loc[index],
+                    bool(flag[index]),
+                )
                 if adm is None:
                     rows.stats.dead["schema_violation"] += 1
                     self._rejected.add(int(hadm[index]))
@@ -367,17 +420,27 @@ class MimicReader:
         envelope = dict(hadm_id=hadm, subject_id=subject, source=source)
         try:
             opened = AdmissionEvent(
-                event_id=event_id(source, f"{index}:admission"), event_time=admittime, **envelope,
+                event_id=event_id(source, f"{index}:admission"),
+                event_time=admittime,
+                **envelope,
                 payload=dict(
-                    admittime=admittime, admission_type=row.admission_type,
-                    admission_location=_text(row.admission_location), insurance=_text(row.insurance),
-                    gender=patient.gender, age=patient.anchor_age + (admittime.year - patient.anchor_year),
+                    admittime=admittime,
+                    admission_type=row.admission_type,
+                    admission_location=_text(row.admission_location),
+                    insurance=_text(row.insurance),
+                    gender=patient.gender,
+                    age=patient.anchor_age + (admittime.year - patient.anchor_year),
                 ),
             )
             closed = DischargeEvent(
-                event_id=event_id(source, f"{index}:discharge"), event_time=dischtime, **envelope,
-                payload=dict(dischtime=dischtime, los_days=(disch - admit) / pd.Timedelta(days=1),
-                             hospital_expire_flag=died),
+                event_id=event_id(source, f"{index}:discharge"),
+                event_time=dischtime,
+                **envelope,
+                payload=dict(
+                    dischtime=dischtime,
+                    los_days=(disch - admit) / pd.Timedelta(days=1),
+                    hospital_expire_flag=died,
+                ),
             )
         except ValidationError as exc:
             self._sink(DeadLetter("schema_violation", source, f"row {index + 1}", _where(exc)))
@@ -396,9 +459,15 @@ class MimicReader:
             following.update((a.hadm_id, b.hadm_id) for a, b in zip(stays, stays[1:]))
         self._by_subject = by_subject
         index = pd.Index(list(self._adm), dtype="int64")
-        self._owner = pd.Series([a.subject_id for a in self._adm.values()], index=index, dtype="float64")
-        self._admit = pd.Series(pd.to_datetime([a.admittime for a in self._adm.values()]), index=index)
-        self._disch = pd.Series(pd.to_datetime([a.dischtime for a in self._adm.values()]), index=index)
+        self._owner = pd.Series(
+            [a.subject_id for a in self._adm.values()], index=index, dtype="float64"
+        )
+        self._admit = pd.Series(
+            pd.to_datetime([a.admittime for a in self._adm.values()]), index=index
+        )
+        self._disch = pd.Series(
+            pd.to_datetime([a.dischtime for a in self._adm.values()]), index=index
+        )
         self._next = pd.Series(following, dtype="float64")
 
     def _bind(self, rows: _Triage, subject: pd.Series, hadm: pd.Series) -> None:
@@ -410,7 +479,9 @@ class MimicReader:
         rows.dead(owner != subject, "subject_mismatch")
 
     def _read_icustays(self) -> None:
-        for rows in self._rows("icu/icustays", ["subject_id", "hadm_id", "stay_id", "intime", "outtime"]):
+        for rows in self._rows(
+            "icu/icustays", ["subject_id", "hadm_id", "stay_id", "intime", "outtime"]
+        ):
             f = rows.frame
             subject, hadm = _ids(f.subject_id), _ids(f.hadm_id)
             rows.missing(subject, "subject_id")
@@ -429,7 +500,9 @@ class MimicReader:
             rows.stats.used += len(rows.kept)
         return frozenset(known) if table in self.stats.tables else fallback
 
-    def _read_observations(self, table: str, known: frozenset[int], used: frozenset[int], kind: str) -> None:
+    def _read_observations(
+        self, table: str, known: frozenset[int], used: frozenset[int], kind: str
+    ) -> None:
         parts = []
         columns = ["subject_id", "hadm_id", "itemid", "charttime", "valuenum", "valueuom"]
         for rows in self._rows(table, columns):
@@ -448,11 +521,18 @@ class MimicReader:
             rows.dead((value < low) | (value > high), "out_of_range", "valuenum")
             self._skip_after_discharge(rows, hadm, charttime)
             kept = rows.kept
-            parts.append(pd.DataFrame({
-                "row": kept, "hadm_id": hadm[kept].astype("int64"), "itemid": item[kept].astype("int64"),
-                "charttime": charttime[kept], "value": value[kept],
-                "unit": f.valueuom[kept].astype("category"),
-            }))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "row": kept,
+                        "hadm_id": hadm[kept].astype("int64"),
+                        "itemid": item[kept].astype("int64"),
+                        "charttime": charttime[kept],
+                        "value": value[kept],
+                        "unit": f.valueuom[kept].astype("category"),
+                    }
+                )
+            )
         if parts:
             self._kept[table] = pd.concat(parts, ignore_index=True).assign(kind=kind)
 
@@ -471,7 +551,11 @@ class MimicReader:
             self._bind(rows, subject, hadm)
             charttime = _times(f.charttime)
             rows.dead(charttime.isna(), "unparseable_time", "charttime")
-            rows.dead(f.text.str.len() > self.max_note_chars, "note_too_long", f"over {self.max_note_chars} chars")
+            rows.dead(
+                f.text.str.len() > self.max_note_chars,
+                "note_too_long",
+                f"over {self.max_note_chars} chars",
+            )
             if table == "note/radiology":
                 self._skip_after_discharge(rows, hadm, charttime)
                 target = hadm
@@ -481,10 +565,18 @@ class MimicReader:
                 rows.skip(target.isna(), "no_later_admission")
                 rows.skip(charttime > target.map(self._admit), "written_after_next_admission")
             kept = rows.kept
-            parts.append(pd.DataFrame({
-                "row": kept, "hadm_id": target[kept].astype("int64"), "from_hadm_id": hadm[kept].astype("int64"),
-                "note_id": f.note_id[kept], "charttime": charttime[kept], "text": f.text[kept],
-            }))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "row": kept,
+                        "hadm_id": target[kept].astype("int64"),
+                        "from_hadm_id": hadm[kept].astype("int64"),
+                        "note_id": f.note_id[kept],
+                        "charttime": charttime[kept],
+                        "text": f.text[kept],
+                    }
+                )
+            )
         if parts:
             self._kept[table] = pd.concat(parts, ignore_index=True)
 
@@ -506,7 +598,9 @@ class MimicReader:
         if found is None:
             return
         mode, base = found
-        self._cxr_source = DICOM_TABLE if mode == "dicom" else _relative(base / CXR_METADATA, self.root)
+        self._cxr_source = (
+            DICOM_TABLE if mode == "dicom" else _relative(base / CXR_METADATA, self.root)
+        )
         studies = self._cxr_jpg(base) if mode == "jpg" else self._cxr_dicom(base)
         parts = [part for part in studies if len(part)]
         if parts:
@@ -521,11 +615,16 @@ class MimicReader:
             rows.missing(f.dicom_id, "dicom_id")
             subject, study, studytime, hadm = self._place_studies(rows)
             kept = rows.kept
-            paths = [cxr_image_path(base, int(subject[i]), int(study[i]), f.dicom_id[i], "jpg") for i in kept]
+            paths = [
+                cxr_image_path(base, int(subject[i]), int(study[i]), f.dicom_id[i], "jpg")
+                for i in kept
+            ]
             exists = pd.Series([p.is_file() for p in paths], index=kept, dtype=bool)
             rows.dead(~exists, "image_missing")
             kept = rows.kept
-            yield _studies(f, kept, hadm, study, studytime, [p.as_uri() for p, ok in zip(paths, exists) if ok])
+            yield _studies(
+                f, kept, hadm, study, studytime, [p.as_uri() for p, ok in zip(paths, exists) if ok]
+            )
 
     def _cxr_dicom(self, base: Path) -> Iterator[pd.DataFrame]:
         from ingest.dicom import InvalidDicom, read_header
@@ -542,9 +641,18 @@ class MimicReader:
                 stats.dead["invalid_dicom"] += 1
                 self._sink(DeadLetter("invalid_dicom", table, f"row {index + 1}", exc.reason))
                 continue
-            records.append({"index": index, "dicom_id": path.stem, "subject_id": path.parent.parent.name[1:],
-                            "study_id": path.parent.name[1:], "ViewPosition": header.view_position,
-                            "StudyDate": header.study_date, "StudyTime": header.study_time, "uri": path.as_uri()})
+            records.append(
+                {
+                    "index": index,
+                    "dicom_id": path.stem,
+                    "subject_id": path.parent.parent.name[1:],
+                    "study_id": path.parent.name[1:],
+                    "ViewPosition": header.view_position,
+                    "StudyDate": header.study_date,
+                    "StudyTime": header.study_time,
+                    "uri": path.as_uri(),
+                }
+            )
         frame = pd.DataFrame.from_records(records, index="index") if records else pd.DataFrame()
         if frame.empty:
             return
@@ -554,7 +662,7 @@ class MimicReader:
         kept = rows.kept
         yield _studies(frame, kept, hadm, study, studytime, frame.uri[kept])
 
-    def _place_studies(self, rows: "_Triage"):
+    def _place_studies(self, rows: _Triage):
         """(subject, study, study time, hadm_id) of each CXR row (metadata table or DICOM
         headers alike), dead-lettering or skipping the rows that cannot be placed."""
         f = rows.frame
@@ -583,8 +691,12 @@ class MimicReader:
     def _build(self, table: str, row, adm: _Admission):
         source = table if table != "cxr" else self._cxr_source
         stats = self.stats.table(source)
-        envelope = dict(event_id=event_id(source, row.row), hadm_id=adm.hadm_id,
-                        subject_id=adm.subject_id, source=source)
+        envelope = dict(
+            event_id=event_id(source, row.row),
+            hadm_id=adm.hadm_id,
+            subject_id=adm.subject_id,
+            source=source,
+        )
         try:
             event = _EVENT_BUILDERS[table](row, adm, envelope)
         except ValidationError as exc:
@@ -598,8 +710,15 @@ class MimicReader:
 def _observation(row, adm: _Admission, envelope: dict) -> ObservationEvent:
     charttime = row.charttime.to_pydatetime()
     return ObservationEvent(
-        **envelope, event_time=max(charttime, adm.admittime),
-        payload=dict(itemid=row.itemid, value=row.value, unit=_text(row.unit), charttime=charttime, kind=row.kind),
+        **envelope,
+        event_time=max(charttime, adm.admittime),
+        payload=dict(
+            itemid=row.itemid,
+            value=row.value,
+            unit=_text(row.unit),
+            charttime=charttime,
+            kind=row.kind,
+        ),
     )
 
 
@@ -607,19 +726,32 @@ def _note(note_type: str):
     def build(row, adm: _Admission, envelope: dict) -> NoteEvent:
         charttime = row.charttime.to_pydatetime()
         return NoteEvent(
-            **envelope, event_time=max(charttime, adm.admittime),
-            payload=dict(note_type=note_type, text=row.text, charttime=charttime, note_id=row.note_id,
-                         from_hadm_id=row.from_hadm_id),
+            **envelope,
+            event_time=max(charttime, adm.admittime),
+            payload=dict(
+                note_type=note_type,
+                text=row.text,
+                charttime=charttime,
+                note_id=row.note_id,
+                from_hadm_id=row.from_hadm_id,
+            ),
         )
+
     return build
 
 
 def _cxr(row, adm: _Admission, envelope: dict) -> CxrEvent:
     studytime = row.studytime.to_pydatetime()
     return CxrEvent(
-        **envelope, event_time=studytime,
-        payload=dict(study_id=row.study_id, dicom_id=row.dicom_id, view_position=_text(row.view),
-                     uri=row.uri, studytime=studytime),
+        **envelope,
+        event_time=studytime,
+        payload=dict(
+            study_id=row.study_id,
+            dicom_id=row.dicom_id,
+            view_position=_text(row.view),
+            uri=row.uri,
+            studytime=studytime,
+        ),
     )
 
 
@@ -633,24 +765,38 @@ _EVENT_BUILDERS = {
 
 
 def _studies(frame: pd.DataFrame, kept, hadm, study, studytime, uris) -> pd.DataFrame:
-    return pd.DataFrame({
-        "row": kept, "hadm_id": hadm[kept].astype("int64"), "study_id": study[kept].astype("int64"),
-        "dicom_id": frame.dicom_id[kept], "view": frame.ViewPosition[kept], "studytime": studytime[kept],
-        "uri": uris,
-    })
+    return pd.DataFrame(
+        {
+            "row": kept,
+            "hadm_id": hadm[kept].astype("int64"),
+            "study_id": study[kept].astype("int64"),
+            "dicom_id": frame.dicom_id[kept],
+            "view": frame.ViewPosition[kept],
+            "studytime": studytime[kept],
+            "uri": uris,
+        }
+    )
 
 
 def _study_time(dates: pd.Series, times: pd.Series) -> pd.Series:
     """MIMIC-CXR's StudyDate (YYYYMMDD) and StudyTime (HHMMSS.fff, leading zeros often lost)."""
-    day = pd.to_datetime(dates.astype(str).str.replace(r"\.0$", "", regex=True), format="%Y%m%d", errors="coerce")
+    day = pd.to_datetime(
+        dates.astype(str).str.replace(r"\.0$", "", regex=True), format="%Y%m%d", errors="coerce"
+    )
     hhmmss = _numbers(times)
     seconds = (hhmmss // 10000) * 3600 + (hhmmss // 100 % 100) * 60 + hhmmss % 100
-    bad = (hhmmss < 0) | (hhmmss // 10000 >= 24) | (hhmmss // 100 % 100 >= 60) | (hhmmss % 100 >= 60)
+    bad = (
+        (hhmmss < 0) | (hhmmss // 10000 >= 24) | (hhmmss // 100 % 100 >= 60) | (hhmmss % 100 >= 60)
+    )
     return (day + pd.to_timedelta(seconds, unit="s")).where(~bad)
 
 
 def _text(value) -> str | None:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA else str(value)
+    return (
+        None
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+        else str(value)
+    )
 
 
 def _relative(path: Path, root: Path) -> str:

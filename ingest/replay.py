@@ -14,11 +14,12 @@ kafka-python's sits behind the same small interface for those who ask for it.
 from __future__ import annotations
 
 import heapq
-from datetime import timedelta
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal, Protocol
+from datetime import timedelta
+from typing import Literal, Protocol
 
 from ingest.accounting import DeadLetter
 from ingest.events import InvalidEvent, encode, key, sort_key, validate_json
@@ -43,16 +44,30 @@ class ConfluentProducer:
     """librdkafka's producer (``m3t.kafka``), batching by size or linger time; delivery
     failures raise at flush."""
 
-    def __init__(self, settings: Settings, *, linger_ms: int = 20, batch_size: int = 512 * 1024,
-                 compression: str | None = None, acks: str | int = "all"):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        linger_ms: int = 20,
+        batch_size: int = 512 * 1024,
+        compression: str | None = None,
+        acks: str | int = "all",
+    ):
         from m3t import kafka
 
         self._kafka = kafka
-        self._producer = kafka.producer(settings, client_id="m3t-replay", **{
-            "acks": str(acks), "enable.idempotence": str(acks) == "all", "linger.ms": linger_ms,
-            "batch.size": batch_size, "compression.type": compression or "none",
-            "queue.buffering.max.messages": 1_000_000,
-        })
+        self._producer = kafka.producer(
+            settings,
+            client_id="m3t-replay",
+            **{
+                "acks": str(acks),
+                "enable.idempotence": str(acks) == "all",
+                "linger.ms": linger_ms,
+                "batch.size": batch_size,
+                "compression.type": compression or "none",
+                "queue.buffering.max.messages": 1_000_000,
+            },
+        )
         self._failures: list[str] = []
 
     def _delivered(self, error, message) -> None:
@@ -75,16 +90,29 @@ class ConfluentProducer:
 class KafkaPythonProducer:
     """kafka-python's KafkaProducer behind the same interface (``--client kafka-python``)."""
 
-    def __init__(self, settings: Settings, *, linger_ms: int = 20, batch_size: int = 512 * 1024,
-                 compression: str | None = None, acks: str | int = "all"):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        linger_ms: int = 20,
+        batch_size: int = 512 * 1024,
+        compression: str | None = None,
+        acks: str | int = "all",
+    ):
         from kafka import KafkaProducer
 
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, acks=acks, linger_ms=linger_ms,
-            batch_size=batch_size, compression_type=compression, max_request_size=4 * 1024 * 1024,
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            acks=acks,
+            linger_ms=linger_ms,
+            batch_size=batch_size,
+            compression_type=compression,
+            max_request_size=4 * 1024 * 1024,
             # Idempotence keeps each partition's order through retries (an admission's
             # events must arrive in order), with several requests in flight.
-            enable_idempotence=acks == "all", retries=5, client_id="m3t-replay",
+            enable_idempotence=acks == "all",
+            retries=5,
+            client_id="m3t-replay",
         )
         self._failures: list[Exception] = []
 
@@ -94,7 +122,10 @@ class KafkaPythonProducer:
     def flush(self) -> None:
         self._producer.flush()
         if self._failures:
-            raise ReplayError(f"{len(self._failures)} message(s) not delivered: {type(self._failures[0]).__name__}")
+            raise ReplayError(
+                f"{len(self._failures)} message(s) not delivered: "
+                f"{type(self._failures[0]).__name__}"
+            )
 
     def close(self) -> None:
         self._producer.close()
@@ -142,7 +173,9 @@ class Pacer:
     between MIMIC's shifted admissions do not stall a replay.
     """
 
-    def __init__(self, speed: float, max_wait_s: float = 1.0, clock=time.monotonic, sleep=time.sleep):
+    def __init__(
+        self, speed: float, max_wait_s: float = 1.0, clock=time.monotonic, sleep=time.sleep
+    ):
         self.speed, self.max_wait_s, self.clock, self.sleep = speed, max_wait_s, clock, sleep
         self._origin: tuple[float, float] | None = None  # (event seconds, wall seconds)
 
@@ -176,8 +209,13 @@ class ReplaySummary:
         return self.events / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict:
-        return {"events": self.events, "seconds": round(self.seconds, 3), "events_per_s": round(self.events_per_s, 1),
-                "by_type": dict(sorted(self.by_type.items())), "dead_letters": dict(sorted(self.dead_letters.items()))}
+        return {
+            "events": self.events,
+            "seconds": round(self.seconds, 3),
+            "events_per_s": round(self.events_per_s, 1),
+            "by_type": dict(sorted(self.by_type.items())),
+            "dead_letters": dict(sorted(self.dead_letters.items())),
+        }
 
 
 def first_hours(admissions: Iterable[list], hours: float) -> Iterator[list]:

@@ -1,1 +1,2 @@
-"""The core every other package stands on: settings, clients for Redis, Kafka and Triton, the local services."""
+"""The core every other package stands on: settings, clients for Redis, Kafka and Triton,
+the local services."""

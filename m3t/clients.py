@@ -40,7 +40,7 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()  # the name Redis gives it
 
-    def __call__(self, commands: "Commands", keys, args) -> None:
+    def __call__(self, commands: Commands, keys, args) -> None:
         commands.evalsha(self.sha, len(keys), *keys, *args)
 
 
@@ -118,7 +118,9 @@ def unlink(client: redis.Redis, keys: Iterable) -> int:
     return len(keys)
 
 
-def run_scripts(client: redis.Redis, queue: Callable[[Commands], None], *scripts: LuaScript) -> list:
+def run_scripts(
+    client: redis.Redis, queue: Callable[[Commands], None], *scripts: LuaScript
+) -> list:
     """Queue script calls with ``queue(commands)``, send them in one round trip, return
     their replies.
 

@@ -26,29 +26,49 @@ def producer(settings: Settings, *, client_id: str, **options) -> Producer:
     Keys are hashed with murmur2, as Java clients and kafka-python do, so an admission lands
     on the same partition whichever client sent it.
     """
-    return Producer({
-        "bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": client_id,
-        "acks": "all", "enable.idempotence": True, "partitioner": "murmur2_random",
-        **options,
-    }, logger=log)
+    return Producer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "client.id": client_id,
+            "acks": "all",
+            "enable.idempotence": True,
+            "partitioner": "murmur2_random",
+            **options,
+        },
+        logger=log,
+    )
 
 
 def consumer(settings: Settings, *, group_id: str, client_id: str, **options) -> Consumer:
     """A group member with auto-commit off that starts from the earliest offset where its
     group has none; ``options`` are librdkafka properties."""
-    return Consumer({
-        "bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": group_id, "client.id": client_id,
-        "enable.auto.commit": False, "auto.offset.reset": "earliest",
-        **options,
-    }, logger=log)
+    return Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": group_id,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **options,
+        },
+        logger=log,
+    )
 
 
 def admin(settings: Settings) -> AdminClient:
     """An admin client; keep it referenced until its futures resolve."""
-    return AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": "m3t-admin", "logger": log})
+    return AdminClient(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "client.id": "m3t-admin",
+            "logger": log,
+        }
+    )
 
 
-def produce(client: Producer, topic: str, value: bytes, key: bytes | None = None, on_delivery=None) -> None:
+def produce(
+    client: Producer, topic: str, value: bytes, key: bytes | None = None, on_delivery=None
+) -> None:
     """Queue one record; while librdkafka's local queue is full, serve delivery reports
     until there is room. A record refused before sending raises ``KafkaException``."""
     while True:
@@ -80,7 +100,9 @@ def poll_batch(client: Consumer, max_records: int, timeout_s: float) -> list[Mes
     return records
 
 
-def partitions(client: Consumer | Producer | AdminClient, topic: str, timeout_s: float = 30.0) -> list[int]:
+def partitions(
+    client: Consumer | Producer | AdminClient, topic: str, timeout_s: float = 30.0
+) -> list[int]:
     """The topic's partition ids, waiting until the cluster's metadata has them (a topic
     just created takes a moment to reach every broker's metadata)."""
     deadline = time.monotonic() + timeout_s
@@ -98,18 +120,26 @@ def brokers(settings: Settings, timeout_s: float = 3.0) -> int:
     return len(admin(settings).list_topics(timeout=timeout_s).brokers)
 
 
-def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(
+    settings: Settings, partitions: int | None = None, timeout_s: float = 30.0
+) -> list[str]:
     """Create the project's topics that are missing; return the names created."""
     client = admin(settings)
     existing = set(client.list_topics(timeout=timeout_s).topics)
     wanted = [t for t in settings.kafka.topics if t not in existing]
     count = partitions or settings.kafka.partitions
-    futures = client.create_topics([NewTopic(t, count, 1) for t in wanted], operation_timeout=timeout_s) if wanted else {}
+    futures = (
+        client.create_topics([NewTopic(t, count, 1) for t in wanted], operation_timeout=timeout_s)
+        if wanted
+        else {}
+    )
     for future in futures.values():
         try:
             future.result(timeout=timeout_s + 5)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another caller made it meanwhile
+            if (
+                exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS
+            ):  # another caller made it meanwhile
                 raise
     return wanted
 

@@ -28,8 +28,12 @@ def create_app(settings: Settings) -> FastAPI:
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected):
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        if credentials is None or not secrets.compare_digest(
+            credentials.credentials.encode(), expected
+        ):
+            raise HTTPException(
+                401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     app = FastAPI(title="m3t-stream risk API", version="1")
 
@@ -38,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             client.ping()
         except Exception:
-            raise HTTPException(503, "redis unavailable")
+            raise HTTPException(503, "redis unavailable") from None
         return {"status": "ok"}
 
     @app.get("/admissions/{hadm_id}/risk", dependencies=[Depends(authorized)])

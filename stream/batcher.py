@@ -34,8 +34,8 @@ class Change:
 
 class MicroBatcher:
     """Args:
-        max_batch: most admissions in one scoring batch.
-        max_wait_s: longest a change waits for a batch to fill while events keep coming.
+    max_batch: most admissions in one scoring batch.
+    max_wait_s: longest a change waits for a batch to fill while events keep coming.
     """
 
     def __init__(self, max_batch: int = 256, max_wait_s: float = 0.05):
@@ -44,7 +44,9 @@ class MicroBatcher:
         self.pending: dict[int, Change] = {}  # in flight included, oldest first
         self.batch: list[int] = []  # in flight
         self._batch_poll = 0  # the last poll whose events the batch in flight reads
-        self._firsts: Counter[int] = Counter()  # Change.first -> how many (the floor is below the least)
+        self._firsts: Counter[int] = (
+            Counter()
+        )  # Change.first -> how many (the floor is below the least)
         self._since = time.monotonic()  # when the oldest change waiting for a batch came
         self._discharged: set[int] = set()
 
@@ -65,7 +67,9 @@ class MicroBatcher:
                 self.pending[hadm_id] = Change(arrived, poll, poll)
                 self._firsts[poll] += 1
             elif change.in_flight:
-                change.next_arrived = min(arrived, change.next_arrived if change.next_arrived is not None else arrived)
+                change.next_arrived = min(
+                    arrived, change.next_arrived if change.next_arrived is not None else arrived
+                )
                 change.next_first = change.next_first or poll
                 change.last = poll
             else:
@@ -75,8 +79,11 @@ class MicroBatcher:
         """Whether to launch a batch now (nothing being in flight); ``polled``: the last
         poll returned records."""
         waiting = self.waiting
-        return bool(waiting) and (not polled or waiting >= self.max_batch
-                                  or time.monotonic() - self._since >= self.max_wait_s)
+        return bool(waiting) and (
+            not polled
+            or waiting >= self.max_batch
+            or time.monotonic() - self._since >= self.max_wait_s
+        )
 
     def launch(self, poll: int) -> tuple[list[int], set[int]]:
         """The next batch, reading the events of polls up to ``poll``, and which of its

@@ -17,7 +17,9 @@ from m3t.settings import get_settings
 
 console = Console()
 
-app = typer.Typer(help="Run the Kafka stream worker that keeps features and scores current.", no_args_is_help=True)
+app = typer.Typer(
+    help="Run the Kafka stream worker that keeps features and scores current.", no_args_is_help=True
+)
 scores_app = typer.Typer(help="Query current risk scores.", no_args_is_help=True)
 
 
@@ -30,14 +32,23 @@ def scores_table(scores, title: str | None = None) -> Table:
 
 @app.command("run")
 def run(
-    scorer: str = typer.Option("cached", help="cached (encoders + fusion, embeddings cached) or full (m3t_lm)."),
+    scorer: str = typer.Option(
+        "cached", help="cached (encoders + fusion, embeddings cached) or full (m3t_lm)."
+    ),
     idle_timeout: float = typer.Option(None, help="Stop after this many seconds without events."),
     max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
     max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
-    max_poll: int = typer.Option(2048, help="Most events taken from Kafka in one poll (folded in one write)."),
-    group: str = typer.Option(None, help="Consumer group (default: settings.kafka.consumer_group)."),
-    backend: str = typer.Option("triton", help="triton, or onnx: the published ONNX files in-process "
-                                               "with ONNX Runtime (development; same numbers)."),
+    max_poll: int = typer.Option(
+        2048, help="Most events taken from Kafka in one poll (folded in one write)."
+    ),
+    group: str = typer.Option(
+        None, help="Consumer group (default: settings.kafka.consumer_group)."
+    ),
+    backend: str = typer.Option(
+        "triton",
+        help="triton, or onnx: the published ONNX files in-process "
+        "with ONNX Runtime (development; same numbers).",
+    ),
 ):
     """Consume admission events, keep features current in Redis and write risk scores.
 
@@ -53,8 +64,17 @@ def run(
         features, model = build_scoring(settings, client, scorer, backend)
     except (LookupError, RuntimeError, ValueError) as exc:
         fail(exc)
-    stats = run_worker(settings, features, model, ScoreStore(client), idle_timeout, max_batch=max_batch,
-                       max_wait_ms=max_wait_ms, max_poll_records=max_poll, group_id=group)
+    stats = run_worker(
+        settings,
+        features,
+        model,
+        ScoreStore(client),
+        idle_timeout,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_poll_records=max_poll,
+        group_id=group,
+    )
     console.print(asdict(stats))
 
 
@@ -82,7 +102,12 @@ def api(
     from stream.api import create_app
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.api.host, port=port or settings.api.port, log_level="warning")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api.host,
+        port=port or settings.api.port,
+        log_level="warning",
+    )
 
 
 def _store():
@@ -106,7 +131,10 @@ def get(hadm_id: int, as_json: bool = typer.Option(False, "--json", help="Print 
 
 
 @scores_app.command("top")
-def top(n: int = typer.Option(20, "--n", help="How many admissions."), as_json: bool = typer.Option(False, "--json")):
+def top(
+    n: int = typer.Option(20, "--n", help="How many admissions."),
+    as_json: bool = typer.Option(False, "--json"),
+):
     """Current inpatients ranked by mortality risk."""
     scores = _store().top(n)
     if as_json:

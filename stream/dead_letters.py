@@ -26,17 +26,19 @@ DEAD_LETTER_MAX_BYTES = 256 * 1024
 def dead_letter_record(record: Message, reason: str, detail: str) -> bytes:
     value = record.value() or b""
     kept = value[:DEAD_LETTER_MAX_BYTES]
-    return json.dumps({
-        "reason": reason,
-        "detail": detail,
-        "topic": record.topic(),
-        "partition": record.partition(),
-        "offset": record.offset(),
-        "value_b64": base64.b64encode(kept).decode(),
-        "value_bytes": len(value),
-        "value_sha256": hashlib.sha256(value).hexdigest(),
-        "truncated": len(kept) < len(value),
-    }).encode()
+    return json.dumps(
+        {
+            "reason": reason,
+            "detail": detail,
+            "topic": record.topic(),
+            "partition": record.partition(),
+            "offset": record.offset(),
+            "value_b64": base64.b64encode(kept).decode(),
+            "value_bytes": len(value),
+            "value_sha256": hashlib.sha256(value).hexdigest(),
+            "truncated": len(kept) < len(value),
+        }
+    ).encode()
 
 
 class DeadLetters:
@@ -56,4 +58,10 @@ class DeadLetters:
     def send(self, record: Message, reason: str, detail: str) -> None:
         self.sink.send(self.topic, record.key(), dead_letter_record(record, reason, detail))
         self.reasons[reason] += 1
-        log.warning("dead letter: %s at %s[%d]@%d", reason, record.topic(), record.partition(), record.offset())
+        log.warning(
+            "dead letter: %s at %s[%d]@%d",
+            reason,
+            record.topic(),
+            record.partition(),
+            record.offset(),
+        )

@@ -32,8 +32,14 @@ class KafkaSource:
             rebalance, before they go to their new owner (also settable later).
     """
 
-    def __init__(self, consumer: Consumer, topic: str, *, max_records: int = 2048,
-                 on_revoke: Callable[[list[Partition]], None] | None = None):
+    def __init__(
+        self,
+        consumer: Consumer,
+        topic: str,
+        *,
+        max_records: int = 2048,
+        on_revoke: Callable[[list[Partition]], None] | None = None,
+    ):
         self.consumer = consumer
         self.topic = topic
         self.max_records = max_records
@@ -70,7 +76,9 @@ class KafkaSource:
         """Commit the offsets of the partitions still assigned (a revoked partition's
         events belong to its new owner)."""
         assigned = set(self.assignment())
-        mine = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items() if (t, p) in assigned]
+        mine = [
+            TopicPartition(t, p, offset) for (t, p), offset in offsets.items() if (t, p) in assigned
+        ]
         if mine:
             self.consumer.commit(offsets=mine, asynchronous=asynchronous)
 
@@ -121,7 +129,9 @@ class KafkaSink:
             number = next(self._numbers)
             self._unacked[number] = None
         try:
-            kafka.produce(self.producer, topic, value, key, functools.partial(self._delivered, number))
+            kafka.produce(
+                self.producer, topic, value, key, functools.partial(self._delivered, number)
+            )
         except KafkaException as exc:  # refused before sending (e.g. over message.max.bytes)
             self._failure = exc
 
@@ -153,8 +163,10 @@ class KafkaSink:
     def flush(self) -> None:
         """Wait for every record's acknowledgement; raise if one does not come in time."""
         if self.producer.flush(self.timeout_s):
-            raise RuntimeError(f"Kafka did not acknowledge {len(self.producer)} record(s) within "
-                               f"{self.timeout_s:.0f} s")
+            raise RuntimeError(
+                f"Kafka did not acknowledge {len(self.producer)} record(s) within "
+                f"{self.timeout_s:.0f} s"
+            )
         self.check()
 
     def close(self) -> None:

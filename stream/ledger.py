@@ -20,7 +20,9 @@ class CommitLedger:
     def __init__(self):
         self.poll = 0  # polls that returned records
         self._consumed: Positions = {}  # next offset per partition, after the latest poll
-        self._positions: deque[tuple[int, Positions]] = deque()  # (poll, consumed positions), no point yet
+        self._positions: deque[tuple[int, Positions]] = (
+            deque()
+        )  # (poll, consumed positions), no point yet
         # (positions, sink mark): taken, not yet committed; each newer than the one before.
         self.points: deque[tuple[Positions, int]] = deque()
         self._last_async: Positions | None = None
@@ -53,7 +55,9 @@ class CommitLedger:
         """The newest point whose records are all acknowledged, dropping it and those before
         it; None if none is."""
         positions = None
-        while self.points and (oldest_unacknowledged is None or self.points[0][1] <= oldest_unacknowledged):
+        while self.points and (
+            oldest_unacknowledged is None or self.points[0][1] <= oldest_unacknowledged
+        ):
             positions, _ = self.points.popleft()
         return positions
 
@@ -73,6 +77,10 @@ class CommitLedger:
         """Revoked partitions are no longer this member's to commit: were it to get one
         back, its stale position would move the group's offset backwards."""
         gone = set(partitions)
-        for positions in [self._consumed, *(p for _, p in self._positions), *(p for p, _ in self.points)]:
+        for positions in [
+            self._consumed,
+            *(p for _, p in self._positions),
+            *(p for p, _ in self.points),
+        ]:
             for partition in gone:
                 positions.pop(partition, None)

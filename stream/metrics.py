@@ -58,9 +58,12 @@ class WorkerMetrics:
         self._events_at_flush, self._last_flush = counters["events"], now
         key = METRICS_KEY.format(worker_id=self.worker_id)
         snapshot = {
-            "counters": {name: counters[name] for name in COUNTERS}, "latency": self.latency.as_dict(),
-            "batch_size": self.batch_size.as_dict(), "lag": self.lag,
-            "events_per_s": self.events_per_s, "updated": time.time(),
+            "counters": {name: counters[name] for name in COUNTERS},
+            "latency": self.latency.as_dict(),
+            "batch_size": self.batch_size.as_dict(),
+            "lag": self.lag,
+            "events_per_s": self.events_per_s,
+            "updated": time.time(),
         }
         # A dead worker's metrics disappear after a while instead of lingering as "current".
         self.client.set(key, json.dumps(snapshot), ex=max(30, int(10 * self.flush_every_s)))
@@ -76,24 +79,35 @@ class RedisWorkerCollector:
         keys = sorted(self.client.scan_iter(match=METRICS_PATTERN, count=100))
         values = self.client.mget(keys) if keys else []
         prefix = METRICS_KEY.format(worker_id="")
-        return {k.decode()[len(prefix):]: json.loads(v) for k, v in zip(keys, values) if v}
+        return {k.decode()[len(prefix) :]: json.loads(v) for k, v in zip(keys, values) if v}
 
     def collect(self):
         snaps = self.snapshots()
         for name in COUNTERS:
-            family = CounterMetricFamily(f"m3t_{name}", f"{name.replace('_', ' ')} processed by the worker", labels=["worker"])
+            family = CounterMetricFamily(
+                f"m3t_{name}",
+                f"{name.replace('_', ' ')} processed by the worker",
+                labels=["worker"],
+            )
             for worker, snap in snaps.items():
                 family.add_metric([worker], snap["counters"][name])
             yield family
-        rate = GaugeMetricFamily("m3t_events_per_second", "events consumed per second (last interval)", labels=["worker"])
-        lag = GaugeMetricFamily("m3t_consumer_lag", "records behind the log end", labels=["worker", "partition"])
+        rate = GaugeMetricFamily(
+            "m3t_events_per_second", "events consumed per second (last interval)", labels=["worker"]
+        )
+        lag = GaugeMetricFamily(
+            "m3t_consumer_lag", "records behind the log end", labels=["worker", "partition"]
+        )
         for worker, snap in snaps.items():
             rate.add_metric([worker], snap["events_per_s"])
             for partition, behind in snap["lag"].items():
                 lag.add_metric([worker, partition], behind)
         yield rate
         yield lag
-        for metric, help_text in (("latency", "event-to-score latency (seconds)"), ("batch_size", "admissions per scoring batch")):
+        for metric, help_text in (
+            ("latency", "event-to-score latency (seconds)"),
+            ("batch_size", "admissions per scoring batch"),
+        ):
             family = HistogramMetricFamily(f"m3t_scoring_{metric}", help_text, labels=["worker"])
             for worker, snap in snaps.items():
                 h = snap[metric]

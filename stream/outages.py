@@ -41,8 +41,12 @@ class Retrier:
             uncommitted events are redelivered.
     """
 
-    def __init__(self, source: KafkaSource, backoff_s: tuple[float, float] = (0.2, 5.0),
-                 give_up_on_stop: bool = True):
+    def __init__(
+        self,
+        source: KafkaSource,
+        backoff_s: tuple[float, float] = (0.2, 5.0),
+        give_up_on_stop: bool = True,
+    ):
         self.source = source
         self.backoff_s = backoff_s
         self.give_up_on_stop = give_up_on_stop

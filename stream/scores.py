@@ -46,8 +46,16 @@ class RiskScore:
 
     def as_json(self) -> str:
         # A dict by hand: dataclasses.asdict deep-copies, too slow for the hot path.
-        return json.dumps({"hadm_id": self.hadm_id, "los_days": self.los_days, "mortality_prob": self.mortality_prob,
-                           "model": self.model, "feature_time": self.feature_time, "scored_at": self.scored_at})
+        return json.dumps(
+            {
+                "hadm_id": self.hadm_id,
+                "los_days": self.los_days,
+                "mortality_prob": self.mortality_prob,
+                "model": self.model,
+                "feature_time": self.feature_time,
+                "scored_at": self.scored_at,
+            }
+        )
 
 
 class ScoreStore:
@@ -63,10 +71,21 @@ class ScoreStore:
             for s in scores:
                 _WRITE_SCORE(
                     pipe,
-                    [SCORE_KEY.format(hadm_id=s.hadm_id), HISTORY_KEY.format(hadm_id=s.hadm_id), RANKING_KEY],
-                    [repr(s.los_days), repr(s.mortality_prob), s.model, repr(s.feature_time),
-                     repr(s.scored_at), "1" if inpatient.get(s.hadm_id, True) else "0",
-                     self.history_len, s.hadm_id],
+                    [
+                        SCORE_KEY.format(hadm_id=s.hadm_id),
+                        HISTORY_KEY.format(hadm_id=s.hadm_id),
+                        RANKING_KEY,
+                    ],
+                    [
+                        repr(s.los_days),
+                        repr(s.mortality_prob),
+                        s.model,
+                        repr(s.feature_time),
+                        repr(s.scored_at),
+                        "1" if inpatient.get(s.hadm_id, True) else "0",
+                        self.history_len,
+                        s.hadm_id,
+                    ],
                 )
 
         return sum(int(r) for r in run_scripts(self.client, write, _WRITE_SCORE))
@@ -97,5 +116,11 @@ def _from_fields(hadm_id: int, fields: dict[bytes, bytes]) -> RiskScore | None:
     if not fields:
         return None
     f = {k.decode(): v.decode() for k, v in fields.items()}
-    return RiskScore(hadm_id, float(f["los_days"]), float(f["mortality_prob"]), f["model"],
-                     float(f["feature_time"]), float(f["scored_at"]))
+    return RiskScore(
+        hadm_id,
+        float(f["los_days"]),
+        float(f["mortality_prob"]),
+        f["model"],
+        float(f["feature_time"]),
+        float(f["scored_at"]),
+    )

@@ -29,7 +29,11 @@ import tritonclient.grpc as grpcclient
 from features import model_inputs as mi
 from m3t.settings import Settings
 
-_NP_TO_TRITON = {np.dtype("float32"): "FP32", np.dtype("int64"): "INT64", np.dtype("uint8"): "UINT8"}
+_NP_TO_TRITON = {
+    np.dtype("float32"): "FP32",
+    np.dtype("int64"): "INT64",
+    np.dtype("uint8"): "UINT8",
+}
 EMB_KEY = "m3t:emb:{{{hadm_id}}}"
 EMB_TTL_S = 7 * 24 * 3600
 CXR_COLUMN = mi.MODALITIES.index("cxr")
@@ -39,7 +43,9 @@ class TritonModel:
     """One model on Triton. Checked once (ready, I/O, max batch); a batch larger than
     ``max_batch_size`` is split and its chunks are kept in flight together."""
 
-    def __init__(self, client: grpcclient.InferenceServerClient, name: str, timeout_s: float = 10.0):
+    def __init__(
+        self, client: grpcclient.InferenceServerClient, name: str, timeout_s: float = 10.0
+    ):
         if not client.is_model_ready(name):
             raise RuntimeError(f"Triton model {name!r} is not ready")
         self.client, self.name, self.timeout_s = client, name, timeout_s
@@ -56,8 +62,10 @@ class TritonModel:
         if missing:
             raise ValueError(f"{self.name} needs inputs {sorted(missing)}")
         n = len(arrays[self.inputs[0]])
-        chunks = [{name: arrays[name][start : start + self.max_batch] for name in self.inputs}
-                  for start in range(0, n, self.max_batch)]
+        chunks = [
+            {name: arrays[name][start : start + self.max_batch] for name in self.inputs}
+            for start in range(0, n, self.max_batch)
+        ]
         results = self.requests(chunks)
         for result in results:
             if isinstance(result, Exception):
@@ -82,14 +90,18 @@ class TritonModel:
                 tensors.append(tensor)
             self.client.async_infer(
                 # tritonclient calls back with keywords: callback(result=..., error=...)
-                self.name, tensors, callback=functools.partial(callback, index),
+                self.name,
+                tensors,
+                callback=functools.partial(callback, index),
                 outputs=[grpcclient.InferRequestedOutput(o) for o in self.outputs],
                 client_timeout=self.timeout_s,
             )
         for _ in requests:
             # client_timeout bounds each request; this bounds a callback that never comes.
             if not done.acquire(timeout=self.timeout_s + 5):
-                raise RuntimeError(f"{self.name}: no answer from Triton within {self.timeout_s + 5:.0f}s")
+                raise RuntimeError(
+                    f"{self.name}: no answer from Triton within {self.timeout_s + 5:.0f}s"
+                )
         return results
 
 
@@ -101,8 +113,15 @@ class OnnxModel:
         from m3t.onnx_runtime import onnx_session
 
         folder = repo / name
-        published = sorted(int(v.name) for v in folder.iterdir()
-                           if v.name.isdigit() and (v / "model.onnx").exists()) if folder.is_dir() else []
+        published = (
+            sorted(
+                int(v.name)
+                for v in folder.iterdir()
+                if v.name.isdigit() and (v / "model.onnx").exists()
+            )
+            if folder.is_dir()
+            else []
+        )
         if not published:
             raise RuntimeError(f"no published ONNX version of {name!r} in {repo}")
         self.name, self.version = name, version or str(published[-1])
@@ -112,7 +131,9 @@ class OnnxModel:
         self.widths = {o.name: int(o.shape[-1]) for o in self.session.get_outputs()}
 
     def infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.outputs, {k: np.ascontiguousarray(arrays[k]) for k in self.inputs})
+        values = self.session.run(
+            self.outputs, {k: np.ascontiguousarray(arrays[k]) for k in self.inputs}
+        )
         return dict(zip(self.outputs, values))
 
 
@@ -181,8 +202,13 @@ class TritonCxrEmbedder:
     counts as undecodable.
     """
 
-    def __init__(self, client: grpcclient.InferenceServerClient, fallback, name: str = CXR_EMBED,
-                 timeout_s: float = 10.0):
+    def __init__(
+        self,
+        client: grpcclient.InferenceServerClient,
+        fallback,
+        name: str = CXR_EMBED,
+        timeout_s: float = 10.0,
+    ):
         self.model = TritonModel(client, name, timeout_s)
         (self.input,) = self.model.inputs
         self.fallback = fallback
@@ -288,18 +314,31 @@ class CachedEncoderScorer:
     embedding by its learned placeholder, whatever the embedding holds.
     """
 
-    def __init__(self, settings: Settings, client: redis.Redis, cxr: CxrInputs | None = None,
-                 backend: str = "triton", prefix: str = "m3t_", cxr_pipeline: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        cxr: CxrInputs | None = None,
+        backend: str = "triton",
+        prefix: str = "m3t_",
+        cxr_pipeline: str | None = None,
+    ):
         self.redis = client
         self.notes = open_model(settings, f"{prefix}enc_notes", backend)
         self.image = open_model(settings, f"{prefix}enc_cxr", backend)
-        self.rescore = open_model(settings, f"{prefix}rescore", backend)  # numeric encoder + fusion head
+        self.rescore = open_model(
+            settings, f"{prefix}rescore", backend
+        )  # numeric encoder + fusion head
         self.model = f"{prefix}encoders+fusion:{self.rescore.version}"
         self.cxr = cxr or CxrInputs()
-        self.cxr_embedder = self._cxr_embedder(settings, backend, cxr_pipeline or settings.triton.cxr_pipeline)
+        self.cxr_embedder = self._cxr_embedder(
+            settings, backend, cxr_pipeline or settings.triton.cxr_pipeline
+        )
         self.runs = {"notes": 0, "cxr": 0}  # encoder rows computed (for tests and benchmarks)
 
-    def _cxr_embedder(self, settings: Settings, backend: str, pipeline: str) -> TritonCxrEmbedder | None:
+    def _cxr_embedder(
+        self, settings: Settings, backend: str, pipeline: str
+    ) -> TritonCxrEmbedder | None:
         if pipeline not in ("auto", "triton", "worker"):
             raise ValueError(f"cxr_pipeline must be auto, triton or worker, not {pipeline!r}")
         if pipeline == "worker" or backend != "triton":
@@ -318,18 +357,27 @@ class CachedEncoderScorer:
         return self._encode_images(result.tensors, result.ok)
 
     def _encode_images(self, tensors: np.ndarray, decoded: np.ndarray) -> dict[str, np.ndarray]:
-        return {**self.image.infer({mi.CXR: tensors}), "cxr_ok": decoded.astype(np.float32)[:, None]}
+        return {
+            **self.image.infer({mi.CXR: tensors}),
+            "cxr_ok": decoded.astype(np.float32)[:, None],
+        }
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
         hadm_ids = inputs["hadm_id"].tolist()
         uris = [u or "" for u in np.asarray(inputs["cxr_uri"], dtype=object).tolist()]
         mask = inputs[mi.MODALITY_MASK]
-        has_notes = (mask[:, mi.MODALITIES.index("radiology")] > 0) | (mask[:, mi.MODALITIES.index("discharge")] > 0)
+        has_notes = (mask[:, mi.MODALITIES.index("radiology")] > 0) | (
+            mask[:, mi.MODALITIES.index("discharge")] > 0
+        )
         has_image = np.array([bool(u) for u in uris], dtype=bool)
         # Stamps and cached embeddings only where the modality is there: a batch of numeric
         # updates for admissions without notes or images reads no cache at all.
-        notes_stamps = [_stamp(self.notes.version, inputs[mi.NOTES_RADIOLOGY][i], inputs[mi.NOTES_DISCHARGE][i])
-                        if present else None for i, present in enumerate(has_notes.tolist())]
+        notes_stamps = [
+            _stamp(self.notes.version, inputs[mi.NOTES_RADIOLOGY][i], inputs[mi.NOTES_DISCHARGE][i])
+            if present
+            else None
+            for i, present in enumerate(has_notes.tolist())
+        ]
         cxr_stamps = [_stamp(self.image.version, u) if u else None for u in uris]
         keys = [EMB_KEY.format(hadm_id=h) for h in hadm_ids]
         cached: list[dict] = [{} for _ in hadm_ids]
@@ -349,10 +397,24 @@ class CachedEncoderScorer:
             return embed([uris[i] for i in rows])
 
         updates: list[dict] = [{} for _ in hadm_ids]
-        notes = self._embeddings("notes", self.notes.widths, has_notes, notes_stamps, cached, run_notes, updates)
-        image = self._embeddings("cxr", {**self.image.widths, "cxr_ok": 1}, has_image, cxr_stamps, cached,
-                                 run_cxr, updates)
-        arrays = {**inputs, **notes, **image, mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5)}
+        notes = self._embeddings(
+            "notes", self.notes.widths, has_notes, notes_stamps, cached, run_notes, updates
+        )
+        image = self._embeddings(
+            "cxr",
+            {**self.image.widths, "cxr_ok": 1},
+            has_image,
+            cxr_stamps,
+            cached,
+            run_cxr,
+            updates,
+        )
+        arrays = {
+            **inputs,
+            **notes,
+            **image,
+            mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5),
+        }
         out = self.rescore.infer({k: arrays[k] for k in self.rescore.inputs})
         if any(updates):
             with self.redis.pipeline(transaction=False) as pipe:
@@ -363,30 +425,42 @@ class CachedEncoderScorer:
                 pipe.execute()
         return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
 
-    def _embeddings(self, modality: str, widths: dict[str, int], present, stamps, cached, run,
-                    updates) -> dict[str, np.ndarray]:
+    def _embeddings(
+        self, modality: str, widths: dict[str, int], present, stamps, cached, run, updates
+    ) -> dict[str, np.ndarray]:
         """Zeros where the modality is absent, cached rows where the stamp matches, and
         ``run`` on the rest (recorded in ``updates`` for the cache)."""
         stamp_field = f"{modality}_stamp"
-        stale = [i for i, stamp in enumerate(stamps) if present[i] and cached[i].get(stamp_field) != stamp]
+        stale = [
+            i
+            for i, stamp in enumerate(stamps)
+            if present[i] and cached[i].get(stamp_field) != stamp
+        ]
         fresh = run(stale) if stale else {}
         self.runs[modality] += len(stale)
         for j, i in enumerate(stale):
             updates[i][stamp_field] = stamps[i]
-            updates[i].update({name: values[j].astype(np.float32).tobytes() for name, values in fresh.items()})
+            updates[i].update(
+                {name: values[j].astype(np.float32).tobytes() for name, values in fresh.items()}
+            )
         out = {name: np.zeros((len(stamps), width), np.float32) for name, width in widths.items()}
         position = {i: j for j, i in enumerate(stale)}
         for i in np.flatnonzero(present):
             for name in widths:
-                out[name][i] = fresh[name][position[i]] if i in position else np.frombuffer(cached[i][name], np.float32)
+                out[name][i] = (
+                    fresh[name][position[i]]
+                    if i in position
+                    else np.frombuffer(cached[i][name], np.float32)
+                )
         return out
 
 
 SCORERS = ("cached", "full")
 
 
-def build_scoring(settings: Settings, client: redis.Redis, scorer: str = "cached",
-                  backend: str = "triton") -> tuple[OnlineFeatures, CachedEncoderScorer | FullModelScorer]:
+def build_scoring(
+    settings: Settings, client: redis.Redis, scorer: str = "cached", backend: str = "triton"
+) -> tuple[OnlineFeatures, CachedEncoderScorer | FullModelScorer]:
     """The stream worker's (features, scorer): the published feature set in Redis, scored by
     ``cached`` (``CachedEncoderScorer``) or ``full`` (``FullModelScorer``) on ``backend``.
 

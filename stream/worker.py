@@ -70,24 +70,35 @@ class WorkerStats:
 
 class StreamWorker:
     """Args:
-        source: the events topic (``KafkaSource``); the worker closes it.
-        sink: where scores and dead letters go (``KafkaSink``); the worker closes it.
-        features: applies events and reads model inputs (the online feature store).
-        scorer: scores model inputs (M3T-LM on Triton).
-        scores: the score store in Redis.
-        scores_topic: the topic every written score is also published to.
-        dead_letter_topic: the topic of events the worker cannot take.
-        max_batch: most admissions in one scoring batch.
-        max_wait_ms: longest a change waits for a batch to fill while events keep coming.
-        worker_id: the name its metrics are published under (default: host-pid).
+    source: the events topic (``KafkaSource``); the worker closes it.
+    sink: where scores and dead letters go (``KafkaSink``); the worker closes it.
+    features: applies events and reads model inputs (the online feature store).
+    scorer: scores model inputs (M3T-LM on Triton).
+    scores: the score store in Redis.
+    scores_topic: the topic every written score is also published to.
+    dead_letter_topic: the topic of events the worker cannot take.
+    max_batch: most admissions in one scoring batch.
+    max_wait_ms: longest a change waits for a batch to fill while events keep coming.
+    worker_id: the name its metrics are published under (default: host-pid).
     """
 
     # Under load, take a commit point at most this often; idle, at once.
     commit_interval_s = 0.2
 
-    def __init__(self, source: KafkaSource, sink: KafkaSink, features: FeatureSource, scorer: Scorer,
-                 scores: ScoreStore, *, scores_topic: str, dead_letter_topic: str, max_batch: int = 256,
-                 max_wait_ms: int = 50, worker_id: str | None = None):
+    def __init__(
+        self,
+        source: KafkaSource,
+        sink: KafkaSink,
+        features: FeatureSource,
+        scorer: Scorer,
+        scores: ScoreStore,
+        *,
+        scores_topic: str,
+        dead_letter_topic: str,
+        max_batch: int = 256,
+        max_wait_ms: int = 50,
+        worker_id: str | None = None,
+    ):
         self.source, self.sink = source, sink
         self.features, self.scorer, self.scores = features, scorer, scores
         self.scores_topic = scores_topic
@@ -106,8 +117,12 @@ class StreamWorker:
         self._future: Future | None = None
         self._stop = threading.Event()
 
-    def run(self, stop: threading.Event | None = None, idle_timeout_s: float | None = None,
-            stop_after: int | None = None) -> WorkerStats:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        idle_timeout_s: float | None = None,
+        stop_after: int | None = None,
+    ) -> WorkerStats:
         """Consume until ``stop`` is set (SIGTERM), ``stop_after`` records were processed, or
         nothing arrived for ``idle_timeout_s`` once partitions were assigned. The batch in
         hand is always finished and committed before returning."""
@@ -119,7 +134,9 @@ class StreamWorker:
         try:
             while not self._stop.is_set():
                 # With a batch in flight, come back soon to collect it.
-                wait_s = min(self.batcher.max_wait_s, 0.005) if self._future else self.batcher.max_wait_s
+                wait_s = (
+                    min(self.batcher.max_wait_s, 0.005) if self._future else self.batcher.max_wait_s
+                )
                 records = self.source.poll(wait_s)
                 if records:
                     last_data = time.monotonic()
@@ -164,7 +181,9 @@ class StreamWorker:
             valid.append(event)
             changes.append((event.hadm_id, record.timestamp()[1] / 1000, event.type == "discharge"))
         self._retrying("feature update", lambda: self.features.apply(valid))
-        ends = {(r.topic(), r.partition()): r.offset() + 1 for r in records}  # a partition's come in order
+        ends = {
+            (r.topic(), r.partition()): r.offset() + 1 for r in records
+        }  # a partition's come in order
         poll = self.ledger.polled(ends)
         self.batcher.add(poll, changes)
         self.stats.events += len(records)
@@ -180,8 +199,10 @@ class StreamWorker:
         inputs, feature_times = self.features.inputs(batch)
         los, mortality = self.scorer.score(inputs)
         now = time.time()
-        scores = [RiskScore(h, float(l), float(m), self.scorer.model, t, now)
-                  for h, l, m, t in zip(batch, los, mortality, feature_times)]
+        scores = [
+            RiskScore(h, float(days), float(risk), self.scorer.model, t, now)
+            for h, days, risk, t in zip(batch, los, mortality, feature_times)
+        ]
         self.scores.write_batch(scores, {h: h not in discharged for h in batch})
         self.scores.discharge(sorted(discharged))
         for score in scores:
@@ -210,7 +231,9 @@ class StreamWorker:
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            log.warning("scoring failed (%s); scoring synchronously until it recovers", type(exc).__name__)
+            log.warning(
+                "scoring failed (%s); scoring synchronously until it recovers", type(exc).__name__
+            )
             self._retrying("scoring", self._score_all)
 
     def _score_all(self) -> None:
@@ -263,20 +286,40 @@ class StreamWorker:
         self.source.close()
 
 
-def connect(settings: Settings, features: FeatureSource, scorer: Scorer, scores: ScoreStore, *,
-            group_id: str | None = None, topic: str | None = None, max_poll_records: int = 2048,
-            **options) -> StreamWorker:
+def connect(
+    settings: Settings,
+    features: FeatureSource,
+    scorer: Scorer,
+    scores: ScoreStore,
+    *,
+    group_id: str | None = None,
+    topic: str | None = None,
+    max_poll_records: int = 2048,
+    **options,
+) -> StreamWorker:
     """A worker on the Kafka of ``settings``, in consumer group ``group_id`` (default: the
     settings'), reading ``topic`` (default: the events topic) up to ``max_poll_records`` a
     poll; ``options`` are ``StreamWorker``'s."""
     cfg = settings.kafka
-    consumer = kafka.consumer(settings, group_id=group_id or cfg.consumer_group, client_id="m3t-worker",
-                              on_commit=log_commit_failure, **{
-                                  "fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes})
+    consumer = kafka.consumer(
+        settings,
+        group_id=group_id or cfg.consumer_group,
+        client_id="m3t-worker",
+        on_commit=log_commit_failure,
+        **{"fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes},
+    )
     # A batch's scores are queued together, so a short linger loses no batching.
     producer = kafka.producer(settings, client_id="m3t-worker", **{"linger.ms": 1})
     # Larger than a scoring batch: under a backlog, one poll's events fold into fewer
     # admission writes (each admission's events in it are loaded and committed once).
     source = KafkaSource(consumer, topic or cfg.topic_events, max_records=max_poll_records)
-    return StreamWorker(source, KafkaSink(producer), features, scorer, scores, scores_topic=cfg.topic_scores,
-                        dead_letter_topic=cfg.topic_dead_letter, **options)
+    return StreamWorker(
+        source,
+        KafkaSink(producer),
+        features,
+        scorer,
+        scores,
+        scores_topic=cfg.topic_scores,
+        dead_letter_topic=cfg.topic_dead_letter,
+        **options,
+    )

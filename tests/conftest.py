@@ -16,6 +16,7 @@ import pytest
 from m3t import services
 from m3t.settings import PROJECT_ROOT, Settings
 
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
@@ -44,7 +45,10 @@ def make_settings(root, **overrides) -> Settings:
 def services_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("m3t")
     shutil.copytree(PROJECT_ROOT / "model_repo", root / "model_repo")
-    shutil.copytree(PROJECT_ROOT / "tests" / "triton_models" / "placeholder", root / "model_repo" / "placeholder")
+    shutil.copytree(
+        PROJECT_ROOT / "tests" / "triton_models" / "placeholder",
+        root / "model_repo" / "placeholder",
+    )
     return root
 
 
@@ -92,10 +96,14 @@ def isolated_settings(settings):
     from m3t.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
-    kafka = settings.kafka.model_copy(update={
-        "topic_events": f"events-{tag}", "topic_dead_letter": f"dead-letter-{tag}",
-        "topic_scores": f"scores-{tag}", "consumer_group": f"group-{tag}",
-    })
+    kafka = settings.kafka.model_copy(
+        update={
+            "topic_events": f"events-{tag}",
+            "topic_dead_letter": f"dead-letter-{tag}",
+            "topic_scores": f"scores-{tag}",
+            "consumer_group": f"group-{tag}",
+        }
+    )
     cfg = settings.model_copy(update={"kafka": kafka})
     ensure_topics(cfg)
     return cfg

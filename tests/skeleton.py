@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import redis
@@ -49,8 +49,11 @@ class SkeletonFeatures:
         with self.client.pipeline(transaction=False) as pipe:
             for e in events:
                 age = e.payload.age if e.type == "admission" else 0
-                self._apply(keys=[KEY.format(hadm_id=e.hadm_id), SEEN.format(hadm_id=e.hadm_id)],
-                            args=[e.event_id, e.type, age, e.event_time.timestamp()], client=pipe)
+                self._apply(
+                    keys=[KEY.format(hadm_id=e.hadm_id), SEEN.format(hadm_id=e.hadm_id)],
+                    args=[e.event_id, e.type, age, e.event_time.timestamp()],
+                    client=pipe,
+                )
             pipe.execute()
 
     def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
@@ -64,30 +67,48 @@ class SkeletonFeatures:
 
 def skeleton_events(n_admissions: int = 5) -> list:
     """A few admissions with observations: enough to exercise every hop."""
-    start = datetime(2150, 1, 1, 8, tzinfo=timezone.utc)
+    start = datetime(2150, 1, 1, 8, tzinfo=UTC)
     out = []
     for i in range(n_admissions):
         hadm, subject, admit = 90_000_000 + i, 19_000_000 + i, start + timedelta(hours=i)
-        out.append(ev.AdmissionEvent(
-            event_id=ev.event_id("demo/admissions", i), hadm_id=hadm, subject_id=subject,
-            event_time=admit, source="demo/admissions",
-            payload=ev.AdmissionPayload(admittime=admit, admission_type="EW EMER.", gender="F", age=40 + 10 * i),
-        ))
+        out.append(
+            ev.AdmissionEvent(
+                event_id=ev.event_id("demo/admissions", i),
+                hadm_id=hadm,
+                subject_id=subject,
+                event_time=admit,
+                source="demo/admissions",
+                payload=ev.AdmissionPayload(
+                    admittime=admit, admission_type="EW EMER.", gender="F", age=40 + 10 * i
+                ),
+            )
+        )
         for j in range(2 * i + 1):
             t = admit + timedelta(minutes=30 * (j + 1))
-            out.append(ev.ObservationEvent(
-                event_id=ev.event_id("demo/labevents", (i, j)), hadm_id=hadm, subject_id=subject,
-                event_time=t, source="demo/labevents",
-                payload=ev.ObservationPayload(itemid=50912, value=1.0 + 0.1 * j, unit="mg/dL", charttime=t, kind="lab"),
-            ))
+            out.append(
+                ev.ObservationEvent(
+                    event_id=ev.event_id("demo/labevents", (i, j)),
+                    hadm_id=hadm,
+                    subject_id=subject,
+                    event_time=t,
+                    source="demo/labevents",
+                    payload=ev.ObservationPayload(
+                        itemid=50912, value=1.0 + 0.1 * j, unit="mg/dL", charttime=t, kind="lab"
+                    ),
+                )
+            )
     return out
 
 
 def produce(settings: Settings, events: list) -> None:
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True
+    )
     try:
         for e in events:
-            producer.send(settings.kafka.topic_events, key=ev.key(e), value=ev.encode(ev.validate(e)))
+            producer.send(
+                settings.kafka.topic_events, key=ev.key(e), value=ev.encode(ev.validate(e))
+            )
         producer.flush()
     finally:
         producer.close()
@@ -122,9 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = get_settings()
     client = redis_client(settings)
-    stats = run_worker(settings, SkeletonFeatures(client), placeholder_scorer(settings), ScoreStore(client),
-                       args.idle_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                       max_poll_records=args.max_poll)
+    stats = run_worker(
+        settings,
+        SkeletonFeatures(client),
+        placeholder_scorer(settings),
+        ScoreStore(client),
+        args.idle_timeout,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_poll_records=args.max_poll,
+    )
     print(asdict(stats))
 
 

@@ -22,15 +22,20 @@ runner = CliRunner()
 # --- the method ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [
-    [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0],
-    [42.0],
-    [0.5, 0.25],
-    np.random.default_rng(7).lognormal(0, 1, 1001).tolist(),
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0],
+        [42.0],
+        [0.5, 0.25],
+        np.random.default_rng(7).lognormal(0, 1, 1001).tolist(),
+    ],
+)
 def test_percentile_matches_numpy(values):
     for q in (0, 1, 25, 50, 90, 95, 99, 99.9, 100):
-        assert h.percentile(values, q) == pytest.approx(np.percentile(values, q), rel=1e-12, abs=1e-12)
+        assert h.percentile(values, q) == pytest.approx(
+            np.percentile(values, q), rel=1e-12, abs=1e-12
+        )
 
 
 def test_percentile_rejects_nothing_and_out_of_range():
@@ -100,7 +105,9 @@ def test_asynchronous_completions_count_from_the_schedule():
 def test_measure_reports_median_min_max_after_warmup():
     clock = FakeClock()
     durations = iter([5.0, 1.0, 2.0, 4.0])  # the first is the warm-up and must not count
-    result = h.measure(lambda: clock.sleep(next(durations)), items=100, warmup=1, repeats=3, clock=clock)
+    result = h.measure(
+        lambda: clock.sleep(next(durations)), items=100, warmup=1, repeats=3, clock=clock
+    )
     assert result["items_per_s"] == pytest.approx(50.0)
     assert result["items_per_s_min"] == pytest.approx(25.0)
     assert result["items_per_s_max"] == pytest.approx(100.0)
@@ -110,7 +117,14 @@ def test_machine_describes_the_host():
     m = h.machine()
     assert m["cores"] >= 1 and m["cpu"] and m["python"]
     assert m["libraries"]["numpy"] == np.__version__
-    assert {"torch", "onnxruntime", "nvidia-dali-cuda120", "redis", "kafka-python", "confluent-kafka"} <= set(m["libraries"])
+    assert {
+        "torch",
+        "onnxruntime",
+        "nvidia-dali-cuda120",
+        "redis",
+        "kafka-python",
+        "confluent-kafka",
+    } <= set(m["libraries"])
     assert m["git_commit"] is None or len(m["git_commit"]) == 40
     assert "gpu" in m and m["date"].endswith("+00:00")
 
@@ -118,9 +132,12 @@ def test_machine_describes_the_host():
 def test_save_writes_json_markdown_and_plots(tmp_path):
     result = h.Result("demo", {"n": 3})
     result.rows += [
-        {"case": "x", "variant": "a", "batch": b, **h.measure(lambda: None, b, warmup=0, repeats=3)} for b in (1, 8)
+        {"case": "x", "variant": "a", "batch": b, **h.measure(lambda: None, b, warmup=0, repeats=3)}
+        for b in (1, 8)
     ]
-    result.rows.append({"case": "load", "variant": "a", **h.open_loop(1000, 0.01, lambda i: None).summary()})
+    result.rows.append(
+        {"case": "load", "variant": "a", **h.open_loop(1000, 0.01, lambda i: None).summary()}
+    )
     result.comparisons.append(h.ratio("items/s", "a", "b", 3.0, 1.5))
     result.missing["c"] = "not installed"
     result.breakdown_ms = {"stage one": 1.5, "stage two": 0.25}
@@ -140,11 +157,27 @@ def assert_valid(path, stage: str) -> dict:
     """The result file holds what every result must: stage, machine, parameters, rows."""
     data = json.loads(path.read_text())
     assert data["stage"] == stage and data["schema_version"] == h.SCHEMA_VERSION
-    assert {"cpu", "cores", "memory_gib", "gpu", "python", "libraries", "git_commit", "date"} <= set(data["machine"])
+    assert {
+        "cpu",
+        "cores",
+        "memory_gib",
+        "gpu",
+        "python",
+        "libraries",
+        "git_commit",
+        "date",
+    } <= set(data["machine"])
     assert isinstance(data["params"], dict) and data["rows"]
     for row in data["rows"]:
         assert row.get("case") and row.get("variant")
-        for key in ("items_per_s", "items_per_s_min", "items_per_s_max", "p50_ms", "p95_ms", "p99_ms"):
+        for key in (
+            "items_per_s",
+            "items_per_s_min",
+            "items_per_s_max",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+        ):
             if key in row:
                 assert isinstance(row[key], float) and row[key] >= 0, (key, row)
         if "items_per_s_min" in row:
@@ -161,11 +194,17 @@ def assert_valid(path, stage: str) -> dict:
 def test_kafka_stage(settings, tmp_path):
     from benchmarks import bench_kafka
 
-    result = bench_kafka.run(settings, n_events=400, repeats=1, warmup=0, rates=(100,), load_seconds=0.5)
+    result = bench_kafka.run(
+        settings, n_events=400, repeats=1, warmup=0, rates=(100,), load_seconds=0.5
+    )
     data = assert_valid(h.save(result, tmp_path)["latest"], "kafka")
     variants = {(r["case"], r["variant"]) for r in data["rows"]}
-    assert {("produce", "kafka-python"), ("produce", "confluent"), ("consume", "kafka-python"),
-            ("consume", "confluent")} <= variants
+    assert {
+        ("produce", "kafka-python"),
+        ("produce", "confluent"),
+        ("consume", "kafka-python"),
+        ("consume", "confluent"),
+    } <= variants
     load = next(r for r in data["rows"] if r["case"] == "produce->consume")
     assert load["completed"] == load["sent"] == 50
     assert {c["what"] for c in data["comparisons"]} == {"produce events/s", "consume events/s"}
@@ -175,14 +214,17 @@ def test_kafka_stage(settings, tmp_path):
 def test_redis_stage(settings, tmp_path):
     from benchmarks import bench_redis
 
-    result = bench_redis.run(settings, admissions=16, observations=3, batches=(1, 8), reads=5, repeats=1,
-                             write_batch=50)
+    result = bench_redis.run(
+        settings, admissions=16, observations=3, batches=(1, 8), reads=5, repeats=1, write_batch=50
+    )
     data = assert_valid(h.save(result, tmp_path)["latest"], "redis")
     reads = {(r["variant"], r["batch"]) for r in data["rows"] if r["case"] == "read features"}
     assert reads == {(v, b) for v in (bench_redis.STORE, bench_redis.BASELINE) for b in (1, 8)}
     # The floor: the same MGET from Redis's C client (Debian's redis-server brings redis-tools).
     floor = [r for r in data["rows"] if r["variant"] == bench_redis.FLOOR]
-    assert [r["batch"] for r in floor] == [1, 8] and all(0 < r["p50_ms"] <= r["p99_ms"] for r in floor)
+    assert [r["batch"] for r in floor] == [1, 8] and all(
+        0 < r["p50_ms"] <= r["p99_ms"] for r in floor
+    )
     assert set(data["breakdown_ms"]) == {"redis feature write", "redis feature read"}
 
 
@@ -213,7 +255,11 @@ def test_cxr_stage(tmp_path):
     result = bench_cxr.run(Settings(), images=3, batches=(2,), repeats=1, warmup=1)
     data = assert_valid(h.save(result, tmp_path)["latest"], "cxr")
     variants = {(r["case"], r["variant"]) for r in data["rows"]}
-    assert {("encoded", bench_cxr.PIL), ("encoded", bench_cxr.DALI), ("pixels", bench_cxr.DALI)} <= variants
+    assert {
+        ("encoded", bench_cxr.PIL),
+        ("encoded", bench_cxr.DALI),
+        ("pixels", bench_cxr.DALI),
+    } <= variants
     assert all(c["ratio"] > 0 for c in data["comparisons"])
 
 
@@ -238,22 +284,44 @@ def test_e2e_stage(settings, redis_client, tmp_path):
 
     # The workers score the walking skeleton: the harness is measured without a trained model.
     try:
-        result = bench_e2e.run(settings, rates=(20,), seconds=1.0, drain_s=10.0, census=10, held=(10, 2.0),
-                               pipeline=skeleton.pipeline)
+        result = bench_e2e.run(
+            settings,
+            rates=(20,),
+            seconds=1.0,
+            drain_s=10.0,
+            census=10,
+            held=(10, 2.0),
+            pipeline=skeleton.pipeline,
+        )
     finally:  # the skeleton's features (the benchmark removes the rest of what it wrote)
-        unlink(redis_client, redis_client.scan_iter(f"m3t:skeleton:{{{bench_e2e.FIRST_HADM // 10**6}*"))
+        unlink(
+            redis_client, redis_client.scan_iter(f"m3t:skeleton:{{{bench_e2e.FIRST_HADM // 10**6}*")
+        )
     data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
     assert data["params"]["pipeline"] == "tests.skeleton.pipeline"
     assert [row["case"] for row in data["rows"]] == [
-        "event -> score, new admissions", "event -> score, new admissions, held 2 s",
-        "event -> score, census 10", "event -> score, census 10, held 2 s"]
+        "event -> score, new admissions",
+        "event -> score, new admissions, held 2 s",
+        "event -> score, census 10",
+        "event -> score, census 10, held 2 s",
+    ]
     for level in data["rows"]:
-        assert level["sent"] == 20 and level["offered_per_s"] == (10 if "held" in level["case"] else 20)
+        assert level["sent"] == 20 and level["offered_per_s"] == (
+            10 if "held" in level["case"] else 20
+        )
         assert level["completed"] == 20, "every event should be scored at these rates"
         # While it sent, every process on the path was counted, the workers at least busy.
         by_process = level["cpu_cores_by_process"]
-        assert set(by_process) == {"workers", "load generator + observer", "redis", "kafka", "triton"}
-        assert by_process["workers"] > 0 and level["cpu_cores"] == pytest.approx(sum(by_process.values()), abs=0.01)
+        assert set(by_process) == {
+            "workers",
+            "load generator + observer",
+            "redis",
+            "kafka",
+            "triton",
+        }
+        assert by_process["workers"] > 0 and level["cpu_cores"] == pytest.approx(
+            sum(by_process.values()), abs=0.01
+        )
     assert "end to end (event -> score)" in data["breakdown_ms"]
 
 
@@ -268,21 +336,40 @@ def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
     # Each says when it is ready, so that their start-up CPU falls before the first sample:
     # on a loaded machine, starting two interpreters can take longer than any fixed wait.
     spin = "import os\nprint(os.getpid(), flush=True)\nwhile True: pass\n"
-    launcher = subprocess.Popen([python, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
-    sleeper = subprocess.Popen([python, "-c", "import time; print('ready', flush=True); time.sleep(120)"],
-                               stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [python, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    sleeper = subprocess.Popen(
+        [python, "-c", "import time; print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         spinner = int(launcher.stdout.readline())
         assert sleeper.stdout.readline() == "ready\n"
         whole = h.CpuMeter({"busy tree": [launcher.pid], "idle": [sleeper.pid]})
-        split = h.CpuMeter({"launcher": [launcher.pid], "spinner": [spinner]})  # the child is a name of its own
+        split = h.CpuMeter(
+            {"launcher": [launcher.pid], "spinner": [spinner]}
+        )  # the child is a name of its own
         before, before_split, began = whole.sample(), split.sample(), time.perf_counter()
 
         def spun_enough() -> bool:
             nonlocal during, during_split, seconds
-            during, during_split, seconds = whole.sample(), split.sample(), time.perf_counter() - began
-            return min(during["busy tree"] - before["busy tree"], during_split["spinner"] - before_split["spinner"]) >= 0.3
+            during, during_split, seconds = (
+                whole.sample(),
+                split.sample(),
+                time.perf_counter() - began,
+            )
+            return (
+                min(
+                    during["busy tree"] - before["busy tree"],
+                    during_split["spinner"] - before_split["spinner"],
+                )
+                >= 0.3
+            )
 
         during = during_split = seconds = None
         wait_until(spun_enough, timeout_s=60, interval_s=0.05)
@@ -292,10 +379,14 @@ def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
         launcher.wait(30)
         sleeper.wait(30)
 
-    assert during["busy tree"] - before["busy tree"] >= 0.3, "the child's CPU should count in its launcher's tree"
+    assert during["busy tree"] - before["busy tree"] >= 0.3, (
+        "the child's CPU should count in its launcher's tree"
+    )
     assert during["idle"] - before["idle"] < 0.05
     assert during_split["spinner"] - before_split["spinner"] >= 0.3
-    assert during_split["launcher"] - before_split["launcher"] < 0.05, "another name's tree is left out"
+    assert during_split["launcher"] - before_split["launcher"] < 0.05, (
+        "another name's tree is left out"
+    )
     cores = h.CpuMeter.cores(before, during, seconds)
     assert 0 < cores["busy tree"] <= os.cpu_count() and cores["idle"] < cores["busy tree"]
 
@@ -303,13 +394,17 @@ def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
 def test_a_score_completes_the_events_its_features_include():
     from benchmarks import bench_e2e
 
-    observer = bench_e2e.ScoreObserver.__new__(bench_e2e.ScoreObserver)  # no Kafka: the matching alone
+    observer = bench_e2e.ScoreObserver.__new__(
+        bench_e2e.ScoreObserver
+    )  # no Kafka: the matching alone
     observer.waiting, observer.scored, observer._lock = defaultdict(deque), set(), threading.Lock()
     run = h.schedule(10, 0.3)
     for i, t in enumerate((100.0, 100.5, 101.0)):
         observer.expect(7, t, run, i)
     observer._complete({"hadm_id": 7, "feature_time": 100.5}, when=2.0)
-    assert run.done[:2].tolist() == [2.0, 2.0] and np.isnan(run.done[2])  # the later event is not in it
+    assert run.done[:2].tolist() == [2.0, 2.0] and np.isnan(
+        run.done[2]
+    )  # the later event is not in it
     observer._complete({"hadm_id": 7, "feature_time": 100.9}, when=3.0)
     assert np.isnan(run.done[2])
     observer._complete({"hadm_id": 8, "feature_time": 999.0}, when=3.0)  # another admission's score
@@ -330,8 +425,13 @@ def test_cli_all_runs_the_chosen_stages_and_summarises(tmp_path, monkeypatch):
     from benchmarks import stages
 
     # The CLI's quick sizes, shrunk further for a test; the stage runs for real.
-    monkeypatch.setitem(stages.STAGES, "cxr", stages.Stage(
-        "cxr", "benchmarks.bench_cxr", "cxr", quick=dict(images=2, batches=(1,), repeats=1)))
+    monkeypatch.setitem(
+        stages.STAGES,
+        "cxr",
+        stages.Stage(
+            "cxr", "benchmarks.bench_cxr", "cxr", quick=dict(images=2, batches=(1,), repeats=1)
+        ),
+    )
     monkeypatch.setattr("benchmarks.cli._settings", Settings)  # cxr needs only the data folder
     result = runner.invoke(app, ["all", "--quick", "--stage", "cxr", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -371,7 +471,9 @@ def test_gpu_script_dry_run_and_clear_failure_without_cuda(tmp_path, capsys):
     data = assert_valid(tmp_path / "gpu-latest.json", "gpu")
     assert data["params"]["dry_run"] is True and "GPU" in data["missing"]
     eager = [r for r in data["rows"] if r["variant"] == "eager fp32"]
-    assert [r["batch"] for r in eager] == [1, 2] and all(r["max_abs_diff_vs_fp32_eager"] == 0 for r in eager)
+    assert [r["batch"] for r in eager] == [1, 2] and all(
+        r["max_abs_diff_vs_fp32_eager"] == 0 for r in eager
+    )
     assert any(r["case"] == "CXR decode+preprocess" for r in data["rows"])
     # The project's DALI pipeline on the CPU, each output checked against its reference.
     dali = [r for r in data["rows"] if r["variant"].startswith("DALI CPU")]

@@ -12,8 +12,12 @@ from pydantic import BaseModel
 from m3t.settings import PROJECT_ROOT, Settings
 
 README = PROJECT_ROOT / "README.md"
-DOCS = [README, PROJECT_ROOT / "docs" / "architecture.md", PROJECT_ROOT / "benchmarks" / "README.md",
-        PROJECT_ROOT / "trainer" / "README.md"]
+DOCS = [
+    README,
+    PROJECT_ROOT / "docs" / "architecture.md",
+    PROJECT_ROOT / "benchmarks" / "README.md",
+    PROJECT_ROOT / "trainer" / "README.md",
+]
 PREFIX = Settings.model_config["env_prefix"]
 DELIMITER = Settings.model_config["env_nested_delimiter"]
 
@@ -46,12 +50,17 @@ def test_readme_names_every_setting():
 
 def test_readme_names_no_setting_that_does_not_exist():
     unknown = set(re.findall(r"M3T_[A-Z0-9_]+", README.read_text())) - set(env_names())
-    assert not unknown, f"README.md names variables that m3t/settings.py does not read: {sorted(unknown)}"
+    assert not unknown, (
+        f"README.md names variables that m3t/settings.py does not read: {sorted(unknown)}"
+    )
 
 
 def test_readme_is_short():
     lines = len(README.read_text().splitlines())
-    assert lines < 220, f"README.md has {lines} lines; design goes to docs/, benchmark detail to benchmarks/README.md"
+    assert lines < 220, (
+        f"README.md has {lines} lines; design goes to docs/, "
+        "benchmark detail to benchmarks/README.md"
+    )
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))

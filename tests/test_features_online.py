@@ -48,14 +48,18 @@ def offline_blob(events) -> bytes:
 def test_streamed_state_equals_the_offline_fold(store):
     store.write_batch(EVENTS)
     hadm_ids = list(COHORT) + [1, 2]  # and two unknown admissions
-    fitted = FittedFeatures(FITTED.vocab, np.linspace(-1, 1, len(FITTED.mean)), np.linspace(0.5, 2, len(FITTED.std)))
+    fitted = FittedFeatures(
+        FITTED.vocab, np.linspace(-1, 1, len(FITTED.mean)), np.linspace(0.5, 2, len(FITTED.std))
+    )
     normalised = OnlineStore(store.client, fitted, scratch=f"test-{uuid.uuid4().hex[:8]}")
     try:
         normalised.write_batch(EVENTS)
         for name, s in (("unnormalised", store), ("normalised", normalised)):
             # The serving read (what the stream scores) and the point-in-time read, both as of
             # each admission's latest event: the same bits as the offline fold's transform.
-            want = s.fitted.assemble([offline_blob(COHORT[h]) for h in hadm_ids[:-2]] + [None, None])
+            want = s.fitted.assemble(
+                [offline_blob(COHORT[h]) for h in hadm_ids[:-2]] + [None, None]
+            )
             served, rebuilt = s.read_inputs(hadm_ids), s.read_inputs(hadm_ids, as_of=want["as_of"])
             assert set(served) == set(want) - {"numeric_raw"} and set(rebuilt) == set(want)
             for key in want:
@@ -94,7 +98,9 @@ def test_duplicates_and_out_of_order_delivery_change_nothing(store):
     store.write_batch(EVENTS)
     stored = store.read_blobs(list(COHORT))
 
-    replay = random.Random(0).sample(EVENTS, len(EVENTS)) + EVENTS[:50]  # shuffled, some twice in one batch
+    replay = (
+        random.Random(0).sample(EVENTS, len(EVENTS)) + EVENTS[:50]
+    )  # shuffled, some twice in one batch
     stats = store.write_batch(replay)
     assert stats.applied == 0 and stats.duplicates == len(replay)
     assert store.read_blobs(list(COHORT)) == stored
@@ -118,8 +124,11 @@ def test_a_late_event_lands_by_its_charttime(store):
     events = COHORT[hadm_id]
     store.write_batch(events)
     obs = next(e for e in events if e.type == "observation")
-    name = next(f for f in FITTED.to_dict()["numeric_features"] if f.endswith(".last")
-                and f.split(".")[0] == _item_name(obs.payload.itemid))
+    name = next(
+        f
+        for f in FITTED.to_dict()["numeric_features"]
+        if f.endswith(".last") and f.split(".")[0] == _item_name(obs.payload.itemid)
+    )
     before = store.describe(hadm_id)["numeric"][name]
 
     def late(offset_h, event_id):
@@ -141,12 +150,16 @@ def _item_name(itemid):
 
 def test_concurrent_workers_with_redelivery_apply_each_event_once(store, settings):
     chunks = [EVENTS[i : i + 60] for i in range(0, len(EVENTS), 60)]
-    workers = [OnlineStore(connect(settings), FITTED, scratch=store.prefix.split(":")[1]) for _ in range(3)]
+    workers = [
+        OnlineStore(connect(settings), FITTED, scratch=store.prefix.split(":")[1]) for _ in range(3)
+    ]
     errors = []
 
     def work(worker, seed):
         try:
-            for chunk in random.Random(seed).sample(chunks, len(chunks)):  # every worker gets every event
+            for chunk in random.Random(seed).sample(
+                chunks, len(chunks)
+            ):  # every worker gets every event
                 worker.write_batch(chunk)
         except Exception as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
@@ -190,10 +203,18 @@ def test_long_uris_are_read_back_whole_by_both_reads(store):
     events = []
     for i, h in enumerate(hadm_ids[:2]):
         template = next(e for e in EVENTS if e.type == "cxr")
-        events.append(template.model_copy(update={
-            "event_id": f"long-uri-{h}", "hadm_id": h, "event_time": COHORT[h][-1].event_time,
-            "payload": template.payload.model_copy(update={"uri": long_uri + str(i), "studytime": COHORT[h][-1].event_time}),
-        }))
+        events.append(
+            template.model_copy(
+                update={
+                    "event_id": f"long-uri-{h}",
+                    "hadm_id": h,
+                    "event_time": COHORT[h][-1].event_time,
+                    "payload": template.payload.model_copy(
+                        update={"uri": long_uri + str(i), "studytime": COHORT[h][-1].event_time}
+                    ),
+                }
+            )
+        )
     history = {h: COHORT[h] + [e for e in events if e.hadm_id == h] for h in hadm_ids}
     store.write_batch(events + [e for h in hadm_ids for e in COHORT[h][: len(COHORT[h]) // 2]])
     store.write_batch([e for h in hadm_ids for e in COHORT[h][len(COHORT[h]) // 2 :]])
@@ -220,7 +241,9 @@ def test_keys_carry_the_version_and_a_hash_tag_and_expire(store):
 
 
 def test_online_offline_parity_on_hand_built_events(redis_client):
-    report = parity.check_parity(EVENTS, redis_client, offline.CutoffPolicy((6.0, 24.0, 48.0)), sample=25)
+    report = parity.check_parity(
+        EVENTS, redis_client, offline.CutoffPolicy((6.0, 24.0, 48.0)), sample=25
+    )
     assert report.ok, report
     assert report.admissions == 25 and report.cutoffs >= 50
 
@@ -231,14 +254,18 @@ def test_parity_on_the_mimic_demo_and_the_cli(settings, monkeypatch, redis_clien
     from m3t.settings import get_settings
 
     demo = settings.data_dir / "mimic-iv-demo-2.2"
-    report = parity.check_parity(MimicReader(demo, cxr="none").admissions(), redis_client, sample=40, seed=2)
+    report = parity.check_parity(
+        MimicReader(demo, cxr="none").admissions(), redis_client, sample=40, seed=2
+    )
     assert report.ok, report
     assert report.admissions == 40 and report.cutoffs > 40
 
     monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
     get_settings.cache_clear()
     try:
-        result = runner.invoke(app, ["features", "check-parity", str(demo), "--sample", "10", "--json"])
+        result = runner.invoke(
+            app, ["features", "check-parity", str(demo), "--sample", "10", "--json"]
+        )
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
@@ -291,7 +318,11 @@ def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, m
         scratch = OnlineStore(client, FITTED, scratch="bench-0000")
         scratch.write_batch(COHORT[hadm_id])
         client.set("m3t:score:{1}", b"a score")
-        kept = set(client.keys("*")) - set(client.keys(f"{previous.prefix}:*")) - {k.encode() for k in old_layout}
+        kept = (
+            set(client.keys("*"))
+            - set(client.keys(f"{previous.prefix}:*"))
+            - {k.encode() for k in old_layout}
+        )
 
         monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
         monkeypatch.setenv("M3T_REDIS__DB", "15")
@@ -304,7 +335,9 @@ def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, m
             get_settings.cache_clear()
         assert listed.exit_code == 0, listed.output
         assert previous.prefix in listed.output and f"{current.prefix}:2" in listed.output
-        assert "7 stale keys" in listed.output  # the other feature set's 3 keys and fitted, 3 old-layout keys
+        assert (
+            "7 stale keys" in listed.output
+        )  # the other feature set's 3 keys and fitted, 3 old-layout keys
         assert pruned.exit_code == 0 and "deleted 7 stale keys" in pruned.output
         assert set(client.keys("*")) == kept
         np.testing.assert_array_equal(current.read_inputs([hadm_id])["present"], [True])

@@ -46,7 +46,9 @@ def recompute(events, as_of: float) -> dict[str, float]:
         out[f"admission_type={t}"] = float(t == kind)
     out["hours_since_admission"] = as_of - hours(admit.admittime)
     for item in fd.MEASURED:
-        obs = [e.payload for e in events if e.type == "observation" and e.payload.itemid == item.itemid]
+        obs = [
+            e.payload for e in events if e.type == "observation" and e.payload.itemid == item.itemid
+        ]
         out[f"{item.name}.count"] = float(len(obs))
         if obs:
             values = np.array([o.value for o in obs])
@@ -72,7 +74,10 @@ def test_feature_definitions_are_consistent():
     for feature in fd.FEATURES:
         assert feature.version == fd.FEATURE_SET_VERSION
         if feature.name in specs:
-            assert specs[feature.name].dtype == feature.dtype and specs[feature.name].shape == feature.shape
+            assert (
+                specs[feature.name].dtype == feature.dtype
+                and specs[feature.name].shape == feature.shape
+            )
 
 
 @pytest.mark.parametrize("hadm_id", list(COHORT)[:10])
@@ -109,16 +114,30 @@ def test_a_stored_state_resumes_exactly(split):
 
 def _note(hadm_id, i, when, text, note_type="radiology"):
     return ev.NoteEvent(
-        event_id=ev.event_id("t", (hadm_id, note_type, i)), hadm_id=hadm_id, subject_id=1, event_time=when,
-        source="t", payload=ev.NotePayload(note_type=note_type, text=text, charttime=when,
-                                          note_id=f"{note_type}-{i}", from_hadm_id=hadm_id),
+        event_id=ev.event_id("t", (hadm_id, note_type, i)),
+        hadm_id=hadm_id,
+        subject_id=1,
+        event_time=when,
+        source="t",
+        payload=ev.NotePayload(
+            note_type=note_type,
+            text=text,
+            charttime=when,
+            note_id=f"{note_type}-{i}",
+            from_hadm_id=hadm_id,
+        ),
     )
 
 
 def test_radiology_tail_is_the_latest_text_in_charttime_order_whatever_the_arrival_order():
     rng = random.Random(1)
     notes = [
-        _note(1, i, sample.T0 + timedelta(hours=i), " ".join(rng.choices(sample.WORDS, k=rng.randint(1, 9))))
+        _note(
+            1,
+            i,
+            sample.T0 + timedelta(hours=i),
+            " ".join(rng.choices(sample.WORDS, k=rng.randint(1, 9))),
+        )
         for i in range(30)
     ]
     expected = [i for n in notes for i in VOCAB.encode(n.payload.text)][-16:]
@@ -130,7 +149,9 @@ def test_radiology_tail_is_the_latest_text_in_charttime_order_whatever_the_arriv
 
 def test_discharge_summary_is_the_latest_prior_one_and_keeps_its_end():
     older = _note(1, 0, sample.T0, "old summary", "discharge")
-    newer = _note(1, 1, sample.T0 + timedelta(days=1), " ".join(["stable"] * 200 + ["home"]), "discharge")
+    newer = _note(
+        1, 1, sample.T0 + timedelta(days=1), " ".join(["stable"] * 200 + ["home"]), "discharge"
+    )
     for events in ([older, newer], [newer, older]):
         ids = fold(events).notes.dis_ids
         assert len(ids) == mi.NOTE_TOKENS and ids[-1] == VOCAB.encode("home")[0]
@@ -139,8 +160,17 @@ def test_discharge_summary_is_the_latest_prior_one_and_keeps_its_end():
 def test_latest_value_is_by_charttime_not_arrival():
     events = COHORT[list(COHORT)[1]]
     obs = next(e for e in events if e.type == "observation")
-    late = obs.model_copy(update={"event_id": "late", "payload": obs.payload.model_copy(
-        update={"charttime": obs.payload.charttime - timedelta(days=30), "value": obs.payload.value + 1})})
+    late = obs.model_copy(
+        update={
+            "event_id": "late",
+            "payload": obs.payload.model_copy(
+                update={
+                    "charttime": obs.payload.charttime - timedelta(days=30),
+                    "value": obs.payload.value + 1,
+                }
+            ),
+        }
+    )
     item = fd.MEASURED[fd.ITEM_INDEX[obs.payload.itemid]].name
     before, after = features_of(fold(events), 1e6), features_of(fold(events + [late]), 1e6)
     assert after[f"{item}.last"] == before[f"{item}.last"]
@@ -149,8 +179,12 @@ def test_latest_value_is_by_charttime_not_arrival():
 
 def _cxr(hadm_id, i, when, uri):
     return ev.CxrEvent(
-        event_id=ev.event_id("t", (hadm_id, "cxr", i)), hadm_id=hadm_id, subject_id=1, event_time=when,
-        source="t", payload=ev.CxrPayload(study_id=i, dicom_id=f"d{i}", uri=uri, studytime=when),
+        event_id=ev.event_id("t", (hadm_id, "cxr", i)),
+        hadm_id=hadm_id,
+        subject_id=1,
+        event_time=when,
+        source="t",
+        payload=ev.CxrPayload(study_id=i, dicom_id=f"d{i}", uri=uri, studytime=when),
     )
 
 
@@ -158,9 +192,16 @@ def test_serving_blobs_decode_to_the_transform_whatever_the_uri():
     """The serving record holds URIs of up to URI_INLINE bytes; longer ones (or ones the
     fixed-width field would cut) follow it. Either way a read returns the transform's bits."""
     histories = list(COHORT.values())[:6]
-    uris = ["", "file:///cxr/1.png", "f" * URI_INLINE, "s3://b/" + "é" * URI_INLINE, "file:///x\0", "g" * (URI_INLINE + 1)]
+    uris = [
+        "",
+        "file:///cxr/1.png",
+        "f" * URI_INLINE,
+        "s3://b/" + "é" * URI_INLINE,
+        "file:///x\0",
+        "g" * (URI_INLINE + 1),
+    ]
     states = []
-    for i, (events, uri) in enumerate(zip(histories, uris)):
+    for events, uri in zip(histories, uris):
         extra = [_cxr(events[0].hadm_id, 9, events[-1].event_time, uri)] if uri else []
         states.append(fold([e for e in events if e.type != "cxr"] + extra))
     blobs = [state.to_blob() for state in states]
@@ -168,7 +209,10 @@ def test_serving_blobs_decode_to_the_transform_whatever_the_uri():
     assert want["cxr_uri"].tolist() == uris
     served = serving_blobs(want)
     assert [len(b) > len(served[0]) for b in served] == [False, False, False, True, True, True]
-    for batch in ([*blobs, None], [blobs[0], blobs[2], None, blobs[1]]):  # with and without long URIs
+    for batch in (
+        [*blobs, None],
+        [blobs[0], blobs[2], None, blobs[1]],
+    ):  # with and without long URIs
         rows = [blobs.index(b) if b is not None else None for b in batch]
         got = serving_inputs([served[r] if r is not None else None for r in rows])
         expected = FITTED.assemble(batch)
@@ -213,10 +257,19 @@ def test_offline_examples_are_point_in_time_correct():
         np.testing.assert_array_equal(dataset.arrays[name][0], want[name][0])
     # ...and nothing after the cutoff, the outcome included, can change it.
     tampered = [e for e in events if hours(e.event_time) <= cutoff]
-    tampered += [e.model_copy(update={"payload": e.payload.model_copy(update={"value": 1e4})})
-                 if e.type == "observation" else e for e in events if hours(e.event_time) > cutoff]
-    tampered = [e.model_copy(update={"payload": e.payload.model_copy(update={"los_days": 99.0})})
-                if e.type == "discharge" else e for e in tampered]
+    tampered += [
+        e.model_copy(update={"payload": e.payload.model_copy(update={"value": 1e4})})
+        if e.type == "observation"
+        else e
+        for e in events
+        if hours(e.event_time) > cutoff
+    ]
+    tampered = [
+        e.model_copy(update={"payload": e.payload.model_copy(update={"los_days": 99.0})})
+        if e.type == "discharge"
+        else e
+        for e in tampered
+    ]
     again = offline.build(tampered, offline.CutoffPolicy((24.0,)), fitted=FITTED)
     np.testing.assert_array_equal(again.arrays[mi.NUMERIC], dataset.arrays[mi.NUMERIC])
     assert again.arrays["los_days"][0] == 99.0  # the label comes from the discharge event
@@ -240,5 +293,7 @@ def test_offline_build_fits_on_train_and_round_trips(tmp_path):
     assert loaded.fitted.tag == dataset.fitted.tag
     np.testing.assert_array_equal(loaded.fitted.mean, dataset.fitted.mean)
     assert loaded.arrays[mi.CXR].shape == (len(dataset), 1, mi.CXR_SIZE, mi.CXR_SIZE)
-    assert loaded.arrays[mi.MODALITY_MASK][:, 2].sum() == 0  # images not preprocessed: marked absent
+    assert (
+        loaded.arrays[mi.MODALITY_MASK][:, 2].sum() == 0
+    )  # images not preprocessed: marked absent
     assert loaded.meta["vocab_size"] == len(dataset.fitted.vocab)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -25,14 +25,19 @@ from features.vocab import Vocabulary
 from ingest import events as ev
 from ingest.itemids import ITEMS
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BUCKET = timedelta(hours=fd.BUCKET_HOURS)
 FITTED = FittedFeatures.unnormalised(Vocabulary.fit(["unused"]))
-WINDOWED = [f"{item.name}.{stat}_{w:g}h" for w in fd.WINDOW_HOURS for item in fd.MEASURED for stat in fd.WINDOW_STATS]
+WINDOWED = [
+    f"{item.name}.{stat}_{w:g}h"
+    for w in fd.WINDOW_HOURS
+    for item in fd.MEASURED
+    for stat in fd.WINDOW_STATS
+]
 
 
 def _bucket(t: datetime) -> int:
-    return (t.replace(tzinfo=t.tzinfo or timezone.utc) - EPOCH) // BUCKET
+    return (t.replace(tzinfo=t.tzinfo or UTC) - EPOCH) // BUCKET
 
 
 def recompute_windows(observations, as_of: float, windows=fd.WINDOW_BUCKETS) -> dict[str, float]:
@@ -43,10 +48,17 @@ def recompute_windows(observations, as_of: float, windows=fd.WINDOW_BUCKETS) -> 
     for n in windows:
         w = n * fd.BUCKET_HOURS
         for item in fd.MEASURED:
-            values = [o.value for o in observations
-                      if o.itemid == item.itemid and current - n < _bucket(o.charttime) <= current]
-            stats = {"count": float(len(values)), "mean": np.mean(values) if values else np.nan,
-                     "min": min(values, default=np.nan), "max": max(values, default=np.nan)}
+            values = [
+                o.value
+                for o in observations
+                if o.itemid == item.itemid and current - n < _bucket(o.charttime) <= current
+            ]
+            stats = {
+                "count": float(len(values)),
+                "mean": np.mean(values) if values else np.nan,
+                "min": min(values, default=np.nan),
+                "max": max(values, default=np.nan),
+            }
             out.update({f"{item.name}.{s}_{w:g}h": stats[s] for s in fd.WINDOW_STATS})
     return out
 
@@ -55,26 +67,48 @@ def history(seed: int, n: int = 120):
     """An admission with measurements of a few items over five days, charted up to three
     hours before they arrive, some exactly on bucket boundaries, some at equal times."""
     rng = random.Random(seed)
-    admit = datetime(2150, 3, 1, 7, 13, tzinfo=timezone.utc) + timedelta(minutes=rng.randint(0, 5000))
+    admit = datetime(2150, 3, 1, 7, 13, tzinfo=UTC) + timedelta(minutes=rng.randint(0, 5000))
     source = f"windows/{seed}"
-    events = [ev.AdmissionEvent(
-        event_id=ev.event_id(source, "admit"), hadm_id=seed, subject_id=1, event_time=admit, source=source,
-        payload=ev.AdmissionPayload(admittime=admit, admission_type="URGENT", gender="F", age=60.0))]
+    events = [
+        ev.AdmissionEvent(
+            event_id=ev.event_id(source, "admit"),
+            hadm_id=seed,
+            subject_id=1,
+            event_time=admit,
+            source=source,
+            payload=ev.AdmissionPayload(
+                admittime=admit, admission_type="URGENT", gender="F", age=60.0
+            ),
+        )
+    ]
     items = rng.sample(list(ITEMS.values()), 4)
     boundary = EPOCH + (_bucket(admit) + 1) * BUCKET
     for i in range(n):
         item = rng.choice(items)
         if i % 10 == 0:  # on a bucket boundary, or a second before one
-            charttime = boundary + rng.randint(0, 25) * BUCKET - timedelta(seconds=rng.choice((0, 1)))
+            charttime = (
+                boundary + rng.randint(0, 25) * BUCKET - timedelta(seconds=rng.choice((0, 1)))
+            )
         elif i % 10 == 1 and i > 1:  # the same charttime as an earlier measurement
             charttime = events[-1].payload.charttime
         else:
             charttime = admit + timedelta(seconds=rng.randint(-6 * 3600, 110 * 3600))
         arrival = max(charttime + timedelta(seconds=rng.randint(0, 3 * 3600)), admit)
-        events.append(ev.ObservationEvent(
-            event_id=ev.event_id(source, ("obs", i)), hadm_id=seed, subject_id=1, event_time=arrival, source=source,
-            payload=ev.ObservationPayload(itemid=item.itemid, value=round(rng.uniform(item.low, item.low + 150), 2),
-                                          charttime=charttime, kind=item.kind)))
+        events.append(
+            ev.ObservationEvent(
+                event_id=ev.event_id(source, ("obs", i)),
+                hadm_id=seed,
+                subject_id=1,
+                event_time=arrival,
+                source=source,
+                payload=ev.ObservationPayload(
+                    itemid=item.itemid,
+                    value=round(rng.uniform(item.low, item.low + 150), 2),
+                    charttime=charttime,
+                    kind=item.kind,
+                ),
+            )
+        )
     return events
 
 
@@ -95,13 +129,18 @@ def windowed_features(blobs, as_of) -> list[dict[str, float]]:
 
 def assert_same(got: dict, want: dict, context: str):
     for name in WINDOWED:
-        assert np.isclose(got[name], want[name], rtol=1e-6, atol=1e-6, equal_nan=True), (context, name)
+        assert np.isclose(got[name], want[name], rtol=1e-6, atol=1e-6, equal_nan=True), (
+            context,
+            name,
+        )
 
 
 def test_window_columns_are_declared():
     assert fd.N_NUMERIC == len(set(fd.NUMERIC_FEATURES))
     assert set(WINDOWED) <= set(fd.NUMERIC_FEATURES)
-    assert fd.NUMERIC_FEATURES[-len(WINDOWED):] == tuple(WINDOWED)  # computed at read time: after N_STATIC
+    assert fd.NUMERIC_FEATURES[-len(WINDOWED) :] == tuple(
+        WINDOWED
+    )  # computed at read time: after N_STATIC
     assert fd.N_BUCKETS * fd.BUCKET_HOURS == max(fd.WINDOW_HOURS)
 
 
@@ -134,8 +173,12 @@ def test_every_window_up_to_the_widest_equals_brute_force():
     at once, reads from the same state."""
     rng = random.Random(3)
     windows = tuple(range(1, fd.N_BUCKETS + 1))
-    names = [f"{item.name}.{stat}_{n * fd.BUCKET_HOURS:g}h"
-             for n in windows for item in fd.MEASURED for stat in fd.WINDOW_STATS]
+    names = [
+        f"{item.name}.{stat}_{n * fd.BUCKET_HOURS:g}h"
+        for n in windows
+        for item in fd.MEASURED
+        for stat in fd.WINDOW_STATS
+    ]
     for seed in range(20, 24):
         events = history(seed)
         for as_of in scoring_times(events, rng):
@@ -144,18 +187,34 @@ def test_every_window_up_to_the_widest_equals_brute_force():
             for event in rng.sample(visible, len(visible)):
                 state.apply(event, FITTED.vocab)
             records = transform.decode_blobs([state.to_blob()])[1]
-            got = dict(zip(names, transform.windowed(records, np.array([hours(as_of)]), windows)[0]))
-            want = recompute_windows([e.payload for e in visible if e.type == "observation"], hours(as_of), windows)
+            got = dict(
+                zip(names, transform.windowed(records, np.array([hours(as_of)]), windows)[0])
+            )
+            want = recompute_windows(
+                [e.payload for e in visible if e.type == "observation"], hours(as_of), windows
+            )
             assert got.keys() == want.keys()
             for name in names:
-                assert np.isclose(got[name], want[name], rtol=1e-6, atol=1e-6, equal_nan=True), (as_of, name)
+                assert np.isclose(got[name], want[name], rtol=1e-6, atol=1e-6, equal_nan=True), (
+                    as_of,
+                    name,
+                )
 
 
 def test_a_measurement_older_than_the_ring_arriving_last_changes_no_window():
     events = history(99)
     newest = max(e.payload.charttime for e in events if e.type == "observation")
-    late = events[5].model_copy(update={"event_id": "late", "payload": events[5].payload.model_copy(
-        update={"charttime": newest - timedelta(hours=max(fd.WINDOW_HOURS) + fd.BUCKET_HOURS), "value": 1e4})})
+    late = events[5].model_copy(
+        update={
+            "event_id": "late",
+            "payload": events[5].payload.model_copy(
+                update={
+                    "charttime": newest - timedelta(hours=max(fd.WINDOW_HOURS) + fd.BUCKET_HOURS),
+                    "value": 1e4,
+                }
+            ),
+        }
+    )
     as_of = hours(max(e.event_time for e in events))
     blobs = []
     for evs in (events, events + [late]):
@@ -165,8 +224,11 @@ def test_a_measurement_older_than_the_ring_arriving_last_changes_no_window():
         blobs.append(state.to_blob())
     before, after = windowed_features(blobs, as_of)
     assert_same(after, before, "late")
-    assert_same(after, recompute_windows([e.payload for e in events + [late] if e.type == "observation"], as_of),
-                "brute force")
+    assert_same(
+        after,
+        recompute_windows([e.payload for e in events + [late] if e.type == "observation"], as_of),
+        "brute force",
+    )
 
 
 def test_an_empty_window_is_missing_but_its_count_is_zero():
@@ -191,13 +253,24 @@ def test_online_windows_with_shuffled_and_redelivered_events_equal_brute_force(r
     admissions = {seed: history(seed) for seed in range(100, 106)}
     streamed, done = [], set()
     try:
-        for as_of in sorted({t for evs in admissions.values() for t in scoring_times(evs, rng)[:9]}):
+        for as_of in sorted(
+            {t for evs in admissions.values() for t in scoring_times(evs, rng)[:9]}
+        ):
             # Stream what is new up to this scoring time, shuffled, with some of it and some
             # of what was streamed before delivered again.
-            due = [e for evs in admissions.values() for e in evs if e.event_time <= as_of and e.event_id not in done]
+            due = [
+                e
+                for evs in admissions.values()
+                for e in evs
+                if e.event_time <= as_of and e.event_id not in done
+            ]
             due = rng.sample(due, len(due))
             for i in range(0, len(due), 40):
-                store.write_batch(due[i : i + 40] + due[max(0, i - 10) : i] + rng.sample(streamed, min(10, len(streamed))))
+                store.write_batch(
+                    due[i : i + 40]
+                    + due[max(0, i - 10) : i]
+                    + rng.sample(streamed, min(10, len(streamed)))
+                )
             streamed += due
             done.update(e.event_id for e in due)
             got = windowed_features(store.read_blobs(list(admissions)), hours(as_of))
@@ -206,11 +279,21 @@ def test_online_windows_with_shuffled_and_redelivered_events_equal_brute_force(r
                 if any(e.event_time <= as_of for e in evs):
                     assert_same(row, recompute_windows(seen, hours(as_of)), f"{hadm_id} {as_of}")
         # The rest streamed: the default scoring time is each admission's latest event.
-        store.write_batch([e for evs in admissions.values() for e in evs if e.event_id not in done] + streamed[:30])
+        store.write_batch(
+            [e for evs in admissions.values() for e in evs if e.event_id not in done]
+            + streamed[:30]
+        )
         latest = store.read_inputs(list(admissions))
-        for (hadm_id, evs), as_of, row in zip(admissions.items(), latest["as_of"],
-                                              windowed_features(store.read_blobs(list(admissions)), None)):
+        for (hadm_id, evs), as_of, row in zip(
+            admissions.items(),
+            latest["as_of"],
+            windowed_features(store.read_blobs(list(admissions)), None),
+        ):
             assert as_of == hours(max(e.event_time for e in evs))
-            assert_same(row, recompute_windows([e.payload for e in evs if e.type == "observation"], as_of), hadm_id)
+            assert_same(
+                row,
+                recompute_windows([e.payload for e in evs if e.type == "observation"], as_of),
+                hadm_id,
+            )
     finally:
         store.drop()

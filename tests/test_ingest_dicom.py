@@ -17,7 +17,9 @@ from ingest.synth import RadiographPainter, _jpeg, write_dicom
 from m3t.settings import Settings
 
 DATA = Settings().data_dir
-SAMPLES = sorted((DATA / "dicom-samples").glob("*.dcm")) + sorted((DATA / "cxr-samples").glob("*.dcm"))
+SAMPLES = sorted((DATA / "dicom-samples").glob("*.dcm")) + sorted(
+    (DATA / "cxr-samples").glob("*.dcm")
+)
 KNOWN_BAD = "JPEG-lossy.dcm"  # a broken JPEG stream (see dicom-samples/PROVENANCE.md)
 PHI = ("SYNTHETIC^PATIENT10000032", "10000032", "21000101")
 
@@ -29,9 +31,17 @@ def radiograph() -> np.ndarray:
 
 def _synthetic(tmp_path: Path, pixels: np.ndarray, compressed: bool, modality: str) -> Path:
     path = tmp_path / f"{modality}-{'jpeg' if compressed else 'raw'}.dcm"
-    write_dicom(path, pixels, jpeg=_jpeg(pixels) if compressed else None, modality=modality,
-                view="PA" if modality == "CR" else "AP", studytime=datetime(2150, 1, 2, 9, 30),
-                subject_id=10000032, study_id=50000003, dicom_id="d-1")
+    write_dicom(
+        path,
+        pixels,
+        jpeg=_jpeg(pixels) if compressed else None,
+        modality=modality,
+        view="PA" if modality == "CR" else "AP",
+        studytime=datetime(2150, 1, 2, 9, 30),
+        subject_id=10000032,
+        study_id=50000003,
+        dicom_id="d-1",
+    )
     return path
 
 
@@ -39,7 +49,12 @@ def _synthetic(tmp_path: Path, pixels: np.ndarray, compressed: bool, modality: s
 def test_generator_jpeg_variant_is_handed_on_encoded(tmp_path, radiograph, modality):
     image = read_image(_synthetic(tmp_path, radiograph, compressed=True, modality=modality))
     assert image.kind == "encoded" and image.transfer_syntax == pydicom.uid.JPEGBaseline8Bit
-    assert (image.modality, image.rows, image.cols, image.photometric) == (modality, 128, 128, "MONOCHROME2")
+    assert (image.modality, image.rows, image.cols, image.photometric) == (
+        modality,
+        128,
+        128,
+        "MONOCHROME2",
+    )
     assert image.data[:2] == b"\xff\xd8"
     decoded = np.asarray(Image.open(io.BytesIO(image.data)))  # what DALI will do later
     assert np.abs(decoded.astype(int) - radiograph).max() < 40
@@ -56,9 +71,15 @@ def test_header_has_the_study_time_and_no_identifiers(tmp_path, radiograph):
     path = _synthetic(tmp_path, radiograph, compressed=True, modality="CR")
     assert pydicom.dcmread(path).PatientName == PHI[0]  # the file does carry them...
     header = read_header(path)
-    assert (header.study_date, header.study_time, header.view_position) == ("21500102", "093000", "PA")
+    assert (header.study_date, header.study_time, header.view_position) == (
+        "21500102",
+        "093000",
+        "PA",
+    )
     for result in (header, read_image(path)):  # ...nothing that leaves this module does
-        values = [v for v in dataclasses.asdict(result).values() if not isinstance(v, (bytes, np.ndarray))]
+        values = [
+            v for v in dataclasses.asdict(result).values() if not isinstance(v, (bytes, np.ndarray))
+        ]
         assert not any(phi in str(v) for phi in PHI for v in values)
         assert not any(phi in repr(result) for phi in PHI[:1])
 
@@ -73,7 +94,8 @@ def test_every_shared_sample_is_parsed_or_refused_with_a_reason(path):
     try:
         image = read_image(path)
     except InvalidDicom as exc:
-        # Only a missing optional decoder (pylibjpeg for JPEG-LS / lossless / 12-bit JPEG) may refuse.
+        # Only a missing optional decoder (pylibjpeg for JPEG-LS / lossless / 12-bit JPEG)
+        # may refuse.
         assert exc.reason in {"no_decoder", "undecodable"}
         assert "JPEG" in exc.detail and "Baseline" not in exc.detail and "2000" not in exc.detail
         return
@@ -81,7 +103,10 @@ def test_every_shared_sample_is_parsed_or_refused_with_a_reason(path):
     if image.kind == "encoded":
         assert isinstance(image.data, bytes) and len(image.data) > 0
     else:
-        assert image.data.shape[-2:] == (image.rows, image.cols) or image.data.shape[-3:-1] == (image.rows, image.cols)
+        assert image.data.shape[-2:] == (image.rows, image.cols) or image.data.shape[-3:-1] == (
+            image.rows,
+            image.cols,
+        )
 
 
 def test_the_chest_samples_cover_both_paths():
@@ -118,5 +143,10 @@ def test_truncated_files_are_refused(tmp_path, radiograph, compressed, keep):
     cut.write_bytes(whole[: int(len(whole) * keep)])
     with pytest.raises(InvalidDicom) as refused:
         read_image(cut)
-    assert refused.value.reason in {"truncated", "unreadable", "truncated_pixel_data", "truncated_frame"}
+    assert refused.value.reason in {
+        "truncated",
+        "unreadable",
+        "truncated_pixel_data",
+        "truncated_frame",
+    }
     assert not any(phi in str(refused.value) for phi in PHI)

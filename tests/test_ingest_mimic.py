@@ -44,7 +44,13 @@ def _csv(name: str, **kwargs) -> pd.DataFrame:
 def test_demo_tables_read_as_pandas_reads_them(demo):
     reader, admissions = demo
     tables = reader.stats.tables
-    for name in ("hosp/patients", "hosp/admissions", "hosp/labevents", "icu/icustays", "hosp/d_labitems"):
+    for name in (
+        "hosp/patients",
+        "hosp/admissions",
+        "hosp/labevents",
+        "icu/icustays",
+        "hosp/d_labitems",
+    ):
         assert tables[name].read == len(_csv(name)), name
     adm = _csv("hosp/admissions")
     assert len(admissions) == len(adm) == 275
@@ -72,13 +78,25 @@ def test_demo_observations_equal_the_pandas_selection(demo):
     labs = _csv("hosp/labevents", parse_dates=["charttime"])
     adm = _csv("hosp/admissions", parse_dates=["admittime", "dischtime"])
     labs = labs.merge(adm[["hadm_id", "dischtime"]], on="hadm_id")
-    expected = labs[labs.itemid.isin(itemids.LAB_IDS) & labs.valuenum.notna() & (labs.charttime <= labs.dischtime)]
+    expected = labs[
+        labs.itemid.isin(itemids.LAB_IDS)
+        & labs.valuenum.notna()
+        & (labs.charttime <= labs.dischtime)
+    ]
     got = Counter(
         (e.hadm_id, e.payload.itemid, e.payload.charttime, e.payload.value)
-        for events in admissions for e in events if e.type == "observation"
+        for events in admissions
+        for e in events
+        if e.type == "observation"
     )
-    want = Counter(zip(expected.hadm_id.astype(int), expected.itemid, expected.charttime.dt.to_pydatetime(),
-                       expected.valuenum))
+    want = Counter(
+        zip(
+            expected.hadm_id.astype(int),
+            expected.itemid,
+            expected.charttime.dt.to_pydatetime(),
+            expected.valuenum,
+        )
+    )
     assert got == want
 
 
@@ -92,7 +110,9 @@ def test_demo_admissions_carry_age_and_outcome(demo):
         patient = patients.loc[row.subject_id]
         assert opened.type == "admission" and closed.type == "discharge"
         assert opened.payload.age == patient.anchor_age + row.admittime.year - patient.anchor_year
-        assert closed.payload.los_days == pytest.approx((row.dischtime - row.admittime).total_seconds() / 86400)
+        assert closed.payload.los_days == pytest.approx(
+            (row.dischtime - row.admittime).total_seconds() / 86400
+        )
         assert closed.payload.hospital_expire_flag == bool(row.hospital_expire_flag)
 
 
@@ -116,9 +136,13 @@ def test_synthetic_cohort_reads_back_with_every_modality(cohort):
     assert len(admissions) == 30
     assert reader.stats.balanced and not reader.stats.dead_letters
     assert set(reader.stats.events) == {"admission", "observation", "note", "cxr", "discharge"}
-    notes = Counter(e.payload.note_type for events in admissions for e in events if e.type == "note")
+    notes = Counter(
+        e.payload.note_type for events in admissions for e in events if e.type == "note"
+    )
     assert notes["radiology"] > 0 and notes["discharge"] > 0
-    kinds = Counter(e.payload.kind for events in admissions for e in events if e.type == "observation")
+    kinds = Counter(
+        e.payload.kind for events in admissions for e in events if e.type == "observation"
+    )
     assert kinds["lab"] > 0 and kinds["vital"] > 0
     for events in admissions:
         assert events == sorted(events, key=sort_key)
@@ -133,8 +157,11 @@ def test_synthetic_cohort_reads_back_with_every_modality(cohort):
 def test_synthetic_cxr_from_the_dicom_tree_matches_the_jpg_tree(cohort):
     def studies(mode):
         reader = MimicReader(cohort, cxr=mode)
-        found = {(e.hadm_id, e.payload.study_id, e.payload.studytime, e.payload.view_position)
-                 for e in reader.events() if e.type == "cxr"}
+        found = {
+            (e.hadm_id, e.payload.study_id, e.payload.studytime, e.payload.view_position)
+            for e in reader.events()
+            if e.type == "cxr"
+        }
         return found, reader.stats
 
     jpg, jpg_stats = studies("jpg")
@@ -160,50 +187,74 @@ def _write(path: Path, text: str, compress: bool = False) -> None:
 def broken(tmp_path) -> Path:
     """A tiny MIMIC folder (plain .csv) with one row per class of bad input."""
     root = tmp_path / "mimic"
-    _write(root / "hosp/patients.csv", "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod\n"
-           "1,F,50,2150,2011 - 2013,\n2,M,60,2150,2011 - 2013,\n3,X,40,2150,2011 - 2013,\n")
-    _write(root / "hosp/admissions.csv",
-           "subject_id,hadm_id,admittime,dischtime,admission_type,admission_location,insurance,"
-           "hospital_expire_flag\n"
-           "1,101,2150-01-01 10:00:00,2150-01-05 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
-           "1,102,2150-03-01 10:00:00,2150-03-02 10:00:00,URGENT,EMERGENCY ROOM,Medicare,1\n"
-           "2,201,2150-02-01 10:00:00,2150-01-30 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
-           "2,202,not a time,2150-04-01 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
-           "9,901,2150-02-01 10:00:00,2150-02-03 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n")
-    _write(root / "hosp/d_labitems.csv", "itemid,label,fluid,category\n50912,Creatinine,Blood,Chemistry\n"
-           "50971,Potassium,Blood,Chemistry\n50902,Chloride,Blood,Chemistry\n")
-    _write(root / "hosp/labevents.csv",
-           "subject_id,hadm_id,itemid,charttime,valuenum,valueuom\n"
-           "1,101,50912,2150-01-01 12:00:00,1.1,mg/dL\n"  # good
-           "1,101,99999,2150-01-01 12:00:00,1.0,mg/dL\n"  # unknown itemid
-           "1,101,50971,2150-01-01 12:00:00,-4.0,mEq/L\n"  # impossible potassium
-           "1,101,50912,yesterday,1.0,mg/dL\n"  # unparseable time
-           "1,101,50912,2150-01-01 12:00:00,1.0,mg/dL,extra\n"  # malformed row
-           "1,,50912,2149-12-01 12:00:00,1.0,mg/dL\n"  # outpatient
-           "1,101,50902,2150-01-01 12:00:00,101,mEq/L\n"  # known item the model does not use
-           "1,101,50912,2150-01-01 12:00:00,,mg/dL\n"  # text-only result
-           "1,555,50912,2150-01-01 12:00:00,1.0,mg/dL\n"  # no such admission
-           "2,201,50912,2150-02-01 12:00:00,1.0,mg/dL\n"  # its admission was rejected
-           "1,101,50912,2150-01-09 12:00:00,1.0,mg/dL\n")  # after discharge
+    _write(
+        root / "hosp/patients.csv",
+        "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod\n"
+        "1,F,50,2150,2011 - 2013,\n2,M,60,2150,2011 - 2013,\n3,X,40,2150,2011 - 2013,\n",
+    )
+    _write(
+        root / "hosp/admissions.csv",
+        "subject_id,hadm_id,admittime,dischtime,admission_type,admission_location,insurance,"
+        "hospital_expire_flag\n"
+        "1,101,2150-01-01 10:00:00,2150-01-05 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
+        "1,102,2150-03-01 10:00:00,2150-03-02 10:00:00,URGENT,EMERGENCY ROOM,Medicare,1\n"
+        "2,201,2150-02-01 10:00:00,2150-01-30 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
+        "2,202,not a time,2150-04-01 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
+        "9,901,2150-02-01 10:00:00,2150-02-03 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n",
+    )
+    _write(
+        root / "hosp/d_labitems.csv",
+        "itemid,label,fluid,category\n50912,Creatinine,Blood,Chemistry\n"
+        "50971,Potassium,Blood,Chemistry\n50902,Chloride,Blood,Chemistry\n",
+    )
+    _write(
+        root / "hosp/labevents.csv",
+        "subject_id,hadm_id,itemid,charttime,valuenum,valueuom\n"
+        "1,101,50912,2150-01-01 12:00:00,1.1,mg/dL\n"  # good
+        "1,101,99999,2150-01-01 12:00:00,1.0,mg/dL\n"  # unknown itemid
+        "1,101,50971,2150-01-01 12:00:00,-4.0,mEq/L\n"  # impossible potassium
+        "1,101,50912,yesterday,1.0,mg/dL\n"  # unparseable time
+        "1,101,50912,2150-01-01 12:00:00,1.0,mg/dL,extra\n"  # malformed row
+        "1,,50912,2149-12-01 12:00:00,1.0,mg/dL\n"  # outpatient
+        "1,101,50902,2150-01-01 12:00:00,101,mEq/L\n"  # known item the model does not use
+        "1,101,50912,2150-01-01 12:00:00,,mg/dL\n"  # text-only result
+        "1,555,50912,2150-01-01 12:00:00,1.0,mg/dL\n"  # no such admission
+        "2,201,50912,2150-02-01 12:00:00,1.0,mg/dL\n"  # its admission was rejected
+        "1,101,50912,2150-01-09 12:00:00,1.0,mg/dL\n",
+    )  # after discharge
     _write(root / "icu/d_items.csv", "itemid,label\n220045,Heart Rate\n")
-    _write(root / "icu/chartevents.csv.gz", "subject_id,hadm_id,stay_id,itemid,charttime,valuenum,valueuom\n"
-           "1,101,301,220045,2150-01-01 12:00:00,88,bpm\n"
-           "1,101,301,220045,2150-01-01 13:00:00,-20,bpm\n", compress=True)
-    _write(root / "note/radiology.csv", "note_id,subject_id,hadm_id,note_type,note_seq,charttime,storetime,text\n"
-           "1-RR-1,1,101,RR,1,2150-01-02 10:00:00,,No acute process.\n"
-           f"1-RR-2,1,101,RR,2,2150-01-03 10:00:00,,{'x' * 500}\n")
-    _write(root / "note/discharge.csv", "note_id,subject_id,hadm_id,note_type,note_seq,charttime,storetime,text\n"
-           "1-DS-1,1,101,DS,1,2150-01-05 10:00:00,,Discharged home.\n"
-           "1-DS-2,1,102,DS,2,2150-03-02 10:00:00,,Patient expired.\n")
+    _write(
+        root / "icu/chartevents.csv.gz",
+        "subject_id,hadm_id,stay_id,itemid,charttime,valuenum,valueuom\n"
+        "1,101,301,220045,2150-01-01 12:00:00,88,bpm\n"
+        "1,101,301,220045,2150-01-01 13:00:00,-20,bpm\n",
+        compress=True,
+    )
+    _write(
+        root / "note/radiology.csv",
+        "note_id,subject_id,hadm_id,note_type,note_seq,charttime,storetime,text\n"
+        "1-RR-1,1,101,RR,1,2150-01-02 10:00:00,,No acute process.\n"
+        f"1-RR-2,1,101,RR,2,2150-01-03 10:00:00,,{'x' * 500}\n",
+    )
+    _write(
+        root / "note/discharge.csv",
+        "note_id,subject_id,hadm_id,note_type,note_seq,charttime,storetime,text\n"
+        "1-DS-1,1,101,DS,1,2150-01-05 10:00:00,,Discharged home.\n"
+        "1-DS-2,1,102,DS,2,2150-03-02 10:00:00,,Patient expired.\n",
+    )
     # A truncated gzip: the reader keeps what it could read and dead-letters the rest.
-    icu = gzip.compress(b"subject_id,hadm_id,stay_id,intime,outtime\n" + b"1,101,301,2150-01-01 11:00:00,x\n" * 500)
+    icu = gzip.compress(
+        b"subject_id,hadm_id,stay_id,intime,outtime\n" + b"1,101,301,2150-01-01 11:00:00,x\n" * 500
+    )
     (root / "icu/icustays.csv.gz").write_bytes(icu[: len(icu) // 2])
     cxr = root / "mimic-cxr-jpg"
-    _write(cxr / "mimic-cxr-2.0.0-metadata.csv",
-           "dicom_id,subject_id,study_id,ViewPosition,StudyDate,StudyTime\n"
-           "d1,1,11,PA,21500102,93000.5\n"  # image file missing
-           "d2,1,12,PA,21500102,999999\n"  # impossible time
-           "d3,1,13,PA,21500801,120000\n")  # outside any admission
+    _write(
+        cxr / "mimic-cxr-2.0.0-metadata.csv",
+        "dicom_id,subject_id,study_id,ViewPosition,StudyDate,StudyTime\n"
+        "d1,1,11,PA,21500102,93000.5\n"  # image file missing
+        "d2,1,12,PA,21500102,999999\n"  # impossible time
+        "d3,1,13,PA,21500801,120000\n",
+    )  # outside any admission
     return root
 
 
@@ -214,17 +265,33 @@ def test_each_bad_input_class_is_dead_lettered_with_its_reason(broken, tmp_path)
         admissions = list(reader.admissions())
     tables = reader.stats.tables
     assert tables["hosp/patients"].dead == {"invalid_value": 1}
-    assert tables["hosp/admissions"].dead == {"discharge_before_admission": 1, "unparseable_time": 1,
-                                              "unknown_patient": 1}
-    assert tables["hosp/labevents"].dead == {"unknown_itemid": 1, "out_of_range": 1, "unparseable_time": 1,
-                                             "malformed_row": 1, "unknown_admission": 1}
-    assert tables["hosp/labevents"].skipped == {"no_hadm_id": 1, "itemid_not_used": 1, "no_numeric_value": 1,
-                                                "admission_rejected": 1, "after_discharge": 1}
+    assert tables["hosp/admissions"].dead == {
+        "discharge_before_admission": 1,
+        "unparseable_time": 1,
+        "unknown_patient": 1,
+    }
+    assert tables["hosp/labevents"].dead == {
+        "unknown_itemid": 1,
+        "out_of_range": 1,
+        "unparseable_time": 1,
+        "malformed_row": 1,
+        "unknown_admission": 1,
+    }
+    assert tables["hosp/labevents"].skipped == {
+        "no_hadm_id": 1,
+        "itemid_not_used": 1,
+        "no_numeric_value": 1,
+        "admission_rejected": 1,
+        "after_discharge": 1,
+    }
     assert tables["icu/chartevents"].dead == {"out_of_range": 1}
     assert tables["note/radiology"].dead == {"note_too_long": 1}
     assert tables["note/discharge"].skipped == {"no_later_admission": 1}
     assert tables["icu/icustays"].dead["corrupt_file"] == 1
-    assert tables["mimic-cxr-jpg/mimic-cxr-2.0.0-metadata"].dead == {"unparseable_time": 1, "image_missing": 1}
+    assert tables["mimic-cxr-jpg/mimic-cxr-2.0.0-metadata"].dead == {
+        "unparseable_time": 1,
+        "image_missing": 1,
+    }
     assert tables["mimic-cxr-jpg/mimic-cxr-2.0.0-metadata"].skipped == {"outside_admission": 1}
     assert reader.stats.balanced
 

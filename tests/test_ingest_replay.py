@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
@@ -55,7 +55,7 @@ class FakeClock:
 def test_pacer_compresses_time_and_cuts_long_gaps():
     clock = FakeClock()
     pacer = Pacer(speed=60, max_wait_s=2.0, clock=clock, sleep=clock.sleep)
-    t0 = datetime(2150, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2150, 1, 1, tzinfo=UTC)
     for minutes in (0, 1, 1, 3, 60 * 24 * 365):  # the last: a year later
         pacer.wait_for(t0 + timedelta(minutes=minutes))
     assert clock.slept == [1.0, 2.0, 2.0]  # 1 min -> 1 s, 2 min -> 2 s, a year -> capped at 2 s
@@ -71,8 +71,14 @@ def test_pacer_compresses_time_and_cuts_long_gaps():
 def _consume(bootstrap: str, topic: str, expected: int) -> list:
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=15_000)
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=15_000,
+    )
     try:
         records = []
         for record in consumer:
@@ -86,11 +92,15 @@ def _consume(bootstrap: str, topic: str, expected: int) -> list:
 
 @pytest.mark.services
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_replay_round_trip_through_kafka_in_order_per_admission(isolated_settings, admissions, client):
+def test_replay_round_trip_through_kafka_in_order_per_admission(
+    isolated_settings, admissions, client
+):
     kafka = isolated_settings.kafka
     producer = make_producer(isolated_settings, client)
     try:
-        summary = replay(admissions, producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
+        summary = replay(
+            admissions, producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter
+        )
     finally:
         producer.close()
     total = sum(map(len, admissions))
@@ -128,20 +138,32 @@ def test_both_clients_put_an_admission_on_the_same_partition(isolated_settings, 
 
 
 @pytest.mark.services
-def test_an_invalid_event_goes_to_the_dead_letter_topic_without_its_content(isolated_settings, admissions):
+def test_an_invalid_event_goes_to_the_dead_letter_topic_without_its_content(
+    isolated_settings, admissions
+):
     kafka = isolated_settings.kafka
     opened = admissions[0][0]
     secret = "SECRET-NOTE-TEXT " * 7000  # over the contract's note size limit
     note = ev.NoteEvent(
-        event_id=ev.event_id("test", 1), hadm_id=opened.hadm_id, subject_id=opened.subject_id,
-        event_time=opened.event_time, source="note/radiology",
-        payload=dict(note_type="radiology", text="fine", charttime=opened.payload.admittime, note_id="n1",
-                     from_hadm_id=opened.hadm_id),
+        event_id=ev.event_id("test", 1),
+        hadm_id=opened.hadm_id,
+        subject_id=opened.subject_id,
+        event_time=opened.event_time,
+        source="note/radiology",
+        payload=dict(
+            note_type="radiology",
+            text="fine",
+            charttime=opened.payload.admittime,
+            note_id="n1",
+            from_hadm_id=opened.hadm_id,
+        ),
     )
     # model_copy does not validate: this is how a broken event could reach a producer.
     broken = note.model_copy(update={"payload": note.payload.model_copy(update={"text": secret})})
     producer = make_producer(isolated_settings)
-    summary = replay([[opened, broken]], producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
+    summary = replay(
+        [[opened, broken]], producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter
+    )
     producer.close()
     assert summary.events == 1 and summary.dead_letters == {"schema_violation": 1}
     [letter] = _consume(kafka.bootstrap_servers, kafka.topic_dead_letter, 1)
@@ -168,7 +190,10 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["events"] > 0 and summary["dead_letters"] == {}
-    assert len(_consume(kafka.bootstrap_servers, kafka.topic_events, summary["events"])) == summary["events"]
+    assert (
+        len(_consume(kafka.bootstrap_servers, kafka.topic_events, summary["events"]))
+        == summary["events"]
+    )
 
 
 def test_first_hours_keeps_each_admissions_opening_window(admissions):

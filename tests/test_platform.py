@@ -56,9 +56,14 @@ def test_kafka_round_trip(isolated_settings):
         producer.send(topic, key=b"42", value=f"{marker}:{i}".encode())
     producer.flush()
     producer.close()
-    consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka.bootstrap_servers,
-                             group_id=f"t-{marker}", auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=5000)
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=f"t-{marker}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=5000,
+    )
     got = [m.value.decode() for m in consumer if m.value.decode().startswith(marker)]
     consumer.close()
     assert got == [f"{marker}:{i}" for i in range(10)]  # one key: one partition, in order
@@ -130,9 +135,15 @@ def test_triton_health_and_inference(triton):
     tensor = grpcclient.InferInput("summary", summary.shape, "FP32")
     tensor.set_data_from_numpy(summary)
     result = triton.infer("placeholder", [tensor])
-    np.testing.assert_allclose(result.as_numpy("los_days")[:, 0], 2.0 + 0.05 * summary[:, 0] + 0.1 * summary[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("los_days")[:, 0],
+        2.0 + 0.05 * summary[:, 0] + 0.1 * summary[:, 1],
+        rtol=1e-6,
+    )
     logit = -6.0 + 0.05 * summary[:, 0] + 0.02 * summary[:, 1]
-    np.testing.assert_allclose(result.as_numpy("mortality_prob")[:, 0], 1 / (1 + np.exp(-logit)), rtol=1e-5)
+    np.testing.assert_allclose(
+        result.as_numpy("mortality_prob")[:, 0], 1 / (1 + np.exp(-logit)), rtol=1e-5
+    )
 
 
 def _service_processes(cfg: Settings) -> list[int]:
@@ -192,17 +203,21 @@ def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.fixture
 def cli_settings(isolated_settings, monkeypatch):
-    """Point the in-process CLI at the test services (and this test's topics) through M3T_* variables."""
+    """Point the in-process CLI at the test services (and this test's topics) through
+    M3T_* variables."""
     settings = isolated_settings
     env = {
         "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
         "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
         "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
-        "M3T_STATE_DIR": str(settings.state_dir), "M3T_MODEL_REPO": str(settings.model_repo),
+        "M3T_STATE_DIR": str(settings.state_dir),
+        "M3T_MODEL_REPO": str(settings.model_repo),
         "M3T_REDIS__PORT": str(settings.redis.port),
-        "M3T_KAFKA__PORT": str(settings.kafka.port), "M3T_KAFKA__CONTROLLER_PORT": str(settings.kafka.controller_port),
+        "M3T_KAFKA__PORT": str(settings.kafka.port),
+        "M3T_KAFKA__CONTROLLER_PORT": str(settings.kafka.controller_port),
         "M3T_KAFKA__PARTITIONS": str(settings.kafka.partitions),
-        "M3T_TRITON__HTTP_PORT": str(settings.triton.http_port), "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
+        "M3T_TRITON__HTTP_PORT": str(settings.triton.http_port),
+        "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
         "M3T_TRITON__METRICS_PORT": str(settings.triton.metrics_port),
     }
     for k, v in env.items():
@@ -215,7 +230,17 @@ def cli_settings(isolated_settings, monkeypatch):
 def test_cli_help_lists_every_group():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for group in ["services", "ingest", "features", "train", "export", "stream", "scores", "bench", "demo"]:
+    for group in [
+        "services",
+        "ingest",
+        "features",
+        "train",
+        "export",
+        "stream",
+        "scores",
+        "bench",
+        "demo",
+    ]:
         assert group in result.output
 
 
@@ -250,8 +275,13 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
     produce(cli_settings, events)
     produce(cli_settings, events[:4])  # a redelivered prefix must change nothing
     store = ScoreStore(redis_client)
-    worker = connect(cli_settings, SkeletonFeatures(redis_client), ModelScorer(cli_settings, "placeholder"),
-                          store, group_id=f"skeleton-{uuid.uuid4().hex}")
+    worker = connect(
+        cli_settings,
+        SkeletonFeatures(redis_client),
+        ModelScorer(cli_settings, "placeholder"),
+        store,
+        group_id=f"skeleton-{uuid.uuid4().hex}",
+    )
     stats = worker.run(stop_after=len(events) + 4, idle_timeout_s=30.0)
     assert stats.events == len(events) + 4 and stats.dead_letters == 0
     for i, hadm in enumerate(sorted({e.hadm_id for e in events})):
@@ -276,20 +306,34 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     marker = uuid.uuid4().hex
     producer = KafkaProducer(bootstrap_servers=cli_settings.kafka.bootstrap_servers)
     producer.send(cli_settings.kafka.topic_events, key=marker.encode(), value=b"{not json")
-    producer.send(cli_settings.kafka.topic_events, key=marker.encode(), value=json.dumps({"schema_version": 1, "type": "admission"}).encode())
+    producer.send(
+        cli_settings.kafka.topic_events,
+        key=marker.encode(),
+        value=json.dumps({"schema_version": 1, "type": "admission"}).encode(),
+    )
     producer.flush()
     producer.close()
-    worker = connect(cli_settings, SkeletonFeatures(redis_client), ModelScorer(cli_settings, "placeholder"),
-                          ScoreStore(redis_client), group_id=f"poison-{marker}")
+    worker = connect(
+        cli_settings,
+        SkeletonFeatures(redis_client),
+        ModelScorer(cli_settings, "placeholder"),
+        ScoreStore(redis_client),
+        group_id=f"poison-{marker}",
+    )
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     assert stats.dead_letter_reasons.get("malformed_json", 0) >= 1
     assert stats.dead_letter_reasons.get("schema_violation", 0) >= 1
-    consumer = KafkaConsumer(cli_settings.kafka.topic_dead_letter, bootstrap_servers=cli_settings.kafka.bootstrap_servers,
-                             auto_offset_reset="earliest", consumer_timeout_ms=5000, group_id=f"dl-{marker}")
+    consumer = KafkaConsumer(
+        cli_settings.kafka.topic_dead_letter,
+        bootstrap_servers=cli_settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        group_id=f"dl-{marker}",
+    )
     letters = [json.loads(m.value) for m in consumer if m.key == marker.encode()]
     consumer.close()
-    assert sorted(l["reason"] for l in letters) == ["malformed_json", "schema_violation"]
-    assert all(l["detail"] is not None and "offset" in l for l in letters)
+    assert sorted(letter["reason"] for letter in letters) == ["malformed_json", "schema_violation"]
+    assert all(letter["detail"] is not None and "offset" in letter for letter in letters)
 
 
 def test_http_api_contract(cli_settings, redis_client):
@@ -299,16 +343,38 @@ def test_http_api_contract(cli_settings, redis_client):
     from stream.scores import RiskScore, ScoreStore
 
     store = ScoreStore(redis_client)
-    store.write_batch([RiskScore(777, 4.5, 0.25, "m:1", 100.0, 101.0), RiskScore(778, 2.0, 0.75, "m:1", 100.0, 101.0)])
+    store.write_batch(
+        [
+            RiskScore(777, 4.5, 0.25, "m:1", 100.0, 101.0),
+            RiskScore(778, 2.0, 0.75, "m:1", 100.0, 101.0),
+        ]
+    )
     store.write_batch([RiskScore(777, 9.9, 0.99, "m:1", 50.0, 102.0)])  # older features: skipped
-    redis_client.set("m3t:metrics:worker:w1", json.dumps({
-        "counters": {"events": 10, "dead_letters": 1, "scored": 4, "batches": 2, "commits": 2},
-        "latency": {"bounds": [0.1, 1.0], "counts": [3, 1, 0], "sum": 0.9},
-        "batch_size": {"bounds": [1, 2], "counts": [0, 2, 0], "sum": 4},
-        "lag": {"events:0": 5}, "events_per_s": 12.5, "updated": 0}))
+    redis_client.set(
+        "m3t:metrics:worker:w1",
+        json.dumps(
+            {
+                "counters": {
+                    "events": 10,
+                    "dead_letters": 1,
+                    "scored": 4,
+                    "batches": 2,
+                    "commits": 2,
+                },
+                "latency": {"bounds": [0.1, 1.0], "counts": [3, 1, 0], "sum": 0.9},
+                "batch_size": {"bounds": [1, 2], "counts": [0, 2, 0], "sum": 4},
+                "lag": {"events:0": 5},
+                "events_per_s": 12.5,
+                "updated": 0,
+            }
+        ),
+    )
     (port,) = free_ports(1)
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "stream", "api", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "stream", "api", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:
         deadline = time.monotonic() + 60
@@ -329,7 +395,10 @@ def test_http_api_contract(cli_settings, redis_client):
         risk = api.get("/admissions/777/risk", headers=auth).json()
         assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
         assert api.get("/admissions/1/risk", headers=auth).status_code == 404
-        assert [r["hadm_id"] for r in api.get("/risk/top?n=2", headers=auth).json()][:2] == [778, 777]
+        assert [r["hadm_id"] for r in api.get("/risk/top?n=2", headers=auth).json()][:2] == [
+            778,
+            777,
+        ]
         assert api.get("/risk/top?n=0", headers=auth).status_code == 422
         metrics = api.get("/metrics", headers=auth).text
         assert 'm3t_events_total{worker="w1"} 10.0' in metrics

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,18 +24,34 @@ from tests.skeleton import KEY, SkeletonFeatures, produce
 
 
 def cohort(n_admissions: int, observations: int, first_hadm: int) -> list:
-    start = datetime(2150, 3, 1, tzinfo=timezone.utc)
+    start = datetime(2150, 3, 1, tzinfo=UTC)
     out = []
     for i in range(n_admissions):
         hadm, admit = first_hadm + i, start + timedelta(minutes=i)
-        out.append(ev.AdmissionEvent(
-            event_id=ev.event_id("faults/adm", hadm), hadm_id=hadm, subject_id=hadm, event_time=admit,
-            source="faults", payload=ev.AdmissionPayload(admittime=admit, admission_type="URGENT", gender="M", age=60)))
+        out.append(
+            ev.AdmissionEvent(
+                event_id=ev.event_id("faults/adm", hadm),
+                hadm_id=hadm,
+                subject_id=hadm,
+                event_time=admit,
+                source="faults",
+                payload=ev.AdmissionPayload(
+                    admittime=admit, admission_type="URGENT", gender="M", age=60
+                ),
+            )
+        )
         for j in range(observations):
             t = admit + timedelta(minutes=j + 1)
-            out.append(ev.ObservationEvent(
-                event_id=ev.event_id("faults/obs", (hadm, j)), hadm_id=hadm, subject_id=hadm, event_time=t,
-                source="faults", payload=ev.ObservationPayload(itemid=50912, value=1.0, charttime=t, kind="lab")))
+            out.append(
+                ev.ObservationEvent(
+                    event_id=ev.event_id("faults/obs", (hadm, j)),
+                    hadm_id=hadm,
+                    subject_id=hadm,
+                    event_time=t,
+                    source="faults",
+                    payload=ev.ObservationPayload(itemid=50912, value=1.0, charttime=t, kind="lab"),
+                )
+            )
     return out
 
 
@@ -44,9 +60,14 @@ def observations(client, hadm_ids) -> dict[int, int]:
 
 
 def committed_everything(settings) -> bool:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=settings.kafka.consumer_group,
-                             enable_auto_commit=False)
-    parts = [TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)]
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.kafka.consumer_group,
+        enable_auto_commit=False,
+    )
+    parts = [
+        TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)
+    ]
     ends = consumer.end_offsets(parts)
     committed = {tp: consumer.committed(tp) or 0 for tp in parts}
     consumer.close()
@@ -55,8 +76,13 @@ def committed_everything(settings) -> bool:
 
 def start_worker(settings, client, prepare=None, **kwargs):
     """A placeholder-scoring worker on a thread; ``prepare(worker)`` runs before it starts."""
-    worker = connect(settings, SkeletonFeatures(client), ModelScorer(settings, "placeholder"),
-                          ScoreStore(client), **kwargs)
+    worker = connect(
+        settings,
+        SkeletonFeatures(client),
+        ModelScorer(settings, "placeholder"),
+        ScoreStore(client),
+        **kwargs,
+    )
     worker.outages.backoff_s = (0.1, 0.5)
     if prepare is not None:
         prepare(worker)
@@ -93,7 +119,9 @@ def test_triton_down_keeps_dirty_set_and_recovers(isolated_settings, redis_clien
         stop.set()
         thread.join(30)
         services.up(settings, ["triton"])
-    assert observations(redis_client, {e.hadm_id for e in events}) == dict.fromkeys({e.hadm_id for e in events}, 3)
+    assert observations(redis_client, {e.hadm_id for e in events}) == dict.fromkeys(
+        {e.hadm_id for e in events}, 3
+    )
 
 
 def test_redis_down_pauses_without_commit(isolated_settings):
@@ -116,22 +144,30 @@ def test_redis_down_pauses_without_commit(isolated_settings):
         services.up(settings, ["redis"])
     store = ScoreStore(client)
     assert all(store.get(e.hadm_id) for e in events)
-    assert observations(client, {e.hadm_id for e in events}) == dict.fromkeys({e.hadm_id for e in events}, 2)
+    assert observations(client, {e.hadm_id for e in events}) == dict.fromkeys(
+        {e.hadm_id for e in events}, 2
+    )
 
 
 def worker_process(settings, *extra):
     env = {
         **os.environ,
-        "M3T_STATE_DIR": str(settings.state_dir), "M3T_MODEL_REPO": str(settings.model_repo),
-        "M3T_REDIS__PORT": str(settings.redis.port), "M3T_KAFKA__PORT": str(settings.kafka.port),
+        "M3T_STATE_DIR": str(settings.state_dir),
+        "M3T_MODEL_REPO": str(settings.model_repo),
+        "M3T_REDIS__PORT": str(settings.redis.port),
+        "M3T_KAFKA__PORT": str(settings.kafka.port),
         "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
         "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
         "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
         "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
         "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
     }
-    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "skeleton.py"), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "skeleton.py"), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_sigkill_mid_stream_then_restart_applies_each_event_once(isolated_settings, redis_client):
@@ -139,7 +175,9 @@ def test_sigkill_mid_stream_then_restart_applies_each_event_once(isolated_settin
     events = cohort(200, 20, 83_000_000)
     hadm_ids = sorted({e.hadm_id for e in events})
     produce(settings, events)
-    first = worker_process(settings, "--max-batch", "8", "--max-poll", "16")  # small steps: the kill lands mid-stream
+    first = worker_process(
+        settings, "--max-batch", "8", "--max-poll", "16"
+    )  # small steps: the kill lands mid-stream
     # Kill it once part of the stream is applied, not all of it.
     assert wait_for(lambda: sum(observations(redis_client, hadm_ids[:50]).values()) > 0, 120)
     first.send_signal(signal.SIGKILL)
@@ -160,23 +198,33 @@ def test_sigterm_finishes_batch_and_commits(isolated_settings, redis_client):
     events = cohort(50, 10, 84_000_000)
     produce(settings, events)
     worker = worker_process(settings, "--max-batch", "8")
-    assert wait_for(lambda: sum(observations(redis_client, [e.hadm_id for e in events[:1]]).values()) > 0, 120)
+    assert wait_for(
+        lambda: sum(observations(redis_client, [e.hadm_id for e in events[:1]]).values()) > 0, 120
+    )
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=60)[0].decode()
     assert worker.returncode == 0, output
     # Everything it consumed was applied and scored before its offsets were committed.
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=settings.kafka.consumer_group,
-                             enable_auto_commit=False)
-    parts = [TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)]
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.kafka.consumer_group,
+        enable_auto_commit=False,
+    )
+    parts = [
+        TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)
+    ]
     committed = sum(consumer.committed(tp) or 0 for tp in parts)
     consumer.close()
     hadm_ids = {e.hadm_id for e in events}
     applied = sum(observations(redis_client, hadm_ids).values()) + sum(
-        1 for h in hadm_ids if redis_client.hget(KEY.format(hadm_id=h), "age") is not None)
+        1 for h in hadm_ids if redis_client.hget(KEY.format(hadm_id=h), "age") is not None
+    )
     assert 0 < committed == applied
 
 
-def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isolated_settings, redis_client):
+def test_events_arriving_while_their_admission_is_scored_get_the_next_score(
+    isolated_settings, redis_client
+):
     # Scoring runs beside consumption: events for an admission in the batch being scored
     # must be scored again, and nothing is committed before a score covers it.
     settings = isolated_settings
@@ -192,8 +240,13 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
                 assert release.wait(60)
             return super().score(inputs)
 
-    worker = connect(settings, SkeletonFeatures(redis_client), HeldScorer(settings, "placeholder"),
-                          ScoreStore(redis_client), max_wait_ms=20)
+    worker = connect(
+        settings,
+        SkeletonFeatures(redis_client),
+        HeldScorer(settings, "placeholder"),
+        ScoreStore(redis_client),
+        max_wait_ms=20,
+    )
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, kwargs={"stop": stop})
     thread.start()
@@ -214,13 +267,16 @@ def test_events_arriving_while_their_admission_is_scored_get_the_next_score(isol
         thread.join(30)
     store = ScoreStore(redis_client)
     last = {e.hadm_id: e.event_time.timestamp() for e in later}
-    assert {h: store.get(h).feature_time for h in last} == last  # the newest events are in the scores
+    assert {
+        h: store.get(h).feature_time for h in last
+    } == last  # the newest events are in the scores
     assert worker.stats.batches >= 2
     assert observations(redis_client, last) == dict.fromkeys(last, 4)
 
 
-def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_blocking(isolated_settings,
-                                                                                       redis_client):
+def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_blocking(
+    isolated_settings, redis_client
+):
     # Scores and dead letters must be durable in Kafka before the offsets of their events
     # move; the loop meanwhile goes on consuming. Kafka's acknowledgements reach the worker
     # as delivery reports, served by the producer's poll(): held here, then let through.
@@ -263,7 +319,9 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
         assert wait_for(lambda: worker.stats.scored >= 4 and not worker.batcher.pending)
         later = cohort(4, 1, 89_000_100)
         produce(settings, later)  # consumed and scored while the first commit point waits
-        assert wait_for(lambda: worker.stats.events == len(first) + len(later) and not worker.batcher.pending)
+        assert wait_for(
+            lambda: worker.stats.events == len(first) + len(later) and not worker.batcher.pending
+        )
         assert wait_for(lambda: len(worker.ledger.points) >= 2)
         assert worker.stats.commits == 0 and not committed_everything(settings)
         held.clear()
@@ -273,13 +331,17 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
         held.clear()
         stop.set()
         thread.join(30)
-    assert observations(redis_client, [e.hadm_id for e in first + later]) == {e.hadm_id: 1 for e in first + later}
+    assert observations(redis_client, [e.hadm_id for e in first + later]) == {
+        e.hadm_id: 1 for e in first + later
+    }
     # Leaving, the worker waits for its last commit: sent again synchronously.
     (last_async, _), (final, synchronous) = worker.source.consumer.commits[-2:]
     assert final == last_async and synchronous is False
 
 
-def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_settings, redis_client):
+def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(
+    isolated_settings, redis_client
+):
     # Base64 makes a 900 KB malformed event a 1.2 MB dead letter, over Kafka's 1 MB: it
     # must not crash the worker (after a restart it would crash again on the same event).
     import base64
@@ -291,29 +353,47 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(isolated_se
     settings = isolated_settings
     huge = b"{" + b"x" * 900_000
     good = cohort(1, 0, 86_000_000)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000
+    )
     producer.send(settings.kafka.topic_events, key=b"86000000", value=huge)
     producer.flush()
     producer.close()
     produce(settings, good)
-    worker = connect(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
-                          ScoreStore(redis_client))
+    worker = connect(
+        settings,
+        SkeletonFeatures(redis_client),
+        ModelScorer(settings, "placeholder"),
+        ScoreStore(redis_client),
+    )
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     assert stats.dead_letter_reasons == {"malformed_json": 1}
     assert ScoreStore(redis_client).get(good[0].hadm_id) is not None
     assert committed_everything(settings)
-    consumer = KafkaConsumer(settings.kafka.topic_dead_letter, bootstrap_servers=settings.kafka.bootstrap_servers,
-                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    consumer = KafkaConsumer(
+        settings.kafka.topic_dead_letter,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
     (letter,) = [json.loads(m.value) for m in consumer]
     consumer.close()
     assert letter["reason"] == "malformed_json" and letter["truncated"] is True
-    assert letter["value_bytes"] == len(huge) and letter["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert (
+        letter["value_bytes"] == len(huge)
+        and letter["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    )
     kept = base64.b64decode(letter["value_b64"])
     assert 0 < len(kept) < len(huge) and huge.startswith(kept)
-    assert (letter["topic"], letter["offset"]) == (settings.kafka.topic_events, 0)  # where the whole event lies
+    assert (letter["topic"], letter["offset"]) == (
+        settings.kafka.topic_events,
+        0,
+    )  # where the whole event lies
 
 
-def test_a_record_kafka_refuses_stops_the_worker_uncommitted(isolated_settings, redis_client, monkeypatch):
+def test_a_record_kafka_refuses_stops_the_worker_uncommitted(
+    isolated_settings, redis_client, monkeypatch
+):
     # Without the cap the dead letter is too large for Kafka: the send fails after send()
     # returned, and the worker must notice before committing, not lose the dead letter.
     from kafka import KafkaProducer
@@ -322,18 +402,26 @@ def test_a_record_kafka_refuses_stops_the_worker_uncommitted(isolated_settings, 
 
     monkeypatch.setattr(dead_letters, "DEAD_LETTER_MAX_BYTES", 10**9)
     settings = isolated_settings
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000
+    )
     producer.send(settings.kafka.topic_events, key=b"87000000", value=b"{" + b"x" * 900_000)
     producer.flush()
     producer.close()
-    worker = connect(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
-                          ScoreStore(redis_client))
+    worker = connect(
+        settings,
+        SkeletonFeatures(redis_client),
+        ModelScorer(settings, "placeholder"),
+        ScoreStore(redis_client),
+    )
     with pytest.raises(RuntimeError, match="Kafka did not take a record"):
         worker.run(stop_after=1, idle_timeout_s=30.0)
     assert worker.stats.commits == 0 and not committed_everything(settings)
 
 
-def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(isolated_settings, redis_client):
+def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(
+    isolated_settings, redis_client
+):
     # Were it to get such a partition back, committing its stale position would move the
     # group's offset backwards.
     settings = isolated_settings
@@ -346,7 +434,9 @@ def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(isolated_set
         assert len(consumed) > 1  # the events came from several partitions
         second, stop_second, thread_second = start_worker(settings, redis_client)
         assert wait_for(lambda: second.source.assignment())
-        assert wait_for(lambda: set(first.ledger.consumed) < consumed)  # the moved ones are forgotten
+        assert wait_for(
+            lambda: set(first.ledger.consumed) < consumed
+        )  # the moved ones are forgotten
         assert not set(first.ledger.consumed) & set(second.source.assignment())
     finally:
         stop_first.set()
@@ -356,7 +446,9 @@ def test_a_worker_forgets_the_positions_of_partitions_taken_from_it(isolated_set
             thread_second.join(30)
 
 
-def test_consumer_lag_is_published_from_the_fetches_high_watermarks(isolated_settings, redis_client):
+def test_consumer_lag_is_published_from_the_fetches_high_watermarks(
+    isolated_settings, redis_client
+):
     import json
 
     from stream.metrics import METRICS_KEY
@@ -364,8 +456,14 @@ def test_consumer_lag_is_published_from_the_fetches_high_watermarks(isolated_set
     settings = isolated_settings
     events = cohort(12, 2, 89_000_000)
     produce(settings, events[:18])
-    worker = connect(settings, SkeletonFeatures(redis_client), ModelScorer(settings, "placeholder"),
-                          ScoreStore(redis_client), worker_id="lag-check", max_poll_records=4)
+    worker = connect(
+        settings,
+        SkeletonFeatures(redis_client),
+        ModelScorer(settings, "placeholder"),
+        ScoreStore(redis_client),
+        worker_id="lag-check",
+        max_poll_records=4,
+    )
     # Mid-stream (4 events a poll), some partition is behind; at the end, none is.
     seen_behind = []
     flush = worker._flush_metrics

@@ -20,7 +20,7 @@ from stream.scores import SCORE_KEY, ScoreStore
 from stream.scoring import CachedEncoderScorer, CxrInputs, FullModelScorer, OnlineFeatures
 from stream.worker import StreamWorker, connect
 from trainer.export import export_onnx, graphs
-from trainer.model import M3TConfig, M3TLM
+from trainer.model import M3TLM, M3TConfig
 from trainer.publish import load_in_triton, publish, read_config
 
 pytestmark = pytest.mark.services
@@ -41,10 +41,19 @@ def deployed(settings, cohort, tmp_path_factory):
     dims = {t.name: tuple(t.dims) for t in read_config(repo / "m3t_lm" / "config.pbtxt").input}
     emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
     torch.manual_seed(3)
-    model = M3TLM(M3TConfig(
-        n_features=dims[mi.NUMERIC][0], vocab_size=len(fitted.vocab), numeric_embed_dim=8, numeric_heads=2,
-        notes_embed_dim=8, notes_hidden_dim=8, cxr_channels=(4, 8), emb_dim=emb, fusion_hidden_dim=16,
-    )).eval()
+    model = M3TLM(
+        M3TConfig(
+            n_features=dims[mi.NUMERIC][0],
+            vocab_size=len(fitted.vocab),
+            numeric_embed_dim=8,
+            numeric_heads=2,
+            notes_embed_dim=8,
+            notes_hidden_dim=8,
+            cxr_channels=(4, 8),
+            emb_dim=emb,
+            fusion_hidden_dim=16,
+        )
+    ).eval()
     shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
     onnx_dir = tmp_path_factory.mktemp("stream-onnx")
     export_onnx(model, shapes, onnx_dir)
@@ -57,7 +66,10 @@ def offline_scores(cohort, fitted, model) -> dict[int, tuple[float, float]]:
     """Batch scoring of the offline features as of each admission's last event."""
     hadm_ids = sorted(cohort)
     cutoffs = [hours(cohort[h][-1].event_time) for h in hadm_ids]
-    blobs = [snapshots(cohort[h], [t], fitted.vocab, fitted.note_tokens)[0] for h, t in zip(hadm_ids, cutoffs)]
+    blobs = [
+        snapshots(cohort[h], [t], fitted.vocab, fitted.note_tokens)[0]
+        for h, t in zip(hadm_ids, cutoffs)
+    ]
     inputs = fitted.assemble(blobs, np.array(cutoffs))
     uris = [u or "" for u in inputs["cxr_uri"].tolist()]
     distinct = sorted({u for u in uris if u})
@@ -70,30 +82,51 @@ def offline_scores(cohort, fitted, model) -> dict[int, tuple[float, float]]:
     mask = inputs[mi.MODALITY_MASK].copy()
     mask[:, 2] *= decoded
     with torch.no_grad():
-        los, mortality = model(*(torch.from_numpy(np.asarray(a)) for a in (
-            inputs[mi.NUMERIC], inputs[mi.NUMERIC_MASK], inputs[mi.NOTES_RADIOLOGY], inputs[mi.NOTES_DISCHARGE],
-            cxr, mask)))
-    return {h: (float(l), float(m)) for h, l, m in zip(hadm_ids, los[:, 0], mortality[:, 0])}
+        los, mortality = model(
+            *(
+                torch.from_numpy(np.asarray(a))
+                for a in (
+                    inputs[mi.NUMERIC],
+                    inputs[mi.NUMERIC_MASK],
+                    inputs[mi.NOTES_RADIOLOGY],
+                    inputs[mi.NOTES_DISCHARGE],
+                    cxr,
+                    mask,
+                )
+            )
+        )
+    return {
+        h: (float(days), float(risk)) for h, days, risk in zip(hadm_ids, los[:, 0], mortality[:, 0])
+    }
 
 
-def stream_scores(settings, cohort, store, scorer, redis_client, group: str) -> tuple[dict, StreamWorker]:
+def stream_scores(
+    settings, cohort, store, scorer, redis_client, group: str
+) -> tuple[dict, StreamWorker]:
     for h in cohort:
         redis_client.delete(SCORE_KEY.format(hadm_id=h))
     scores = ScoreStore(redis_client)
-    worker = connect(settings, OnlineFeatures(store), scorer, scores, max_batch=8, max_wait_ms=20,
-                          group_id=group)
+    worker = connect(
+        settings, OnlineFeatures(store), scorer, scores, max_batch=8, max_wait_ms=20, group_id=group
+    )
     total = sum(len(events) for events in cohort.values())
     worker.run(stop_after=total, idle_timeout_s=60)
     assert worker.stats.events == total and worker.stats.dead_letters == 0
     return {h: scores.get(h) for h in cohort}, worker
 
 
-def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, cohort, deployed, redis_client):
+def test_replayed_cohort_scores_equal_offline_batch_scoring(
+    isolated_settings, cohort, deployed, redis_client
+):
     settings = isolated_settings
     fitted, model = deployed
     producer = make_producer(settings)
-    summary = replay(list(cohort.values()), producer, settings.kafka.topic_events,
-                     dead_letter_topic=settings.kafka.topic_dead_letter)
+    summary = replay(
+        list(cohort.values()),
+        producer,
+        settings.kafka.topic_events,
+        dead_letter_topic=settings.kafka.topic_dead_letter,
+    )
     producer.close()
     assert not summary.dead_letters
     store = OnlineStore(redis_client, fitted, scratch=settings.kafka.consumer_group)
@@ -102,7 +135,9 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, c
     cxr = CxrInputs(CxrPreprocessor(device="cpu"))
     cached_scorer = CachedEncoderScorer(settings, redis_client, cxr=cxr)
     cached, worker = stream_scores(settings, cohort, store, cached_scorer, redis_client, "cached")
-    full, _ = stream_scores(settings, cohort, store, FullModelScorer(settings, cxr=cxr), redis_client, "full")
+    full, _ = stream_scores(
+        settings, cohort, store, FullModelScorer(settings, cxr=cxr), redis_client, "full"
+    )
 
     assert set(want) == set(cached) == set(full)
     for h, (los, mortality) in want.items():
@@ -110,17 +145,24 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(isolated_settings, c
             assert got is not None, f"{path}: admission {h} has no score"
             assert got.los_days == pytest.approx(los, abs=1e-4), path
             assert got.mortality_prob == pytest.approx(mortality, abs=1e-4), path
-        assert cached[h].feature_time == full[h].feature_time == hours(cohort[h][-1].event_time) * 3600
+        assert (
+            cached[h].feature_time == full[h].feature_time == hours(cohort[h][-1].event_time) * 3600
+        )
     # The cache did its job: X-ray embeddings were computed for fewer rows than were scored.
     assert 0 < cached_scorer.runs["cxr"] < worker.stats.scored
     assert 0 < cached_scorer.runs["notes"] < worker.stats.scored
 
 
-def test_only_admissions_with_notes_or_an_xray_read_the_embedding_cache(isolated_settings, cohort, deployed,
-                                                                         redis_client):
+def test_only_admissions_with_notes_or_an_xray_read_the_embedding_cache(
+    isolated_settings, cohort, deployed, redis_client
+):
     fitted, _ = deployed
-    store = OnlineStore(redis_client, fitted, scratch=f"cache-{isolated_settings.kafka.consumer_group}")
-    scorer = CachedEncoderScorer(isolated_settings, redis_client, cxr=CxrInputs(CxrPreprocessor(device="cpu")))
+    store = OnlineStore(
+        redis_client, fitted, scratch=f"cache-{isolated_settings.kafka.consumer_group}"
+    )
+    scorer = CachedEncoderScorer(
+        isolated_settings, redis_client, cxr=CxrInputs(CxrPreprocessor(device="cpu"))
+    )
     features = OnlineFeatures(store)
     hadm_ids = sorted(cohort)[:6]
 
@@ -148,17 +190,24 @@ def test_only_admissions_with_notes_or_an_xray_read_the_embedding_cache(isolated
         redis_client.delete(*[f"m3t:emb:{{{h}}}" for h in hadm_ids])
 
 
-def test_scoring_benchmark_compares_cache_and_full_model(isolated_settings, cohort, deployed, redis_client, tmp_path):
+def test_scoring_benchmark_compares_cache_and_full_model(
+    isolated_settings, cohort, deployed, redis_client, tmp_path
+):
     from benchmarks import bench_scoring, harness
 
     fitted, _ = deployed
-    store = OnlineStore(redis_client, fitted, scratch=f"bench-{isolated_settings.kafka.consumer_group}")
+    store = OnlineStore(
+        redis_client, fitted, scratch=f"bench-{isolated_settings.kafka.consumer_group}"
+    )
     store.write_batch([e for events in cohort.values() for e in events])
     result = bench_scoring.run(isolated_settings, repeats=1, store=store, hadm_ids=sorted(cohort))
     assert not result.missing
     assert {r["variant"] for r in result.rows} == {bench_scoring.FULL, bench_scoring.CACHED}
     assert all(r["items_per_s"] > 0 and r["batch"] == len(cohort) for r in result.rows)
-    assert result.params["max_abs_diff_los"] <= 1e-4 and result.params["max_abs_diff_mortality"] <= 1e-4
+    assert (
+        result.params["max_abs_diff_los"] <= 1e-4
+        and result.params["max_abs_diff_mortality"] <= 1e-4
+    )
     assert result.params["with_cxr"] > 0.5  # the synthetic cohort has X-rays for most stays
     (comparison,) = result.comparisons
     assert comparison["numerator"] == bench_scoring.CACHED and comparison["ratio"] > 0
@@ -166,14 +215,20 @@ def test_scoring_benchmark_compares_cache_and_full_model(isolated_settings, coho
     assert harness.load(saved["json"]).stage == "scoring"
 
 
-def test_in_process_onnx_runtime_path_equals_triton(isolated_settings, cohort, deployed, redis_client):
+def test_in_process_onnx_runtime_path_equals_triton(
+    isolated_settings, cohort, deployed, redis_client
+):
     fitted, _ = deployed
-    store = OnlineStore(redis_client, fitted, scratch=f"onnx-{isolated_settings.kafka.consumer_group}")
+    store = OnlineStore(
+        redis_client, fitted, scratch=f"onnx-{isolated_settings.kafka.consumer_group}"
+    )
     store.write_batch([e for events in cohort.values() for e in events])
     inputs, _ = OnlineFeatures(store).inputs(sorted(cohort))
     cxr = CxrInputs(CxrPreprocessor(device="cpu"))
-    for make in (lambda b: FullModelScorer(isolated_settings, cxr=cxr, backend=b),
-                 lambda b: CachedEncoderScorer(isolated_settings, redis_client, cxr=cxr, backend=b)):
+    for make in (
+        lambda b: FullModelScorer(isolated_settings, cxr=cxr, backend=b),
+        lambda b: CachedEncoderScorer(isolated_settings, redis_client, cxr=cxr, backend=b),
+    ):
         on_triton, in_process = make("triton"), make("onnx")
         assert in_process.model == on_triton.model  # the same published version
         for a, b in zip(on_triton.score(inputs), in_process.score(inputs)):
@@ -201,7 +256,8 @@ dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
 
 
 def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipeline(
-        settings, deployed, cohort, redis_client, tmp_path):
+    settings, deployed, cohort, redis_client, tmp_path
+):
     import shutil
     from pathlib import Path
 
@@ -214,13 +270,17 @@ def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipe
     width = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
     folder = repo / CXR_EMBED
     (folder / "1").mkdir(parents=True)
-    shutil.copy(Path(__file__).parent / "triton_models" / "cxr_embed_standin.py", folder / "1" / "model.py")
+    shutil.copy(
+        Path(__file__).parent / "triton_models" / "cxr_embed_standin.py", folder / "1" / "model.py"
+    )
     (folder / "config.pbtxt").write_text(STANDIN_CONFIG.format(width=width))
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
     uris = sorted({e.payload.uri for events in cohort.values() for e in events if e.type == "cxr"})
-    uris += [(settings.data_dir / "cxr-samples" / name).as_uri()  # uncompressed DICOM: pixels, not bytes
-             for name in ("nih-cxr14_gcp-dicom_DX_implicit.dcm", "nema-wg04_RG1_chest_UNCR.dcm")]
+    uris += [
+        (settings.data_dir / "cxr-samples" / name).as_uri()  # uncompressed DICOM: pixels, not bytes
+        for name in ("nih-cxr14_gcp-dicom_DX_implicit.dcm", "nema-wg04_RG1_chest_UNCR.dcm")
+    ]
     kinds = []
     for uri in uris:
         try:
@@ -237,8 +297,12 @@ def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipe
         got = on_triton.cxr_embedder(uris)
         want = in_worker._embed_locally(uris)
         np.testing.assert_array_equal(got["cxr_ok"], want["cxr_ok"])
-        assert not got["cxr_ok"][-2:].any() and got["cxr_ok"].sum() == sum(k is not None for k in kinds)
-        decoded = got["cxr_ok"][:, 0] > 0  # elsewhere the fusion head uses its placeholder, whatever the row holds
+        assert not got["cxr_ok"][-2:].any() and got["cxr_ok"].sum() == sum(
+            k is not None for k in kinds
+        )
+        decoded = (
+            got["cxr_ok"][:, 0] > 0
+        )  # elsewhere the fusion head uses its placeholder, whatever the row holds
         np.testing.assert_allclose(got[mi.EMB_CXR][decoded], want[mi.EMB_CXR][decoded], atol=1e-5)
         assert on_triton.cxr_embedder.sent == kinds.count(Encoded)  # pixels went through the worker
     finally:

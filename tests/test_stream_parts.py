@@ -148,7 +148,9 @@ def test_a_discharge_is_reported_until_a_batch_that_read_it_is_written():
     assert batcher.launch(poll=1)[1] == {10}
     batcher.add(2, [(10, 2.0, False)])  # a late result, while the discharge is scored
     batcher.scored()
-    assert batcher.launch(poll=2)[1] == {10}  # still discharged: the next score keeps it off the ranking
+    assert batcher.launch(poll=2)[1] == {
+        10
+    }  # still discharged: the next score keeps it off the ranking
     batcher.scored()
     batcher.add(3, [(10, 3.0, False)])
     assert batcher.launch(poll=3)[1] == set()

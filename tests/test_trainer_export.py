@@ -13,14 +13,26 @@ from features import model_inputs as mi
 from m3t.onnx_runtime import onnx_session
 from m3t.settings import PROJECT_ROOT
 from trainer.export import (
-    MODELS, ParityError, TensorRTUnavailable, example_inputs, export_onnx, export_tensorrt, graphs, onnx_io,
+    MODELS,
+    ParityError,
+    TensorRTUnavailable,
+    example_inputs,
+    export_onnx,
+    export_tensorrt,
+    graphs,
+    onnx_io,
 )
-from trainer.model import M3TConfig, M3TLM
+from trainer.model import M3TLM, M3TConfig
 from trainer.publish import Batching, PublishError, model_config, publish, read_config, versions
 
 TINY = dict(
-    numeric_embed_dim=8, numeric_heads=2, notes_embed_dim=8, notes_hidden_dim=8,
-    cxr_channels=(4, 8), emb_dim=8, fusion_hidden_dim=16,
+    numeric_embed_dim=8,
+    numeric_heads=2,
+    notes_embed_dim=8,
+    notes_hidden_dim=8,
+    cxr_channels=(4, 8),
+    emb_dim=8,
+    fusion_hidden_dim=16,
 )
 SHAPES = {spec.name: spec.shape for spec in mi.input_specs(6, note_tokens=12, cxr_size=16)}
 ONNX_TYPES = {np.dtype("float32"): 1, np.dtype("int64"): 7}  # onnx.TensorProto FLOAT, INT64
@@ -51,11 +63,20 @@ def test_onnx_encoders_then_fusion_equal_the_onnx_full_model(exported):
     x = example_inputs(g["m3t_lm"].inputs, 9, vocab_size=30, seed=5)
     run = lambda name, feed: onnx_session(out / f"{name}.onnx").run(None, feed)  # noqa: E731
     (emb_numeric,) = run("m3t_enc_numeric", {k: x[k] for k in (mi.NUMERIC, mi.NUMERIC_MASK)})
-    emb_radiology, emb_discharge = run("m3t_enc_notes", {k: x[k] for k in (mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE)})
+    emb_radiology, emb_discharge = run(
+        "m3t_enc_notes", {k: x[k] for k in (mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE)}
+    )
     (emb_cxr,) = run("m3t_enc_cxr", {mi.CXR: x[mi.CXR]})
     fusion_inputs = [s.name for s in g["m3t_fusion"].inputs]
-    parts = run("m3t_fusion", dict(zip(fusion_inputs, [emb_numeric, emb_radiology, emb_discharge, emb_cxr,
-                                                       x[mi.MODALITY_MASK]])))
+    parts = run(
+        "m3t_fusion",
+        dict(
+            zip(
+                fusion_inputs,
+                [emb_numeric, emb_radiology, emb_discharge, emb_cxr, x[mi.MODALITY_MASK]],
+            )
+        ),
+    )
     whole = run("m3t_lm", x)
     assert all(np.allclose(p, w, atol=1e-6) for p, w in zip(parts, whole))
 
@@ -126,7 +147,11 @@ def _repo_configs():
     return sorted(p for p in (PROJECT_ROOT / "model_repo").glob("m3t_*/config.pbtxt"))
 
 
-@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "model_repo").glob("*/config.pbtxt")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((PROJECT_ROOT / "model_repo").glob("*/config.pbtxt")),
+    ids=lambda p: p.parent.name,
+)
 def test_every_config_in_model_repo_parses(path: Path):
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
     assert config.name == path.parent.name and config.input and config.output
@@ -141,17 +166,23 @@ def test_each_repo_config_parses_and_matches_its_onnx_graph(path: Path, tmp_path
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
     assert config.name == path.parent.name and config.max_batch_size > 0
     assert read_config(path) == config
-    published = sorted((v / "model.onnx" for v in path.parent.iterdir() if (v / "model.onnx").exists()))
+    published = sorted(
+        v / "model.onnx" for v in path.parent.iterdir() if (v / "model.onnx").exists()
+    )
     if published:  # versions published into this checkout: check the real graphs
         onnx_files = published
     else:  # a fresh clone has configs only: export the architecture the config describes
         dims = {t.name: list(t.dims) for t in list(config.input) + list(config.output)}
         n_features = dims.get(mi.NUMERIC, [6])[0]
         emb = next((d[0] for n, d in dims.items() if n.startswith("emb_")), 64)
-        shapes = {**{s.name: s.shape for s in mi.input_specs(n_features)}, **{
-            n: tuple(d) for n, d in dims.items() if n in {s.name for s in mi.input_specs(1)}}}
+        shapes = {
+            **{s.name: s.shape for s in mi.input_specs(n_features)},
+            **{n: tuple(d) for n, d in dims.items() if n in {s.name for s in mi.input_specs(1)}},
+        }
         model = tiny_model(n_features, emb_dim=emb)
-        onnx_files = [export_onnx(model, shapes, tmp_path, names=(config.name,))[config.name]["path"]]
+        onnx_files = [
+            export_onnx(model, shapes, tmp_path, names=(config.name,))[config.name]["path"]
+        ]
     for onnx_file in onnx_files:
         io = onnx_io(onnx_file)
         for declared, actual in ((config.input, io["inputs"]), (config.output, io["outputs"])):
@@ -180,7 +211,13 @@ def test_publishing_a_run_retrained_in_place_exports_the_new_checkpoint(tmp_path
     args = ["publish", "--run", str(run), "--repo", str(repo)]
     assert CliRunner().invoke(export_app, args).exit_code == 0
     first = (repo / "m3t_lm" / "1" / "model.onnx").read_bytes()
-    train(data, run, TrainConfig(max_epochs=1, seed=2), {**TINY, "fusion_hidden_dim": 12}, progress=False)
+    train(
+        data,
+        run,
+        TrainConfig(max_epochs=1, seed=2),
+        {**TINY, "fusion_hidden_dim": 12},
+        progress=False,
+    )
     assert CliRunner().invoke(export_app, args).exit_code == 0
     second = (repo / "m3t_lm" / "2" / "model.onnx").read_bytes()
     assert second != first

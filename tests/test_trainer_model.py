@@ -6,11 +6,16 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from features import model_inputs as mi
 from trainer.export import example_inputs, input_specs_for
-from trainer.model import CxrEncoder, FusionHead, M3TConfig, M3TLM, NotesEncoder, NumericEncoder
+from trainer.model import M3TLM, CxrEncoder, FusionHead, M3TConfig, NotesEncoder, NumericEncoder
 
 TINY = dict(
-    numeric_embed_dim=8, numeric_heads=2, notes_embed_dim=8, notes_hidden_dim=8,
-    cxr_channels=(4, 8), emb_dim=8, fusion_hidden_dim=16,
+    numeric_embed_dim=8,
+    numeric_heads=2,
+    notes_embed_dim=8,
+    notes_hidden_dim=8,
+    cxr_channels=(4, 8),
+    emb_dim=8,
+    fusion_hidden_dim=16,
 )
 SHAPES = {mi.NUMERIC: (6,), mi.NOTES_RADIOLOGY: (10,), mi.CXR: (1, 16, 16)}
 
@@ -42,13 +47,19 @@ def test_outputs_are_days_and_probabilities_per_admission():
     assert (los >= 0).all() and ((prob > 0) & (prob < 1)).all()
 
 
-@pytest.mark.parametrize("column,inputs", [(0, [mi.NOTES_RADIOLOGY]), (1, [mi.NOTES_DISCHARGE]), (2, [mi.CXR])])
+@pytest.mark.parametrize(
+    "column,inputs", [(0, [mi.NOTES_RADIOLOGY]), (1, [mi.NOTES_DISCHARGE]), (2, [mi.CXR])]
+)
 def test_a_masked_out_modality_cannot_change_the_prediction(column, inputs):
     model, x = tiny_model(), batch(6)
     x[mi.MODALITY_MASK][:, column] = 0
     before = raw(model, x)
     for name in inputs:
-        x[name] = torch.randint(1, 30, x[name].shape) if x[name].dtype == torch.int64 else torch.randn_like(x[name]) * 100
+        x[name] = (
+            torch.randint(1, 30, x[name].shape)
+            if x[name].dtype == torch.int64
+            else torch.randn_like(x[name]) * 100
+        )
     after = raw(model, x)
     assert torch.equal(before, after)
     # ...while the same change does move the prediction when the modality is present.
@@ -94,11 +105,15 @@ def test_notes_encoder_reads_the_state_after_the_last_real_token():
     tokens = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 9, 10, 11], [2, 0, 0, 0, 0]])
     lengths = torch.tensor([3, 5, 1])
     with torch.no_grad():
-        packed = pack_padded_sequence(encoder.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(
+            encoder.embedding(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
         _, (h, _) = encoder.lstm(packed)
         assert torch.allclose(encoder(tokens), encoder.out(h[-1]), atol=1e-6)
         # trailing padding columns (dropped by batching) do not change anything
-        assert torch.allclose(encoder(tokens), encoder(torch.cat([tokens, torch.zeros(3, 4, dtype=torch.long)], 1)))
+        assert torch.allclose(
+            encoder(tokens), encoder(torch.cat([tokens, torch.zeros(3, 4, dtype=torch.long)], 1))
+        )
 
 
 def test_ablated_model_ignores_the_modality_whatever_the_mask_says():
@@ -116,7 +131,13 @@ def test_gradients_reach_every_trainable_encoder():
     model.train()
     los, prob = model(*(x[spec.name] for spec in mi.input_specs(1)))
     (los.sum() + prob.sum()).backward()
-    for part in (model.numeric, model.notes.radiology, model.notes.discharge, model.cxr, model.fusion.trunk):
+    for part in (
+        model.numeric,
+        model.notes.radiology,
+        model.notes.discharge,
+        model.cxr,
+        model.fusion.trunk,
+    ):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 

@@ -13,12 +13,22 @@ from trainer.synthetic import make_dataset, write_dataset
 from trainer.train import MultiTaskLoss, TrainConfig, load_checkpoint, train
 
 SMALL = dict(
-    numeric_embed_dim=16, numeric_heads=2, notes_embed_dim=16, notes_hidden_dim=16,
-    cxr_channels=(8, 16), emb_dim=16, fusion_hidden_dim=32,
+    numeric_embed_dim=16,
+    numeric_heads=2,
+    notes_embed_dim=16,
+    notes_hidden_dim=16,
+    cxr_channels=(8, 16),
+    emb_dim=16,
+    fusion_hidden_dim=32,
 )
 TINY = dict(
-    numeric_embed_dim=8, numeric_heads=2, notes_embed_dim=8, notes_hidden_dim=8,
-    cxr_channels=(4, 8), emb_dim=8, fusion_hidden_dim=16,
+    numeric_embed_dim=8,
+    numeric_heads=2,
+    notes_embed_dim=8,
+    notes_hidden_dim=8,
+    cxr_channels=(4, 8),
+    emb_dim=8,
+    fusion_hidden_dim=16,
 )
 
 
@@ -30,7 +40,9 @@ def dataset():
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = train(dataset, out, TrainConfig(max_epochs=6, patience=6, seed=1, lr=3e-3), SMALL, progress=False)
+    result = train(
+        dataset, out, TrainConfig(max_epochs=6, patience=6, seed=1, lr=3e-3), SMALL, progress=False
+    )
     return out, result
 
 
@@ -38,7 +50,9 @@ def test_split_keeps_each_patient_in_one_split():
     subjects = np.repeat(np.arange(50), 3)
     splits = split_by_patient(subjects, seed=4)
     sets = [set(subjects[idx]) for idx in splits.values()]
-    assert sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2]) and sets[1].isdisjoint(sets[2])
+    assert (
+        sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2]) and sets[1].isdisjoint(sets[2])
+    )
     assert sorted(np.concatenate(list(splits.values()))) == list(range(150))
     assert all(len(idx) for idx in splits.values())
 
@@ -73,11 +87,13 @@ def test_same_seed_gives_identical_weights_and_history(tmp_path):
     config = TrainConfig(max_epochs=2, seed=7)
     a = train(data, tmp_path / "a", config, TINY, progress=False)
     b = train(data, tmp_path / "b", config, TINY, progress=False)
-    wa, wb = (load_checkpoint(p / "last.pt")[0].state_dict() for p in (tmp_path / "a", tmp_path / "b"))
+    wa, wb = (
+        load_checkpoint(p / "last.pt")[0].state_dict() for p in (tmp_path / "a", tmp_path / "b")
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
-    c = train(data, tmp_path / "c", TrainConfig(max_epochs=2, seed=8), TINY, progress=False)
+    train(data, tmp_path / "c", TrainConfig(max_epochs=2, seed=8), TINY, progress=False)
     wc = load_checkpoint(tmp_path / "c" / "last.pt")[0].state_dict()
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
@@ -89,11 +105,18 @@ def test_uncertainty_weighting_learns_one_log_variance_per_task():
     total.backward()
     assert loss.log_vars.grad.tolist() == pytest.approx([1 - 2.0, 1 - 0.5])
     fixed = MultiTaskLoss(("los", "mortality"), "fixed", {"los": 0.5, "mortality": 2.0})
-    assert fixed({"los": torch.tensor(2.0), "mortality": torch.tensor(0.5)}).item() == pytest.approx(2.0)
+    assert fixed(
+        {"los": torch.tensor(2.0), "mortality": torch.tensor(0.5)}
+    ).item() == pytest.approx(2.0)
 
 
 def test_invalid_training_configs_raise():
-    for bad in (dict(weighting="magic"), dict(tasks=()), dict(tasks=("icu",)), dict(modalities=("ecg",))):
+    for bad in (
+        dict(weighting="magic"),
+        dict(tasks=()),
+        dict(tasks=("icu",)),
+        dict(modalities=("ecg",)),
+    ):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
@@ -104,12 +127,22 @@ def test_evaluation_table_has_baselines_and_ablations(tmp_path):
     table = evaluate_run(data, tmp_path, ablations=True, n_boot=10, progress=False)
     names = [r["model"] for r in table["rows"]]
     assert names == [
-        "mean / prevalence", "linear + logistic regression", "gradient boosting", "M3T-LM",
-        "numeric only", "numeric + notes", "numeric + X-ray", "single-task LoS", "single-task mortality",
+        "mean / prevalence",
+        "linear + logistic regression",
+        "gradient boosting",
+        "M3T-LM",
+        "numeric only",
+        "numeric + notes",
+        "numeric + X-ray",
+        "single-task LoS",
+        "single-task mortality",
     ]
     rows = {r["model"]: r for r in table["rows"]}
     assert rows["single-task LoS"]["mortality"] == {} and "mae" in rows["single-task LoS"]["los"]
-    assert rows["single-task mortality"]["los"] == {} and "auroc" in rows["single-task mortality"]["mortality"]
+    assert (
+        rows["single-task mortality"]["los"] == {}
+        and "auroc" in rows["single-task mortality"]["mortality"]
+    )
     ablation = load_checkpoint(tmp_path / "ablations" / "numeric_only" / "best.pt")[0]
     assert ablation.config.modalities == () and ablation.config.emb_dim == 8
     assert json.loads((tmp_path / "evaluation.json").read_text()) == table
@@ -121,16 +154,45 @@ def test_cli_trains_and_evaluates(tmp_path):
 
     write_dataset(make_dataset(n=120, seed=7), tmp_path / "data")
     runner = CliRunner()
-    trained = runner.invoke(app, ["run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-                                  "--epochs", "1", "--bootstrap", "5", "--json"])
+    trained = runner.invoke(
+        app,
+        [
+            "run",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--bootstrap",
+            "5",
+            "--json",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    summary = json.loads(trained.stdout[trained.stdout.index("{"):])
+    summary = json.loads(trained.stdout[trained.stdout.index("{") :])
     assert summary["epochs_run"] == 1 and set(summary["split_sizes"]) == {"train", "val", "test"}
-    evaluated = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
-                                    "--no-ablations", "--bootstrap", "5", "--json"])
+    evaluated = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--data",
+            str(tmp_path / "data"),
+            "--run",
+            str(tmp_path / "run"),
+            "--no-ablations",
+            "--bootstrap",
+            "5",
+            "--json",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
-    assert [r["model"] for r in json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["rows"]][-1] == "M3T-LM"
-    missing = runner.invoke(app, ["run", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert [
+        r["model"] for r in json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["rows"]
+    ][-1] == "M3T-LM"
+    missing = runner.invoke(
+        app, ["run", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]
+    )
     assert missing.exit_code == 1 and "dataset.npz" in missing.output
 
 
@@ -146,7 +208,9 @@ def test_the_datasets_own_patient_split_is_used_and_checked():
 
     data = make_dataset(n=40, seed=9)
     patients = np.unique(data.arrays["subject_id"])
-    names = np.array(["train", "val", "test"])[np.searchsorted(patients, data.arrays["subject_id"]) % 3]
+    names = np.array(["train", "val", "test"])[
+        np.searchsorted(patients, data.arrays["subject_id"]) % 3
+    ]
     splits = dataset_splits(Dataset({**data.arrays, "split": names}, data.meta))
     assert all((names[idx] == name).all() and len(idx) for name, idx in splits.items())
     # the first row's patient gets a second row in another split: a leak

@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException
 
 from features import model_inputs as mi
 from trainer.export import MODELS, example_inputs, export_onnx, graphs
-from trainer.model import M3TConfig, M3TLM
+from trainer.model import M3TLM, M3TConfig
 from trainer.publish import load_in_triton, publish, read_config
 
 pytestmark = pytest.mark.services
@@ -17,7 +17,9 @@ pytestmark = pytest.mark.services
 def _infer(client, graph, inputs):
     request = []
     for spec in graph.inputs:
-        tensor = grpcclient.InferInput(spec.name, list(inputs[spec.name].shape), spec.triton_dtype.removeprefix("TYPE_"))
+        tensor = grpcclient.InferInput(
+            spec.name, list(inputs[spec.name].shape), spec.triton_dtype.removeprefix("TYPE_")
+        )
         tensor.set_data_from_numpy(inputs[spec.name])
         request.append(tensor)
     outputs = [grpcclient.InferRequestedOutput(s.name) for s in graph.outputs]
@@ -35,10 +37,19 @@ def served(settings, tmp_path_factory):
     dims = {t.name: tuple(t.dims) for t in config.input}
     emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
     torch.manual_seed(0)
-    model = M3TLM(M3TConfig(
-        n_features=dims[mi.NUMERIC][0], vocab_size=50, numeric_embed_dim=8, numeric_heads=2, notes_embed_dim=8,
-        notes_hidden_dim=8, cxr_channels=(4, 8), emb_dim=emb, fusion_hidden_dim=16,
-    )).eval()
+    model = M3TLM(
+        M3TConfig(
+            n_features=dims[mi.NUMERIC][0],
+            vocab_size=50,
+            numeric_embed_dim=8,
+            numeric_heads=2,
+            notes_embed_dim=8,
+            notes_hidden_dim=8,
+            cxr_channels=(4, 8),
+            emb_dim=emb,
+            fusion_hidden_dim=16,
+        )
+    ).eval()
     shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
     onnx_dir = tmp_path_factory.mktemp("onnx")
     export_onnx(model, shapes, onnx_dir)
@@ -46,7 +57,9 @@ def served(settings, tmp_path_factory):
     assert load_in_triton(settings.triton.grpc_url) == {name: True for name in MODELS}
     client = grpc.InferenceServerClient(settings.triton.grpc_url)
     for name in MODELS:
-        assert client.is_model_ready(name, published[name].name), f"{name} {published[name].name} is not served"
+        assert client.is_model_ready(name, published[name].name), (
+            f"{name} {published[name].name} is not served"
+        )
     yield model, graphs(model, shapes), client
     client.close()
 
@@ -72,8 +85,11 @@ def test_triton_encoders_then_fusion_equal_the_full_model(served):
     emb_radiology, emb_discharge = _infer(client, g["m3t_enc_notes"], x)
     (emb_cxr,) = _infer(client, g["m3t_enc_cxr"], x)
     names = [s.name for s in g["m3t_fusion"].inputs]
-    fused = _infer(client, g["m3t_fusion"], dict(zip(names, [emb_numeric, emb_radiology, emb_discharge, emb_cxr,
-                                                            x[mi.MODALITY_MASK]])))
+    fused = _infer(
+        client,
+        g["m3t_fusion"],
+        dict(zip(names, [emb_numeric, emb_radiology, emb_discharge, emb_cxr, x[mi.MODALITY_MASK]])),
+    )
     whole = _infer(client, g["m3t_lm"], x)
     assert all(np.allclose(f, w, atol=1e-5) for f, w in zip(fused, whole))
 
@@ -93,16 +109,23 @@ def test_concurrent_requests_batched_together_each_get_their_own_rows(served):
 
     _, g, client = served
     graph = g["m3t_lm"]
-    requests = [example_inputs(graph.inputs, size, vocab_size=50, seed=20 + size) for size in (1, 3, 2, 5, 1, 4)]
+    requests = [
+        example_inputs(graph.inputs, size, vocab_size=50, seed=20 + size)
+        for size in (1, 3, 2, 5, 1, 4)
+    ]
     futures = []
     for inputs in requests:
         tensors = []
         for spec in graph.inputs:
-            t = grpcclient.InferInput(spec.name, list(inputs[spec.name].shape), spec.triton_dtype.removeprefix("TYPE_"))
+            t = grpcclient.InferInput(
+                spec.name, list(inputs[spec.name].shape), spec.triton_dtype.removeprefix("TYPE_")
+            )
             t.set_data_from_numpy(inputs[spec.name])
             tensors.append(t)
         future = Future()
-        client.async_infer(graph.name, tensors, lambda result, error, f=future: f.set_result((result, error)))
+        client.async_infer(
+            graph.name, tensors, lambda result, error, f=future: f.set_result((result, error))
+        )
         futures.append(future)
     for inputs, future in zip(requests, futures):
         result, error = future.result(timeout=30)

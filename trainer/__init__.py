@@ -1,1 +1,2 @@
-"""M3T-LM: model, training, evaluation, ONNX/TensorRT export and Triton publishing (see README.md)."""
+"""M3T-LM: model, training, evaluation, ONNX/TensorRT export and Triton publishing
+(see README.md)."""

@@ -13,10 +13,14 @@ from rich.table import Table
 from m3t.console import fail as _fail
 
 app = typer.Typer(help="Train and evaluate M3T-LM.", no_args_is_help=True)
-export_app = typer.Typer(help="Export M3T-LM to ONNX/TensorRT and publish to model_repo/.", no_args_is_help=True)
+export_app = typer.Typer(
+    help="Export M3T-LM to ONNX/TensorRT and publish to model_repo/.", no_args_is_help=True
+)
 console = Console(stderr=True)  # stdout stays clean for --json
 
-DATA = typer.Option(..., "--data", help="Folder with dataset.npz and meta.json (`m3t features build`).")
+DATA = typer.Option(
+    ..., "--data", help="Folder with dataset.npz and meta.json (`m3t features build`)."
+)
 RUN = typer.Option(..., "--run", help="Training run folder (`m3t train run --out`).")
 AS_JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 
@@ -45,12 +49,20 @@ def run(
     batch_size: int = typer.Option(64, help="Admissions per step."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (halved whenever validation stalls)."),
     patience: int = typer.Option(4, help="Epochs without validation improvement before stopping."),
-    weighting: str = typer.Option("uncertainty", help="Task weighting: uncertainty (Kendall 2018) or fixed."),
+    weighting: str = typer.Option(
+        "uncertainty", help="Task weighting: uncertainty (Kendall 2018) or fixed."
+    ),
     seed: int = typer.Option(0, help="Seed of initialisation, split and batch order."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
-    max_minutes: float = typer.Option(None, help="Stop after the epoch that passes this many minutes."),
-    threads: int = typer.Option(1, help="Torch CPU threads (1 is fastest on a shared 2-core host; 0: torch default)."),
-    bootstrap: int = typer.Option(200, help="Bootstrap resamples for the test-set CIs in metrics.json."),
+    max_minutes: float = typer.Option(
+        None, help="Stop after the epoch that passes this many minutes."
+    ),
+    threads: int = typer.Option(
+        1, help="Torch CPU threads (1 is fastest on a shared 2-core host; 0: torch default)."
+    ),
+    bootstrap: int = typer.Option(
+        200, help="Bootstrap resamples for the test-set CIs in metrics.json."
+    ),
     as_json: bool = AS_JSON,
 ):
     """Train M3T-LM (split by patient, early stopping), then write test metrics and plots."""
@@ -60,15 +72,29 @@ def run(
     dataset = _load(data)
     try:
         config = TrainConfig(
-            max_epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, weighting=weighting,
-            seed=seed, split_seed=seed, device=device, max_minutes=max_minutes, threads=threads or None,
+            max_epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            weighting=weighting,
+            seed=seed,
+            split_seed=seed,
+            device=device,
+            max_minutes=max_minutes,
+            threads=threads or None,
         )
     except ValueError as exc:
         _fail(str(exc))
     console.print(f"training on {len(dataset):,} admissions -> {out}")
     result = train(dataset, out, config, progress=True)
     metrics = evaluate_run(
-        dataset, out, ablations=False, n_boot=bootstrap, device=device, stem="metrics", threads=threads or None
+        dataset,
+        out,
+        ablations=False,
+        n_boot=bootstrap,
+        device=device,
+        stem="metrics",
+        threads=threads or None,
     )
     summary = {
         "run": str(out),
@@ -89,7 +115,9 @@ def run(
 def _table(result: dict) -> Table:
     from trainer.evaluate import LOS_METRICS, MORTALITY_METRICS, _cell
 
-    table = Table("model", *LOS_METRICS, *MORTALITY_METRICS, title="held-out test patients (95% CI)")
+    table = Table(
+        "model", *LOS_METRICS, *MORTALITY_METRICS, title="held-out test patients (95% CI)"
+    )
     for row in result["rows"]:
         table.add_row(
             row["model"],
@@ -103,7 +131,9 @@ def _table(result: dict) -> Table:
 def evaluate(
     data: Path = DATA,
     run_dir: Path = RUN,
-    ablations: bool = typer.Option(True, help="Train (once, cached in RUN/ablations/) and score the ablations."),
+    ablations: bool = typer.Option(
+        True, help="Train (once, cached in RUN/ablations/) and score the ablations."
+    ),
     bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples for the 95% CIs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = AS_JSON,
@@ -113,7 +143,9 @@ def evaluate(
 
     dataset = _load(data)
     try:
-        result = evaluate_run(dataset, run_dir, ablations=ablations, n_boot=bootstrap, device=device)
+        result = evaluate_run(
+            dataset, run_dir, ablations=ablations, n_boot=bootstrap, device=device
+        )
     except EvaluationError as exc:
         _fail(str(exc))
     console.print(f"table written to {run_dir / 'evaluation.md'} and {run_dir / 'evaluation.json'}")
@@ -156,7 +188,9 @@ def _current_onnx(run_dir: Path) -> Path:
     onnx_dir = run_dir / "onnx"
     stamp = onnx_dir / CHECKPOINT_STAMP
     stale = not stamp.exists() or stamp.read_text().strip() != _checkpoint_digest(run_dir)
-    if stale or not all((onnx_dir / f"{name}.onnx").exists() for name in MODELS):  # or a graph added since
+    if stale or not all(
+        (onnx_dir / f"{name}.onnx").exists() for name in MODELS
+    ):  # or a graph added since
         _export_onnx(run_dir, onnx_dir, 1e-4)
     return onnx_dir
 
@@ -172,10 +206,12 @@ def _parity_table(report: dict, title: str) -> Table:
 def onnx(
     run_dir: Path = RUN,
     out: Path = typer.Option(None, help="Output folder (default RUN/onnx)."),
-    tolerance: float = typer.Option(1e-4, help="Fail when ONNX Runtime differs from PyTorch by more."),
+    tolerance: float = typer.Option(
+        1e-4, help="Fail when ONNX Runtime differs from PyTorch by more."
+    ),
     as_json: bool = AS_JSON,
 ):
-    """Export the full model, each encoder and the fusion head to ONNX, checked with ONNX Runtime."""
+    """Export the full model, the encoders and the fusion head to ONNX, checked by ONNX Runtime."""
     report = _export_onnx(run_dir, out or run_dir / "onnx", tolerance)
     _print(report, as_json, _parity_table(report, "ONNX parity (fp32)"))
 
@@ -186,10 +222,12 @@ def tensorrt(
     fp16: bool = typer.Option(True, help="Build with FP16 kernels."),
     int8: bool = typer.Option(False, help="Also INT8, calibrated on training rows (needs --data)."),
     data: Path = typer.Option(None, "--data", help="Dataset for INT8 calibration."),
-    tolerance: float = typer.Option(None, help="Parity tolerance (default 2e-2 for FP16, 0.1 with INT8)."),
+    tolerance: float = typer.Option(
+        None, help="Parity tolerance (default 2e-2 for FP16, 0.1 with INT8)."
+    ),
     as_json: bool = AS_JSON,
 ):
-    """Build TensorRT engines from the ONNX graphs (GPU hosts with TensorRT only; exit 2 elsewhere)."""
+    """Build TensorRT engines from the ONNX graphs (GPU hosts with TensorRT; exit 2 elsewhere)."""
     from trainer.export import ExportError, TensorRTUnavailable, export_tensorrt, require_tensorrt
 
     try:
@@ -208,7 +246,13 @@ def tensorrt(
     onnx_dir = _current_onnx(run_dir)
     try:
         report = export_tensorrt(
-            model, checkpoint["input_shapes"], onnx_dir, run_dir / "tensorrt", fp16, int8, calibration,
+            model,
+            checkpoint["input_shapes"],
+            onnx_dir,
+            run_dir / "tensorrt",
+            fp16,
+            int8,
+            calibration,
             tolerance if tolerance is not None else (0.1 if int8 else 2e-2),
         )
     except TensorRTUnavailable as exc:
@@ -222,12 +266,18 @@ def tensorrt(
 def publish(
     run_dir: Path = RUN,
     repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
-    backend: str = typer.Option("python", help="python (CPU Triton), onnxruntime or tensorrt (GPU Triton)."),
+    backend: str = typer.Option(
+        "python", help="python (CPU Triton), onnxruntime or tensorrt (GPU Triton)."
+    ),
     max_batch_size: int = typer.Option(256, help="Triton max_batch_size."),
-    preferred_batch_size: list[int] = typer.Option([64, 256], help="Dynamic batching preferred sizes."),
+    preferred_batch_size: list[int] = typer.Option(
+        [64, 256], help="Dynamic batching preferred sizes."
+    ),
     queue_delay_us: int = typer.Option(500, help="Dynamic batching max_queue_delay_microseconds."),
     instances: int = typer.Option(1, help="Model instances (instance_group count)."),
-    load: bool = typer.Option(False, help="Then ask the running Triton (settings.triton) to load the new versions."),
+    load: bool = typer.Option(
+        False, help="Then ask the running Triton (settings.triton) to load the new versions."
+    ),
     as_json: bool = AS_JSON,
 ):
     """Publish the run as a new version of m3t_lm and of each encoder and the fusion head."""
@@ -245,8 +295,13 @@ def publish(
     try:
         batching = Batching(max_batch_size, tuple(preferred_batch_size), queue_delay_us, instances)
         published = publish_graphs(
-            graphs(model, checkpoint["input_shapes"]), onnx_dir, repo or settings.model_repo, backend,
-            batching, engine_dir, provenance={"run": str(run_dir.resolve()), "epoch": checkpoint["epoch"]},
+            graphs(model, checkpoint["input_shapes"]),
+            onnx_dir,
+            repo or settings.model_repo,
+            backend,
+            batching,
+            engine_dir,
+            provenance={"run": str(run_dir.resolve()), "epoch": checkpoint["epoch"]},
         )
         if load:
             load_in_triton(settings.triton.grpc_url, tuple(published))
@@ -269,18 +324,23 @@ def configs(
     repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
     backend: str = typer.Option("python", help="python, onnxruntime or tensorrt."),
 ):
-    """Write the five models' config.pbtxt for the default architecture, without publishing a version."""
-    from m3t.settings import get_settings
+    """Write the six models' config.pbtxt (default architecture) without publishing a version.
+
+    The six: m3t_lm, m3t_enc_numeric, m3t_enc_notes, m3t_enc_cxr, m3t_fusion and m3t_rescore.
+    """
     from features import model_inputs as mi
+    from m3t.settings import get_settings
     from trainer.export import graphs
-    from trainer.model import M3TConfig, M3TLM
+    from trainer.model import M3TLM, M3TConfig
     from trainer.publish import Batching, PublishError, write_config
 
     model = M3TLM(M3TConfig(n_features=n_features, vocab_size=2))
     shapes = {spec.name: spec.shape for spec in mi.input_specs(n_features)}
     try:
         for graph in graphs(model, shapes).values():
-            console.print(str(write_config(repo or get_settings().model_repo, graph, backend, Batching())))
+            console.print(
+                str(write_config(repo or get_settings().model_repo, graph, backend, Batching()))
+            )
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
 
@@ -288,12 +348,16 @@ def configs(
 @export_app.command("dali")
 def dali(
     repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
-    device: str = typer.Option("auto", help="gpu (nvJPEG decode; needs CUDA here too), cpu, or auto."),
-    max_batch_size: int = typer.Option(256, help="Triton max_batch_size, and the pipeline's batch size."),
+    device: str = typer.Option(
+        "auto", help="gpu (nvJPEG decode; needs CUDA here too), cpu, or auto."
+    ),
+    max_batch_size: int = typer.Option(
+        256, help="Triton max_batch_size, and the pipeline's batch size."
+    ),
     instances: int = typer.Option(1, help="Model instances (instance_group count)."),
     as_json: bool = AS_JSON,
 ):
-    """Publish the chest X-ray pipeline for Triton's DALI backend, and the bytes -> embedding ensemble."""
+    """Publish the chest X-ray DALI pipeline for Triton, and the bytes -> embedding ensemble."""
     from features.cxr import gpu_available
     from m3t.settings import get_settings
     from trainer.publish import Batching, PublishError, publish_cxr_pipeline
@@ -303,13 +367,23 @@ def dali(
     if device == "auto":
         device = "gpu" if gpu_available() else "cpu"
     elif device == "gpu" and not gpu_available():
-        _fail("--device gpu: no CUDA device here, and DALI serializes a GPU pipeline only where there is one "
-              "(run this on the GPU host, or use --device cpu for the DALI backend's CPU mode)", code=2)
+        _fail(
+            "--device gpu: no CUDA device here, and DALI serializes a GPU pipeline "
+            "only where there is one "
+            "(run this on the GPU host, or use --device cpu for the DALI backend's CPU mode)",
+            code=2,
+        )
     try:
         defaults = Batching()
-        batching = Batching(max_batch_size, tuple(b for b in defaults.preferred_batch_size if b <= max_batch_size),
-                            defaults.max_queue_delay_microseconds, instances)
+        batching = Batching(
+            max_batch_size,
+            tuple(b for b in defaults.preferred_batch_size if b <= max_batch_size),
+            defaults.max_queue_delay_microseconds,
+            instances,
+        )
         published = publish_cxr_pipeline(repo or get_settings().model_repo, device, batching)
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
-    _print_published(published, f"chest X-ray pipeline for Triton's DALI backend ({device})", "written", as_json)
+    _print_published(
+        published, f"chest X-ray pipeline for Triton's DALI backend ({device})", "written", as_json
+    )

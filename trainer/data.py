@@ -51,7 +51,7 @@ class Dataset:
         """Per-example shape of each model input, as the arrays have them."""
         return {name: tuple(self.arrays[name].shape[1:]) for name in INPUTS}
 
-    def subset(self, index: np.ndarray) -> "Dataset":
+    def subset(self, index: np.ndarray) -> Dataset:
         return Dataset({k: v[index] for k, v in self.arrays.items()}, self.meta)
 
 
@@ -89,7 +89,9 @@ def split_by_patient(
     patient's later admission can never leak their outcome into another split.
     """
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"fractions must be three non-negative numbers summing to 1, got {fractions}"
+        )
     patients = np.unique(subject_id)
     np.random.default_rng(seed).shuffle(patients)
     cuts = np.round(np.cumsum(fractions)[:2] * len(patients)).astype(int)
@@ -97,7 +99,9 @@ def split_by_patient(
     return {name: np.flatnonzero(np.isin(subject_id, group)) for name, group in zip(SPLITS, groups)}
 
 
-def dataset_splits(dataset: Dataset, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, np.ndarray]:
+def dataset_splits(
+    dataset: Dataset, fractions=(0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, np.ndarray]:
     """The dataset's own ``split`` column when it has one, else ``split_by_patient``.
 
     The offline builder fits the vocabulary and the normalisation on its training split,
@@ -118,7 +122,9 @@ def dataset_splits(dataset: Dataset, fractions=(0.7, 0.15, 0.15), seed: int = 0)
     return splits
 
 
-def to_tensors(dataset: Dataset, modalities: tuple[str, ...] = mi.MODALITIES) -> dict[str, torch.Tensor]:
+def to_tensors(
+    dataset: Dataset, modalities: tuple[str, ...] = mi.MODALITIES
+) -> dict[str, torch.Tensor]:
     """The model inputs and labels as tensors; modalities not listed are marked absent."""
     a = dataset.arrays
     tensors = {name: torch.from_numpy(np.ascontiguousarray(a[name])) for name in INPUTS}
@@ -133,7 +139,9 @@ def to_tensors(dataset: Dataset, modalities: tuple[str, ...] = mi.MODALITIES) ->
     return tensors
 
 
-def batch_at(tensors: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device | str = "cpu"):
+def batch_at(
+    tensors: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device | str = "cpu"
+):
     """One batch: the rows at ``index``, note tokens trimmed to the batch's longest note.
 
     Tokens are left-aligned, so dropping trailing all-padding columns changes no LSTM

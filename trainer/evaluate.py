@@ -37,7 +37,14 @@ from sklearn.preprocessing import StandardScaler
 
 from features import model_inputs as mi
 from trainer import data as D
-from trainer.train import TrainConfig, ablation_config, load_checkpoint, resolve_device, torch_threads, train
+from trainer.train import (
+    TrainConfig,
+    ablation_config,
+    load_checkpoint,
+    resolve_device,
+    torch_threads,
+    train,
+)
 
 ABLATIONS = {
     "numeric only": dict(modalities=()),
@@ -96,7 +103,9 @@ def best_f1_threshold(true: np.ndarray, prob: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
-def score(pred: Predictions, los: np.ndarray, mortality: np.ndarray, rows: np.ndarray | None = None) -> dict:
+def score(
+    pred: Predictions, los: np.ndarray, mortality: np.ndarray, rows: np.ndarray | None = None
+) -> dict:
     rows = np.arange(len(los)) if rows is None else rows
     out = {}
     if pred.los_days is not None:
@@ -106,7 +115,9 @@ def score(pred: Predictions, los: np.ndarray, mortality: np.ndarray, rows: np.nd
     return out
 
 
-def bootstrap(pred: Predictions, los, mortality, subject_id, n_boot: int = 500, seed: int = 0) -> dict:
+def bootstrap(
+    pred: Predictions, los, mortality, subject_id, n_boot: int = 500, seed: int = 0
+) -> dict:
     """Point estimates and patient-level percentile 95% CIs: {metric: {value, lo, hi}}."""
     point = score(pred, los, mortality)
     patients, inverse = np.unique(subject_id, return_inverse=True)
@@ -164,7 +175,9 @@ def numeric_design(ds: D.Dataset) -> np.ndarray:
     return np.concatenate([ds.arrays[mi.NUMERIC], ds.arrays[mi.NUMERIC_MASK]], axis=1)
 
 
-def baseline_predictions(train_ds: D.Dataset, val: D.Dataset, test: D.Dataset, seed: int = 0) -> dict[str, Predictions]:
+def baseline_predictions(
+    train_ds: D.Dataset, val: D.Dataset, test: D.Dataset, seed: int = 0
+) -> dict[str, Predictions]:
     """Mean/prevalence, linear/logistic regression and gradient boosting on numeric features."""
     x_train, x_val, x_test = numeric_design(train_ds), numeric_design(val), numeric_design(test)
     log_los = np.log1p(train_ds.arrays[D.LABEL_LOS])
@@ -189,11 +202,16 @@ def baseline_predictions(train_ds: D.Dataset, val: D.Dataset, test: D.Dataset, s
         regressor.fit(x_train, log_los)
         if len(np.unique(died)) == 2:
             classifier.fit(x_train, died)
-            val_prob, prob = classifier.predict_proba(x_val)[:, 1], classifier.predict_proba(x_test)[:, 1]
+            val_prob, prob = (
+                classifier.predict_proba(x_val)[:, 1],
+                classifier.predict_proba(x_test)[:, 1],
+            )
         else:  # one class in training: the classifier cannot fit; predict the prevalence
             val_prob, prob = np.full(len(val), died.mean()), np.full(n, died.mean())
         threshold = best_f1_threshold(val.arrays[D.LABEL_MORTALITY], val_prob)
-        out[name] = Predictions(np.clip(np.expm1(regressor.predict(x_test)), 0, None), prob, threshold)
+        out[name] = Predictions(
+            np.clip(np.expm1(regressor.predict(x_test)), 0, None), prob, threshold
+        )
     return out
 
 
@@ -209,12 +227,16 @@ def split_from_run(dataset: D.Dataset, run_dir: Path) -> dict[str, D.Dataset]:
     return {name: dataset.subset(np.flatnonzero(np.isin(ids, subjects[name]))) for name in D.SPLITS}
 
 
-def train_ablations(dataset: D.Dataset, run_dir: Path, names=tuple(ABLATIONS), progress: bool = True) -> dict[str, Path]:
+def train_ablations(
+    dataset: D.Dataset, run_dir: Path, names=tuple(ABLATIONS), progress: bool = True
+) -> dict[str, Path]:
     """Trains each missing ablation into ``run_dir/ablations/<name>/`` (reused when present)."""
     _, ckpt = load_checkpoint(Path(run_dir) / "best.pt")
     base = TrainConfig.from_dict(ckpt["train_config"])
     overrides = {
-        k: v for k, v in ckpt["model_config"].items() if k not in ("n_features", "vocab_size", "modalities")
+        k: v
+        for k, v in ckpt["model_config"].items()
+        if k not in ("n_features", "vocab_size", "modalities")
     }
     paths = {}
     for name in names:
@@ -246,7 +268,11 @@ def evaluate_run(
     test = parts["test"]
     if len(test) == 0:
         raise EvaluationError("the test split is empty")
-    los, died, subjects = test.arrays[D.LABEL_LOS], test.arrays[D.LABEL_MORTALITY], test.arrays["subject_id"]
+    los, died, subjects = (
+        test.arrays[D.LABEL_LOS],
+        test.arrays[D.LABEL_MORTALITY],
+        test.arrays["subject_id"],
+    )
 
     predictions = baseline_predictions(parts["train"], parts["val"], test, seed)
     with torch_threads(threads):
@@ -261,8 +287,12 @@ def evaluate_run(
         rows.append(
             {
                 "model": name,
-                "kind": "baseline" if name in ("mean / prevalence", "linear + logistic regression", "gradient boosting")
-                else "m3t" if name == FULL else "ablation",
+                "kind": "baseline"
+                if name
+                in ("mean / prevalence", "linear + logistic regression", "gradient boosting")
+                else "m3t"
+                if name == FULL
+                else "ablation",
                 "mortality_threshold": pred.threshold,
                 "los": {m: result[m] for m in LOS_METRICS if m in result},
                 "mortality": {m: result[m] for m in MORTALITY_METRICS if m in result},
@@ -296,11 +326,23 @@ def _cell(metric: dict | None, digits: int = 3) -> str:
 
 
 def markdown_table(table: dict) -> str:
-    head = ["model", "LoS MAE (d)", "LoS RMSE (d)", "LoS R²", "AUROC", "AUPRC", "F1", "accuracy", "Brier"]
+    head = [
+        "model",
+        "LoS MAE (d)",
+        "LoS RMSE (d)",
+        "LoS R²",
+        "AUROC",
+        "AUPRC",
+        "F1",
+        "accuracy",
+        "Brier",
+    ]
     lines = [
-        f"Held-out test set: {table['test_examples']} examples from {table['test_admissions']} admissions of "
+        f"Held-out test set: {table['test_examples']} examples "
+        f"from {table['test_admissions']} admissions of "
         f"{table['test_patients']} patients, "
-        f"mortality {table['test_mortality_prevalence']:.1%}. Brackets: 95% CI, patient-level bootstrap "
+        f"mortality {table['test_mortality_prevalence']:.1%}. "
+        "Brackets: 95% CI, patient-level bootstrap "
         f"({table['bootstrap']['resamples']} resamples).",
         "",
         "| " + " | ".join(head) + " |",

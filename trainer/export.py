@@ -74,21 +74,32 @@ def graphs(model: M3TLM, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, 
     emb = model.config.emb_dim
     specs = {s.name: s for s in input_specs_for(input_shapes)}
     emb_numeric = mi.TensorSpec(mi.EMB_NUMERIC, f32, (emb,))
-    emb_notes = tuple(mi.TensorSpec(note_embedding_name(s), f32, (emb,)) for s in ("radiology", "discharge"))
+    emb_notes = tuple(
+        mi.TensorSpec(note_embedding_name(s), f32, (emb,)) for s in ("radiology", "discharge")
+    )
     emb_cxr = mi.TensorSpec(mi.EMB_CXR, f32, (emb,))
     outputs = mi.output_specs()
     pick = lambda *names: tuple(specs[n] for n in names)  # noqa: E731
     return {
         FULL_MODEL: Graph(FULL_MODEL, model, tuple(specs.values()), outputs),
-        "m3t_enc_numeric": Graph("m3t_enc_numeric", model.numeric, pick(mi.NUMERIC, mi.NUMERIC_MASK), (emb_numeric,)),
-        "m3t_enc_notes": Graph("m3t_enc_notes", model.notes, pick(mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE), emb_notes),
+        "m3t_enc_numeric": Graph(
+            "m3t_enc_numeric", model.numeric, pick(mi.NUMERIC, mi.NUMERIC_MASK), (emb_numeric,)
+        ),
+        "m3t_enc_notes": Graph(
+            "m3t_enc_notes", model.notes, pick(mi.NOTES_RADIOLOGY, mi.NOTES_DISCHARGE), emb_notes
+        ),
         "m3t_enc_cxr": Graph("m3t_enc_cxr", model.cxr, pick(mi.CXR), (emb_cxr,)),
         "m3t_fusion": Graph(
-            "m3t_fusion", model.fusion, (emb_numeric, *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]), outputs
+            "m3t_fusion",
+            model.fusion,
+            (emb_numeric, *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]),
+            outputs,
         ),
         "m3t_rescore": Graph(
-            "m3t_rescore", Rescore(model.numeric, model.fusion),
-            (*pick(mi.NUMERIC, mi.NUMERIC_MASK), *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]), outputs,
+            "m3t_rescore",
+            Rescore(model.numeric, model.fusion),
+            (*pick(mi.NUMERIC, mi.NUMERIC_MASK), *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]),
+            outputs,
         ),
     }
 
@@ -125,7 +136,9 @@ def export_graph(graph: Graph, path: Path, vocab_size: int) -> Path:
         # The exporter warns that an LSTM traced at batch 2 may not run at other batch sizes;
         # onnx_parity runs every graph at batch 1 and 7 and fails if that were so.
         # Tracer warnings about Python-side shape checks are covered by the same parity runs.
-        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+        warnings.filterwarnings(
+            "ignore", message="Exporting a model to ONNX with a batch_size other than 1"
+        )
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # The TorchScript exporter is chosen on purpose (the dynamo one needs onnxscript).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -147,7 +160,9 @@ def _export(graph: Graph, path: Path, example: dict[str, np.ndarray], names: lis
     )
 
 
-def onnx_parity(graph: Graph, path: Path, vocab_size: int, batches: tuple[int, ...] = (1, 7), seed: int = 1) -> float:
+def onnx_parity(
+    graph: Graph, path: Path, vocab_size: int, batches: tuple[int, ...] = (1, 7), seed: int = 1
+) -> float:
     """Max abs difference between ONNX Runtime and PyTorch on fresh batches whose sizes
     differ from the traced one (2), which also proves the batch axis is dynamic."""
     session, worst = onnx_session(path), 0.0
@@ -200,7 +215,10 @@ def onnx_io(path: Path) -> dict[str, list[tuple[str, int, tuple]]]:
         return out
 
     initializers = {i.name for i in graph.initializer}
-    return {"inputs": describe(v for v in graph.input if v.name not in initializers), "outputs": describe(graph.output)}
+    return {
+        "inputs": describe(v for v in graph.input if v.name not in initializers),
+        "outputs": describe(graph.output),
+    }
 
 
 # --- TensorRT --------------------------------------------------------------------------
@@ -257,12 +275,17 @@ def _entropy_calibrator(trt, batches: list[dict[str, np.ndarray]], cache: Path):
     return EntropyCalibrator()
 
 
-def calibration_batches(tensors: dict[str, np.ndarray], specs, batch: int = 32, n_batches: int = 16, seed: int = 0):
+def calibration_batches(
+    tensors: dict[str, np.ndarray], specs, batch: int = 32, n_batches: int = 16, seed: int = 0
+):
     """Random training rows for INT8 calibration, as ``[{input name: array}]``."""
     n = len(next(iter(tensors.values())))
     rows = np.random.default_rng(seed).permutation(n)[: batch * n_batches]
     return [
-        {s.name: np.ascontiguousarray(tensors[s.name][rows[i : i + batch]]).astype(s.dtype) for s in specs}
+        {
+            s.name: np.ascontiguousarray(tensors[s.name][rows[i : i + batch]]).astype(s.dtype)
+            for s in specs
+        }
         for i in range(0, len(rows) - batch + 1, batch)
     ]
 
@@ -293,17 +316,23 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
     for spec in specs:
-        profile.set_shape(spec.name, (1, *spec.shape), (opt_batch, *spec.shape), (max_batch, *spec.shape))
+        profile.set_shape(
+            spec.name, (1, *spec.shape), (opt_batch, *spec.shape), (max_batch, *spec.shape)
+        )
     config.add_optimization_profile(profile)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     if int8:
         config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _entropy_calibrator(trt, calibration, Path(engine_path).with_suffix(".calib"))
+        config.int8_calibrator = _entropy_calibrator(
+            trt, calibration, Path(engine_path).with_suffix(".calib")
+        )
         config.set_calibration_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+        raise ExportError(
+            f"TensorRT failed to build an engine from {onnx_path} (see its log above)"
+        )
     Path(engine_path).write_bytes(bytes(serialized))
     return Path(engine_path)
 
@@ -318,11 +347,18 @@ def run_engine(engine_path: Path, inputs: dict[str, np.ndarray], output_names) -
     for name, tensor in device.items():
         context.set_input_shape(name, tuple(tensor.shape))
         context.set_tensor_address(name, tensor.data_ptr())
-    dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
+    dtypes = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+    }
     outputs = {}
     for name in output_names:
         shape = tuple(context.get_tensor_shape(name))
-        outputs[name] = torch.empty(shape, dtype=dtypes[engine.get_tensor_dtype(name)], device="cuda")
+        outputs[name] = torch.empty(
+            shape, dtype=dtypes[engine.get_tensor_dtype(name)], device="cuda"
+        )
         context.set_tensor_address(name, outputs[name].data_ptr())
     stream = torch.cuda.current_stream()
     if not context.execute_async_v3(stream.cuda_stream):
@@ -371,10 +407,17 @@ def export_tensorrt(
             else:  # embeddings (the fusion head's inputs) come from the encoders
                 calibration = [
                     dict(zip([s.name for s in graph.inputs], _tensors_through_encoders(model, b)))
-                    for b in calibration_batches(calibration_data, graphs(model, input_shapes)[FULL_MODEL].inputs)
+                    for b in calibration_batches(
+                        calibration_data, graphs(model, input_shapes)[FULL_MODEL].inputs
+                    )
                 ]
-        engine = build_engine(onnx_path, out_dir / f"{name}.plan", graph.inputs, fp16, int8, calibration, max_batch)
-        report[name] = {"path": str(engine), "max_abs_diff": engine_parity(graph, engine, model.config.vocab_size)}
+        engine = build_engine(
+            onnx_path, out_dir / f"{name}.plan", graph.inputs, fp16, int8, calibration, max_batch
+        )
+        report[name] = {
+            "path": str(engine),
+            "max_abs_diff": engine_parity(graph, engine, model.config.vocab_size),
+        }
     (out_dir / "parity.json").write_text(json.dumps(report, indent=2))
     failed = {n: r["max_abs_diff"] for n, r in report.items() if not r["max_abs_diff"] <= tolerance}
     if failed:

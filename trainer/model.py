@@ -208,7 +208,11 @@ class CxrEncoder(nn.Module):
     """
 
     def __init__(
-        self, channels: tuple[int, ...] = (16, 32, 64), stem_stride: int = 4, out_dim: int = 64, dropout: float = 0.1
+        self,
+        channels: tuple[int, ...] = (16, 32, 64),
+        stem_stride: int = 4,
+        out_dim: int = 64,
+        dropout: float = 0.1,
     ):
         super().__init__()
         if not channels or min(channels) < 1:
@@ -293,7 +297,10 @@ class FusionHead(nn.Module):
         emb_discharge = torch.where(present[:, 1:2], emb_discharge, self.placeholder_discharge)
         emb_cxr = torch.where(present[:, 2:3], emb_cxr, self.placeholder_cxr)
         shared = self.trunk(
-            torch.cat([emb_numeric, emb_radiology, emb_discharge, emb_cxr, present.to(emb_numeric.dtype)], dim=1)
+            torch.cat(
+                [emb_numeric, emb_radiology, emb_discharge, emb_cxr, present.to(emb_numeric.dtype)],
+                dim=1,
+            )
         )
         return self.los_head(shared), self.mortality_head(shared)
 
@@ -331,9 +338,11 @@ class M3TConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "M3TConfig":
+    def from_dict(cls, d: dict) -> M3TConfig:
         d = dict(d)
-        d.setdefault("numeric_pool", 1)  # checkpoints from before the pooling had none (it has no weights)
+        d.setdefault(
+            "numeric_pool", 1
+        )  # checkpoints from before the pooling had none (it has no weights)
         d["cxr_channels"] = tuple(d["cxr_channels"])
         d["modalities"] = tuple(d["modalities"])
         return cls(**d)
@@ -344,13 +353,26 @@ class Rescore(nn.Module):
     vital re-runs, the note and X-ray embeddings coming from the encoder cache. One serving
     call instead of two saves a round trip and a Python-backend dispatch per batch."""
 
-    def __init__(self, numeric: "NumericEncoder", fusion: "FusionHead"):
+    def __init__(self, numeric: NumericEncoder, fusion: FusionHead):
         super().__init__()
         self.numeric, self.fusion = numeric, fusion
 
-    def forward(self, numeric, numeric_mask, emb_notes_radiology, emb_notes_discharge, emb_cxr, modality_mask):
-        return self.fusion(self.numeric(numeric, numeric_mask), emb_notes_radiology, emb_notes_discharge, emb_cxr,
-                           modality_mask)
+    def forward(
+        self,
+        numeric,
+        numeric_mask,
+        emb_notes_radiology,
+        emb_notes_discharge,
+        emb_cxr,
+        modality_mask,
+    ):
+        return self.fusion(
+            self.numeric(numeric, numeric_mask),
+            emb_notes_radiology,
+            emb_notes_discharge,
+            emb_cxr,
+            modality_mask,
+        )
 
 
 class NotesPair(nn.Module):
@@ -376,13 +398,27 @@ class M3TLM(nn.Module):
         c = config
         self.config = config
         self.numeric = NumericEncoder(
-            c.n_features, c.numeric_embed_dim, c.numeric_blocks, n_heads=c.numeric_heads,
-            out_dim=c.emb_dim, dropout=c.dropout, pool=c.numeric_pool,
+            c.n_features,
+            c.numeric_embed_dim,
+            c.numeric_blocks,
+            n_heads=c.numeric_heads,
+            out_dim=c.emb_dim,
+            dropout=c.dropout,
+            pool=c.numeric_pool,
         )
-        notes = dict(embed_dim=c.notes_embed_dim, hidden_dim=c.notes_hidden_dim, out_dim=c.emb_dim, dropout=c.dropout)
-        self.notes = NotesPair(NotesEncoder(c.vocab_size, **notes), NotesEncoder(c.vocab_size, **notes))
+        notes = dict(
+            embed_dim=c.notes_embed_dim,
+            hidden_dim=c.notes_hidden_dim,
+            out_dim=c.emb_dim,
+            dropout=c.dropout,
+        )
+        self.notes = NotesPair(
+            NotesEncoder(c.vocab_size, **notes), NotesEncoder(c.vocab_size, **notes)
+        )
         self.cxr = CxrEncoder(c.cxr_channels, c.cxr_stem_stride, c.emb_dim, c.dropout)
-        self.fusion = FusionHead(c.emb_dim, c.emb_dim, c.emb_dim, c.fusion_hidden_dim, 2 * c.dropout, c.modalities)
+        self.fusion = FusionHead(
+            c.emb_dim, c.emb_dim, c.emb_dim, c.fusion_hidden_dim, 2 * c.dropout, c.modalities
+        )
 
     def embeddings(self, numeric, numeric_mask, notes_radiology, notes_discharge, cxr):
         """The four modality embeddings. Encoders of modalities this model never sees are
@@ -390,8 +426,12 @@ class M3TLM(nn.Module):
         emb_numeric = self.numeric(numeric, numeric_mask)
         modalities = self.config.modalities
         skipped = emb_numeric.new_zeros(emb_numeric.shape[0], self.config.emb_dim)
-        emb_radiology = self.notes.radiology(notes_radiology) if "radiology" in modalities else skipped
-        emb_discharge = self.notes.discharge(notes_discharge) if "discharge" in modalities else skipped
+        emb_radiology = (
+            self.notes.radiology(notes_radiology) if "radiology" in modalities else skipped
+        )
+        emb_discharge = (
+            self.notes.discharge(notes_discharge) if "discharge" in modalities else skipped
+        )
         emb_cxr = self.cxr(cxr) if "cxr" in modalities else skipped
         return emb_numeric, emb_radiology, emb_discharge, emb_cxr
 

@@ -62,7 +62,9 @@ def write_plots(run_dir: Path, los_true, predictions, died) -> list[Path]:
     written = []
     history_path = Path(run_dir) / "history.json"
     if history_path.exists():
-        written.append(loss_curves(json.loads(history_path.read_text()), folder / "loss_curves.png"))
+        written.append(
+            loss_curves(json.loads(history_path.read_text()), folder / "loss_curves.png")
+        )
     if predictions.mortality_prob is not None and len(np.unique(died)) == 2:
         written.append(calibration(died, predictions.mortality_prob, folder / "calibration.png"))
     if predictions.los_days is not None:

@@ -59,8 +59,12 @@ def make_dataset(
 
     modality_mask = (rng.random((n, 3)) < (0.7, 0.5, 0.6)).astype(np.float32)
     hidden = rng.random((n, 3))  # per-modality latent severity, only visible through it
-    radiology, finding_hits = _note(rng, n, note_tokens, vocab_size, FINDING_TOKENS, modality_mask[:, 0], hidden[:, 0])
-    discharge, chronic_hits = _note(rng, n, note_tokens, vocab_size, CHRONIC_TOKENS, modality_mask[:, 1], hidden[:, 1])
+    radiology, finding_hits = _note(
+        rng, n, note_tokens, vocab_size, FINDING_TOKENS, modality_mask[:, 0], hidden[:, 0]
+    )
+    discharge, chronic_hits = _note(
+        rng, n, note_tokens, vocab_size, CHRONIC_TOKENS, modality_mask[:, 1], hidden[:, 1]
+    )
 
     opacity = (hidden[:, 2] > 0.5) & (modality_mask[:, 2] > 0)
     cxr = np.zeros((n, 1, cxr_size, cxr_size), dtype=np.float32)

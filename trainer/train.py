@@ -36,7 +36,7 @@ from torch import nn
 
 from features import model_inputs as mi
 from trainer import data as D
-from trainer.model import M3TConfig, M3TLM, build_model, los_loss, mortality_loss
+from trainer.model import M3TLM, M3TConfig, build_model, los_loss, mortality_loss
 
 TASKS = ("los", "mortality")
 
@@ -73,12 +73,14 @@ class TrainConfig:
         if not self.tasks or set(self.tasks) - set(TASKS):
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
         if set(self.modalities) - set(mi.MODALITIES):
-            raise ValueError(f"modalities must be a subset of {mi.MODALITIES}, got {self.modalities}")
+            raise ValueError(
+                f"modalities must be a subset of {mi.MODALITIES}, got {self.modalities}"
+            )
         if self.batch_size < 1 or self.max_epochs < 1:
             raise ValueError("batch_size and max_epochs must be >= 1")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         for key in ("split", "tasks", "modalities"):
             d[key] = tuple(d[key])
@@ -160,7 +162,10 @@ def baseline_losses(train: dict[str, torch.Tensor]) -> dict[str, float]:
     log_los = torch.log1p(train[D.LABEL_LOS])
     p = train[D.LABEL_MORTALITY].mean().clamp(1e-4, 1 - 1e-4)
     bce = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
-    return {"los": float(log_los.var(unbiased=False).clamp(min=1e-8)), "mortality": float(bce.clamp(min=1e-8))}
+    return {
+        "los": float(log_los.var(unbiased=False).clamp(min=1e-8)),
+        "mortality": float(bce.clamp(min=1e-8)),
+    }
 
 
 @torch.no_grad()
@@ -177,13 +182,20 @@ def evaluate_losses(model, tensors, tasks, batch_size, device) -> dict[str, floa
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not enabled, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
         console=Console(stderr=True),  # stdout stays clean for --json
     )
 
 
-def save_checkpoint(path: Path, model: M3TLM, train_config: TrainConfig, dataset: D.Dataset, epoch: int) -> None:
+def save_checkpoint(
+    path: Path, model: M3TLM, train_config: TrainConfig, dataset: D.Dataset, epoch: int
+) -> None:
     torch.save(
         {
             "input_shapes": dataset.input_shapes,
@@ -206,7 +218,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> tuple[M3TLM, dict]:
 
 def model_config_for(dataset: D.Dataset, train_config: TrainConfig, **overrides) -> M3TConfig:
     return M3TConfig(
-        n_features=dataset.n_features, vocab_size=dataset.vocab_size, modalities=train_config.modalities, **overrides
+        n_features=dataset.n_features,
+        vocab_size=dataset.vocab_size,
+        modalities=train_config.modalities,
+        **overrides,
     )
 
 
@@ -226,9 +241,16 @@ def train(
     device = resolve_device(config.device)
     splits = D.dataset_splits(dataset, config.split, config.split_seed)
     if min(len(splits["train"]), len(splits["val"])) == 0:
-        raise D.DatasetError(f"too few patients to split: {({k: len(v) for k, v in splits.items()})}")
+        raise D.DatasetError(
+            f"too few patients to split: { ({k: len(v) for k, v in splits.items()}) }"
+        )
     (out_dir / "split.json").write_text(
-        json.dumps({name: np.unique(dataset.arrays["subject_id"][idx]).tolist() for name, idx in splits.items()})
+        json.dumps(
+            {
+                name: np.unique(dataset.arrays["subject_id"][idx]).tolist()
+                for name, idx in splits.items()
+            }
+        )
     )
     train_t = D.to_tensors(dataset.subset(splits["train"]), config.modalities)
     val_t = D.to_tensors(dataset.subset(splits["val"]), config.modalities)
@@ -238,17 +260,22 @@ def train(
     with deterministic(config.seed, config.threads):
         model = build_model(model_config)
         model.fusion.init_output_bias(
-            float(torch.log1p(train_t[D.LABEL_LOS]).mean()), float(train_t[D.LABEL_MORTALITY].mean())
+            float(torch.log1p(train_t[D.LABEL_LOS]).mean()),
+            float(train_t[D.LABEL_MORTALITY].mean()),
         )
         model = model.to(device)
         weights = {"los": config.los_weight, "mortality": config.mortality_weight}
         criterion = MultiTaskLoss(config.tasks, config.weighting, weights).to(device)
         optimiser = torch.optim.AdamW(
-            list(model.parameters()) + list(criterion.parameters()), lr=config.lr, weight_decay=config.weight_decay
+            list(model.parameters()) + list(criterion.parameters()),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
         # Halve the step size as soon as validation stalls: the validation score is noisy
         # (few deaths), and smaller steps settle the multi-task optimum before early stopping.
-        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=config.lr_decay, patience=0)
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimiser, factor=config.lr_decay, patience=0
+        )
         order = torch.Generator().manual_seed(config.seed)
         history, best, best_epoch, stale = [], math.inf, 0, 0
         n_train = len(train_t[D.LABEL_LOS])
@@ -269,7 +296,11 @@ def train(
                     optimiser.step()
                     for t, v in losses.items():
                         sums[t] += float(v.detach()) * len(index)
-                    bar.update(batches, advance=1, status=" ".join(f"{t}={float(v.detach()):.3f}" for t, v in losses.items()))
+                    bar.update(
+                        batches,
+                        advance=1,
+                        status=" ".join(f"{t}={float(v.detach()):.3f}" for t, v in losses.items()),
+                    )
                 val = evaluate_losses(model, val_t, config.tasks, 4 * config.batch_size, device)
                 score = sum(val[t] / scale[t] for t in config.tasks) / len(config.tasks)
                 schedule.step(score)
@@ -290,8 +321,13 @@ def train(
                     save_checkpoint(out_dir / "best.pt", model, config, dataset, epoch)
                 else:
                     stale += 1
-                bar.update(epochs, advance=1, status=f"val_score={score:.4f} best={best:.4f}@{best_epoch}")
-                out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+                bar.update(
+                    epochs, advance=1, status=f"val_score={score:.4f} best={best:.4f}@{best_epoch}"
+                )
+                out_of_time = (
+                    config.max_minutes is not None
+                    and time.perf_counter() - started > 60 * config.max_minutes
+                )
                 if stale >= config.patience or out_of_time:
                     break
         seconds = time.perf_counter() - started

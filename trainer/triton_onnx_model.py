@@ -22,14 +22,22 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
-        self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
+        self.inputs = [
+            (t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]
+        ]
+        self.outputs = [
+            (t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]
+        ]
         self.dims = {t["name"]: tuple(int(d) for d in t["dims"]) for t in config["input"]}
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         options.inter_op_num_threads = 1
-        path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+        path = (
+            Path(args["model_repository"])
+            / args["model_version"]
+            / params.get("onnx_file", "model.onnx")
+        )
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def _read(self, request):
@@ -63,13 +71,17 @@ class TritonPythonModel:
                 batches.append(arrays)
         if good:
             try:
-                merged = {name: np.concatenate([b[name] for b in batches]) for name, _ in self.inputs}
+                merged = {
+                    name: np.concatenate([b[name] for b in batches]) for name, _ in self.inputs
+                }
                 results = self.session.run([name for name, _ in self.outputs], merged)
             except Exception as exc:  # noqa: BLE001 -- every failure must reach its client; ORT's
                 # messages name tensors and shapes, never values, so no patient data leaks
                 for i in good:
                     responses[i] = pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"ONNX Runtime failed: {type(exc).__name__}: {exc}")
+                        error=pb_utils.TritonError(
+                            f"ONNX Runtime failed: {type(exc).__name__}: {exc}"
+                        )
                     )
                 return responses
             start = 0

@@ -22,7 +22,9 @@ __all__ = ["SERVICES", "Health", "ServiceError", "up", "down", "status"]
 def _select(settings: Settings, names: list[str] | None) -> list[ManagedService]:
     unknown = set(names or []) - set(SERVICES)
     if unknown:
-        raise ServiceError(f"unknown service(s): {', '.join(sorted(unknown))}; known: {', '.join(SERVICES)}")
+        raise ServiceError(
+            f"unknown service(s): {', '.join(sorted(unknown))}; known: {', '.join(SERVICES)}"
+        )
     return [SERVICES[n](settings) for n in (names or SERVICES)]
 
 

@@ -53,17 +53,30 @@ class KafkaBroker(ManagedService):
             return
         mvn = shutil.which("mvn")
         if mvn is None:
-            raise ServiceError("Maven (mvn) is missing: it fetches the Kafka jars; run `make setup`")
+            raise ServiceError(
+                "Maven (mvn) is missing: it fetches the Kafka jars; run `make setup`"
+            )
         self.jars.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-             f"-Dkafka.version={self.settings.kafka.kafka_version}",
-             f"-DoutputDirectory={self.jars}", "-DincludeScope=runtime"],
-            capture_output=True, text=True,
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(POM),
+                "dependency:copy-dependencies",
+                f"-Dkafka.version={self.settings.kafka.kafka_version}",
+                f"-DoutputDirectory={self.jars}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             shutil.rmtree(self.jars, ignore_errors=True)
-            raise ServiceError(f"could not fetch the Kafka jars with Maven:\n{result.stdout[-2000:]}")
+            raise ServiceError(
+                f"could not fetch the Kafka jars with Maven:\n{result.stdout[-2000:]}"
+            )
 
     def prepare(self):
         java = shutil.which("java")
@@ -73,42 +86,68 @@ class KafkaBroker(ManagedService):
         cfg = self.settings.kafka
         data = self.home / "data"
         props = self.home / "server.properties"
-        props.write_text("\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.bootstrap.servers={cfg.host}:{cfg.controller_port}",
-            f"listeners=PLAINTEXT://{cfg.host}:{cfg.port},CONTROLLER://{cfg.host}:{cfg.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{cfg.host}:{cfg.port},CONTROLLER://{cfg.host}:{cfg.controller_port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-            "inter.broker.listener.name=PLAINTEXT",
-            f"log.dirs={data}",
-            f"num.partitions={cfg.partitions}",
-            "auto.create.topics.enable=false",
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            # One node: no reason to delay the first consumer group's assignment.
-            "group.initial.rebalance.delay.ms=0",
-            "",
-        ]))
+        props.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.bootstrap.servers={cfg.host}:{cfg.controller_port}",
+                    f"listeners=PLAINTEXT://{cfg.host}:{cfg.port},CONTROLLER://{cfg.host}:{cfg.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{cfg.host}:{cfg.port},CONTROLLER://{cfg.host}:{cfg.controller_port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    f"log.dirs={data}",
+                    f"num.partitions={cfg.partitions}",
+                    "auto.create.topics.enable=false",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=4",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    # One node: no reason to delay the first consumer group's assignment.
+                    "group.initial.rebalance.delay.ms=0",
+                    "",
+                ]
+            )
+        )
         log_config = self.home / "log4j2.properties"
         log_config.write_text(LOG4J2)
         classpath = f"{self.jars}/*"
-        jvm = [java, f"-Xmx{cfg.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-               f"-Dlog4j2.configurationFile={log_config}", "-cp", classpath]
+        jvm = [
+            java,
+            f"-Xmx{cfg.heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log_config}",
+            "-cp",
+            classpath,
+        ]
         if not (data / "meta.properties").exists():
-            cluster_id = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "random-uuid"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip().splitlines()[-1]
+            cluster_id = (
+                subprocess.run(
+                    [*jvm, "kafka.tools.StorageTool", "random-uuid"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             formatted = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "--standalone",
-                 "-t", cluster_id, "-c", str(props)],
-                capture_output=True, text=True,
+                [
+                    *jvm,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(props),
+                ],
+                capture_output=True,
+                text=True,
             )
             if formatted.returncode != 0:
                 raise ServiceError(f"Kafka storage format failed:\n{formatted.stdout[-2000:]}")

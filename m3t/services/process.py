@@ -13,9 +13,9 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from m3t.settings import Settings
 
@@ -99,7 +99,7 @@ class ManagedService(ABC):
     def ready(self) -> tuple[bool, str]:
         """Whether the server answers its own protocol, and a short detail."""
 
-    def after_start(self) -> None:
+    def after_start(self) -> None:  # noqa: B027 (an optional hook)
         """Work that needs the running server (topics, users...)."""
 
     # --- lifecycle ------------------------------------------------------------------

@@ -30,20 +30,24 @@ class RedisServer(ManagedService):
         data = self.home / "data"
         data.mkdir(parents=True, exist_ok=True)
         conf = self.home / "redis.conf"
-        conf.write_text("\n".join([
-            f"bind {cfg.host}",
-            f"port {cfg.port}",
-            "protected-mode yes",
-            f"dir {data}",
-            "daemonize no",
-            # Features and scores are rebuilt from Kafka; the AOF makes restarts cheap.
-            "appendonly yes",
-            "appendfsync everysec",
-            f"auto-aof-rewrite-min-size {cfg.aof_rewrite_min_size}",
-            'save ""',
-            *self._acl_lines(),
-            "",
-        ]))
+        conf.write_text(
+            "\n".join(
+                [
+                    f"bind {cfg.host}",
+                    f"port {cfg.port}",
+                    "protected-mode yes",
+                    f"dir {data}",
+                    "daemonize no",
+                    # Features and scores are rebuilt from Kafka; the AOF makes restarts cheap.
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    f"auto-aof-rewrite-min-size {cfg.aof_rewrite_min_size}",
+                    'save ""',
+                    *self._acl_lines(),
+                    "",
+                ]
+            )
+        )
         return [binary, str(conf)], {}
 
     def _acl_lines(self) -> list[str]:

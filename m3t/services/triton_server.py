@@ -61,13 +61,18 @@ class TritonServer(ManagedService):
             str(server),
             f"--model-repository={self.settings.model_repo}",
             f"--backend-directory={backends}",
-            f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
-            f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
-            f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
+            f"--http-address={cfg.host}",
+            f"--http-port={cfg.http_port}",
+            f"--grpc-address={cfg.host}",
+            f"--grpc-port={cfg.grpc_port}",
+            f"--metrics-address={cfg.host}",
+            f"--metrics-port={cfg.metrics_port}",
             # Models are (re)loaded by name after each publish; a repository with a model
             # that has no version yet must not stop the server.
-            "--model-control-mode=explicit", "--load-model=*",
-            "--exit-on-error=false", "--strict-readiness=false",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--exit-on-error=false",
+            "--strict-readiness=false",
             "--log-verbose=0",
         ]
         return command, env
@@ -75,11 +80,17 @@ class TritonServer(ManagedService):
     def _backends(self, home: Path) -> Path:
         """A backend directory with the stub for this Python version (PLATFORM.md)."""
         target = self.home / "backends"
-        stub = home / "tritonserver" / "python_backend_stubs" / (
-            f"{sys.version_info.major}.{sys.version_info.minor}"
-        ) / "triton_python_backend_stub"
+        stub = (
+            home
+            / "tritonserver"
+            / "python_backend_stubs"
+            / (f"{sys.version_info.major}.{sys.version_info.minor}")
+            / "triton_python_backend_stub"
+        )
         if not stub.exists():
-            raise ServiceError(f"nvidia-pytriton has no Python-backend stub for Python {sys.version}")
+            raise ServiceError(
+                f"nvidia-pytriton has no Python-backend stub for Python {sys.version}"
+            )
         if not (target / "python" / "triton_python_backend_stub").exists():
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(home / "tritonserver" / "backends", target)
@@ -102,7 +113,9 @@ class TritonServer(ManagedService):
         if self.settings.triton.launcher == "external":
             health = self.health()
             if not health.healthy:
-                raise ServiceError(f"external Triton at {self.address} is not ready: {health.detail}")
+                raise ServiceError(
+                    f"external Triton at {self.address} is not ready: {health.detail}"
+                )
             return health
         return super().up()
 

@@ -15,9 +15,14 @@ from features.cxr import CxrPreprocessor, Encoded
 class TritonPythonModel:
     def initialize(self, args):
         encoder = Path(args["model_repository"]).parent / "m3t_enc_cxr"
-        version = max(int(p.name) for p in encoder.iterdir() if p.name.isdigit() and (p / "model.onnx").exists())
-        self.session = ort.InferenceSession(str(encoder / str(version) / "model.onnx"),
-                                            providers=["CPUExecutionProvider"])
+        version = max(
+            int(p.name)
+            for p in encoder.iterdir()
+            if p.name.isdigit() and (p / "model.onnx").exists()
+        )
+        self.session = ort.InferenceSession(
+            str(encoder / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         self.preprocess = CxrPreprocessor(batch_size=8, device="cpu")
 
     def execute(self, requests):
@@ -26,8 +31,16 @@ class TritonPythonModel:
             data = pb_utils.get_input_tensor_by_name(request, "cxr_bytes").as_numpy()
             result = self.preprocess([Encoded(data[0].tobytes())])
             if not result.ok[0]:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("the image did not decode")))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError("the image did not decode")
+                    )
+                )
                 continue
             (embedding,) = self.session.run(["emb_cxr"], {"cxr": result.tensors})
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("emb_cxr", embedding.astype(np.float32))]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("emb_cxr", embedding.astype(np.float32))]
+                )
+            )
         return responses

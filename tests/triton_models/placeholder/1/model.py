@@ -17,10 +17,14 @@ class TritonPythonModel:
                 los = (2.0 + 0.05 * age + 0.1 * observations).astype(np.float32)
                 logit = -6.0 + 0.05 * age + 0.02 * observations
                 risk = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("los_days", los),
-                    pb_utils.Tensor("mortality_prob", risk),
-                ]))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[
+                            pb_utils.Tensor("los_days", los),
+                            pb_utils.Tensor("mortality_prob", risk),
+                        ]
+                    )
+                )
             except Exception as exc:  # one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         return responses
