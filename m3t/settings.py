@@ -97,6 +97,31 @@ class ApiSettings(BaseModel):
     bearer_token: SecretStr = SecretStr("m3t-local-token")
 
 
+class StreamSettings(BaseModel):
+    # Larger events are dead-lettered unparsed (a note is at most 100,000 characters).
+    max_event_bytes: int = 512 * 1024
+    # How far an event may be dated after its Kafka timestamp. Empty: no limit, for replays
+    # of de-identified data whose dates are shifted into the future; set it for a live feed.
+    max_event_lead_s: float | None = None
+    # Events dated before their admission, or this long after it, are dead-lettered.
+    max_stay_days: float = 400.0
+    # Dead letters carry the event's reason, place and hash; its bytes only when asked.
+    dead_letter_payload: bool = False
+
+
+class ImageSettings(BaseModel):
+    # X-ray URIs resolve only under these folders (empty: the state and data folders).
+    roots: tuple[Path, ...] = ()
+    max_bytes: int = 64 * 1024 * 1024
+    # A read that stalls this long (a FIFO, a hung network mount) fails instead of blocking.
+    read_timeout_s: float = 5.0
+    # DICOM headers are checked before any pixel is decoded.
+    max_side: int = 8192
+    max_frames: int = 4
+    # A missing file may still be on its way: retried this long, then scored as absent.
+    missing_retry_s: float = 600.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="M3T_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -112,10 +137,16 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
 
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def image_roots(self) -> tuple[Path, ...]:
+        return self.images.roots or (self.state_dir, self.data_dir)
 
 
 @lru_cache(maxsize=1)
