@@ -16,78 +16,156 @@ the admission that wrote it.
 
 ``event_id`` is derived from the source position, so a replay or a redelivery carries the
 same id and the online store can apply it once.
+
+The contract is also the door: an event that any producer could send is either a valid
+event or an ``InvalidEvent`` with a short, stable ``reason``, never another exception.
+
+- ``tombstone``: no value at all (a Kafka tombstone, empty bytes).
+- ``oversized_event``: over ``max_bytes``, rejected before it is parsed.
+- ``too_deep``: JSON nested deeper than ``MAX_JSON_DEPTH``, found by a scan of the bytes
+  before any recursive parse.
+- ``invalid_utf8``: bytes that are not UTF-8, or a lone surrogate (``"\\ud800"``) in a string.
+- ``malformed_json``: not JSON, or not a JSON object.
+- ``unsupported_schema_version``: a ``schema_version`` other than ``SCHEMA_VERSION``.
+- ``non_finite``: ``NaN``, ``Infinity`` or an overflowing number (``1e999``) in a number field.
+- ``implausible_value``: an observation of a known item (``ingest.itemids``) outside the
+  item's plausible range; other itemids are passed on (the features ignore them). Checked
+  at the door only: events built in process may hold such values.
+- ``schema_violation``: any other rule, among them ids outside ``0 .. 2**63 - 1``, strings
+  over their length limit and times outside the years ``MIN_YEAR .. MAX_YEAR``.
+
+The ``detail`` names the field and the rule, never the value (it may be PHI).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from ingest import itemids
 
 SCHEMA_VERSION = 1
 # Free-text notes above this size are dead-lettered rather than truncated silently.
 MAX_NOTE_CHARS = 100_000
+# Larger messages are dead-lettered unparsed; a note of MAX_NOTE_CHARS fits with room to
+# spare (the worker passes its own setting, ``stream.max_event_bytes``, of the same default).
+MAX_EVENT_BYTES = 512 * 1024
+# A valid event nests two deep (envelope, payload); anything far deeper is hostile.
+MAX_JSON_DEPTH = 64
+INT64_MAX = 2**63 - 1
+# MIMIC's de-identified dates are shifted into roughly 2100-2214 and a live feed dates
+# events now, so 1900-2399 holds every real event with room to spare, while a year like
+# 9999 (which would pin an admission's feature time and overflow time arithmetic) is refused.
+MIN_YEAR, MAX_YEAR = 1900, 2399
+# Every reason an InvalidEvent from this module can give (see the module docstring).
+REASONS = (
+    "tombstone",
+    "oversized_event",
+    "too_deep",
+    "invalid_utf8",
+    "malformed_json",
+    "unsupported_schema_version",
+    "non_finite",
+    "implausible_value",
+    "schema_violation",
+)
 
 EventType = Literal["admission", "observation", "note", "cxr", "discharge"]
 
 
+def _text(max_length: int, min_length: int = 0):
+    """A string of at most ``max_length`` characters. With a length constraint, pydantic also
+    refuses a lone surrogate in a string built in Python (``string_unicode``), which Python
+    allows and UTF-8, Redis and Kafka do not; its JSON parser refuses one in bytes."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length)]
+
+
+# MIMIC's ids (subject, admission, item, study) are positive integers; int64 is where the
+# features and the scores keep them. (0 passes too: simulations number from 0.)
+Id = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Checked on the local time (an offset moves it by a day at most), so nothing overflows.
+Time = Annotated[datetime, Field(ge=datetime(MIN_YEAR, 1, 1), lt=datetime(MAX_YEAR + 1, 1, 1))]
+# Field sizes, generous beside MIMIC's (ids of 24 hex digits, DICOM ids of 44 characters,
+# units like "mg/dL", admission locations under 40 characters, file URIs under PATH_MAX).
+EventId = _text(128, min_length=1)
+Source = _text(256, min_length=1)
+Label = _text(128)
+Unit = _text(64)
+NoteId = _text(128)
+DicomId = _text(128)
+ViewPosition = _text(64)
+Uri = _text(4096, min_length=1)
+NoteText = _text(MAX_NOTE_CHARS)
+
+
 class _Payload(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AdmissionPayload(_Payload):
-    admittime: datetime
-    admission_type: str
-    admission_location: str | None = None
-    insurance: str | None = None
+    admittime: Time
+    admission_type: Label
+    admission_location: Label | None = None
+    insurance: Label | None = None
     gender: Literal["M", "F"]
     age: float = Field(ge=0, le=120)
 
 
 class ObservationPayload(_Payload):
-    itemid: int
+    itemid: Id
     value: float
-    unit: str | None = None
-    charttime: datetime
+    unit: Unit | None = None
+    charttime: Time
     # "lab" (hosp/labevents) or "vital" (icu/chartevents)
     kind: Literal["lab", "vital"]
 
 
 class NotePayload(_Payload):
     note_type: Literal["radiology", "discharge"]
-    text: str = Field(max_length=MAX_NOTE_CHARS)
-    charttime: datetime
-    note_id: str
-    from_hadm_id: int
+    text: NoteText
+    charttime: Time
+    note_id: NoteId
+    from_hadm_id: Id
 
 
 class CxrPayload(_Payload):
-    study_id: int
-    dicom_id: str
-    view_position: str | None = None
-    uri: str
-    studytime: datetime
+    study_id: Id
+    dicom_id: DicomId
+    view_position: ViewPosition | None = None
+    uri: Uri
+    studytime: Time
 
 
 class DischargePayload(_Payload):
-    dischtime: datetime
+    dischtime: Time
     los_days: float = Field(ge=0)
     hospital_expire_flag: bool
 
 
 class _Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    event_id: str
-    hadm_id: int
-    subject_id: int
-    event_time: datetime
-    ingest_time: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    source: str
+    event_id: EventId
+    hadm_id: Id
+    subject_id: Id
+    event_time: Time
+    ingest_time: Time = Field(default_factory=lambda: datetime.now(UTC))
+    source: Source
 
     @field_validator("event_time", "ingest_time")
     @classmethod
@@ -162,27 +240,27 @@ def key(event) -> bytes:
     return str(event.hadm_id).encode()
 
 
-def decode(raw: bytes | str | dict):
-    """Parse and validate one event; raise InvalidEvent with a reason otherwise."""
-    if isinstance(raw, dict):
-        data = raw
-    else:
-        try:  # the common case, valid bytes: pydantic parses the JSON itself, no dict first
-            return _EVENT.validate_json(raw)
-        except ValidationError:
-            pass  # a bad event: the checks below give its reason
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidEvent("malformed_json", str(exc)[:200]) from None
-    if not isinstance(data, dict):
-        raise InvalidEvent("malformed_json", "not an object")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise InvalidEvent("unsupported_schema_version", repr(data.get("schema_version"))[:40])
-    try:
-        return _EVENT.validate_python(data)
+def decode(raw: bytes | str | dict | None, *, max_bytes: int = MAX_EVENT_BYTES):
+    """Parse and validate one event; raise InvalidEvent with a reason otherwise.
+
+    Bytes (or text) larger than ``max_bytes`` are refused unparsed. A valid event is parsed
+    and validated once, by pydantic; the reason of an invalid one is found afterwards.
+    """
+    if type(raw) is not bytes:
+        if isinstance(raw, dict):
+            return _validate_dict(raw)
+        raw = _as_bytes(raw, max_bytes)
+    if not raw:
+        raise InvalidEvent("tombstone", "no value")
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversized_event", f"over {max_bytes} bytes")
+    try:  # the common case, valid bytes: pydantic parses the JSON itself, no dict first
+        event = _EVENT.validate_json(raw)
     except ValidationError as exc:
-        raise _schema_violation(exc) from None
+        raise _reason(raw, exc) from None
+    if type(event) is ObservationEvent:
+        _plausible(event.payload)
+    return event
 
 
 def validate(event):
@@ -190,17 +268,124 @@ def validate(event):
     return decode(event.model_dump(mode="json"))
 
 
-def validate_json(raw: bytes | str):
-    """Validate encoded bytes on the producing side (pydantic parses the JSON itself,
-    without building a dict first); raise InvalidEvent("schema_violation") otherwise."""
+def validate_json(raw: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES):
+    """Validate encoded bytes on the producing side, by the same rules as ``decode``."""
+    return decode(raw, max_bytes=max_bytes)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the JSON in ``raw`` nests, without parsing it: string contents are cut out
+    (an unterminated string runs to the end), then brackets are counted. Linear time."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_A_BRACKET)
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+# A string token, possessive so that no position is scanned twice.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _as_bytes(raw: str | bytearray | memoryview | None, max_bytes: int) -> bytes:
+    if raw is None or len(raw) == 0:
+        raise InvalidEvent("tombstone", "no value")
+    if not isinstance(raw, str):
+        return bytes(raw)
+    if len(raw) > max_bytes:  # each character is at least one byte
+        raise InvalidEvent("oversized_event", f"over {max_bytes} bytes")
     try:
-        return _EVENT.validate_json(raw)
+        return raw.encode()
+    except UnicodeEncodeError:
+        raise InvalidEvent("invalid_utf8", "a lone surrogate") from None
+
+
+def _reason(raw: bytes, exc: ValidationError) -> InvalidEvent:
+    """Why pydantic refused ``raw``: the bytes are checked from the outside in, and a
+    recursive parser only sees them once their depth is known to be small."""
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        return InvalidEvent("too_deep", f"nested over {MAX_JSON_DEPTH} levels")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as error:
+        return InvalidEvent("invalid_utf8", f"byte {error.start}")
+    try:
+        data = json.loads(text)
+    except ValueError as error:  # JSONDecodeError, or an integer too long to convert
+        where = f"char {error.pos}" if isinstance(error, json.JSONDecodeError) else "number"
+        return InvalidEvent("malformed_json", f"{where}: {type(error).__name__}")
+    if not isinstance(data, dict):
+        return InvalidEvent("malformed_json", "not an object")
+    if _has_lone_surrogate(data):
+        return InvalidEvent("invalid_utf8", "a lone surrogate in a string")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:  # True and 1.0 pass, as pydantic takes them for 1
+        return _unsupported(version)
+    return _from_errors(exc)
+
+
+def _validate_dict(data: dict):
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:  # True and 1.0 pass, as pydantic takes them for 1
+        raise _unsupported(version)
+    try:
+        event = _EVENT.validate_python(data)
     except ValidationError as exc:
-        raise _schema_violation(exc) from None
+        raise _from_errors(exc) from None
+    if type(event) is ObservationEvent:
+        _plausible(event.payload)
+    return event
 
 
-def _schema_violation(exc: ValidationError) -> InvalidEvent:
-    # The message names the field and the rule, never the value (it may be PHI).
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return InvalidEvent("schema_violation", f"{where}: {first['type']}")
+def _plausible(payload: ObservationPayload) -> None:
+    """The ranges the MIMIC reader applies (``out_of_range``): outside them a value is a unit
+    mix-up or a physical impossibility, not a clinical extreme. Checked at the door only
+    (decode, validate_json, validate); events built in process are not refused."""
+    item = itemids.ITEMS.get(payload.itemid)
+    if item is not None and not item.low <= payload.value <= item.high:
+        detail = f"observation.payload.value: implausible_value (itemid {item.itemid})"
+        raise InvalidEvent("implausible_value", detail)
+
+
+def _unsupported(version: Any) -> InvalidEvent:
+    # A small integer is a version number; anything else is shown only by its type.
+    shown = version if type(version) is int and 0 <= version < 1000 else type(version).__name__
+    return InvalidEvent("unsupported_schema_version", f"schema_version {shown}")
+
+
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Any string (key or value) with a lone surrogate; ``data`` is json.loads' output,
+    whose depth is already bounded, walked without recursion."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+# pydantic error types with a reason of their own; every other rule is a schema violation.
+_REASON_OF_ERROR = {
+    "finite_number": "non_finite",
+    "string_unicode": "invalid_utf8",
+    "json_invalid": "malformed_json",
+}
+
+
+def _from_errors(exc: ValidationError) -> InvalidEvent:
+    # The detail names the field and the rule, never the value (it may be PHI). An unknown
+    # field is named by where it is, not by its name, which the producer chose.
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = first["loc"][:-1] if first["type"] == "extra_forbidden" else first["loc"]
+    where = ".".join(str(p) for p in loc) or "event"
+    detail = f"{where}: {first['type']}"
+    return InvalidEvent(_REASON_OF_ERROR.get(first["type"], "schema_violation"), detail[:200])
