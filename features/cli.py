@@ -95,10 +95,14 @@ def build(
         _fail(str(exc))
     tensors, cxr_errors = None, {}
     if cxr:
-        from features.cxr import CxrPreprocessor
+        from features.cxr import CxrPreprocessor, ImageAccess
+        from m3t.settings import get_settings
 
+        # The cohort named here is read from, with the configured image roots; its X-ray
+        # URIs may point nowhere else.
+        access = ImageAccess.from_settings(get_settings(), extra_roots=(cohort,))
         tensors, cxr_errors = offline.cxr_tensors(
-            dataset, CxrPreprocessor(device=device), base_dir=cohort
+            dataset, CxrPreprocessor(device=device), base_dir=cohort, access=access
         )
         dataset.meta["cxr_errors"] = cxr_errors
         dataset.meta["cxr_examples"] = int(dataset.arrays["modality_mask"][:, 2].sum())

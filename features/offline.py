@@ -246,21 +246,22 @@ def load(out_dir: Path) -> Dataset:
 
 
 def cxr_tensors(
-    dataset: Dataset, preprocessor, base_dir: Path | None = None
+    dataset: Dataset, preprocessor, base_dir: Path | None = None, access=None
 ) -> tuple[np.ndarray, dict[str, int]]:
     """The ``cxr`` input [N, 1, S, S] for every example (zeros where there is none).
 
     Each distinct image is read and preprocessed once (cutoffs of one stay share it). An
     image that cannot be read or decoded is counted by reason, its examples keep zeros and
     their ``modality_mask`` CXR flag is cleared (the scorer does the same online when an
-    image fails).
+    image fails). ``access`` (``features.cxr.ImageAccess``): where images may be read from
+    and their limits; ``m3t features build`` passes the settings' roots and the cohort.
     """
     from features import cxr
 
     uris = dataset.arrays["cxr_uri"]
     distinct = sorted({u for u in uris.tolist() if u})
     size = preprocessor.size
-    images, ok, errors = cxr.preprocess_uris(distinct, preprocessor, base_dir)
+    images, ok, errors = cxr.preprocess_uris(distinct, preprocessor, base_dir, access)
 
     position = {uri: i for i, uri in enumerate(distinct)}
     index = np.array([position.get(u, -1) for u in uris.tolist()], dtype=np.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import json
 import time
+from collections.abc import Mapping
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -36,10 +37,20 @@ class Histogram:
 
 
 class WorkerMetrics:
-    def __init__(self, client: redis.Redis, worker_id: str, flush_every_s: float = 1.0):
+    """``images``: the scorer's X-rays scored as absent, by reason (its live ``image_errors``),
+    published with the counters."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        worker_id: str,
+        flush_every_s: float = 1.0,
+        images: Mapping[str, int] | None = None,
+    ):
         self.client = client
         self.worker_id = worker_id
         self.flush_every_s = flush_every_s
+        self.images = images if images is not None else {}
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.lag: dict[str, int] = {}
@@ -62,6 +73,7 @@ class WorkerMetrics:
             "latency": self.latency.as_dict(),
             "batch_size": self.batch_size.as_dict(),
             "lag": self.lag,
+            "images_absent": dict(self.images),
             "events_per_s": self.events_per_s,
             "updated": time.time(),
         }
@@ -104,6 +116,15 @@ class RedisWorkerCollector:
                 lag.add_metric([worker, partition], behind)
         yield rate
         yield lag
+        images = CounterMetricFamily(
+            "m3t_images_absent",
+            "chest X-rays scored as absent, by reason",
+            labels=["worker", "reason"],
+        )
+        for worker, snap in snaps.items():
+            for reason, count in sorted(snap.get("images_absent", {}).items()):
+                images.add_metric([worker, reason], count)
+        yield images
         for metric, help_text in (
             ("latency", "event-to-score latency (seconds)"),
             ("batch_size", "admissions per scoring batch"),
