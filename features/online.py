@@ -36,7 +36,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -86,6 +86,9 @@ class WriteStats:
     duplicates: int = 0  # events already applied, or twice in the batch (redelivery, replay)
     admissions: int = 0  # admissions committed
     retries: int = 0  # commits that lost a race and were refolded
+    # Events the admission cannot take, with the reason (``AdmissionState.refusal``): not
+    # applied, not marked seen, for the caller to dead-letter.
+    refused: list = field(default_factory=list)
 
 
 class OnlineStore:
@@ -97,6 +100,7 @@ class OnlineStore:
         open_ttl_s: int = OPEN_TTL_S,
         max_retries: int = 8,
         scratch: str = "",
+        max_stay_days: float = 400.0,
     ):
         self.client = client
         self.fitted = fitted
@@ -105,6 +109,7 @@ class OnlineStore:
         self.discharged_ttl_s = discharged_ttl_s
         self.open_ttl_s = open_ttl_s
         self.max_retries = max_retries
+        self.max_stay_h = max_stay_days * 24.0
         self._key_formats = tuple(
             f"{self.prefix}:{STORE_FORMAT}:{{%d}}:{part}" for part in ("m", "s", "seen")
         )
@@ -186,33 +191,46 @@ class OnlineStore:
                 continue
             tail = serving_tail(serving, self.fitted.note_tokens) if serving else None
             state = AdmissionState.from_stored(aggregates, notes, tail, self.fitted.note_tokens)
+            taken, refused = [], []
             for event in sorted(fresh, key=sort_key):
-                state.apply(event, self.fitted.vocab)
-            folded.append((hadm_id, version, notes, seen, fresh, state))
+                reason = state.refusal(event, self.max_stay_h)
+                if reason is None:
+                    state.apply(event, self.fitted.vocab)
+                    taken.append(event)
+                else:
+                    refused.append((event, reason))
+            if not taken:
+                stats.refused += refused
+                stats.duplicates += len(seen) - len(fresh)
+                continue
+            folded.append((hadm_id, version, notes, seen, fresh, taken, refused, state))
 
         blobs = [state.to_blob() for *_, state in folded]
         served = serving_blobs(self.fitted.assemble(blobs)) if blobs else []
         commits = []
-        for (hadm_id, version, notes, seen, fresh, state), serving in zip(folded, served):
+        for (hadm_id, version, notes, seen, fresh, taken, refused, state), serving in zip(
+            folded, served
+        ):
             changed_notes = state.to_notes() if state.notes_changed or not notes else b""
             ttl = self.discharged_ttl_s if state.discharged else self.open_ttl_s
             args = [version or b"0", serving, state.to_aggregates(), changed_notes, ttl]
-            commits.append((hadm_id, len(seen) - len(fresh), fresh, args))
+            commits.append((hadm_id, len(seen) - len(fresh), taken, refused, args))
 
         def commit(pipe):
-            for hadm_id, _, fresh, args in commits:
-                _COMMIT(pipe, self.keys(hadm_id), args + [e.event_id for e in fresh])
+            for hadm_id, _, taken, _, args in commits:
+                _COMMIT(pipe, self.keys(hadm_id), args + [e.event_id for e in taken])
 
         # Were a commit that ran sent again (run_scripts, after NOSCRIPT), its version check
         # would fail and its admission be reloaded: nothing is applied twice.
         results = run_scripts(self.client, commit, _COMMIT) if commits else []
 
         lost = {}
-        for (hadm_id, duplicates, fresh, _), ok in zip(commits, results):
+        for (hadm_id, duplicates, taken, refused, _), ok in zip(commits, results):
             if ok:
-                stats.applied += len(fresh)
+                stats.applied += len(taken)
                 stats.duplicates += duplicates
                 stats.admissions += 1
+                stats.refused += refused
             else:
                 lost[hadm_id] = pending[hadm_id]
         return lost

@@ -196,6 +196,19 @@ class AdmissionState:
                 notes.set_discharge(hours(p.charttime), p.note_id, vocab.encode(p.text))
             self._tail, self.notes_changed = None, True
 
+    def refusal(self, event, max_stay_h: float) -> str | None:
+        """Why this admission cannot take ``event``, or None: dated before the admission, or
+        more than ``max_stay_h`` after it. Before its admission event nothing is refused."""
+        admit = self.agg[H_ADMIT]
+        if admit != admit:  # not admitted yet (NaN)
+            return None
+        t = hours(event.event_time)
+        if t < admit:
+            return "before_admission"
+        if t > admit + max_stay_h:
+            return "after_max_stay"
+        return None
+
     def _observe(self, base: int, t: float, value: float) -> None:
         a = self.agg
         a[base + S_COUNT] += 1.0

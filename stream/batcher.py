@@ -33,9 +33,11 @@ class Change:
 
 
 class MicroBatcher:
-    """Args:
-    max_batch: most admissions in one scoring batch.
-    max_wait_s: longest a change waits for a batch to fill while events keep coming.
+    """Pending admissions and when to score them.
+
+    Args:
+        max_batch: most admissions in one scoring batch.
+        max_wait_s: longest a change waits for a batch to fill while events keep coming.
     """
 
     def __init__(self, max_batch: int = 256, max_wait_s: float = 0.05):

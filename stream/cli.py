@@ -30,6 +30,48 @@ def scores_table(scores, title: str | None = None) -> Table:
     return table
 
 
+@app.command("dead-letters")
+def dead_letters(
+    latest: int = typer.Option(10, help="How many of the newest letters to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """What the dead-letter topic holds: counts by reason and the latest letters."""
+    from stream.dead_letters import summarize
+
+    try:
+        summary = summarize(get_settings(), latest)
+    except Exception as exc:  # Kafka unreachable, topic missing: one clean line
+        fail(exc)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(
+        "reason", "letters", title=f"{summary['total']:,} dead letters in {summary['topic']}"
+    )
+    for reason, count in summary["by_reason"].items():
+        table.add_row(reason, f"{count:,}")
+    console.print(table)
+    latest_table = Table("kafka time (ms)", "reason", "detail", "where", "event", title="latest")
+    for letter in summary["latest"]:
+        where = (
+            f"{letter['topic']}[{letter['partition']}]@{letter['offset']}"
+            if "offset" in letter
+            else letter.get("source")
+            or (f"admission {letter['hadm_id']}" if "hadm_id" in letter else "")
+        )
+        event = " ".join(str(letter[k]) for k in ("type", "event_id") if letter.get(k))
+        latest_table.add_row(
+            str(letter["kafka_time_ms"]),
+            letter["reason"],
+            str(letter.get("detail", "")),
+            where,
+            event,
+        )
+    console.print(latest_table)
+    if not summary["complete"]:
+        console.print("[yellow]the topic was not read to its end in time[/]")
+
+
 @app.command("run")
 def run(
     scorer: str = typer.Option(
@@ -82,7 +124,7 @@ def run_worker(settings, features, scorer, scores, idle_timeout_s: float | None 
     """A stream worker over these pieces, run until SIGTERM or SIGINT (it finishes the batch in
     hand, commits and leaves the group) or ``idle_timeout_s`` without events; its stats.
     ``options`` are ``stream.worker.connect``'s."""
-    from stream.worker import connect
+    from stream.wiring import connect
 
     worker = connect(settings, features, scorer, scores, **options)
     stop = threading.Event()

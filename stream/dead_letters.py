@@ -1,9 +1,10 @@
-"""Dead letters: events the worker cannot take, sent to their own topic with the reason.
+"""Dead letters: what the worker cannot take, sent to their own topic with the reason.
 
-A dead letter names where the event lies (topic, partition, offset), so the event can be
-found, repaired and replayed. It carries the event's bytes base64-encoded, cut at
-``DEAD_LETTER_MAX_BYTES`` so the record stays under Kafka's 1 MB default limit, with their
-size and sha256.
+An event's dead letter names where the event lies (topic, partition, offset), its id and
+type where they could be read, its size and sha256: enough to find it, and no patient data.
+Its bytes (base64, cut at ``DEAD_LETTER_MAX_BYTES`` so the record stays under Kafka's 1 MB
+default limit) travel only where the settings ask for them. An admission that cannot be
+scored gets a dead letter of its own, naming the admission and the reason.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 
 from confluent_kafka import Message
@@ -23,22 +25,30 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_MAX_BYTES = 256 * 1024
 
 
-def dead_letter_record(record: Message, reason: str, detail: str) -> bytes:
+def dead_letter_record(
+    record: Message, reason: str, detail: str, event=None, payload: bool = False
+) -> bytes:
     value = record.value() or b""
-    kept = value[:DEAD_LETTER_MAX_BYTES]
-    return json.dumps(
-        {
-            "reason": reason,
-            "detail": detail,
-            "topic": record.topic(),
-            "partition": record.partition(),
-            "offset": record.offset(),
-            "value_b64": base64.b64encode(kept).decode(),
-            "value_bytes": len(value),
-            "value_sha256": hashlib.sha256(value).hexdigest(),
-            "truncated": len(kept) < len(value),
-        }
-    ).encode()
+    letter = {
+        "reason": reason,
+        "detail": detail,
+        "topic": record.topic(),
+        "partition": record.partition(),
+        "offset": record.offset(),
+        "event_id": getattr(event, "event_id", None),
+        "type": getattr(event, "type", None),
+        "value_bytes": len(value),
+        "value_sha256": hashlib.sha256(value).hexdigest(),
+    }
+    if payload:
+        kept = value[:DEAD_LETTER_MAX_BYTES]
+        letter["value_b64"] = base64.b64encode(kept).decode()
+        letter["truncated"] = len(kept) < len(value)
+    return json.dumps(letter).encode()
+
+
+def admission_record(hadm_id: int, reason: str, detail: str) -> bytes:
+    return json.dumps({"reason": reason, "detail": detail, "hadm_id": hadm_id}).encode()
 
 
 class DeadLetters:
@@ -48,15 +58,22 @@ class DeadLetters:
     Args:
         sink: the worker's ``KafkaSink``.
         topic: the dead-letter topic.
+        payload: whether an event's dead letter carries the event's bytes.
     """
 
-    def __init__(self, sink: KafkaSink, topic: str):
+    def __init__(self, sink: KafkaSink, topic: str, payload: bool = False):
         self.sink = sink
         self.topic = topic
+        self.payload = payload
         self.reasons: Counter[str] = Counter()
 
-    def send(self, record: Message, reason: str, detail: str) -> None:
-        self.sink.send(self.topic, record.key(), dead_letter_record(record, reason, detail))
+    @property
+    def total(self) -> int:
+        return self.reasons.total()
+
+    def event(self, record: Message, reason: str, detail: str, event=None) -> None:
+        letter = dead_letter_record(record, reason, detail, event, self.payload)
+        self.sink.send(self.topic, record.key(), letter)
         self.reasons[reason] += 1
         log.warning(
             "dead letter: %s at %s[%d]@%d",
@@ -65,3 +82,58 @@ class DeadLetters:
             record.partition(),
             record.offset(),
         )
+
+    def admission(self, hadm_id: int, reason: str, detail: str) -> None:
+        self.sink.send(self.topic, str(hadm_id).encode(), admission_record(hadm_id, reason, detail))
+        self.reasons[reason] += 1
+        log.warning("dead letter: an admission's %s", reason)
+
+
+def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:
+    """What the dead-letter topic holds, for an operator: counts by reason and the latest
+    ``latest`` letters (newest first), read from the start of every partition without
+    joining a group or committing anything."""
+    import uuid
+
+    from confluent_kafka import TopicPartition
+
+    from m3t import kafka
+
+    topic = settings.kafka.topic_dead_letter
+    consumer = kafka.consumer(
+        settings, group_id=f"m3t-dead-letters-{uuid.uuid4().hex[:8]}", client_id="m3t-cli"
+    )
+    try:
+        ends = {}
+        for p in kafka.partitions(consumer, topic, timeout_s):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])  # 0: the earliest kept
+        reasons: Counter[str] = Counter()
+        letters: list[tuple[int, dict]] = []
+        remaining = dict(ends)
+        deadline = time.monotonic() + timeout_s
+        while remaining and time.monotonic() < deadline:
+            for message in kafka.poll_batch(consumer, 1000, 0.5):
+                if message.offset() + 1 >= remaining.get(message.partition(), 0):
+                    remaining.pop(message.partition(), None)
+                try:
+                    letter = json.loads(message.value())
+                    reason = str(letter.get("reason", "?"))
+                except (ValueError, AttributeError, TypeError):
+                    letter, reason = {}, "unreadable_dead_letter"
+                reasons[reason] += 1
+                letter = {k: v for k, v in letter.items() if k != "value_b64"}
+                letters.append((message.timestamp()[1], {"reason": reason, **letter}))
+                letters.sort(key=lambda item: item[0], reverse=True)
+                del letters[latest:]
+    finally:
+        consumer.close()
+    return {
+        "topic": topic,
+        "total": sum(reasons.values()),
+        "complete": not remaining,
+        "by_reason": dict(reasons.most_common()),
+        "latest": [dict(letter, kafka_time_ms=t) for t, letter in letters],
+    }

@@ -11,6 +11,7 @@ import bisect
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -20,6 +21,19 @@ METRICS_PATTERN = "m3t:metrics:worker:*"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 COUNTERS = ("events", "dead_letters", "scored", "batches", "commits")
+
+
+@dataclass
+class WorkerStats:
+    """A worker's counters, published with its metrics."""
+
+    events: int = 0
+    dead_letters: int = 0
+    scored: int = 0
+    batches: int = 0
+    commits: int = 0
+    retries: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Histogram:

@@ -39,6 +39,7 @@ class Retrier:
         backoff_s: the first wait and the longest, doubling in between.
         give_up_on_stop: once ``stop`` is set (SIGTERM), raise instead of waiting on: the
             uncommitted events are redelivered.
+        on_retry: called before each wait (the worker counts retries).
     """
 
     def __init__(
@@ -46,11 +47,12 @@ class Retrier:
         source: KafkaSource,
         backoff_s: tuple[float, float] = (0.2, 5.0),
         give_up_on_stop: bool = True,
+        on_retry: Callable[[], None] = lambda: None,
     ):
         self.source = source
         self.backoff_s = backoff_s
         self.give_up_on_stop = give_up_on_stop
-        self.retries = 0
+        self.on_retry = on_retry
 
     def run(self, what: str, step: Callable[[], None], stop: threading.Event) -> None:
         delay = self.backoff_s[0]
@@ -63,7 +65,7 @@ class Retrier:
                 if not is_outage(exc) or (stop.is_set() and self.give_up_on_stop):
                     raise
                 log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
-                self.retries += 1
+                self.on_retry()
                 if not paused:
                     self.source.pause()
                     paused = True

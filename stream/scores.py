@@ -1,19 +1,27 @@
 """Risk scores in Redis: the current score per admission, a ranking, and a bounded history.
 
 Layout (hash tags keep one admission's keys on one Redis Cluster slot):
-  m3t:score:{HADM}          hash: los_days, mortality_prob, model, feature_time, scored_at
+  m3t:score:{HADM}          hash: los_days, mortality_prob, model, feature_time, scored_at,
+                            discharged (1 once the admission's discharge was scored)
   m3t:score-history:{HADM}  stream of past scores, capped at ``history_len``
   m3t:risk:inpatients       sorted set of current inpatients by mortality probability
 A score older than the stored one (by feature time) is skipped, so replays are harmless.
+A discharge is kept in the score's hash, so no later score (a late result, a restarted
+worker) puts the patient back on the ranking. The hash and history expire with the
+admission's features (``features.online``'s TTLs); ranking entries whose hash expired are
+pruned (``prune_ranking``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import redis
 
+from features.online import DISCHARGED_TTL_S, OPEN_TTL_S
 from m3t.clients import LuaScript, run_scripts
 
 SCORE_KEY = "m3t:score:{{{hadm_id}}}"
@@ -21,18 +29,40 @@ HISTORY_KEY = "m3t:score-history:{{{hadm_id}}}"
 RANKING_KEY = "m3t:risk:inpatients"
 
 # Compare-and-set by feature time, all in one round trip: a stale or repeated score is a no-op.
+# KEYS: score hash, history, ranking. ARGV: los, risk, model, feature time, scored at,
+# discharged now ('1'/'0'), history length, ranking member, TTL open, TTL discharged.
 _WRITE_SCORE = LuaScript("""
 local current = redis.call('HGET', KEYS[1], 'feature_time')
-if current and tonumber(current) > tonumber(ARGV[4]) then return 0 end
-redis.call('HSET', KEYS[1], 'los_days', ARGV[1], 'mortality_prob', ARGV[2], 'model', ARGV[3],
-           'feature_time', ARGV[4], 'scored_at', ARGV[5])
-if current ~= ARGV[4] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'los_days', ARGV[1],
-             'mortality_prob', ARGV[2], 'model', ARGV[3], 'feature_time', ARGV[4])
+local gone = ARGV[6] == '1' or redis.call('HGET', KEYS[1], 'discharged') == '1'
+local fresh = not (current and tonumber(current) > tonumber(ARGV[4]))
+if fresh then
+  redis.call('HSET', KEYS[1], 'los_days', ARGV[1], 'mortality_prob', ARGV[2], 'model', ARGV[3],
+             'feature_time', ARGV[4], 'scored_at', ARGV[5])
+  if current ~= ARGV[4] then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'los_days', ARGV[1],
+               'mortality_prob', ARGV[2], 'model', ARGV[3], 'feature_time', ARGV[4])
+  end
 end
-if ARGV[6] == '1' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[8]) end
-return 1
+if gone then
+  redis.call('HSET', KEYS[1], 'discharged', '1')
+  redis.call('ZREM', KEYS[3], ARGV[8])
+elseif fresh then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[8])
+end
+local ttl = gone and ARGV[10] or ARGV[9]
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return fresh and 1 or 0
 """)
+
+
+def valid_score(los_days: float, mortality_prob: float) -> str | None:
+    """Why a model output must not be stored (None if it may): non-finite or out of range."""
+    if not (math.isfinite(los_days) and math.isfinite(mortality_prob)):
+        return "non_finite_score"
+    if not (0.0 <= mortality_prob <= 1.0) or not (0.0 <= los_days <= 3650.0):
+        return "score_out_of_range"
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,13 +89,30 @@ class RiskScore:
 
 
 class ScoreStore:
-    def __init__(self, client: redis.Redis, history_len: int = 100):
+    """Scores, their history and the ranking, in Redis.
+
+    Args:
+        client: a Redis client (the writer's, or the read-only user's for queries).
+        history_len: scores kept per admission's history (approximately: MAXLEN ~).
+        open_ttl_s: how long an admission's score outlives its last write while open.
+        discharged_ttl_s: the same once discharged.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        history_len: int = 100,
+        open_ttl_s: int = OPEN_TTL_S,
+        discharged_ttl_s: int = DISCHARGED_TTL_S,
+    ):
         self.client = client
         self.history_len = history_len
+        self.open_ttl_s = open_ttl_s
+        self.discharged_ttl_s = discharged_ttl_s
 
-    def write_batch(self, scores: list[RiskScore], inpatient: dict[int, bool] | None = None) -> int:
-        """Write scores in one pipeline; return how many were newer than the stored ones."""
-        inpatient = inpatient or {}
+    def write_batch(self, scores: list[RiskScore], discharged: Collection[int] = ()) -> int:
+        """Write scores in one round trip; return how many were newer than the stored ones.
+        ``discharged``: admissions whose discharge these scores include."""
 
         def write(pipe):
             for s in scores:
@@ -82,18 +129,43 @@ class ScoreStore:
                         s.model,
                         repr(s.feature_time),
                         repr(s.scored_at),
-                        "1" if inpatient.get(s.hadm_id, True) else "0",
+                        "1" if s.hadm_id in discharged else "0",
                         self.history_len,
                         s.hadm_id,
+                        self.open_ttl_s,
+                        self.discharged_ttl_s,
                     ],
                 )
 
         return sum(int(r) for r in run_scripts(self.client, write, _WRITE_SCORE))
 
-    def discharge(self, hadm_ids: list[int]) -> None:
-        """Discharged admissions leave the ranking; their last score stays readable."""
-        if hadm_ids:
-            self.client.zrem(RANKING_KEY, *hadm_ids)
+    def discharge(self, hadm_ids: Collection[int]) -> None:
+        """Admissions discharged without a new score: off the ranking for good."""
+        if not hadm_ids:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for hadm_id in hadm_ids:
+                key = SCORE_KEY.format(hadm_id=hadm_id)
+                pipe.hset(key, "discharged", "1")
+                pipe.expire(key, self.discharged_ttl_s)
+                pipe.expire(HISTORY_KEY.format(hadm_id=hadm_id), self.discharged_ttl_s)
+            pipe.zrem(RANKING_KEY, *hadm_ids)
+            pipe.execute()
+
+    def prune_ranking(self, chunk: int = 1000) -> int:
+        """Remove ranking entries whose score has expired; how many went."""
+        removed = 0
+        members = [m for m, _ in self.client.zscan_iter(RANKING_KEY, count=chunk)]
+        for start in range(0, len(members), chunk):
+            part = members[start : start + chunk]
+            with self.client.pipeline(transaction=False) as pipe:
+                for member in part:
+                    pipe.exists(SCORE_KEY.format(hadm_id=int(member)))
+                alive = pipe.execute()
+            gone = [m for m, ok in zip(part, alive) if not ok]
+            if gone:
+                removed += self.client.zrem(RANKING_KEY, *gone)
+        return removed
 
     def get(self, hadm_id: int) -> RiskScore | None:
         return _from_fields(hadm_id, self.client.hgetall(SCORE_KEY.format(hadm_id=hadm_id)))

@@ -169,8 +169,9 @@ class OnlineFeatures:
     def __init__(self, store):
         self.store = store
 
-    def apply(self, events: list) -> None:
-        self.store.write_batch(events)
+    def apply(self, events: list) -> list:
+        """Apply events; returns those the store refused, each with its reason."""
+        return self.store.write_batch(events).refused
 
     def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
         arrays = self.store.read_inputs(hadm_ids)
@@ -679,7 +680,9 @@ def build_scoring(
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be {' or '.join(SCORERS)}, not {scorer!r}")
     tune_allocator()  # batch reads allocate large numpy arrays: keep them off mmap
-    features = OnlineFeatures(OnlineStore.current(client))
+    features = OnlineFeatures(
+        OnlineStore.current(client, max_stay_days=settings.stream.max_stay_days)
+    )
     if scorer == "cached":
         return features, CachedEncoderScorer(settings, client, backend=backend)
     return features, FullModelScorer(settings, backend=backend)

@@ -9,11 +9,14 @@ offset is committed.
 
 Scoring is pipelined: one micro-batch is scored on a background thread (feature read,
 Triton, score writes) while the loop goes on polling and applying the next events, so the
-worker's Python and Triton's model run at the same time. The parts, each in its module:
-``KafkaSource`` and ``KafkaSink`` (``stream.kafka_io``), the ``MicroBatcher``
-(``stream.batcher``: what to score and when), the ``CommitLedger`` (``stream.ledger``: which
-offsets may be committed), ``DeadLetters`` (``stream.dead_letters``) and the ``Retrier``
-that waits out outages of Redis or Triton (``stream.outages``). This module wires them.
+worker's Python and Triton's model run at the same time. One bad event or admission stops
+nothing else: it becomes a dead letter and the rest go on. The parts, each in its module:
+``KafkaSource`` and ``KafkaSink`` (``stream.kafka_io``), the ``EventApplier``
+(``stream.applying``), the ``MicroBatcher`` (``stream.batcher``: what to score and when),
+the ``BatchScorer`` (``stream.batch_scoring``), the ``CommitLedger`` (``stream.ledger``:
+which offsets may be committed), ``DeadLetters`` (``stream.dead_letters``) and the
+``Retrier`` that waits out outages of Redis or Triton (``stream.outages``). This module
+wires them; ``stream.wiring.connect`` builds a worker from the settings.
 """
 
 from __future__ import annotations
@@ -25,65 +28,48 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from dataclasses import asdict
 
-from ingest import events as ev
-from m3t import kafka
-from m3t.settings import Settings
+from features.cxr import ImageAccess
+from stream.applying import EventApplier
+from stream.batch_scoring import BatchScorer
 from stream.batcher import MicroBatcher
 from stream.dead_letters import DeadLetters
-from stream.kafka_io import KafkaSink, KafkaSource, log_commit_failure
+from stream.interfaces import FeatureSource, Scorer
+from stream.kafka_io import KafkaSink, KafkaSource
 from stream.ledger import CommitLedger
-from stream.metrics import WorkerMetrics
+from stream.metrics import WorkerMetrics, WorkerStats
 from stream.outages import REDIS_OUTAGES, Retrier, is_outage
-from stream.scores import RiskScore, ScoreStore
+from stream.scores import ScoreStore
 
 log = logging.getLogger(__name__)
 
 
-class FeatureSource(Protocol):
-    def apply(self, events: list) -> None:
-        """Apply events idempotently (an event seen before changes nothing)."""
-
-    def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
-        """Model inputs for these admissions, and each one's feature time (epoch s)."""
-
-
-class Scorer(Protocol):
-    model: str
-
-    def score(self, inputs: dict) -> tuple[list[float], list[float]]:
-        """Length of stay (days) and mortality probability per admission."""
-
-
-@dataclass
-class WorkerStats:
-    events: int = 0
-    dead_letters: int = 0
-    scored: int = 0
-    batches: int = 0
-    commits: int = 0
-    retries: int = 0
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
-
-
 class StreamWorker:
-    """Args:
-    source: the events topic (``KafkaSource``); the worker closes it.
-    sink: where scores and dead letters go (``KafkaSink``); the worker closes it.
-    features: applies events and reads model inputs (the online feature store).
-    scorer: scores model inputs (M3T-LM on Triton).
-    scores: the score store in Redis.
-    scores_topic: the topic every written score is also published to.
-    dead_letter_topic: the topic of events the worker cannot take.
-    max_batch: most admissions in one scoring batch.
-    max_wait_ms: longest a change waits for a batch to fill while events keep coming.
-    worker_id: the name its metrics are published under (default: host-pid).
+    """The stream loop, wiring the parts that each do one job.
+
+    Args:
+        source: the events topic (``KafkaSource``); the worker closes it.
+        sink: where scores and dead letters go (``KafkaSink``); the worker closes it.
+        features: applies events and reads model inputs (the online feature store).
+        scorer: scores model inputs (M3T-LM on Triton).
+        scores: the score store in Redis.
+        scores_topic: the topic every written score is also published to.
+        dead_letter_topic: the topic of events the worker cannot take.
+        max_batch: most admissions in one scoring batch.
+        max_wait_ms: longest a change waits for a batch to fill while events keep coming.
+        worker_id: the name its metrics are published under (default: host-pid).
+        max_event_bytes: larger events are dead letters, unparsed.
+        max_event_lead_s: an event dated further after its Kafka timestamp is a dead letter
+            (None: no limit).
+        dead_letter_payload: whether dead letters carry the event's bytes.
+        images: where X-ray URIs may point (None: not checked at the door).
     """
 
     # Under load, take a commit point at most this often; idle, at once.
     commit_interval_s = 0.2
+    # Ranking entries whose score expired are pruned this often.
+    prune_interval_s = 60.0
 
     def __init__(
         self,
@@ -98,20 +84,37 @@ class StreamWorker:
         max_batch: int = 256,
         max_wait_ms: int = 50,
         worker_id: str | None = None,
+        max_event_bytes: int = 512 * 1024,
+        max_event_lead_s: float | None = None,
+        dead_letter_payload: bool = False,
+        images: ImageAccess | None = None,
     ):
         self.source, self.sink = source, sink
-        self.features, self.scorer, self.scores = features, scorer, scores
-        self.scores_topic = scores_topic
+        self.scorer, self.scores = scorer, scores
         self.batcher = MicroBatcher(max_batch, max_wait_ms / 1000)
         self.ledger = CommitLedger()
-        self.outages = Retrier(source)
+        self.outages = Retrier(source, on_retry=self._count_retry)
         # Revoked partitions' events not yet in a written score are redelivered to the new
         # owner; the stores are idempotent, so that changes nothing.
         source.on_revoke = self.ledger.forget
-        self.dead_letters = DeadLetters(sink, dead_letter_topic)
+        self.dead_letters = DeadLetters(sink, dead_letter_topic, dead_letter_payload)
+        self.applier = EventApplier(
+            features,
+            self.dead_letters,
+            self._retrying,
+            max_event_bytes=max_event_bytes,
+            max_event_lead_s=max_event_lead_s,
+            images=images,
+        )
+        self.batch_scorer = BatchScorer(
+            features, scorer, scores, sink, scores_topic, self.dead_letters
+        )
+        self._pruned_at = time.monotonic()
         self.stats = WorkerStats(dead_letter_reasons=self.dead_letters.reasons)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.metrics = WorkerMetrics(scores.client, self.worker_id)
+        self.metrics = WorkerMetrics(
+            scores.client, self.worker_id, images=getattr(scorer, "image_errors", None)
+        )
         self._point_taken_at = time.monotonic()
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
@@ -149,8 +152,11 @@ class StreamWorker:
                 if not records or time.monotonic() - self._point_taken_at >= self.commit_interval_s:
                     self._take_commit_point()
                 self._commit_acknowledged()
+                self._retry_due_images()
                 if self.metrics.due():
                     self._flush_metrics()
+                if time.monotonic() - self._pruned_at >= self.prune_interval_s:
+                    self._prune_ranking()
                 if stop_after is not None and self.stats.events >= stop_after:
                     break
                 if idle_timeout_s is not None and not records:
@@ -167,54 +173,29 @@ class StreamWorker:
 
     def _retrying(self, what: str, step) -> None:
         self.outages.run(what, step, self._stop)
-        self.stats.retries = self.outages.retries
+
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
 
     def _apply(self, records) -> None:
-        valid, changes = [], []
-        for record in records:
-            try:
-                event = ev.decode(record.value())
-            except ev.InvalidEvent as exc:
-                self.dead_letters.send(record, exc.reason, exc.detail)
-                self.stats.dead_letters += 1
-                continue
-            valid.append(event)
-            changes.append((event.hadm_id, record.timestamp()[1] / 1000, event.type == "discharge"))
-        self._retrying("feature update", lambda: self.features.apply(valid))
-        ends = {
-            (r.topic(), r.partition()): r.offset() + 1 for r in records
-        }  # a partition's come in order
-        poll = self.ledger.polled(ends)
-        self.batcher.add(poll, changes)
+        changes = self.applier(records)
+        ends = {(r.topic(), r.partition()): r.offset() + 1 for r in records}  # in offset order
+        self.batcher.add(self.ledger.polled(ends), changes)
         self.stats.events += len(records)
+        self.stats.dead_letters = self.dead_letters.total
 
     # --- scoring, one batch in flight on a background thread ----------------------------
 
     def _launch(self) -> None:
         batch, discharged = self.batcher.launch(self.ledger.poll)
-        self._future = self._scoring.submit(self._score_batch, batch, discharged)
-
-    def _score_batch(self, batch: list[int], discharged: set[int]) -> float:
-        """(On the scoring thread.) Read, score, write and publish one batch; returns when."""
-        inputs, feature_times = self.features.inputs(batch)
-        los, mortality = self.scorer.score(inputs)
-        now = time.time()
-        scores = [
-            RiskScore(h, float(days), float(risk), self.scorer.model, t, now)
-            for h, days, risk, t in zip(batch, los, mortality, feature_times)
-        ]
-        self.scores.write_batch(scores, {h: h not in discharged for h in batch})
-        self.scores.discharge(sorted(discharged))
-        for score in scores:
-            self.sink.send(self.scores_topic, str(score.hadm_id).encode(), score.as_json().encode())
-        return now
+        self._future = self._scoring.submit(self.batch_scorer, batch, discharged)
 
     def _finish(self) -> None:
         """Collect the batch in flight. On failure its admissions wait for the next batch
         (the error is raised)."""
         future, self._future = self._future, None
         try:
-            scored_at = future.result()
+            scored_at, refused = future.result()
         except BaseException:
             self.batcher.failed()
             raise
@@ -222,7 +203,8 @@ class StreamWorker:
         for arrived in arrivals:
             self.metrics.latency.observe(max(0.0, scored_at - arrived))
         self.metrics.batch_size.observe(len(arrivals))
-        self.stats.scored += len(arrivals)
+        self.stats.scored += len(arrivals) - refused
+        self.stats.dead_letters = self.dead_letters.total
         self.stats.batches += 1
 
     def _collect(self) -> None:
@@ -272,6 +254,20 @@ class StreamWorker:
         self.ledger.committed(positions, asynchronous=asynchronous)
         self.stats.commits += 1
 
+    def _retry_due_images(self) -> None:
+        """Admissions whose X-ray was missing and is due another try are scored again."""
+        due = getattr(self.scorer, "retries_due", None)
+        hadm_ids = due(time.time()) if due is not None else ()
+        if hadm_ids:
+            self.batcher.add(self.ledger.poll, [(h, time.time(), False) for h in hadm_ids])
+
+    def _prune_ranking(self) -> None:
+        self._pruned_at = time.monotonic()
+        try:
+            self.scores.prune_ranking()
+        except REDIS_OUTAGES as exc:  # the next prune has them
+            log.warning("ranking not pruned (%s)", type(exc).__name__)
+
     def _flush_metrics(self) -> None:
         self.metrics.lag = self.source.lag()
         try:
@@ -284,42 +280,3 @@ class StreamWorker:
         self._scoring.shutdown(wait=True)
         self.sink.close()
         self.source.close()
-
-
-def connect(
-    settings: Settings,
-    features: FeatureSource,
-    scorer: Scorer,
-    scores: ScoreStore,
-    *,
-    group_id: str | None = None,
-    topic: str | None = None,
-    max_poll_records: int = 2048,
-    **options,
-) -> StreamWorker:
-    """A worker on the Kafka of ``settings``, in consumer group ``group_id`` (default: the
-    settings'), reading ``topic`` (default: the events topic) up to ``max_poll_records`` a
-    poll; ``options`` are ``StreamWorker``'s."""
-    cfg = settings.kafka
-    consumer = kafka.consumer(
-        settings,
-        group_id=group_id or cfg.consumer_group,
-        client_id="m3t-worker",
-        on_commit=log_commit_failure,
-        **{"fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes},
-    )
-    # A batch's scores are queued together, so a short linger loses no batching.
-    producer = kafka.producer(settings, client_id="m3t-worker", **{"linger.ms": 1})
-    # Larger than a scoring batch: under a backlog, one poll's events fold into fewer
-    # admission writes (each admission's events in it are loaded and committed once).
-    source = KafkaSource(consumer, topic or cfg.topic_events, max_records=max_poll_records)
-    return StreamWorker(
-        source,
-        KafkaSink(producer),
-        features,
-        scorer,
-        scores,
-        scores_topic=cfg.topic_scores,
-        dead_letter_topic=cfg.topic_dead_letter,
-        **options,
-    )

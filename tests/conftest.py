@@ -107,3 +107,53 @@ def isolated_settings(settings):
     cfg = settings.model_copy(update={"kafka": kafka})
     ensure_topics(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def cohort(settings):
+    """A small synthetic cohort (every modality), grouped by admission, its images under
+    the state folder (an image root)."""
+    from features.offline import group_admissions
+    from ingest.mimic import MimicReader
+    from ingest.synth import generate
+
+    root = settings.state_dir / "stream-cohort"
+    generate(root, 24, seed=11, image_size=128)
+    return group_admissions(MimicReader(root).admissions())
+
+
+@pytest.fixture(scope="session")
+def deployed(settings, cohort, tmp_path_factory):
+    """The cohort's fitted features, and a small M3T-LM published to Triton."""
+    import torch
+
+    from features import model_inputs as mi
+    from features.offline import CutoffPolicy, build
+    from trainer.export import export_onnx, graphs
+    from trainer.model import M3TLM, M3TConfig
+    from trainer.publish import load_in_triton, publish, read_config
+
+    fitted = build(list(cohort.values()), CutoffPolicy((24.0,))).fitted
+    repo = settings.model_repo
+    dims = {t.name: tuple(t.dims) for t in read_config(repo / "m3t_lm" / "config.pbtxt").input}
+    emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
+    torch.manual_seed(3)
+    model = M3TLM(
+        M3TConfig(
+            n_features=dims[mi.NUMERIC][0],
+            vocab_size=len(fitted.vocab),
+            numeric_embed_dim=8,
+            numeric_heads=2,
+            notes_embed_dim=8,
+            notes_hidden_dim=8,
+            cxr_channels=(4, 8),
+            emb_dim=emb,
+            fusion_hidden_dim=16,
+        )
+    ).eval()
+    shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
+    onnx_dir = tmp_path_factory.mktemp("stream-onnx")
+    export_onnx(model, shapes, onnx_dir)
+    publish(graphs(model, shapes), onnx_dir, repo)
+    assert all(load_in_triton(settings.triton.grpc_url).values())
+    return fitted, model

@@ -268,7 +268,7 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
     """Events -> Kafka -> worker -> Redis features -> Triton -> scores -> `m3t scores get`."""
     from stream.scores import ScoreStore
     from stream.scoring import ModelScorer
-    from stream.worker import connect
+    from stream.wiring import connect
     from tests.skeleton import SkeletonFeatures, produce, skeleton_events
 
     events = skeleton_events(3)
@@ -300,7 +300,7 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
 def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     from stream.scores import ScoreStore
     from stream.scoring import ModelScorer
-    from stream.worker import connect
+    from stream.wiring import connect
     from tests.skeleton import SkeletonFeatures
 
     marker = uuid.uuid4().hex

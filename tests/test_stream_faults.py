@@ -19,7 +19,7 @@ from m3t import services
 from m3t.clients import redis_client
 from stream.scores import ScoreStore
 from stream.scoring import ModelScorer
-from stream.worker import connect
+from stream.wiring import connect
 from tests.skeleton import KEY, SkeletonFeatures, produce
 
 
@@ -72,6 +72,12 @@ def committed_everything(settings) -> bool:
     committed = {tp: consumer.committed(tp) or 0 for tp in parts}
     consumer.close()
     return all(committed[tp] == ends[tp] for tp in parts)
+
+
+def with_dead_letter_payload(settings):
+    return settings.model_copy(
+        update={"stream": settings.stream.model_copy(update={"dead_letter_payload": True})}
+    )
 
 
 def start_worker(settings, client, prepare=None, **kwargs):
@@ -342,15 +348,16 @@ def test_a_commit_waits_for_kafka_to_acknowledge_the_scores_it_covers_without_bl
 def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(
     isolated_settings, redis_client
 ):
-    # Base64 makes a 900 KB malformed event a 1.2 MB dead letter, over Kafka's 1 MB: it
-    # must not crash the worker (after a restart it would crash again on the same event).
+    # Base64 makes a 900 KB event a 1.2 MB dead letter, over Kafka's 1 MB, where the payload
+    # is asked for: it must not crash the worker (after a restart it would crash again on
+    # the same event).
     import base64
     import hashlib
     import json
 
     from kafka import KafkaProducer
 
-    settings = isolated_settings
+    settings = with_dead_letter_payload(isolated_settings)
     huge = b"{" + b"x" * 900_000
     good = cohort(1, 0, 86_000_000)
     producer = KafkaProducer(
@@ -367,7 +374,7 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(
         ScoreStore(redis_client),
     )
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
-    assert stats.dead_letter_reasons == {"malformed_json": 1}
+    assert stats.dead_letter_reasons == {"oversized_event": 1}
     assert ScoreStore(redis_client).get(good[0].hadm_id) is not None
     assert committed_everything(settings)
     consumer = KafkaConsumer(
@@ -378,7 +385,7 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(
     )
     (letter,) = [json.loads(m.value) for m in consumer]
     consumer.close()
-    assert letter["reason"] == "malformed_json" and letter["truncated"] is True
+    assert letter["reason"] == "oversized_event" and letter["truncated"] is True
     assert (
         letter["value_bytes"] == len(huge)
         and letter["value_sha256"] == hashlib.sha256(huge).hexdigest()
@@ -401,7 +408,7 @@ def test_a_record_kafka_refuses_stops_the_worker_uncommitted(
     from stream import dead_letters
 
     monkeypatch.setattr(dead_letters, "DEAD_LETTER_MAX_BYTES", 10**9)
-    settings = isolated_settings
+    settings = with_dead_letter_payload(isolated_settings)
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000
     )

@@ -1,0 +1,54 @@
+"""A stream worker built from the settings: its Kafka clients, and the worker over them."""
+
+from __future__ import annotations
+
+from features.cxr import ImageAccess
+from m3t import kafka
+from m3t.settings import Settings
+from stream.interfaces import FeatureSource, Scorer
+from stream.kafka_io import KafkaSink, KafkaSource, log_commit_failure
+from stream.scores import ScoreStore
+from stream.worker import StreamWorker
+
+
+def connect(
+    settings: Settings,
+    features: FeatureSource,
+    scorer: Scorer,
+    scores: ScoreStore,
+    *,
+    group_id: str | None = None,
+    topic: str | None = None,
+    max_poll_records: int = 2048,
+    **options,
+) -> StreamWorker:
+    """A worker on the Kafka of ``settings``, in consumer group ``group_id`` (default: the
+    settings'), reading ``topic`` (default: the events topic) up to ``max_poll_records`` a
+    poll; ``options`` are ``StreamWorker``'s."""
+    cfg = settings.kafka
+    consumer = kafka.consumer(
+        settings,
+        group_id=group_id or cfg.consumer_group,
+        client_id="m3t-worker",
+        on_commit=log_commit_failure,
+        **{"fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes},
+    )
+    # A batch's scores are queued together, so a short linger loses no batching.
+    producer = kafka.producer(settings, client_id="m3t-worker", **{"linger.ms": 1})
+    # Larger than a scoring batch: under a backlog, one poll's events fold into fewer
+    # admission writes (each admission's events in it are loaded and committed once).
+    source = KafkaSource(consumer, topic or cfg.topic_events, max_records=max_poll_records)
+    return StreamWorker(
+        source,
+        KafkaSink(producer),
+        features,
+        scorer,
+        scores,
+        scores_topic=cfg.topic_scores,
+        dead_letter_topic=cfg.topic_dead_letter,
+        max_event_bytes=settings.stream.max_event_bytes,
+        max_event_lead_s=settings.stream.max_event_lead_s,
+        dead_letter_payload=settings.stream.dead_letter_payload,
+        images=ImageAccess.from_settings(settings),
+        **options,
+    )
