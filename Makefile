@@ -8,12 +8,14 @@ STAMP  := $(VENV)/.installed
 
 setup: system-deps $(STAMP)
 
-# Debian packages: the Redis server, Java for Kafka, Maven to fetch the Kafka jars.
+# Debian packages: the Redis server, Java for Kafka, Maven to fetch the Kafka jars, and kcat
+# (librdkafka's command-line client: the tests' independent producer and consumer).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
+	command -v kcat >/dev/null || missing="$$missing kcat"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -1,0 +1,321 @@
+"""Issue 16: hostile events, sent by an independent producer (kcat) to a running worker.
+
+The worker runs the product's pieces (the online store, the cached-encoder scorer on
+Triton). Afterwards it must be alive and scoring, no stored score may be non-finite, and the
+dead-letter topic (read back with kcat) must hold exactly one letter per hostile event, with
+its reason and without the event's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from features.cxr import CxrPreprocessor
+from features.online import OnlineStore
+from ingest import events as ev
+from m3t.services.process import wait_until
+from stream.scores import SCORE_KEY, ScoreStore
+from stream.scoring import CachedEncoderScorer, CxrInputs, OnlineFeatures
+from stream.wiring import connect
+
+pytestmark = pytest.mark.services
+
+KCAT = shutil.which("kcat")
+ADMIT = datetime(2150, 6, 1, 8, tzinfo=UTC)
+
+
+def kcat_produce(settings, key: str, value: bytes | None, folder) -> None:
+    """One record through kcat; ``None`` sends a tombstone (a record with no value)."""
+    assert KCAT, "kcat is missing: make setup installs it"
+    args = [KCAT, "-P", "-b", settings.kafka.bootstrap_servers, "-t", settings.kafka.topic_events]
+    if value is None:  # a line "key:" with -Z: an empty value sent as NULL
+        subprocess.run(args + ["-K:", "-Z"], input=f"{key}:\n".encode(), check=True, timeout=60)
+        return
+    path = folder / f"m{time.monotonic_ns()}"
+    path.write_bytes(value)  # a file is one record, whatever bytes it holds
+    subprocess.run(args + ["-k", key, str(path)], check=True, timeout=60, capture_output=True)
+
+
+def kcat_positions(settings, topic: str) -> set[tuple[int, int]]:
+    """(partition, offset) of every record of ``topic`` (whatever bytes it holds)."""
+    out = subprocess.run(
+        [KCAT, "-C", "-b", settings.kafka.bootstrap_servers, "-t", topic]
+        + ["-o", "beginning", "-e", "-q", "-f", "%p %o\n"],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    return {tuple(map(int, line.split())) for line in out.stdout.decode().splitlines() if line}
+
+
+def kcat_consume(settings, topic: str) -> list[dict]:
+    """Every record of ``topic`` as kcat's JSON envelope (key, payload, partition, offset)."""
+    out = subprocess.run(
+        [KCAT, "-C", "-b", settings.kafka.bootstrap_servers, "-t", topic]
+        + ["-o", "beginning", "-e", "-q", "-J"],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def admission(hadm_id: int, when: datetime = ADMIT) -> dict:
+    event = ev.AdmissionEvent(
+        event_id=ev.event_id("hostile/adm", hadm_id),
+        hadm_id=hadm_id,
+        subject_id=hadm_id,
+        event_time=when,
+        source="hostile",
+        payload=ev.AdmissionPayload(admittime=when, admission_type="URGENT", gender="F", age=70),
+    )
+    return json.loads(ev.encode(event))
+
+
+def observation(hadm_id: int, when: datetime, value=1.0, itemid=50912, tag="") -> dict:
+    return {
+        "schema_version": 1,
+        "event_id": ev.event_id("hostile/obs", f"{hadm_id}/{when.isoformat()}/{tag}"),
+        "hadm_id": hadm_id,
+        "subject_id": hadm_id,
+        "event_time": when.isoformat(),
+        "source": "hostile",
+        "type": "observation",
+        "payload": {
+            "itemid": itemid,
+            "value": value,
+            "unit": "mg/dL",
+            "charttime": when.isoformat(),
+            "kind": "lab",
+        },
+    }
+
+
+def cxr(hadm_id: int, when: datetime, uri: str, tag: str) -> dict:
+    return {
+        "schema_version": 1,
+        "event_id": ev.event_id("hostile/cxr", f"{hadm_id}/{tag}"),
+        "hadm_id": hadm_id,
+        "subject_id": hadm_id,
+        "event_time": when.isoformat(),
+        "source": "hostile",
+        "type": "cxr",
+        "payload": {
+            "study_id": 1,
+            "dicom_id": tag,
+            "view_position": "PA",
+            "uri": uri,
+            "studytime": when.isoformat(),
+        },
+    }
+
+
+def raw(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+@pytest.fixture
+def worker(isolated_settings, deployed, redis_client, tmp_path):
+    """The product's worker on this test's topics, with ``tmp_path`` as its image root."""
+    fitted, _ = deployed
+    images = isolated_settings.images.model_copy(update={"roots": (tmp_path,)})
+    settings = isolated_settings.model_copy(update={"images": images})
+    store = OnlineStore(redis_client, fitted, scratch=settings.kafka.consumer_group)
+    scorer = CachedEncoderScorer(
+        settings, redis_client, cxr=CxrInputs(CxrPreprocessor(device="cpu"))
+    )
+    running = connect(
+        settings, OnlineFeatures(store), scorer, ScoreStore(redis_client), max_wait_ms=20
+    )
+    stop = threading.Event()
+    failure = []
+
+    def run():
+        try:
+            running.run(stop=stop)
+        except BaseException as exc:  # the test reports it
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield settings, running, thread, failure
+    stop.set()
+    thread.join(60)
+
+
+def score_of(redis_client, hadm_id: int) -> dict:
+    fields = redis_client.hgetall(SCORE_KEY.format(hadm_id=hadm_id))
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+def scored_at(redis_client, hadm_id: int, when: datetime) -> bool:
+    score = score_of(redis_client, hadm_id)
+    return bool(score) and float(score["feature_time"]) >= when.timestamp() - 1e-3
+
+
+def assert_no_stored_score_is_non_finite(redis_client) -> None:
+    for key in redis_client.scan_iter("m3t:score:*", count=1000):
+        fields = redis_client.hgetall(key)
+        for name in (b"los_days", b"mortality_prob"):
+            assert math.isfinite(float(fields[name])), key
+    for member, risk in redis_client.zrange("m3t:risk:inpatients", 0, -1, withscores=True):
+        assert math.isfinite(risk), member
+
+
+def hostile_events(tmp_path, hadm: int) -> list[tuple[str, bytes | None, str]]:
+    """(name, value, the reason its dead letter must give) for every class of the issue."""
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    later = ADMIT + timedelta(hours=2)
+    surrogate = raw(observation(hadm, later, tag="surrogate")).replace(
+        b'"source": "hostile"', b'"source": "\\ud800"'
+    )
+    huge_int = observation(hadm, later, tag="int64")
+    huge_int["hadm_id"] = 2**63
+    future = observation(hadm, datetime(9999, 1, 1, tzinfo=UTC), tag="9999")
+    ahead = observation(hadm, ADMIT + timedelta(days=500), tag="ahead")
+    before = observation(hadm, ADMIT - timedelta(days=2), tag="before")
+    long_id = observation(hadm, later, tag="long-id")
+    long_id["event_id"] = "x" * 900_000
+    version = observation(hadm, later, tag="version")
+    version["schema_version"] = 99
+    return [
+        ("nested 2,000 deep", b"[" * 2000 + b"]" * 2000, "too_deep"),
+        (
+            "Infinity",
+            raw(observation(hadm, later, tag="inf")).replace(b"1.0", b"Infinity"),
+            "non_finite",
+        ),
+        ("a lone surrogate", surrogate, "invalid_utf8"),
+        ("hadm_id 2^63", raw(huge_int), "schema_violation"),
+        ("year 9999", raw(future), "schema_violation"),
+        ("a 900 KB event id", raw(long_id), "oversized_event"),
+        ("not JSON", b"\xff\xfe{", "invalid_utf8"),
+        ("a tombstone", None, "tombstone"),
+        ("an unknown schema version", raw(version), "unsupported_schema_version"),
+        ("dated before its admission", raw(before), "before_admission"),
+        ("dated after any stay", raw(ahead), "after_max_stay"),
+        ("a FIFO", raw(cxr(hadm, later, fifo.as_uri(), "fifo")), "image_refused"),
+        ("/etc/passwd", raw(cxr(hadm, later, "file:///etc/passwd", "passwd")), "image_refused"),
+        ("an escape", raw(cxr(hadm, later, "file:///../../etc/hostname", "up")), "image_refused"),
+    ]
+
+
+def test_hostile_events_are_dead_lettered_and_the_stream_goes_on(worker, redis_client, tmp_path):
+    settings, running, thread, failure = worker
+    hadm = 62_000_001
+    kcat_produce(settings, str(hadm), raw(admission(hadm)), tmp_path)
+    assert wait_until(lambda: scored_at(redis_client, hadm, ADMIT), 120), failure
+
+    hostile = hostile_events(tmp_path, hadm)
+    for _, value, _ in hostile:
+        kcat_produce(settings, str(hadm), value, tmp_path)
+    after = ADMIT + timedelta(hours=3)
+    kcat_produce(settings, str(hadm), raw(observation(hadm, after, tag="after")), tmp_path)
+    other = hadm + 1
+    kcat_produce(settings, str(other), raw(admission(other)), tmp_path)
+
+    assert wait_until(
+        lambda: scored_at(redis_client, hadm, after) and scored_at(redis_client, other, ADMIT),
+        120,
+    ), failure
+    assert thread.is_alive() and not failure
+    assert_no_stored_score_is_non_finite(redis_client)
+
+    positions = kcat_positions(settings, settings.kafka.topic_events)
+    wanted = {
+        hashlib.sha256(value or b"").hexdigest(): (name, reason) for name, value, reason in hostile
+    }
+    assert wait_until(
+        lambda: len(kcat_consume(settings, settings.kafka.topic_dead_letter)) >= len(hostile), 60
+    )
+    letters = kcat_consume(settings, settings.kafka.topic_dead_letter)
+    assert len(letters) == len(hostile), [json.loads(m["payload"])["reason"] for m in letters]
+    seen = set()
+    for message in letters:
+        letter = json.loads(message["payload"])
+        assert "value_b64" not in letter  # no payload by default: it may be patient data
+        name, reason = wanted[letter["value_sha256"]]
+        assert letter["reason"] == reason or (reason is None and letter["reason"]), (name, letter)
+        seen.add(name)
+        assert letter["topic"] == settings.kafka.topic_events
+        assert (letter["partition"], letter["offset"]) in positions  # where the event lies
+    assert seen == {name for name, _, _ in hostile}
+
+
+# --- generated: random JSON, and random fields in valid envelopes ------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+field_values = (
+    st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.none()
+    | st.lists(st.integers(), max_size=3)
+)
+
+
+@st.composite
+def mutated_envelopes(draw, hadm: int) -> bytes:
+    event = observation(hadm, ADMIT + timedelta(minutes=draw(st.integers(1, 10_000))), tag="h")
+    event["event_id"] = draw(st.text(min_size=1, max_size=40))
+    where = draw(st.sampled_from(["envelope", "payload"]))
+    target = event if where == "envelope" else event["payload"]
+    target[draw(st.sampled_from(sorted(target)))] = draw(field_values)
+    return json.dumps(event).encode()
+
+
+@hypothesis_settings(
+    max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_generated_events_never_stop_the_worker(worker, redis_client, tmp_path, data):
+    settings, running, thread, failure = worker
+    hadm = 63_000_000 + data.draw(st.integers(0, 999_999))
+    kcat_produce(settings, str(hadm), raw(admission(hadm)), tmp_path)
+    sent = [json.dumps(data.draw(json_values)).encode() for _ in range(5)]
+    sent += [data.draw(mutated_envelopes(hadm)) for _ in range(10)]
+    for value in sent:
+        kcat_produce(settings, str(hadm), value, tmp_path)
+    done = ADMIT + timedelta(days=30)
+    kcat_produce(settings, str(hadm), raw(observation(hadm, done, tag="done")), tmp_path)
+    assert wait_until(lambda: scored_at(redis_client, hadm, done), 120), failure
+    assert thread.is_alive() and not failure
+    assert_no_stored_score_is_non_finite(redis_client)
+    # Each generated event is applied or dead-lettered once, never both.
+    letters = [
+        json.loads(m["payload"]) for m in kcat_consume(settings, settings.kafka.topic_dead_letter)
+    ]
+    by_hash = {}
+    for letter in letters:
+        by_hash.setdefault(letter["value_sha256"], []).append(letter)
+        assert "value_b64" not in letter and letter["reason"]
+    for value in sent:
+        found = by_hash.get(hashlib.sha256(value).hexdigest(), [])
+        copies = sent.count(value)
+        try:
+            ev.decode(value)
+            valid = True
+        except ev.InvalidEvent:
+            valid = False
+        if not valid:
+            assert len(found) == copies, value[:200]
