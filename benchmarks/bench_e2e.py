@@ -46,7 +46,8 @@ from m3t.settings import Settings
 
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
 FIRST_HADM = 95_000_000
-NEW_ADMISSIONS, CENSUS = "new admissions", "census"
+NEW_ADMISSIONS, CENSUS, HOSTILE = "new admissions", "census", "census + 1% hostile"
+HOSTILE_EVERY = 100  # one hostile event sent after every 100th valid one
 
 
 def m3t_deployed(settings: Settings) -> bool:
@@ -76,7 +77,7 @@ def m3t_pipeline(settings: Settings):
 
 def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline) -> None:
     """The worker process, its pieces from ``pipeline(settings)``: consume until ``stop`` is set."""
-    from stream.worker import connect
+    from stream.wiring import connect
 
     features, scorer, scores = pipeline(settings)
     worker = connect(
@@ -118,6 +119,26 @@ def observation(hadm_id: int, when: datetime, rng: random.Random) -> bytes:
         ),
     )
     return ev.encode(event)
+
+
+def hostile_events(hadm_id: int) -> list[bytes]:
+    """Events the worker must dead-letter, for admission ``hadm_id`` (admitted now)."""
+    valid = json.loads(observation(hadm_id, datetime.now(UTC), random.Random(0)))
+    before = json.loads(
+        observation(hadm_id, datetime.now(UTC) - timedelta(days=3), random.Random(1))
+    )
+    payload = valid["payload"]
+    return [
+        b'{"schema_version": 1, "event_id": ',  # malformed
+        b"[" * 2000 + b"]" * 2000,
+        json.dumps({**valid, "payload": {**payload, "value": "__inf__"}})
+        .replace('"__inf__"', "Infinity")
+        .encode(),
+        json.dumps({**valid, "schema_version": 99}).encode(),
+        json.dumps({**valid, "source": "__s__"}).replace("__s__", "\\ud800").encode(),
+        json.dumps({**valid, "hadm_id": 2**63}).encode(),
+        json.dumps(before).encode(),
+    ]
 
 
 def isolated(settings: Settings) -> Settings:
@@ -200,7 +221,7 @@ def run(
     seconds: float = 5.0,
     drain_s: float = 10.0,
     workers: tuple[int, ...] = (1,),
-    workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS),
+    workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS, HOSTILE),
     census: int = 1000,
     max_batch: int = 256,
     max_wait_ms: int = 20,
@@ -216,10 +237,11 @@ def run(
     ``pipeline(settings)`` -> (features, scorer, scores) builds each worker's pieces in its
     own process (a module-level function: it is pickled by name); by default M3T-LM's
     (``m3t_pipeline``), which fails fast unless it is deployed."""
-    unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS}
+    unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS, HOSTILE}
     if unknown:
         raise ValueError(
-            f"unknown workload(s) {sorted(unknown)}: choose from {NEW_ADMISSIONS!r}, {CENSUS!r}"
+            f"unknown workload(s) {sorted(unknown)}: choose from "
+            f"{NEW_ADMISSIONS!r}, {CENSUS!r}, {HOSTILE!r}"
         )
     services.up(settings)
     if pipeline is None and not m3t_deployed(settings):
@@ -246,7 +268,10 @@ def run(
             "held": list(held) if held else None,
             "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: "
             "one admission event per new admission; census: lab and vital results for open "
-            "admissions chosen uniformly at random",
+            "admissions chosen uniformly at random; census + 1% hostile: the same, and after "
+            "every 100th result one hostile event (malformed, nested too deep, non-finite, "
+            "an unknown schema version, a lone surrogate, an id over int64, dated before its "
+            "admission), each a dead letter",
         },
     )
     started = time.perf_counter()
@@ -268,8 +293,10 @@ def run(
         )
         for workload, level_s, run_, cores in runs:
             case = "event -> score" + (
-                f", census {census:,}" if workload == CENSUS else ", new admissions"
+                ", new admissions" if workload == NEW_ADMISSIONS else f", census {census:,}"
             )
+            if workload == HOSTILE:
+                case += " + 1% hostile"
             if level_s != seconds:
                 case += f", held {level_s:g} s"
             result.rows.append(
@@ -279,6 +306,11 @@ def run(
                     **run_.summary(),
                     "cpu_cores": round(sum(cores.values()), 2),
                     "cpu_cores_by_process": cores,
+                    **(
+                        {"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY}
+                        if workload == HOSTILE
+                        else {}
+                    ),
                 }
             )
     first = next((r for r in result.rows if "p50_ms" in r), None)
@@ -340,13 +372,13 @@ def _sweep(
             cfg, producer, observer, workers, next_hadm, ready_timeout_s
         )
         for workload in workloads:
-            if workload == CENSUS:
+            if workload in (CENSUS, HOSTILE):
                 ward = list(range(next_hadm, next_hadm + census))
                 next_hadm += census
                 _admit(cfg, producer, observer, ward, ready_timeout_s)
             levels = [(rate, seconds) for rate in rates] + ([held] if held else [])
             for rate, level_s in levels:
-                if workload == CENSUS:
+                if workload in (CENSUS, HOSTILE):
                     run_, cores = _level(
                         cfg,
                         producer,
@@ -357,6 +389,7 @@ def _sweep(
                         drain_s,
                         lambda i: ward[rng.randrange(len(ward))],
                         lambda h_, when: observation(h_, when, rng),
+                        hostile=hostile_events(ward[0]) if workload == HOSTILE else None,
                     )
                 else:
                     first = next_hadm
@@ -458,6 +491,7 @@ def _level(
     admission_of,
     encode,
     settle_s: float = 120.0,
+    hostile: list[bytes] | None = None,
 ):
     """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
     when)`` its bytes. Event times are the schedule's, so they increase per admission.
@@ -465,7 +499,8 @@ def _level(
 
     The result is the run as it stood ``drain_s`` after the last send. Past saturation the
     workers are still behind then: the next level starts once they have caught up (up to
-    ``settle_s``), so it does not inherit this one's backlog."""
+    ``settle_s``), so it does not inherit this one's backlog. ``hostile``: events sent, in
+    turn, after every ``HOSTILE_EVERY``-th one (not scored, so not in the run)."""
     run = h.schedule(rate, seconds)
     start = datetime.now(UTC)
     targets = [admission_of(i) for i in range(len(run.scheduled))]
@@ -475,7 +510,14 @@ def _level(
         encoded.append(encode(hadm_id, when))
         observer.expect(hadm_id, when.timestamp(), run, i)
     before, began = meter.sample(), time.perf_counter()
-    h.drive(run, lambda i: _send(producer, cfg, targets[i], encoded[i]), synchronous=False)
+
+    def send(i: int) -> None:
+        _send(producer, cfg, targets[i], encoded[i])
+        every = HOSTILE_EVERY
+        if hostile and i % every == every - 1:
+            _send(producer, cfg, targets[i], hostile[(i // every) % len(hostile)])
+
+    h.drive(run, send, synchronous=False)
     cores = meter.cores(before, meter.sample(), time.perf_counter() - began)
     producer.flush(drain_s)
 

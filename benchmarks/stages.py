@@ -96,8 +96,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "e2e",
             "benchmarks.bench_e2e",
-            "Offered-load sweep through the stream worker (new admissions; a census of open ones): "
-            "achieved events/s and event-to-score p50/p95/p99.",
+            "Offered-load sweep through the stream worker (new admissions; a census of open ones, "
+            "clean and with 1% hostile events): achieved events/s and event-to-score p50/p95/p99.",
             full=dict(
                 rates=(100, 500, 2000, 10_000, 15_000),
                 seconds=5.0,

@@ -277,12 +277,13 @@ def test_inference_stage(settings, tmp_path):
 
 
 @pytest.mark.services
-def test_e2e_stage(settings, redis_client, tmp_path):
+def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     from benchmarks import bench_e2e
     from m3t.clients import unlink
     from tests import skeleton
 
     # The workers score the walking skeleton: the harness is measured without a trained model.
+    monkeypatch.setattr(bench_e2e, "HOSTILE_EVERY", 5)  # hostile events at these small sizes
     try:
         result = bench_e2e.run(
             settings,
@@ -304,12 +305,15 @@ def test_e2e_stage(settings, redis_client, tmp_path):
         "event -> score, new admissions, held 2 s",
         "event -> score, census 10",
         "event -> score, census 10, held 2 s",
+        "event -> score, census 10 + 1% hostile",
+        "event -> score, census 10 + 1% hostile, held 2 s",
     ]
     for level in data["rows"]:
         assert level["sent"] == 20 and level["offered_per_s"] == (
             10 if "held" in level["case"] else 20
         )
         assert level["completed"] == 20, "every event should be scored at these rates"
+        assert level.get("hostile_sent") == (4 if "hostile" in level["case"] else None)
         # While it sent, every process on the path was counted, the workers at least busy.
         by_process = level["cpu_cores_by_process"]
         assert set(by_process) == {
