@@ -19,12 +19,26 @@ from stream.scoring import OUTAGE_STATUSES
 log = logging.getLogger(__name__)
 
 REDIS_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Redis answering but refusing writes (out of memory, a failed save to disk, a read-only
+# replica, a cluster without a primary): no event's fault, so waited out like a server down.
+REDIS_REFUSALS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
+REFUSAL_CODES = ("OOM", "MISCONF", "READONLY", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN", "BUSY")
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Redis or Triton unreachable: worth waiting out."""
-    if isinstance(exc, REDIS_OUTAGES):
+    """Redis or Triton unreachable, or Redis refusing writes: worth waiting out."""
+    if isinstance(exc, REDIS_OUTAGES + REDIS_REFUSALS):
         return True
+    if isinstance(exc, redis.exceptions.ResponseError):
+        # A script's error carries the refusal inside: "... -OOM command not allowed ..."
+        text = str(exc)
+        return any(text.startswith(code + " ") or f"-{code} " in text for code in REFUSAL_CODES)
     return isinstance(exc, InferenceServerException) and exc.status() in OUTAGE_STATUSES
 
 

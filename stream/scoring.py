@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import redis
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from features import model_inputs as mi
+from m3t.clients import triton_client
 from m3t.settings import Settings
 
 _NP_TO_TRITON = {
@@ -115,8 +117,9 @@ class TritonModel:
         for _ in requests:
             # client_timeout bounds each request; this bounds a callback that never comes.
             if not done.acquire(timeout=self.timeout_s + 5):
-                raise RuntimeError(
-                    f"{self.name}: no answer from Triton within {self.timeout_s + 5:.0f}s"
+                raise InferenceServerException(  # an outage: Triton's, not the batch's
+                    f"{self.name}: no answer from Triton within {self.timeout_s + 5:.0f}s",
+                    status=OUTAGE_STATUSES[1],
                 )
         return results
 
@@ -156,8 +159,7 @@ class OnnxModel:
 def open_model(settings: Settings, name: str, backend: str = "triton"):
     """``name`` on the Triton server, or its latest published version in-process."""
     if backend == "triton":
-        client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
-        return TritonModel(client, name, settings.triton.timeout_s)
+        return TritonModel(triton_client(settings), name, settings.triton.timeout_s)
     if backend == "onnx":
         return OnnxModel(settings.model_repo, name, settings.triton.model_version)
     raise ValueError(f"backend must be triton or onnx, not {backend!r}")

@@ -39,7 +39,7 @@ from stream.interfaces import FeatureSource, Scorer
 from stream.kafka_io import KafkaSink, KafkaSource
 from stream.ledger import CommitLedger
 from stream.metrics import WorkerMetrics, WorkerStats
-from stream.outages import REDIS_OUTAGES, Retrier, is_outage
+from stream.outages import Retrier, is_outage
 from stream.scores import ScoreStore
 
 log = logging.getLogger(__name__)
@@ -265,14 +265,18 @@ class StreamWorker:
         self._pruned_at = time.monotonic()
         try:
             self.scores.prune_ranking()
-        except REDIS_OUTAGES as exc:  # the next prune has them
-            log.warning("ranking not pruned (%s)", type(exc).__name__)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("ranking not pruned (%s)", type(exc).__name__)  # the next prune is
 
     def _flush_metrics(self) -> None:
         self.metrics.lag = self.source.lag()
         try:
             self.metrics.flush(asdict(self.stats))
-        except REDIS_OUTAGES as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             # Metrics are best effort: an outage must not stop the worker (the next flush has them).
             log.warning("metrics not published (%s)", type(exc).__name__)
 

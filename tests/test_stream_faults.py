@@ -155,6 +155,39 @@ def test_redis_down_pauses_without_commit(isolated_settings):
     )
 
 
+def test_redis_refusing_writes_pauses_without_dead_letters_or_commit(isolated_settings):
+    # Out of memory (maxmemory reached, nothing to evict) is no event's fault: the worker
+    # must wait, not dead-letter the events it could not write.
+    settings = isolated_settings
+    events = cohort(4, 2, 82_100_000)
+    client = redis_client(settings)
+    worker, stop, thread = start_worker(settings, client)
+    worker.metrics.flush_every_s = 0.0  # metrics are refused too, every loop
+    limits = client.config_get("maxmemory*")
+    try:
+        assert wait_for(lambda: worker.source.assignment())
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+        produce(settings, events)
+        assert wait_for(lambda: worker.stats.retries >= 3)
+        assert worker.stats.commits == 0 and worker.stats.dead_letters == 0
+        assert thread.is_alive()
+    finally:
+        client.config_set("maxmemory", limits["maxmemory"])
+        client.config_set("maxmemory-policy", limits["maxmemory-policy"])
+    try:
+        assert wait_for(lambda: committed_everything(settings))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert worker.stats.dead_letters == 0
+    store = ScoreStore(client)
+    assert all(store.get(e.hadm_id) for e in events)
+    assert observations(client, {e.hadm_id for e in events}) == dict.fromkeys(
+        {e.hadm_id for e in events}, 2
+    )
+
+
 def worker_process(settings, *extra):
     env = {
         **os.environ,

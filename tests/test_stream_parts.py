@@ -167,3 +167,71 @@ def test_a_batch_is_due_when_the_stream_pauses_a_batch_is_full_or_a_change_waite
     impatient = MicroBatcher(max_batch=100, max_wait_s=0.0)
     impatient.add(1, [(10, 1.0, False)])
     assert impatient.due(polled=True)
+
+
+# --- isolation and outages -------------------------------------------------------------------
+
+
+def test_isolate_finds_the_items_that_fail_alone_and_runs_the_rest():
+    from stream.isolation import isolate
+
+    applied, calls = [], []
+
+    def step(group):
+        calls.append(list(group))
+        if any(x % 7 == 3 for x in group):
+            raise ValueError("bad item")
+        applied.extend(group)
+
+    failed = isolate(list(range(20)), step, outage=lambda exc: False)
+    assert [item for item, _ in failed] == [3, 10, 17]
+    assert all(isinstance(exc, ValueError) for _, exc in failed)
+    assert sorted(applied) == [x for x in range(20) if x % 7 != 3]
+    assert calls[0] == list(range(20))  # the whole group first, halves only after it failed
+
+
+def test_isolate_raises_an_outage_at_once():
+    from stream.isolation import isolate
+
+    class Down(Exception):
+        pass
+
+    def step(group):
+        raise Down()
+
+    with pytest.raises(Down):
+        isolate([1, 2, 3], step, outage=lambda exc: isinstance(exc, Down))
+    assert isolate([], step, outage=lambda exc: False) == []
+
+
+def test_outages_are_unreachable_servers_and_redis_refusing_writes_nothing_else():
+    import redis
+    from tritonclient.utils import InferenceServerException
+
+    from stream.outages import is_outage
+
+    assert is_outage(redis.exceptions.ConnectionError("refused"))
+    assert is_outage(redis.exceptions.TimeoutError())
+    assert is_outage(redis.exceptions.OutOfMemoryError("command not allowed"))
+    assert is_outage(redis.exceptions.ReadOnlyError("You can't write against a read only replica"))
+    assert is_outage(redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB"))
+    script = "Error running script: @user_script:3: -OOM command not allowed when used memory"
+    assert is_outage(redis.exceptions.ResponseError(script))
+    assert is_outage(InferenceServerException("down", status="StatusCode.UNAVAILABLE"))
+    assert is_outage(InferenceServerException("slow", status="StatusCode.DEADLINE_EXCEEDED"))
+    assert not is_outage(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
+    assert not is_outage(
+        InferenceServerException("bad input", status="StatusCode.INVALID_ARGUMENT")
+    )
+    assert not is_outage(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+    assert not is_outage(OverflowError())
+
+
+def test_a_score_must_be_finite_and_in_range():
+    from stream.scores import valid_score
+
+    assert valid_score(4.2, 0.1) is None
+    assert valid_score(float("nan"), 0.1) == "non_finite_score"
+    assert valid_score(3.0, float("inf")) == "non_finite_score"
+    assert valid_score(3.0, 1.2) == "score_out_of_range"
+    assert valid_score(-1.0, 0.2) == "score_out_of_range"

@@ -1,0 +1,61 @@
+"""Issue 16, lifecycle: a discharge keeps the patient off the ranking for good, and scores
+expire with the admission's features. Against the real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from features.online import DISCHARGED_TTL_S, OPEN_TTL_S
+from stream.scores import HISTORY_KEY, RANKING_KEY, SCORE_KEY, RiskScore, ScoreStore
+
+pytestmark = pytest.mark.services
+
+
+def score(hadm_id: int, t: float, risk: float = 0.3) -> RiskScore:
+    return RiskScore(hadm_id, 4.0, risk, "m:1", t, t + 1)
+
+
+def test_a_late_score_after_the_discharge_never_puts_the_patient_back(redis_client):
+    hadm = 71_000_001
+    store = ScoreStore(redis_client)
+    store.write_batch([score(hadm, 100.0)])
+    assert redis_client.zscore(RANKING_KEY, hadm) is not None
+    store.write_batch([score(hadm, 200.0)], discharged={hadm})  # the discharge's score
+    assert redis_client.zscore(RANKING_KEY, hadm) is None
+    # A lab result after the discharge, scored by a worker that never saw it (a restart).
+    assert ScoreStore(redis_client).write_batch([score(hadm, 300.0, risk=0.9)]) == 1
+    assert redis_client.zscore(RANKING_KEY, hadm) is None
+    assert store.get(hadm).mortality_prob == 0.9  # the score itself stays current
+
+
+def test_scores_expire_with_the_features(redis_client):
+    hadm = 71_000_002
+    store = ScoreStore(redis_client)
+    store.write_batch([score(hadm, 100.0)])
+    for key in (SCORE_KEY, HISTORY_KEY):
+        assert OPEN_TTL_S - 60 < redis_client.ttl(key.format(hadm_id=hadm)) <= OPEN_TTL_S
+    store.write_batch([score(hadm, 200.0)], discharged={hadm})
+    for key in (SCORE_KEY, HISTORY_KEY):
+        ttl = redis_client.ttl(key.format(hadm_id=hadm))
+        assert DISCHARGED_TTL_S - 60 < ttl <= DISCHARGED_TTL_S
+
+
+def test_a_discharge_without_a_new_score_leaves_the_ranking_for_good(redis_client):
+    hadm = 71_000_003
+    store = ScoreStore(redis_client)
+    store.write_batch([score(hadm, 100.0)])
+    store.discharge([hadm])
+    assert redis_client.zscore(RANKING_KEY, hadm) is None
+    assert redis_client.ttl(SCORE_KEY.format(hadm_id=hadm)) <= DISCHARGED_TTL_S
+    store.write_batch([score(hadm, 150.0)])
+    assert redis_client.zscore(RANKING_KEY, hadm) is None
+
+
+def test_ranking_entries_whose_score_expired_are_pruned(redis_client):
+    kept, expired = 71_000_004, 71_000_005
+    store = ScoreStore(redis_client)
+    store.write_batch([score(kept, 100.0), score(expired, 100.0)])
+    redis_client.delete(SCORE_KEY.format(hadm_id=expired))  # as its TTL would
+    assert store.prune_ranking() >= 1
+    assert redis_client.zscore(RANKING_KEY, expired) is None
+    assert redis_client.zscore(RANKING_KEY, kept) is not None
