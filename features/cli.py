@@ -95,7 +95,8 @@ def build(
         _fail(str(exc))
     tensors, cxr_errors = None, {}
     if cxr:
-        from features.cxr import CxrPreprocessor, ImageAccess
+        from features.cxr import CxrPreprocessor
+        from features.image_files import ImageAccess
         from m3t.settings import get_settings
 
         # The cohort named here is read from, with the configured image roots; its X-ray

@@ -253,7 +253,7 @@ def cxr_tensors(
     Each distinct image is read and preprocessed once (cutoffs of one stay share it). An
     image that cannot be read or decoded is counted by reason, its examples keep zeros and
     their ``modality_mask`` CXR flag is cleared (the scorer does the same online when an
-    image fails). ``access`` (``features.cxr.ImageAccess``): where images may be read from
+    image fails). ``access`` (``features.image_files.ImageAccess``): where images may be read from
     and their limits; ``m3t features build`` passes the settings' roots and the cohort.
     """
     from features import cxr

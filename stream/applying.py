@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from confluent_kafka import Message
 
-from features.cxr import BadImage, ImageAccess, check_uri
+from features.image_files import BadImage, ImageAccess, check_uri
 from ingest import events as ev
 from stream.dead_letters import DeadLetters
 from stream.interfaces import FeatureSource

@@ -14,7 +14,7 @@ import redis
 from tritonclient.utils import InferenceServerException
 
 from stream.kafka_io import KafkaSource
-from stream.scoring import OUTAGE_STATUSES
+from stream.models import OUTAGE_STATUSES
 
 log = logging.getLogger(__name__)
 

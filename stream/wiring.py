@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from features.cxr import ImageAccess
+from features.image_files import ImageAccess
 from m3t import kafka
 from m3t.settings import Settings
 from stream.interfaces import FeatureSource, Scorer

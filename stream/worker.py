@@ -30,7 +30,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
-from features.cxr import ImageAccess
+from features.image_files import ImageAccess
 from stream.applying import EventApplier
 from stream.batch_scoring import BatchScorer
 from stream.batcher import MicroBatcher

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from features import cxr
+from features import cxr, image_files
 from features.model_inputs import CXR_SIZE
 from m3t.settings import Settings
 
@@ -109,11 +109,11 @@ def test_bad_images_are_reported_and_skipped_without_failing_the_batch(preproces
 
 
 def test_unreadable_files_are_bad_images(tmp_path):
-    with pytest.raises(cxr.BadImage, match="not_found"):
+    with pytest.raises(image_files.BadImage, match="not_found"):
         cxr.load(str(tmp_path / "missing.png"))
-    with pytest.raises(cxr.BadImage, match="unreadable_file"):  # the known-bad JPEG stream
+    with pytest.raises(image_files.BadImage, match="unreadable_file"):  # the known-bad JPEG stream
         cxr.load(str(SAMPLES.parent / "dicom-samples" / "JPEG-lossy.dcm"))
-    with pytest.raises(cxr.BadImage, match="unsupported_uri_scheme"):
+    with pytest.raises(image_files.BadImage, match="unsupported_uri_scheme"):
         cxr.load("s3://bucket/image.jpg")
 
 

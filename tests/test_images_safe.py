@@ -26,18 +26,11 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from features import cxr
+from features import cxr, image_files
 from features import model_inputs as mi
 from m3t.settings import PROJECT_ROOT, Settings
-from stream.scoring import (
-    EMB_KEY,
-    EMB_TTL_S,
-    CachedEncoderScorer,
-    CxrInputs,
-    FullModelScorer,
-    MissingImages,
-    XrayOutcomes,
-)
+from stream.scoring import EMB_KEY, EMB_TTL_S, CachedEncoderScorer, FullModelScorer
+from stream.xrays import CxrInputs, MissingImages, XrayOutcomes
 
 DATA = Settings().data_dir
 PNG = DATA / "cxr-samples" / "nih-cxr14_00027426_000_512px.png"
@@ -51,15 +44,15 @@ def root(tmp_path) -> Path:
     return tmp_path / "xrays"
 
 
-def confined(root: Path, **limits) -> cxr.ImageAccess:
-    return dataclasses.replace(cxr.UNCONFINED, roots=(root,), **limits)
+def confined(root: Path, **limits) -> image_files.ImageAccess:
+    return dataclasses.replace(image_files.UNCONFINED, roots=(root,), **limits)
 
 
-def refused(uri: str, access: cxr.ImageAccess, base_dir: Path | None = None) -> str:
-    with pytest.raises(cxr.BadImage) as exc:
+def refused(uri: str, access: image_files.ImageAccess, base_dir: Path | None = None) -> str:
+    with pytest.raises(image_files.BadImage) as exc:
         cxr.load(uri, base_dir, access)
     reason = str(exc.value)
-    assert reason in cxr.REASONS  # a reason, never a path
+    assert reason in image_files.REASONS  # a reason, never a path
     return reason
 
 
@@ -164,8 +157,8 @@ def test_check_uri_refuses_what_can_never_be_read_and_lets_a_late_file_pass(root
     os.mkfifo(root / "pipe.png")
     (root / "dir.png").mkdir()
     shutil.copy(PNG, root / "a.png")
-    cxr.check_uri((root / "a.png").as_uri(), access=access)
-    cxr.check_uri(str(root / "later.png"), access=access)  # may still land
+    image_files.check_uri((root / "a.png").as_uri(), access=access)
+    image_files.check_uri(str(root / "later.png"), access=access)  # may still land
     for uri, reason in (
         ("file:///etc/passwd", "outside_image_roots"),
         ("file:///../../etc/hostname", "outside_image_roots"),
@@ -173,10 +166,10 @@ def test_check_uri_refuses_what_can_never_be_read_and_lets_a_late_file_pass(root
         (str(root / "dir.png"), "not_a_regular_file"),
         ("http://example.org/a.png", "unsupported_uri_scheme"),
     ):
-        with pytest.raises(cxr.BadImage, match=f"^{reason}$"):
-            cxr.check_uri(uri, access=access)
-    with pytest.raises(cxr.BadImage, match="^too_large$"):
-        cxr.check_uri(str(root / "a.png"), access=confined(root, max_bytes=10))
+        with pytest.raises(image_files.BadImage, match=f"^{reason}$"):
+            image_files.check_uri(uri, access=access)
+    with pytest.raises(image_files.BadImage, match="^too_large$"):
+        image_files.check_uri(str(root / "a.png"), access=confined(root, max_bytes=10))
 
 
 # --- reads that stall --------------------------------------------------------------------------
@@ -187,25 +180,25 @@ def test_a_read_that_stalls_fails_after_the_timeout():
     release = threading.Event()
     try:
         started = time.monotonic()
-        with pytest.raises(cxr.BadImage, match="read_timeout"):
-            cxr.call_with_timeout(release.wait, 0.2)
+        with pytest.raises(image_files.BadImage, match="read_timeout"):
+            image_files.call_with_timeout(release.wait, 0.2)
         assert 0.15 < time.monotonic() - started < 1.5
-        assert cxr.call_with_timeout(lambda: 7, 1.0) == 7
+        assert image_files.call_with_timeout(lambda: 7, 1.0) == 7
         with pytest.raises(KeyError):  # a failure inside is the caller's
-            cxr.call_with_timeout(lambda: {}["x"], 1.0)
+            image_files.call_with_timeout(lambda: {}["x"], 1.0)
     finally:
         release.set()
 
 
 @pytest.mark.timeout(10)
 def test_stuck_reads_hold_their_threads_and_later_reads_fail_fast():
-    calls = cxr.TimedCalls(threads=1)
+    calls = image_files.TimedCalls(threads=1)
     release = threading.Event()
     try:
-        with pytest.raises(cxr.BadImage, match="read_timeout"):
+        with pytest.raises(image_files.BadImage, match="read_timeout"):
             calls.call(release.wait, 0.1)  # stuck: its thread is not free again
         started = time.monotonic()
-        with pytest.raises(cxr.BadImage, match="read_timeout"):
+        with pytest.raises(image_files.BadImage, match="read_timeout"):
             calls.start(lambda: 1, 5.0, slot_deadline=time.monotonic() + 0.1)()
         assert time.monotonic() - started < 1.0
     finally:
@@ -215,7 +208,7 @@ def test_stuck_reads_hold_their_threads_and_later_reads_fail_fast():
         try:
             assert calls.call(lambda: 2, 1.0) == 2
             break
-        except cxr.BadImage:
+        except image_files.BadImage:
             time.sleep(0.05)
     else:
         pytest.fail("the read thread was never freed")
@@ -280,14 +273,14 @@ def test_a_deflated_dicom_inflates_no_further_than_max_bytes(root):
 @pytest.mark.parametrize("path", DICOM_SAMPLES, ids=lambda p: p.name)
 def test_every_shared_dicom_sample_reads_as_pydicom_decodes_it_or_is_refused_by_reason(path):
     """Deflated, RLE, JPEG variants: safe loading reads what plain pydicom reads."""
-    many = dataclasses.replace(cxr.UNCONFINED, roots=(DATA,), max_frames=64)
+    many = dataclasses.replace(image_files.UNCONFINED, roots=(DATA,), max_frames=64)
     try:
         want = cxr.dicom_unit_range(pydicom.dcmread(path))
     except Exception:  # colour, or the known-bad JPEG stream
         want = None
     try:
         item = cxr.load(path.as_uri(), access=many)
-    except cxr.BadImage as exc:
+    except image_files.BadImage as exc:
         assert want is None and str(exc) in ("not_grayscale", "unreadable_file"), str(exc)
         return
     assert want is not None
@@ -296,8 +289,8 @@ def test_every_shared_dicom_sample_reads_as_pydicom_decodes_it_or_is_refused_by_
     else:
         np.testing.assert_array_equal(item.array, want)
     frames = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames") or 1)
-    if frames > cxr.UNCONFINED.max_frames:
-        assert refused(path.as_uri(), cxr.UNCONFINED) == "too_many_frames"
+    if frames > image_files.UNCONFINED.max_frames:
+        assert refused(path.as_uri(), image_files.UNCONFINED) == "too_many_frames"
 
 
 # --- missing files: retried with backoff, then recorded as absent -----------------------------

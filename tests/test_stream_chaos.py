@@ -22,8 +22,9 @@ from ingest.itemids import LABS, VITALS
 from m3t import services
 from m3t.services.process import wait_until
 from stream.scores import ScoreStore
-from stream.scoring import CachedEncoderScorer, CxrInputs, OnlineFeatures
+from stream.scoring import CachedEncoderScorer, OnlineFeatures
 from stream.wiring import connect
+from stream.xrays import CxrInputs
 
 pytestmark = pytest.mark.services
 

@@ -28,8 +28,9 @@ from features.online import OnlineStore
 from ingest import events as ev
 from m3t.services.process import wait_until
 from stream.scores import SCORE_KEY, ScoreStore
-from stream.scoring import CachedEncoderScorer, CxrInputs, OnlineFeatures
+from stream.scoring import CachedEncoderScorer, OnlineFeatures
 from stream.wiring import connect
+from stream.xrays import CxrInputs
 
 pytestmark = pytest.mark.services
 

@@ -15,9 +15,10 @@ from features.online import OnlineStore
 from features.state import hours
 from ingest.replay import make_producer, replay
 from stream.scores import SCORE_KEY, ScoreStore
-from stream.scoring import CachedEncoderScorer, CxrInputs, FullModelScorer, OnlineFeatures
+from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
 from stream.wiring import connect
 from stream.worker import StreamWorker
+from stream.xrays import CxrInputs
 from trainer.publish import load_in_triton, read_config
 
 pytestmark = pytest.mark.services
@@ -224,8 +225,9 @@ def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipe
 
     import tritonclient.grpc as grpcclient
 
-    from features.cxr import BadImage, Encoded, Pixels, load
-    from stream.scoring import CXR_EMBED
+    from features.cxr import Encoded, Pixels, load
+    from features.image_files import BadImage
+    from stream.xrays import CXR_EMBED
 
     repo = settings.model_repo
     width = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
