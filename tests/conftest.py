@@ -125,35 +125,12 @@ def cohort(settings):
 @pytest.fixture(scope="session")
 def deployed(settings, cohort, tmp_path_factory):
     """The cohort's fitted features, and a small M3T-LM published to Triton."""
-    import torch
-
-    from features import model_inputs as mi
     from features.offline import CutoffPolicy, build
-    from trainer.export import export_onnx, graphs
-    from trainer.model import M3TLM, M3TConfig
-    from trainer.publish import load_in_triton, publish, read_config
+    from tests.tiny_model import publish_tiny
+    from trainer.publish import load_in_triton
 
     fitted = build(list(cohort.values()), CutoffPolicy((24.0,))).fitted
-    repo = settings.model_repo
-    dims = {t.name: tuple(t.dims) for t in read_config(repo / "m3t_lm" / "config.pbtxt").input}
-    emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
-    torch.manual_seed(3)
-    model = M3TLM(
-        M3TConfig(
-            n_features=dims[mi.NUMERIC][0],
-            vocab_size=len(fitted.vocab),
-            numeric_embed_dim=8,
-            numeric_heads=2,
-            notes_embed_dim=8,
-            notes_hidden_dim=8,
-            cxr_channels=(4, 8),
-            emb_dim=emb,
-            fusion_hidden_dim=16,
-        )
-    ).eval()
-    shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
     onnx_dir = tmp_path_factory.mktemp("stream-onnx")
-    export_onnx(model, shapes, onnx_dir)
-    publish(graphs(model, shapes), onnx_dir, repo)
+    model, _, _ = publish_tiny(settings.model_repo, onnx_dir, len(fitted.vocab), seed=3)
     assert all(load_in_triton(settings.triton.grpc_url).values())
     return fitted, model

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
@@ -346,32 +345,11 @@ def test_outcomes_count_and_log_the_reason_only(caplog):
 @pytest.fixture(scope="module")
 def onnx_repo(tmp_path_factory) -> Path:
     """A small M3T-LM published as ONNX files, for the in-process backend."""
-    from trainer.export import export_onnx, graphs
-    from trainer.model import M3TLM, M3TConfig
-    from trainer.publish import publish, read_config
+    from tests.tiny_model import publish_tiny
 
     repo = tmp_path_factory.mktemp("images-repo") / "model_repo"
     shutil.copytree(PROJECT_ROOT / "model_repo", repo)
-    dims = {t.name: tuple(t.dims) for t in read_config(repo / "m3t_lm" / "config.pbtxt").input}
-    emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
-    torch.manual_seed(5)
-    model = M3TLM(
-        M3TConfig(
-            n_features=dims[mi.NUMERIC][0],
-            vocab_size=32,
-            numeric_embed_dim=8,
-            numeric_heads=2,
-            notes_embed_dim=8,
-            notes_hidden_dim=8,
-            cxr_channels=(4, 8),
-            emb_dim=emb,
-            fusion_hidden_dim=16,
-        )
-    ).eval()
-    shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
-    onnx_dir = repo.parent / "onnx"
-    export_onnx(model, shapes, onnx_dir)
-    publish(graphs(model, shapes), onnx_dir, repo)
+    publish_tiny(repo, repo.parent / "onnx", vocab_size=32, seed=5)
     return repo
 
 

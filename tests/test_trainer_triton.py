@@ -7,9 +7,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from features import model_inputs as mi
-from trainer.export import MODELS, example_inputs, export_onnx, graphs
-from trainer.model import M3TLM, M3TConfig
-from trainer.publish import load_in_triton, publish, read_config
+from tests.tiny_model import publish_tiny
+from trainer.export import MODELS, example_inputs
+from trainer.publish import load_in_triton
 
 pytestmark = pytest.mark.services
 
@@ -32,35 +32,15 @@ def served(settings, tmp_path_factory):
     """A small M3T-LM shaped like the repository's configs, published and loaded."""
     import tritonclient.grpc as grpc
 
-    repo = settings.model_repo
-    config = read_config(repo / "m3t_lm" / "config.pbtxt")
-    dims = {t.name: tuple(t.dims) for t in config.input}
-    emb = read_config(repo / "m3t_enc_cxr" / "config.pbtxt").output[0].dims[0]
-    torch.manual_seed(0)
-    model = M3TLM(
-        M3TConfig(
-            n_features=dims[mi.NUMERIC][0],
-            vocab_size=50,
-            numeric_embed_dim=8,
-            numeric_heads=2,
-            notes_embed_dim=8,
-            notes_hidden_dim=8,
-            cxr_channels=(4, 8),
-            emb_dim=emb,
-            fusion_hidden_dim=16,
-        )
-    ).eval()
-    shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
     onnx_dir = tmp_path_factory.mktemp("onnx")
-    export_onnx(model, shapes, onnx_dir)
-    published = publish(graphs(model, shapes), onnx_dir, repo)
+    model, all_graphs, published = publish_tiny(settings.model_repo, onnx_dir, 50, seed=0)
     assert load_in_triton(settings.triton.grpc_url) == {name: True for name in MODELS}
     client = grpc.InferenceServerClient(settings.triton.grpc_url)
     for name in MODELS:
         assert client.is_model_ready(name, published[name].name), (
             f"{name} {published[name].name} is not served"
         )
-    yield model, graphs(model, shapes), client
+    yield model, all_graphs, client
     client.close()
 
 
