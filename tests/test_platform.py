@@ -334,6 +334,16 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     consumer.close()
     assert sorted(letter["reason"] for letter in letters) == ["malformed_json", "schema_violation"]
     assert all(letter["detail"] is not None and "offset" in letter for letter in letters)
+    # The operator's view: counts by reason and the latest letters, without their payload.
+    result = runner.invoke(app, ["stream", "dead-letters", "--json", "--latest", "5"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["topic"] == cli_settings.kafka.topic_dead_letter and summary["complete"]
+    assert summary["by_reason"] == {"malformed_json": 1, "schema_violation": 1}
+    assert {letter["reason"] for letter in summary["latest"]} == set(summary["by_reason"])
+    assert not any("value_b64" in letter for letter in summary["latest"])
+    table = runner.invoke(app, ["stream", "dead-letters"])
+    assert table.exit_code == 0 and "malformed_json" in table.output
 
 
 def test_http_api_contract(cli_settings, redis_client):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from stream.batcher import MicroBatcher
@@ -235,3 +237,82 @@ def test_a_score_must_be_finite_and_in_range():
     assert valid_score(3.0, float("inf")) == "non_finite_score"
     assert valid_score(3.0, 1.2) == "score_out_of_range"
     assert valid_score(-1.0, 0.2) == "score_out_of_range"
+
+
+# --- the door of the event applier ------------------------------------------------------------
+
+
+class Record:
+    """What the applier reads of a Kafka record: its value and its timestamp."""
+
+    def __init__(self, value: bytes, timestamp_s: float):
+        self._value, self._ms = value, int(timestamp_s * 1000)
+
+    def value(self) -> bytes:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._ms)
+
+
+def _observation(when):
+    from ingest import events as ev
+
+    return ev.ObservationEvent(
+        event_id=ev.event_id("door", when.isoformat()),
+        hadm_id=1,
+        subject_id=1,
+        event_time=when,
+        source="door",
+        payload=ev.ObservationPayload(itemid=50912, value=1.0, charttime=when, kind="lab"),
+    )
+
+
+def test_an_event_dated_too_far_after_its_kafka_timestamp_is_refused():
+    from datetime import UTC, datetime, timedelta
+
+    from ingest import events as ev
+    from stream.applying import EventApplier
+
+    sent = datetime(2030, 1, 1, tzinfo=UTC)
+    ahead = Record(ev.encode(_observation(sent + timedelta(hours=2))), sent.timestamp())
+    on_time = Record(ev.encode(_observation(sent + timedelta(seconds=30))), sent.timestamp())
+    live = EventApplier(None, None, None, max_event_lead_s=60)
+    with pytest.raises(ev.InvalidEvent) as refused:
+        live.decode(ahead)
+    assert refused.value.reason == "event_time_ahead"
+    assert live.decode(on_time).event_time == sent + timedelta(seconds=30)
+    replay = EventApplier(None, None, None, max_event_lead_s=None)  # shifted historical dates
+    assert replay.decode(ahead).hadm_id == 1
+
+
+def test_an_xray_that_can_never_be_read_is_refused_at_the_door(tmp_path):
+    import os
+    from datetime import UTC, datetime
+
+    from features.image_files import UNCONFINED
+    from ingest import events as ev
+    from stream.applying import EventApplier
+
+    access = dataclasses.replace(UNCONFINED, roots=(tmp_path,))
+    os.mkfifo(tmp_path / "fifo.png")
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def cxr(uri: str) -> Record:
+        event = ev.CxrEvent(
+            event_id=ev.event_id("door", uri),
+            hadm_id=1,
+            subject_id=1,
+            event_time=when,
+            source="door",
+            payload=ev.CxrPayload(study_id=1, dicom_id="d", uri=uri, studytime=when),
+        )
+        return Record(ev.encode(event), when.timestamp())
+
+    applier = EventApplier(None, None, None, images=access)
+    for uri in ("file:///etc/passwd", (tmp_path / "fifo.png").as_uri(), "s3://bucket/x.png"):
+        with pytest.raises(ev.InvalidEvent) as refused:
+            applier.decode(cxr(uri))
+        assert refused.value.reason == "image_refused" and "/" not in refused.value.detail
+    # A file not there yet may still land: the scorer waits for it.
+    assert applier.decode(cxr((tmp_path / "later.png").as_uri())).type == "cxr"
