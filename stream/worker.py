@@ -10,12 +10,10 @@ offset is committed.
 Scoring is pipelined: one micro-batch is scored on a background thread (feature read,
 Triton, score writes) while the loop goes on polling and applying the next events, so the
 worker's Python and Triton's model run at the same time. One bad event or admission stops
-nothing else: it becomes a dead letter and the rest go on. The parts, each in its module:
-``KafkaSource`` and ``KafkaSink`` (``stream.kafka_io``), the ``EventApplier``
-(``stream.applying``), the ``MicroBatcher`` (``stream.batcher``: what to score and when),
-the ``BatchScorer`` (``stream.batch_scoring``), the ``CommitLedger`` (``stream.ledger``:
-which offsets may be committed), ``DeadLetters`` (``stream.dead_letters``) and the
-``Retrier`` that waits out outages of Redis or Triton (``stream.outages``). This module
+nothing else: it becomes a dead letter and the rest go on. Each part is a module of
+``stream``: ``kafka_io`` (source and sink), ``applying``, ``batcher`` (what to score and
+when), ``batch_scoring``, ``ledger`` and ``committer`` (which offsets are safe, and
+committing them), ``dead_letters``, ``outages`` (waiting out Redis or Triton). This module
 wires them; ``stream.wiring.connect`` builds a worker from the settings.
 """
 
@@ -34,6 +32,7 @@ from features.image_files import ImageAccess
 from stream.applying import EventApplier
 from stream.batch_scoring import BatchScorer
 from stream.batcher import MicroBatcher
+from stream.committer import Committer
 from stream.dead_letters import DeadLetters
 from stream.interfaces import FeatureSource, Scorer
 from stream.kafka_io import KafkaSink, KafkaSource
@@ -66,8 +65,6 @@ class StreamWorker:
         images: where X-ray URIs may point (None: not checked at the door).
     """
 
-    # Under load, take a commit point at most this often; idle, at once.
-    commit_interval_s = 0.2
     # Ranking entries whose score expired are pruned this often.
     prune_interval_s = 60.0
 
@@ -93,6 +90,7 @@ class StreamWorker:
         self.scorer, self.scores = scorer, scores
         self.batcher = MicroBatcher(max_batch, max_wait_ms / 1000)
         self.ledger = CommitLedger()
+        self.committer = Committer(source, sink, self.ledger)
         self.outages = Retrier(source, on_retry=self._count_retry)
         # Revoked partitions' events not yet in a written score are redelivered to the new
         # owner; the stores are idempotent, so that changes nothing.
@@ -115,7 +113,6 @@ class StreamWorker:
         self.metrics = WorkerMetrics(
             scores.client, self.worker_id, images=getattr(scorer, "image_errors", None)
         )
-        self._point_taken_at = time.monotonic()
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
         self._stop = threading.Event()
@@ -149,9 +146,7 @@ class StreamWorker:
                 if self._future is None and self.batcher.due(polled=bool(records)):
                     self._launch()
                 self.sink.serve()  # delivery reports: the acknowledgements commits wait for
-                if not records or time.monotonic() - self._point_taken_at >= self.commit_interval_s:
-                    self._take_commit_point()
-                self._commit_acknowledged()
+                self._commit(polled=bool(records))
                 self._retry_due_images()
                 if self.metrics.due():
                     self._flush_metrics()
@@ -165,7 +160,8 @@ class StreamWorker:
                     elif time.monotonic() - last_data > idle_timeout_s:
                         break
             self._retrying("scoring", self._score_all)
-            self._commit_all()
+            self.committer.commit_all(self.batcher.floor(self.ledger.poll))
+            self.stats.commits = self.committer.commits
             self._flush_metrics()
         finally:
             self.close()
@@ -226,33 +222,11 @@ class StreamWorker:
             self._future.exception()  # wait for it
             self._finish()
 
-    # --- commits ------------------------------------------------------------------------
-
-    def _take_commit_point(self) -> None:
-        self.ledger.take_point(self.batcher.floor(self.ledger.poll), self.sink.mark())
-        self._point_taken_at = time.monotonic()
-
-    def _commit_acknowledged(self) -> None:
-        """Commit the newest point whose records Kafka has acknowledged, without waiting
-        for the broker's answer (a failed commit is logged; the next one covers it)."""
-        self.sink.check()
-        positions = self.ledger.ready(self.sink.oldest_unacknowledged())
-        if positions is not None:
-            self._commit(positions, asynchronous=True)
-
-    def _commit_all(self) -> None:
-        """At the end: wait for every record's acknowledgement, then commit all that is
-        scored, waiting for the commit (it must land before the worker leaves the group)."""
-        self._take_commit_point()
-        self.sink.flush()  # a broker that does not answer stops the worker uncommitted
-        positions = self.ledger.final()
-        if positions is not None:
-            self._commit(positions, asynchronous=False)
-
-    def _commit(self, positions, asynchronous: bool) -> None:
-        self.source.commit(positions, asynchronous=asynchronous)
-        self.ledger.committed(positions, asynchronous=asynchronous)
-        self.stats.commits += 1
+    def _commit(self, polled: bool) -> None:
+        if self.committer.point_due(polled):
+            self.committer.take_point(self.batcher.floor(self.ledger.poll))
+        self.committer.commit_acknowledged()
+        self.stats.commits = self.committer.commits
 
     def _retry_due_images(self) -> None:
         """Admissions whose X-ray was missing and is due another try are scored again."""

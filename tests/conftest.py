@@ -134,3 +134,22 @@ def deployed(settings, cohort, tmp_path_factory):
     model, _, _ = publish_tiny(settings.model_repo, onnx_dir, len(fitted.vocab), seed=3)
     assert all(load_in_triton(settings.triton.grpc_url).values())
     return fitted, model
+
+
+@pytest.fixture
+def scores_restored(redis_client):
+    """The scores, histories and ranking entries a test writes are removed afterwards, so
+    the tests that read them (the API's, the CLI's) see only their own admissions."""
+    from m3t.clients import unlink
+    from stream.scores import RANKING_KEY
+
+    def written():
+        keys = set(redis_client.scan_iter("m3t:score:*", count=1000))
+        return keys | set(redis_client.scan_iter("m3t:score-history:*", count=1000))
+
+    keys, ranked = written(), set(redis_client.zrange(RANKING_KEY, 0, -1))
+    yield
+    unlink(redis_client, written() - keys)
+    added = set(redis_client.zrange(RANKING_KEY, 0, -1)) - ranked
+    if added:
+        redis_client.zrem(RANKING_KEY, *added)

@@ -405,10 +405,10 @@ def test_http_api_contract(cli_settings, redis_client):
         risk = api.get("/admissions/777/risk", headers=auth).json()
         assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
         assert api.get("/admissions/1/risk", headers=auth).status_code == 404
-        assert [r["hadm_id"] for r in api.get("/risk/top?n=2", headers=auth).json()][:2] == [
-            778,
-            777,
-        ]
+        # Other tests' admissions may share the ranking: these two keep their order in it.
+        top = [r["hadm_id"] for r in api.get("/risk/top?n=1000", headers=auth).json()]
+        assert [h for h in top if h in (777, 778)] == [778, 777]
+        assert len(api.get("/risk/top?n=2", headers=auth).json()) == 2
         assert api.get("/risk/top?n=0", headers=auth).status_code == 422
         metrics = api.get("/metrics", headers=auth).text
         assert 'm3t_events_total{worker="w1"} 10.0' in metrics

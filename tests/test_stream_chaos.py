@@ -91,7 +91,7 @@ def kill(settings, name: str) -> None:
 
 
 def test_killing_redis_kafka_and_triton_mid_stream_loses_nothing_and_applies_nothing_twice(
-    isolated_settings, deployed, redis_client
+    isolated_settings, deployed, redis_client, scores_restored
 ):
     settings = isolated_settings
     fitted, _ = deployed

@@ -8,7 +8,7 @@ import pytest
 from features.online import DISCHARGED_TTL_S, OPEN_TTL_S
 from stream.scores import HISTORY_KEY, RANKING_KEY, SCORE_KEY, RiskScore, ScoreStore
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.usefixtures("scores_restored")]
 
 
 def score(hadm_id: int, t: float, risk: float = 0.3) -> RiskScore:
