@@ -108,7 +108,7 @@ class StreamWorker:
             features, scorer, scores, sink, scores_topic, self.dead_letters
         )
         self._pruned_at = time.monotonic()
-        self.stats = WorkerStats(dead_letter_reasons=self.dead_letters.reasons)
+        self.stats = WorkerStats()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(
             scores.client, self.worker_id, images=getattr(scorer, "image_errors", None)
@@ -173,12 +173,16 @@ class StreamWorker:
     def _count_retry(self) -> None:
         self.stats.retries += 1
 
+    def _count_dead_letters(self) -> None:
+        self.stats.dead_letters = self.dead_letters.total
+        self.stats.dead_letter_reasons = dict(self.dead_letters.reasons)  # a copy: asdict-safe
+
     def _apply(self, records) -> None:
         changes = self.applier(records)
         ends = {(r.topic(), r.partition()): r.offset() + 1 for r in records}  # in offset order
         self.batcher.add(self.ledger.polled(ends), changes)
         self.stats.events += len(records)
-        self.stats.dead_letters = self.dead_letters.total
+        self._count_dead_letters()
 
     # --- scoring, one batch in flight on a background thread ----------------------------
 
@@ -200,7 +204,7 @@ class StreamWorker:
             self.metrics.latency.observe(max(0.0, scored_at - arrived))
         self.metrics.batch_size.observe(len(arrivals))
         self.stats.scored += len(arrivals) - refused
-        self.stats.dead_letters = self.dead_letters.total
+        self._count_dead_letters()
         self.stats.batches += 1
 
     def _collect(self) -> None:
