@@ -75,18 +75,27 @@ class DeadLetters:
         letter = dead_letter_record(record, reason, detail, event, self.payload)
         self.sink.send(self.topic, record.key(), letter)
         self.reasons[reason] += 1
-        log.warning(
-            "dead letter: %s at %s[%d]@%d",
-            reason,
-            record.topic(),
-            record.partition(),
-            record.offset(),
-        )
+        if self._worth_logging(reason):
+            log.warning(
+                "dead letter: %s at %s[%d]@%d (%d so far)",
+                reason,
+                record.topic(),
+                record.partition(),
+                record.offset(),
+                self.reasons[reason],
+            )
 
     def admission(self, hadm_id: int, reason: str, detail: str) -> None:
         self.sink.send(self.topic, str(hadm_id).encode(), admission_record(hadm_id, reason, detail))
         self.reasons[reason] += 1
-        log.warning("dead letter: an admission's %s", reason)
+        if self._worth_logging(reason):
+            log.warning("dead letter: an admission's %s (%d so far)", reason, self.reasons[reason])
+
+    def _worth_logging(self, reason: str) -> bool:
+        """The 1st, 2nd, 4th, 8th... letter of each reason: a flood of bad events cannot
+        flood the log (every letter is counted, and lies in the topic)."""
+        count = self.reasons[reason]
+        return count & (count - 1) == 0
 
 
 def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:

@@ -88,6 +88,7 @@ class WorkerMetrics:
             "batch_size": self.batch_size.as_dict(),
             "lag": self.lag,
             "images_absent": dict(self.images),
+            "dead_letter_reasons": dict(counters.get("dead_letter_reasons", {})),
             "events_per_s": self.events_per_s,
             "updated": time.time(),
         }
@@ -135,10 +136,18 @@ class RedisWorkerCollector:
             "chest X-rays scored as absent, by reason",
             labels=["worker", "reason"],
         )
+        letters = CounterMetricFamily(
+            "m3t_dead_letters_by_reason",
+            "events and admissions sent to the dead-letter topic, by reason",
+            labels=["worker", "reason"],
+        )
         for worker, snap in snaps.items():
             for reason, count in sorted(snap.get("images_absent", {}).items()):
                 images.add_metric([worker, reason], count)
+            for reason, count in sorted(snap.get("dead_letter_reasons", {}).items()):
+                letters.add_metric([worker, reason], count)
         yield images
+        yield letters
         for metric, help_text in (
             ("latency", "event-to-score latency (seconds)"),
             ("batch_size", "admissions per scoring batch"),

@@ -376,6 +376,7 @@ def test_http_api_contract(cli_settings, redis_client):
                 "latency": {"bounds": [0.1, 1.0], "counts": [3, 1, 0], "sum": 0.9},
                 "batch_size": {"bounds": [1, 2], "counts": [0, 2, 0], "sum": 4},
                 "lag": {"events:0": 5},
+                "dead_letter_reasons": {"malformed_json": 1},
                 "events_per_s": 12.5,
                 "updated": 0,
             }
@@ -417,6 +418,9 @@ def test_http_api_contract(cli_settings, redis_client):
         assert 'm3t_consumer_lag{partition="events:0",worker="w1"} 5.0' in metrics
         assert 'm3t_scoring_latency_bucket{le="1.0",worker="w1"} 4.0' in metrics
         assert 'm3t_events_per_second{worker="w1"} 12.5' in metrics
+        assert (
+            'm3t_dead_letters_by_reason_total{reason="malformed_json",worker="w1"} 1.0' in metrics
+        )
     finally:
         api.close()
         server.terminate()

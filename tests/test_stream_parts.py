@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -316,3 +317,48 @@ def test_an_xray_that_can_never_be_read_is_refused_at_the_door(tmp_path):
         assert refused.value.reason == "image_refused" and "/" not in refused.value.detail
     # A file not there yet may still land: the scorer waits for it.
     assert applier.decode(cxr((tmp_path / "later.png").as_uri())).type == "cxr"
+
+
+def test_dead_letters_are_all_sent_and_counted_but_logged_at_1_2_4_8(caplog):
+    from stream.dead_letters import DeadLetters
+
+    class Sink:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, topic, key, value):
+            self.sent.append((topic, key, json.loads(value)))
+
+    class Message:
+        def __init__(self, offset):
+            self._offset = offset
+
+        def value(self):
+            return b'{"name": "a patient"}'
+
+        def key(self):
+            return b"7"
+
+        def topic(self):
+            return "events"
+
+        def partition(self):
+            return 0
+
+        def offset(self):
+            return self._offset
+
+    sink = Sink()
+    letters = DeadLetters(sink, "dead")
+    with caplog.at_level("WARNING", logger="stream.dead_letters"):
+        for offset in range(20):
+            letters.event(Message(offset), "malformed_json", "line 1")
+        letters.admission(7, "scoring_failed", "ValueError")
+    assert len(sink.sent) == 21 and letters.total == 21
+    assert letters.reasons == {"malformed_json": 20, "scoring_failed": 1}
+    assert [m for m in caplog.messages if "malformed_json" in m] == [
+        f"dead letter: malformed_json at events[0]@{n - 1} ({n} so far)" for n in (1, 2, 4, 8, 16)
+    ]
+    letter = sink.sent[0][2]
+    assert "value_b64" not in letter and letter["value_bytes"] == 21  # no payload by default
+    assert not any("patient" in m for m in caplog.messages)
