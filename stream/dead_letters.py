@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import json
 import logging
 import time
@@ -120,7 +121,7 @@ def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:
                 ends[p] = high
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])  # 0: the earliest kept
         reasons: Counter[str] = Counter()
-        letters: list[tuple[int, dict]] = []
+        newest: list[tuple[int, int, dict]] = []  # a min-heap of the latest: (time, order, letter)
         remaining = dict(ends)
         deadline = time.monotonic() + timeout_s
         while remaining and time.monotonic() < deadline:
@@ -134,9 +135,11 @@ def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:
                     letter, reason = {}, "unreadable_dead_letter"
                 reasons[reason] += 1
                 letter = {k: v for k, v in letter.items() if k != "value_b64"}
-                letters.append((message.timestamp()[1], {"reason": reason, **letter}))
-                letters.sort(key=lambda item: item[0], reverse=True)
-                del letters[latest:]
+                item = (message.timestamp()[1], reasons.total(), {"reason": reason, **letter})
+                if len(newest) < latest:
+                    heapq.heappush(newest, item)
+                elif latest:
+                    heapq.heappushpop(newest, item)
     finally:
         consumer.close()
     return {
@@ -144,5 +147,5 @@ def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:
         "total": sum(reasons.values()),
         "complete": not remaining,
         "by_reason": dict(reasons.most_common()),
-        "latest": [dict(letter, kafka_time_ms=t) for t, letter in letters],
+        "latest": [dict(letter, kafka_time_ms=t) for t, _, letter in sorted(newest, reverse=True)],
     }
