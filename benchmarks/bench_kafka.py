@@ -63,21 +63,8 @@ def delete_topics(settings: Settings, names: list[str]) -> None:
         pass
 
 
-def wait_for_partitions(lookup, topic: str, timeout_s: float = 20.0) -> list[int]:
-    """The topic's partition ids, once the client's metadata has them: right after a topic
-    is created, a client may not know it yet, and assigning no partitions reads nothing."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = lookup()
-        if found:
-            return sorted(found)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 def kafka_python_partitions(consumer, topic: str) -> list[int]:
-    return wait_for_partitions(lambda: consumer.partitions_for_topic(topic), topic)
+    return kafka.wait_for_partitions(lambda: consumer.partitions_for_topic(topic), topic, 20.0)
 
 
 # --- consumers: read n records from the start of a topic; return the seconds taken ----------

@@ -9,11 +9,11 @@ creating the project's topics.
 from __future__ import annotations
 
 import logging
-import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from m3t.services.process import wait_until
 from m3t.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,19 +100,31 @@ def poll_batch(client: Consumer, max_records: int, timeout_s: float) -> list[Mes
     return records
 
 
+def wait_for_partitions(lookup, topic: str, timeout_s: float = 30.0) -> list[int]:
+    """``lookup()``'s partition ids of ``topic``, once it finds some: a topic just created
+    takes a moment to reach the metadata a client holds, and assigning no partitions reads
+    nothing. Any client's lookup will do (kafka-python's too)."""
+    found: list = []
+
+    def known() -> bool:
+        found[:] = lookup() or ()
+        return bool(found)
+
+    if not wait_until(known, timeout_s, 0.1):
+        raise TimeoutError(f"topic {topic!r} has no partitions after {timeout_s:.0f} s")
+    return sorted(found)
+
+
 def partitions(
     client: Consumer | Producer | AdminClient, topic: str, timeout_s: float = 30.0
 ) -> list[int]:
-    """The topic's partition ids, waiting until the cluster's metadata has them (a topic
-    just created takes a moment to reach every broker's metadata)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    """The topic's partition ids, from the cluster's metadata as ``client`` sees it."""
+
+    def lookup():
         meta = client.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is not None and meta.error is None and meta.partitions:
-            return sorted(meta.partitions)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic!r} has no partitions after {timeout_s:.0f} s")
-        time.sleep(0.1)
+        return list(meta.partitions) if meta is not None and meta.error is None else None
+
+    return wait_for_partitions(lookup, topic, timeout_s)
 
 
 def brokers(settings: Settings, timeout_s: float = 3.0) -> int:
