@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 
 from ingest.accounting import DeadLetter
 from ingest.events import InvalidEvent, encode, key, sort_key, validate_json
+from m3t import kafka
 from m3t.settings import Settings
 
 Client = Literal["confluent", "kafka-python"]
@@ -53,9 +54,6 @@ class ConfluentProducer:
         compression: str | None = None,
         acks: str | int = "all",
     ):
-        from m3t import kafka
-
-        self._kafka = kafka
         self._producer = kafka.producer(
             settings,
             client_id="m3t-replay",
@@ -75,7 +73,7 @@ class ConfluentProducer:
             self._failures.append(str(error.name()))
 
     def send(self, topic: str, key: bytes, value: bytes) -> None:
-        self._kafka.produce(self._producer, topic, value, key, self._delivered)
+        kafka.produce(self._producer, topic, value, key, self._delivered)
         self._producer.poll(0)
 
     def flush(self) -> None:

@@ -88,6 +88,8 @@ class StreamWorker:
     ):
         self.source, self.sink = source, sink
         self.scorer, self.scores = scorer, scores
+        # Scorers that wait for missing X-rays offer admissions for another try.
+        self._retries_due = getattr(scorer, "retries_due", None)
         self.batcher = MicroBatcher(max_batch, max_wait_ms / 1000)
         self.ledger = CommitLedger()
         self.committer = Committer(source, sink, self.ledger)
@@ -234,10 +236,12 @@ class StreamWorker:
 
     def _retry_due_images(self) -> None:
         """Admissions whose X-ray was missing and is due another try are scored again."""
-        due = getattr(self.scorer, "retries_due", None)
-        hadm_ids = due(time.time()) if due is not None else ()
+        if self._retries_due is None:
+            return
+        now = time.time()
+        hadm_ids = self._retries_due(now)
         if hadm_ids:
-            self.batcher.add(self.ledger.poll, [(h, time.time(), False) for h in hadm_ids])
+            self.batcher.add(self.ledger.poll, [(h, now, False) for h in hadm_ids])
 
     def _prune_ranking(self) -> None:
         self._pruned_at = time.monotonic()
