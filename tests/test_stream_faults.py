@@ -130,52 +130,23 @@ def test_triton_down_keeps_dirty_set_and_recovers(isolated_settings, redis_clien
     )
 
 
-def test_redis_down_pauses_without_commit(isolated_settings):
-    settings = isolated_settings
-    events = cohort(4, 2, 82_000_000)
+def ride_out_a_redis_outage(settings, first_hadm: int, start, end) -> None:
+    """Events sent while ``start()`` has Redis out: the worker retries with nothing committed
+    and nothing dead-lettered; after ``end()`` every event is applied once and scored."""
+    events = cohort(4, 2, first_hadm)
     client = redis_client(settings)
     worker, stop, thread = start_worker(settings, client)
     worker.metrics.flush_every_s = 0.0  # metrics are published every loop, into the outage too
     try:
         assert wait_for(lambda: worker.source.assignment())
-        services.down(settings, ["redis"])
-        produce(settings, events)
-        assert wait_for(lambda: worker.stats.retries >= 3)
-        assert worker.stats.commits == 0
-        services.up(settings, ["redis"])
-        assert wait_for(lambda: committed_everything(settings))
-    finally:
-        stop.set()
-        thread.join(30)
-        services.up(settings, ["redis"])
-    store = ScoreStore(client)
-    assert all(store.get(e.hadm_id) for e in events)
-    assert observations(client, {e.hadm_id for e in events}) == dict.fromkeys(
-        {e.hadm_id for e in events}, 2
-    )
-
-
-def test_redis_refusing_writes_pauses_without_dead_letters_or_commit(isolated_settings):
-    # Out of memory (maxmemory reached, nothing to evict) is no event's fault: the worker
-    # must wait, not dead-letter the events it could not write.
-    settings = isolated_settings
-    events = cohort(4, 2, 82_100_000)
-    client = redis_client(settings)
-    worker, stop, thread = start_worker(settings, client)
-    worker.metrics.flush_every_s = 0.0  # metrics are refused too, every loop
-    limits = client.config_get("maxmemory*")
-    try:
-        assert wait_for(lambda: worker.source.assignment())
-        client.config_set("maxmemory-policy", "noeviction")
-        client.config_set("maxmemory", "1")
-        produce(settings, events)
-        assert wait_for(lambda: worker.stats.retries >= 3)
-        assert worker.stats.commits == 0 and worker.stats.dead_letters == 0
-        assert thread.is_alive()
-    finally:
-        client.config_set("maxmemory", limits["maxmemory"])
-        client.config_set("maxmemory-policy", limits["maxmemory-policy"])
-    try:
+        start()
+        try:
+            produce(settings, events)
+            assert wait_for(lambda: worker.stats.retries >= 3)
+            assert worker.stats.commits == 0 and worker.stats.dead_letters == 0
+            assert thread.is_alive()
+        finally:
+            end()
         assert wait_for(lambda: committed_everything(settings))
     finally:
         stop.set()
@@ -186,6 +157,32 @@ def test_redis_refusing_writes_pauses_without_dead_letters_or_commit(isolated_se
     assert observations(client, {e.hadm_id for e in events}) == dict.fromkeys(
         {e.hadm_id for e in events}, 2
     )
+
+
+def test_redis_down_pauses_without_commit(isolated_settings):
+    ride_out_a_redis_outage(
+        isolated_settings,
+        82_000_000,
+        start=lambda: services.down(isolated_settings, ["redis"]),
+        end=lambda: services.up(isolated_settings, ["redis"]),
+    )
+
+
+def test_redis_refusing_writes_pauses_without_dead_letters_or_commit(isolated_settings):
+    # Out of memory (maxmemory reached, nothing to evict) is no event's fault: the worker
+    # must wait, not dead-letter the events it could not write.
+    client = redis_client(isolated_settings)
+    limits = client.config_get("maxmemory*")
+
+    def refuse_writes():
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+
+    def take_writes():
+        client.config_set("maxmemory", limits["maxmemory"])
+        client.config_set("maxmemory-policy", limits["maxmemory-policy"])
+
+    ride_out_a_redis_outage(isolated_settings, 82_100_000, refuse_writes, take_writes)
 
 
 def worker_process(settings, *extra):
