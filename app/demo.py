@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
+from m3t.credentials import API_TOKEN, api_token, secret_file
 from m3t.settings import Settings
 from stream.cli import scores_table
 
@@ -102,11 +103,17 @@ def run_demo(
     score = store.get(top[0].hadm_id)
     console.print(f"Score read back from Redis for admission {score.hadm_id}: {score.as_json()}")
     console.rule("query it yourself")
+    api_token(settings)  # generated now if it is to be, so the hint's file exists
+    token = (
+        "$M3T_API__BEARER_TOKEN"
+        if settings.api.bearer_token.get_secret_value()
+        else f"$(cat {secret_file(settings, API_TOKEN)})"
+    )
     console.print(
         f"  m3t scores get {score.hadm_id}\n"
         "  m3t scores top --n 20\n"
         "  m3t scores watch\n"
-        f"  m3t stream api   # then: curl -H 'Authorization: Bearer $M3T_API__BEARER_TOKEN' "
+        f'  m3t stream api   # then: curl -H "Authorization: Bearer {token}" '
         f"http://{settings.api.host}:{settings.api.port}/risk/top?n=20\n"
         "  m3t services down   # when done"
     )

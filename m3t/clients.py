@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import hiredis
 import redis
 
+from m3t.credentials import reader_password
 from m3t.settings import Settings
 
 
@@ -15,7 +16,7 @@ def redis_client(settings: Settings, *, reader: bool = False) -> redis.Redis:
     """A Redis client; ``reader=True`` logs in as the read-only ACL user (query side)."""
     cfg = settings.redis
     if reader:
-        username, password = cfg.reader_username, cfg.reader_password.get_secret_value()
+        username, password = cfg.reader_username, reader_password(settings)
     else:
         username, password = cfg.username, cfg.password.get_secret_value()
     return redis.Redis(

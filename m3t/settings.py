@@ -27,7 +27,7 @@ class RedisSettings(BaseModel):
     password: SecretStr = SecretStr("")
     # Read-only ACL user for the query API (scores are patient data).
     reader_username: str = "m3t-reader"
-    reader_password: SecretStr = SecretStr("m3t-reader-local")
+    reader_password: SecretStr = SecretStr("")  # empty: generated (m3t.credentials)
     socket_timeout_s: float = 5.0
     # Redis rewrites its append-only file once it doubled and reached this size: each
     # rewrite forks and writes the whole data set, so at Redis's default (64mb) a busy
@@ -94,7 +94,7 @@ class TritonSettings(BaseModel):
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 18080
-    bearer_token: SecretStr = SecretStr("m3t-local-token")
+    bearer_token: SecretStr = SecretStr("")  # empty: generated (m3t.credentials)
 
 
 class StreamSettings(BaseModel):

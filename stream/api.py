@@ -1,7 +1,8 @@
 """The HTTP query API: current risk per admission, the top-risk list, health and metrics.
 
-Risk scores are patient data: every endpoint but ``/healthz`` needs the bearer token from
-the settings, and the API logs in to Redis as the read-only ACL user.
+Risk scores are patient data: every endpoint but ``/healthz`` needs the bearer token (the
+settings', or the one generated into the state folder: ``m3t.credentials``), and the API
+logs in to Redis as the read-only ACL user.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from m3t.clients import redis_client
+from m3t.credentials import api_token
 from m3t.settings import Settings
 from stream.metrics import RedisWorkerCollector
 from stream.scores import ScoreStore
@@ -24,7 +26,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = ScoreStore(client)
     registry = CollectorRegistry()
     registry.register(RedisWorkerCollector(client))
-    expected = settings.api.bearer_token.get_secret_value().encode()
+    expected = api_token(settings).encode()
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

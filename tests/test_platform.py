@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from m3t import services
+from m3t.credentials import api_token
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
 from tests.conftest import free_ports, make_settings
@@ -399,7 +400,7 @@ def test_http_api_contract(cli_settings, redis_client):
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the API did not start listening in 60 s"
                 time.sleep(0.2)
-        auth = {"Authorization": f"Bearer {cli_settings.api.bearer_token.get_secret_value()}"}
+        auth = {"Authorization": f"Bearer {api_token(cli_settings)}"}
 
         assert health.json() == {"status": "ok"}
         for path in ["/admissions/777/risk", "/risk/top?n=2", "/metrics"]:

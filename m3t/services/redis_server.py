@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from m3t.clients import redis_client
+from m3t.credentials import reader_password
 from m3t.services.process import ManagedService, ServiceError
 
 
@@ -30,6 +31,8 @@ class RedisServer(ManagedService):
         data = self.home / "data"
         data.mkdir(parents=True, exist_ok=True)
         conf = self.home / "redis.conf"
+        conf.touch(mode=0o600)  # it holds the ACL users' passwords
+        conf.chmod(0o600)
         conf.write_text(
             "\n".join(
                 [
@@ -62,7 +65,7 @@ class RedisServer(ManagedService):
             lines.append("user default on nopass ~* &* +@all")
         # The query API reads scores and features, and can write nothing.
         lines.append(
-            f"user {cfg.reader_username} on >{cfg.reader_password.get_secret_value()} "
+            f"user {cfg.reader_username} on >{reader_password(self.settings)} "
             "~m3t:* resetchannels -@all +@read +@connection +fcall_ro"
         )
         return lines

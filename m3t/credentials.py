@@ -1,0 +1,63 @@
+"""Local credentials: the value a setting gives, else one generated on first use.
+
+A generated credential is a random token kept in ``<state_dir>/secrets/<name>``, a file only
+its owner can read, so every process of one installation (the services, the worker, the
+API, the CLI) agrees on it and none is written in the code or the docs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from m3t.settings import Settings
+
+
+def credential(settings: Settings, name: str, configured: SecretStr) -> str:
+    """``configured`` where it is set; else the state folder's ``name``, made if missing."""
+    value = configured.get_secret_value()
+    if value:
+        return value
+    path = secret_file(settings, name)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        _create(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def secret_file(settings: Settings, name: str) -> Path:
+    """Where a generated credential is kept."""
+    return settings.state_dir / "secrets" / name
+
+
+def _create(path: Path, token: str) -> None:
+    # Written whole under another name, then linked into place: a process racing this one
+    # reads either no file or the whole token, and the first link wins.
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        pass
+    finally:
+        staged.unlink()
+
+
+def reader_password(settings: Settings) -> str:
+    """The read-only Redis user's password (the query side)."""
+    return credential(settings, "redis-reader-password", settings.redis.reader_password)
+
+
+API_TOKEN = "api-token"
+
+
+def api_token(settings: Settings) -> str:
+    """The HTTP API's bearer token."""
+    return credential(settings, API_TOKEN, settings.api.bearer_token)
