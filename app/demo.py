@@ -78,7 +78,7 @@ def run_demo(
     log = work / "replay.log"
     with log.open("w") as out:  # its own output would tear the live table
         replaying = subprocess.Popen(m3t(*replay), stdout=out, stderr=subprocess.STDOUT)
-        store = ScoreStore(redis_client(settings, reader=True))
+        store = ScoreStore(redis_client(settings, role="reader"))
         with Live(scores_table([]), console=console, refresh_per_second=2) as live:
             while worker.poll() is None:
                 state = "replaying" if replaying.poll() is None else "replayed"
@@ -104,11 +104,7 @@ def run_demo(
     console.print(f"Score read back from Redis for admission {score.hadm_id}: {score.as_json()}")
     console.rule("query it yourself")
     api_token(settings)  # generated now if it is to be, so the hint's file exists
-    token = (
-        "$M3T_API__BEARER_TOKEN"
-        if settings.api.bearer_token.get_secret_value()
-        else f"$(cat {secret_file(settings, API_TOKEN)})"
-    )
+    token = f"$(cat {secret_file(settings, API_TOKEN)})"
     console.print(
         f"  m3t scores get {score.hadm_id}\n"
         "  m3t scores top --n 20\n"

@@ -32,6 +32,7 @@ from ingest.events import sort_key
 from m3t import services
 from m3t.allocator import tune_allocator
 from m3t.clients import redis_client, unlink
+from m3t.credentials import login
 from m3t.settings import Settings
 
 STORE, BASELINE = "online store", "redis-py HGETALL pipeline"
@@ -110,8 +111,8 @@ def c_client_read(settings: Settings, keys: list[str], calls: int) -> dict | Non
     if binary is None:
         return None
     cfg = settings.redis
-    auth = ["--user", cfg.username] if cfg.username else []
-    auth += ["-a", cfg.password.get_secret_value()] if cfg.password.get_secret_value() else []
+    username, password = login(settings, "redis", "stream")
+    auth = ["--user", username, "-a", password]  # the password on argv: the bench's own server
     command = [
         binary,
         "-h",

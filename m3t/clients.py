@@ -8,23 +8,20 @@ from collections.abc import Callable, Iterable
 import hiredis
 import redis
 
-from m3t.credentials import reader_password
-from m3t.settings import Settings
+from m3t.credentials import login
+from m3t.settings import Role, Settings
 
 
-def redis_client(settings: Settings, *, reader: bool = False) -> redis.Redis:
-    """A Redis client; ``reader=True`` logs in as the read-only ACL user (query side)."""
+def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
+    """A Redis client signed in as ``role``'s ACL user (``m3t.settings.Role``)."""
     cfg = settings.redis
-    if reader:
-        username, password = cfg.reader_username, reader_password(settings)
-    else:
-        username, password = cfg.username, cfg.password.get_secret_value()
+    username, password = login(settings, "redis", role)
     return redis.Redis(
         host=cfg.host,
         port=cfg.port,
         db=cfg.db,
-        username=username or None,
-        password=password or None,
+        username=username,
+        password=password,
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.socket_timeout_s,
         # A batch read's replies run to hundreds of KB: large pieces mean fewer recv calls

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from m3t.settings import Settings
+from m3t.settings import Role, Settings
 
 
 def credential(settings: Settings, name: str, configured: SecretStr) -> str:
@@ -30,7 +30,7 @@ def credential(settings: Settings, name: str, configured: SecretStr) -> str:
 
 def secret_file(settings: Settings, name: str) -> Path:
     """Where a generated credential is kept."""
-    return settings.state_dir / "secrets" / name
+    return settings.secrets_dir / name
 
 
 def _create(path: Path, token: str) -> None:
@@ -50,9 +50,20 @@ def _create(path: Path, token: str) -> None:
         staged.unlink()
 
 
-def reader_password(settings: Settings) -> str:
-    """The read-only Redis user's password (the query side)."""
-    return credential(settings, "redis-reader-password", settings.redis.reader_password)
+def login(settings: Settings, service: str, role: Role) -> tuple[str, str]:
+    """The user name and password ``role`` signs in with to ``service`` ("redis", "kafka"):
+    the settings' ``<role>_username`` and ``<role>_password`` (the stream's are plain
+    ``username`` and ``password``), the password generated where it is empty."""
+    group = getattr(settings, service)
+    prefix = "" if role == "stream" else f"{role}_"
+    username = getattr(group, f"{prefix}username")
+    configured = getattr(group, f"{prefix}password")
+    return username, credential(settings, f"{service}-{role}-password", configured)
+
+
+def triton_admin_key(settings: Settings) -> str:
+    """The key Triton asks of model loads and unloads."""
+    return credential(settings, "triton-admin-key", settings.triton.admin_key)
 
 
 API_TOKEN = "api-token"
@@ -60,4 +71,4 @@ API_TOKEN = "api-token"
 
 def api_token(settings: Settings) -> str:
     """The HTTP API's bearer token."""
-    return credential(settings, API_TOKEN, settings.api.bearer_token)
+    return credential(settings, API_TOKEN, SecretStr(""))

@@ -18,16 +18,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+Role = Literal["admin", "stream", "producer", "reader"]
+"""Who a client acts for: ``admin`` (services, topics, pruning), ``stream`` (the worker),
+``producer`` (replay and feeds: events in), ``reader`` (the query side: scores out)."""
+
+
 class RedisSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 16379
     db: int = 0
-    # ACL user for the stream worker (read/write). Empty means the default user.
-    username: str = ""
+    # One ACL user per role (the default user is off). An empty password is generated into
+    # the state folder (m3t.credentials); set them for an external server.
+    username: str = "m3t-stream"
     password: SecretStr = SecretStr("")
-    # Read-only ACL user for the query API (scores are patient data).
     reader_username: str = "m3t-reader"
-    reader_password: SecretStr = SecretStr("")  # empty: generated (m3t.credentials)
+    reader_password: SecretStr = SecretStr("")
+    admin_username: str = "m3t-admin"
+    admin_password: SecretStr = SecretStr("")
+    # TLS to Redis; the CA that signed the server's certificate (empty: the local CA).
+    tls: bool = False
+    ca_file: Path | None = None
     socket_timeout_s: float = 5.0
     # Redis rewrites its append-only file once it doubled and reached this size: each
     # rewrite forks and writes the whole data set, so at Redis's default (64mb) a busy
@@ -49,6 +59,23 @@ class KafkaSettings(BaseModel):
     topic_scores: str = "risk-scores"
     consumer_group: str = "m3t-stream"
     kafka_version: str = "4.3.1"
+    # SASL/SCRAM over TLS, a SCRAM user per role (empty passwords are generated), and the CA
+    # that signed the brokers' certificates (empty: the local CA `m3t services up` makes).
+    security_protocol: Literal["SASL_SSL", "SSL", "SASL_PLAINTEXT", "PLAINTEXT"] = "SASL_SSL"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    ca_file: Path | None = None
+    username: str = "m3t-stream"
+    password: SecretStr = SecretStr("")
+    producer_username: str = "m3t-producer"
+    producer_password: SecretStr = SecretStr("")
+    reader_username: str = "m3t-reader"
+    reader_password: SecretStr = SecretStr("")
+    admin_username: str = "m3t-admin"
+    admin_password: SecretStr = SecretStr("")
+    # How long each topic keeps records: events long enough to rebuild a stay's features.
+    retention_events_ms: int = 90 * 86_400_000
+    retention_scores_ms: int = 7 * 86_400_000
+    retention_dead_letter_ms: int = 30 * 86_400_000
     heap: str = "512m"
     # A stream worker's fetches: the broker answers once fetch_min_bytes are ready, or after
     # fetch_wait_max_ms. A short wait lets a fetch gather several events under load instead
@@ -77,6 +104,8 @@ class TritonSettings(BaseModel):
     model_name: str = "m3t_lm"
     model_version: str = ""  # empty: the latest version Triton has loaded
     timeout_s: float = 10.0
+    # Loading and unloading models needs this key (empty: generated); inference does not.
+    admin_key: SecretStr = SecretStr("")
     # Chest X-rays in the cached scoring path: "triton" sends each image's bytes to the
     # m3t_cxr_embed ensemble (Triton's DALI backend, `m3t export dali`); "worker" decodes
     # with the worker's own DALI pipeline; "auto" uses Triton's where it is loaded.
@@ -94,7 +123,11 @@ class TritonSettings(BaseModel):
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 18080
-    bearer_token: SecretStr = SecretStr("")  # empty: generated (m3t.credentials)
+    # Served over TLS with this certificate and key; required to bind beyond loopback.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # Requests per minute one token may make; more are answered 429.
+    rate_limit_per_minute: int = 600
 
 
 class StreamSettings(BaseModel):
@@ -143,6 +176,10 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
 
     @property
     def image_roots(self) -> tuple[Path, ...]:

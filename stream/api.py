@@ -22,7 +22,7 @@ from stream.scores import ScoreStore
 
 
 def create_app(settings: Settings) -> FastAPI:
-    client = redis_client(settings, reader=True)
+    client = redis_client(settings, role="reader")
     store = ScoreStore(client)
     registry = CollectorRegistry()
     registry.register(RedisWorkerCollector(client))

@@ -156,7 +156,7 @@ def _store():
     from stream.scores import ScoreStore
 
     # The query side logs in as the read-only user.
-    return ScoreStore(redis_client(get_settings(), reader=True))
+    return ScoreStore(redis_client(get_settings(), role="reader"))
 
 
 @scores_app.command("get")

@@ -67,9 +67,10 @@ def settings(services_root):
 
 @pytest.fixture
 def redis_client(settings):
+    """The admin's client: tests set up and inspect any key."""
     from m3t.clients import redis_client as connect
 
-    client = connect(settings)
+    client = connect(settings, role="admin")
     yield client
     client.close()
 

@@ -82,7 +82,7 @@ def test_redis_round_trip_and_reader_is_read_only(settings, redis_client):
     from m3t.clients import redis_client as connect
 
     redis_client.hset("m3t:test:{1}", mapping={"a": "1.5"})
-    reader = connect(settings, reader=True)
+    reader = connect(settings, role="reader")
     assert reader.hget("m3t:test:{1}", "a") == b"1.5"
     with pytest.raises(redis.exceptions.NoPermissionError):
         reader.hset("m3t:test:{1}", "a", "2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from m3t.clients import redis_client
-from m3t.credentials import reader_password
+from m3t.credentials import login
 from m3t.services.process import ManagedService, ServiceError
 
 
@@ -54,24 +54,20 @@ class RedisServer(ManagedService):
         return [binary, str(conf)], {}
 
     def _acl_lines(self) -> list[str]:
-        cfg = self.settings.redis
-        lines = []
-        if cfg.username and cfg.username != "default":
-            lines.append(f"user {cfg.username} on >{cfg.password.get_secret_value()} ~* &* +@all")
-            lines.append("user default off")
-        elif cfg.password.get_secret_value():
-            lines.append(f"user default on >{cfg.password.get_secret_value()} ~* &* +@all")
-        else:
-            lines.append("user default on nopass ~* &* +@all")
-        # The query API reads scores and features, and can write nothing.
-        lines.append(
-            f"user {cfg.reader_username} on >{reader_password(self.settings)} "
-            "~m3t:* resetchannels -@all +@read +@connection +fcall_ro"
-        )
-        return lines
+        def user(role: str, rules: str) -> str:
+            name, password = login(self.settings, "redis", role)
+            return f"user {name} on >{password} resetchannels {rules}"
+
+        return [
+            "user default off",
+            user("admin", "~* &* +@all"),
+            user("stream", "~m3t:* +@all"),
+            # The query side reads scores and features, and can write nothing.
+            user("reader", "~m3t:* -@all +@read +@connection +fcall_ro"),
+        ]
 
     def ready(self):
-        client = redis_client(self.settings)
+        client = redis_client(self.settings, role="admin")
         try:
             return bool(client.ping()), "PONG"
         finally:
