@@ -63,7 +63,7 @@ def _redis():
     from m3t.clients import redis_client
     from m3t.settings import get_settings
 
-    client = redis_client(get_settings())
+    client = redis_client(get_settings(), role="admin")  # publishing and pruning
     try:
         client.ping()
     except redis.RedisError as exc:

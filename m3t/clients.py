@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import hiredis
 import redis
 
+from m3t import tls
 from m3t.credentials import login
 from m3t.settings import Role, Settings
 
@@ -16,6 +17,9 @@ def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
     """A Redis client signed in as ``role``'s ACL user (``m3t.settings.Role``)."""
     cfg = settings.redis
     username, password = login(settings, "redis", role)
+    encryption = (
+        {"ssl": True, "ssl_ca_certs": str(cfg.ca_file or tls.ca_file(settings))} if cfg.tls else {}
+    )
     return redis.Redis(
         host=cfg.host,
         port=cfg.port,
@@ -27,6 +31,7 @@ def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
         # A batch read's replies run to hundreds of KB: large pieces mean fewer recv calls
         # and parser feeds from Python. The buffer is per connection.
         socket_read_size=1 << 20,
+        **encryption,
     )
 
 

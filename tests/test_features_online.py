@@ -261,6 +261,7 @@ def test_parity_on_the_mimic_demo_and_the_cli(settings, monkeypatch, redis_clien
     assert report.admissions == 40 and report.cutoffs > 40
 
     monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
+    monkeypatch.setenv("M3T_STATE_DIR", str(settings.state_dir))  # its credentials
     get_settings.cache_clear()
     try:
         result = runner.invoke(
@@ -281,6 +282,7 @@ def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
     store.write_batch(COHORT[hadm_id])
     store.publish()
     monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
+    monkeypatch.setenv("M3T_STATE_DIR", str(settings.state_dir))  # its credentials
     get_settings.cache_clear()
     try:
         shown = runner.invoke(app, ["features", "get", str(hadm_id), "--json"])
@@ -302,7 +304,7 @@ def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, m
     from m3t.settings import get_settings
 
     isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"db": 15})})
-    client = connect(isolated)
+    client = connect(isolated, role="admin")
     client.flushdb()
     try:
         other = FittedFeatures.unnormalised(Vocabulary.fit(["another vocabulary entirely"]))
@@ -325,6 +327,7 @@ def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, m
         )
 
         monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
+        monkeypatch.setenv("M3T_STATE_DIR", str(settings.state_dir))
         monkeypatch.setenv("M3T_REDIS__DB", "15")
         get_settings.cache_clear()
         try:

@@ -171,7 +171,7 @@ def test_redis_down_pauses_without_commit(isolated_settings):
 def test_redis_refusing_writes_pauses_without_dead_letters_or_commit(isolated_settings):
     # Out of memory (maxmemory reached, nothing to evict) is no event's fault: the worker
     # must wait, not dead-letter the events it could not write.
-    client = redis_client(isolated_settings)
+    client = redis_client(isolated_settings, role="admin")
     limits = client.config_get("maxmemory*")
 
     def refuse_writes():

@@ -4,9 +4,34 @@ from __future__ import annotations
 
 import shutil
 
+from m3t import tls
 from m3t.clients import redis_client
 from m3t.credentials import login
 from m3t.services.process import ManagedService, ServiceError
+
+# What each role may run, on which keys. The stream's commands are those its code and its Lua
+# scripts call; the query side reads only scores, their history, the ranking and the
+# workers' metrics, and holds no @connection command (CLIENT KILL or PAUSE would stall the
+# writers). redis-py's CLIENT SETINFO on connect may be refused: it ignores the error.
+ACL_RULES = {
+    "admin": "~* &* +@all",
+    "stream": " ".join(
+        [
+            "resetchannels ~m3t:*",
+            "+ping +select +get +set +mget +exists +expire +unlink",
+            "+hget +hmget +hgetall +hset +hdel +hincrby +sadd +smismember",
+            "+zadd +zrem +zscan +zrevrange +xadd +evalsha +script|load +script|exists",
+        ]
+    ),
+    "reader": " ".join(
+        [
+            "resetchannels",
+            "%R~m3t:score:* %R~m3t:score-history:* %R~m3t:risk:* %R~m3t:metrics:*",
+            "+ping +select +get +mget +exists +hget +hmget +hgetall",
+            "+zrange +zrevrange +zscore +zcard +xrange +xrevrange +xlen",
+        ]
+    ),
+}
 
 
 class RedisServer(ManagedService):
@@ -37,7 +62,7 @@ class RedisServer(ManagedService):
             "\n".join(
                 [
                     f"bind {cfg.host}",
-                    f"port {cfg.port}",
+                    *self._listener_lines(),
                     "protected-mode yes",
                     f"dir {data}",
                     "daemonize no",
@@ -53,18 +78,26 @@ class RedisServer(ManagedService):
         )
         return [binary, str(conf)], {}
 
-    def _acl_lines(self) -> list[str]:
-        def user(role: str, rules: str) -> str:
-            name, password = login(self.settings, "redis", role)
-            return f"user {name} on >{password} resetchannels {rules}"
-
+    def _listener_lines(self) -> list[str]:
+        cfg = self.settings.redis
+        if not cfg.tls:
+            return [f"port {cfg.port}"]
+        cert, key = tls.server_certificate(self.settings, "redis", [cfg.host, "localhost"])
         return [
-            "user default off",
-            user("admin", "~* &* +@all"),
-            user("stream", "~m3t:* +@all"),
-            # The query side reads scores and features, and can write nothing.
-            user("reader", "~m3t:* -@all +@read +@connection +fcall_ro"),
+            "port 0",  # TLS only
+            f"tls-port {cfg.port}",
+            f"tls-cert-file {cert}",
+            f"tls-key-file {key}",
+            f"tls-ca-cert-file {tls.ca_file(self.settings)}",
+            "tls-auth-clients no",  # clients prove who they are with their ACL password
         ]
+
+    def _acl_lines(self) -> list[str]:
+        lines = ["user default off"]
+        for role, rules in ACL_RULES.items():
+            name, password = login(self.settings, "redis", role)
+            lines.append(f"user {name} reset on >{password} {rules}")
+        return lines
 
     def ready(self):
         client = redis_client(self.settings, role="admin")

@@ -1,0 +1,126 @@
+"""Redis's users, each tried at what it must not do (issue 17), through redis-py and through
+redis-cli (an independent client); and Redis over TLS, verified against the local CA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+import redis
+
+from m3t import services, tls
+from m3t.clients import redis_client as connect
+from m3t.credentials import login
+from tests.conftest import make_settings
+
+REDIS_CLI = shutil.which("redis-cli")
+SCORE, FEATURE = "m3t:score:{7001}", "m3t:v1-abc-def:3:{7001}:m"
+
+
+def cli(settings, *command: str, role: str | None = None, tls_on: bool = False) -> str:
+    """redis-cli's reply (stdout and stderr); the password goes through REDISCLI_AUTH, not argv."""
+    assert REDIS_CLI, "redis-cli is missing: make setup installs redis-tools"
+    cfg = settings.redis
+    args = [REDIS_CLI, "-h", cfg.host, "-p", str(cfg.port), "--no-auth-warning"]
+    env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+    if role is not None:
+        username, env["REDISCLI_AUTH"] = login(settings, "redis", role)
+        args += ["--user", username]
+    if tls_on:
+        args += ["--tls", "--cacert", str(tls.ca_file(settings))]
+    done = subprocess.run([*args, *command], capture_output=True, text=True, env=env, timeout=30)
+    return (done.stdout + done.stderr).strip()
+
+
+@pytest.fixture
+def keys(redis_client):
+    redis_client.hset(SCORE, mapping={"mortality_prob": "0.2"})
+    redis_client.set(FEATURE, b"feature state")
+    yield
+    redis_client.delete(SCORE, FEATURE)
+
+
+def test_an_unauthenticated_connection_cannot_even_ping(settings):
+    assert "NOAUTH" in cli(settings, "PING")
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host=settings.redis.host, port=settings.redis.port).ping()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["FLUSHALL"],
+        ["CONFIG", "GET", "maxmemory"],
+        ["CLIENT", "KILL", "ID", "1"],
+        ["CLIENT", "PAUSE", "10"],
+        ["GET", FEATURE],
+        ["SCAN", "0"],
+        ["KEYS", "*"],
+        ["HSET", SCORE, "mortality_prob", "0.9"],
+        ["MONITOR"],
+        ["ACL", "LIST"],
+    ],
+)
+def test_the_query_user_reads_scores_and_nothing_else(settings, keys, command):
+    reader = connect(settings, role="reader")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        reader.execute_command(*command)
+    assert "NOPERM" in cli(settings, *command, role="reader")
+    assert reader.hget(SCORE, "mortality_prob") == b"0.2"
+    reader.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["FLUSHALL"],
+        ["CONFIG", "SET", "appendonly", "no"],
+        ["ACL", "SETUSER", "intruder", "on", ">pw", "+@all"],
+        ["CLIENT", "KILL", "ID", "1"],
+        ["KEYS", "*"],
+        ["SET", "outside-the-namespace", "1"],
+        ["SHUTDOWN"],
+    ],
+)
+def test_the_stream_user_writes_its_keys_and_nothing_else(settings, keys, command):
+    writer = connect(settings, role="stream")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        writer.execute_command(*command)
+    assert writer.get(FEATURE) == b"feature state" and writer.exists(SCORE) == 1
+    writer.close()
+
+
+def test_only_the_admin_sees_the_users_and_the_default_user_is_off(settings, redis_client):
+    users = {line.split()[1]: line for line in redis_client.acl_list()}
+    assert set(users) == {"default", "m3t-admin", "m3t-stream", "m3t-reader"}
+    assert " off " in users["default"] and "nopass" not in " ".join(users.values())
+    conf = settings.state_dir / "redis" / "redis.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600  # it holds the passwords
+
+
+def test_redis_over_tls_serves_verified_clients_only(tmp_path):
+    plain = make_settings(tmp_path)
+    settings = plain.model_copy(update={"redis": plain.redis.model_copy(update={"tls": True})})
+    services.up(settings, ["redis"])
+    try:
+        client = connect(settings)
+        assert client.set("m3t:tls-probe", "1") and client.get("m3t:tls-probe") == b"1"
+        client.close()
+        assert cli(settings, "GET", "m3t:tls-probe", role="stream", tls_on=True) == "1"
+        plaintext = cli(settings, "PING", role="stream")
+        assert "PONG" not in plaintext  # the TLS port does not speak plain RESP
+        stranger = make_settings(tmp_path / "stranger")  # a CA this server does not chain to
+        untrusting = redis.Redis(
+            host=settings.redis.host,
+            port=settings.redis.port,
+            ssl=True,
+            ssl_ca_certs=str(tls.ca_file(stranger)),
+            socket_timeout=5,
+        )
+        with pytest.raises(redis.exceptions.ConnectionError, match="certificate verify failed"):
+            untrusting.ping()
+    finally:
+        services.down(settings, ["redis"])
