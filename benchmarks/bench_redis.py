@@ -8,6 +8,8 @@ numeric feature, the token arrays as bytes), read with a redis-py pipeline of on
 per admission and parsed into the same arrays. And below it, the floor: the same MGET of
 serving blobs from Redis's own C client (``redis-benchmark``, one connection, no
 decoding), which is what this machine and server allow a read before any Python runs.
+Last, the cost of TLS: the same writes and reads against a twin server that speaks only
+TLS (``M3T_REDIS__TLS``), taken in turn with the loopback-plaintext server.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import csv
 import itertools
 import shutil
+import socket
 import subprocess
 import time
 import uuid
+from collections import defaultdict
 
 import numpy as np
 
@@ -180,10 +184,11 @@ def run(
     histories = cohort(admissions, seed=7, n_observations=observations)
     events = sorted((e for history in histories.values() for e in history), key=sort_key)
     hadm_ids = list(histories)
-    client = redis_client(settings)
+    client = redis_client(settings, role="admin")  # it makes and drops scratch namespaces
     try:
         _writes(result, client, fitted, events, write_batch, repeats, warmup)
         _reads(result, settings, client, fitted, events, hadm_ids, batches, reads)
+        _tls_cost(result, settings, client, fitted, events, hadm_ids, write_batch, reads)
     finally:
         client.close()
     result.seconds = time.perf_counter() - started
@@ -278,3 +283,70 @@ def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -
     finally:
         store.drop()
         drop_prefix(client, prefix)
+
+
+def tls_twin(settings: Settings) -> Settings:
+    """Settings for a second local Redis that speaks only TLS, on a free port."""
+    with socket.socket() as probe:
+        probe.bind((settings.redis.host, 0))
+        port = probe.getsockname()[1]
+    redis = settings.redis.model_copy(update={"tls": True, "port": port})
+    return settings.model_copy(
+        update={"redis": redis, "state_dir": settings.state_dir / "bench-redis-tls"}
+    )
+
+
+def _tls_cost(result, settings, client, fitted, events, hadm_ids, write_batch, reads) -> None:
+    twin = tls_twin(settings)
+    services.up(twin, ["redis"])
+    encrypted = redis_client(twin, role="admin")
+    stores = {}
+    try:
+        for variant, connection in (("loopback plaintext", client), ("TLS", encrypted)):
+            stores[variant] = scratch_store(connection, fitted)
+            write_all(stores[variant], events, 1000)
+        rng = np.random.default_rng(1)
+        batch = min(64, len(hadm_ids))
+        picks = [rng.choice(hadm_ids, batch, replace=False).tolist() for _ in range(8)]
+        writes, latencies = defaultdict(list), defaultdict(list)
+        for _ in range(3):  # in turn, so that the machine's noise falls on both
+            for variant, store in stores.items():
+                part = events[: len(events) // 4]
+                scratch = scratch_store(store.client, fitted)
+                began = time.perf_counter()
+                write_all(scratch, part, write_batch)
+                writes[variant].append(len(part) / (time.perf_counter() - began))
+                scratch.drop()
+                turn = itertools.cycle(picks)
+                latencies[variant] += h.time_calls(
+                    lambda: store.read_inputs(next(turn)), max(reads // 3, 50)
+                )
+        for variant in stores:
+            summary = h.latency_summary(latencies[variant])
+            result.rows.append(
+                {
+                    "case": "transport: write events, read a batch",
+                    "variant": variant,
+                    "batch": batch,
+                    "items_per_s": float(np.median(writes[variant])),
+                    **summary,
+                }
+            )
+        plain, tls = (h.latency_summary(latencies[v])["p50_ms"] for v in stores)
+        result.comparisons.append(
+            h.ratio(f"read p50 latency, batch {batch}", "TLS", "plaintext", tls, plain)
+        )
+        result.comparisons.append(
+            h.ratio(
+                "write events/s",
+                "TLS",
+                "plaintext",
+                float(np.median(writes["TLS"])),
+                float(np.median(writes["loopback plaintext"])),
+            )
+        )
+    finally:
+        for store in stores.values():
+            store.drop()
+        encrypted.close()
+        services.down(twin, ["redis"])

@@ -226,6 +226,14 @@ def test_redis_stage(settings, tmp_path):
         0 < r["p50_ms"] <= r["p99_ms"] for r in floor
     )
     assert set(data["breakdown_ms"]) == {"redis feature write", "redis feature read"}
+    # The cost of TLS, beside loopback plaintext in the same run.
+    transport = {r["variant"]: r for r in data["rows"] if r["case"].startswith("transport")}
+    assert set(transport) == {"loopback plaintext", "TLS"}
+    assert all(r["items_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in transport.values())
+    assert {c["what"] for c in data["comparisons"]} >= {
+        "write events/s",
+        "read p50 latency, batch 8",
+    }
 
 
 @pytest.mark.services
