@@ -104,6 +104,32 @@ for _name, _sub, _help in GROUPS:
     app.add_typer(_sub, name=_name, help=_help)
 
 
+security_app = typer.Typer(help="Check the installation's security posture.", no_args_is_help=True)
+app.add_typer(security_app, name="security")
+
+
+@security_app.command("check")
+def security_check(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Check what is open: ACL users and their rules, listeners that answer without
+    credentials, TLS, development credentials in use, the modes of the secrets. Exit 1
+    where anything is open."""
+    from app.security import check
+
+    findings = check(get_settings())
+    if as_json:
+        print(json.dumps([f.as_dict() for f in findings], indent=2))
+    else:
+        table = Table("area", "check", "status", "detail")
+        colour = {"ok": "green", "open": "red", "info": "dim"}
+        for f in findings:
+            table.add_row(f.area, f.check, f"[{colour[f.status]}]{f.status}[/]", f.detail)
+        console.print(table)
+    if any(f.status == "open" for f in findings):
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo():
     """Run the whole system on a synthetic cohort and print how to query it."""
