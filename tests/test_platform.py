@@ -353,6 +353,7 @@ def test_http_api_contract(cli_settings, redis_client):
     """`m3t stream api` served by uvicorn in its own process, queried over HTTP."""
     import httpx
 
+    from stream.metrics import METRICS_KEY
     from stream.scores import RiskScore, ScoreStore
 
     store = ScoreStore(redis_client)
@@ -363,8 +364,9 @@ def test_http_api_contract(cli_settings, redis_client):
         ]
     )
     store.write_batch([RiskScore(777, 9.9, 0.99, "m:1", 50.0, 102.0)])  # older features: skipped
-    redis_client.set(
-        "m3t:metrics:worker:w1",
+    redis_client.hset(
+        METRICS_KEY,
+        "w1",
         json.dumps(
             {
                 "counters": {
@@ -379,7 +381,7 @@ def test_http_api_contract(cli_settings, redis_client):
                 "lag": {"events:0": 5},
                 "dead_letter_reasons": {"malformed_json": 1},
                 "events_per_s": 12.5,
-                "updated": 0,
+                "updated": time.time(),
             }
         ),
     )
@@ -426,4 +428,4 @@ def test_http_api_contract(cli_settings, redis_client):
         api.close()
         server.terminate()
         server.wait(30)
-        redis_client.delete("m3t:metrics:worker:w1")
+        redis_client.hdel(METRICS_KEY, "w1")
