@@ -18,8 +18,8 @@ from ingest.cli import app as ingest_app
 from m3t import services as svc
 from m3t.console import fail
 from m3t.settings import get_settings
+from stream.cli import api_app, scores_app
 from stream.cli import app as stream_app
-from stream.cli import scores_app
 from trainer.cli import app as train_app
 from trainer.cli import export_app
 
@@ -98,6 +98,7 @@ GROUPS = [
     ("export", export_app, "Export M3T-LM to ONNX/TensorRT and publish to model_repo/."),
     ("stream", stream_app, "Run the Kafka stream worker that keeps features and scores current."),
     ("scores", scores_app, "Query current risk scores."),
+    ("api", api_app, "The HTTP API's tokens: add, list, revoke."),
     ("bench", bench_app, "Benchmark throughput and latency, stage by stage and end to end."),
 ]
 for _name, _sub, _help in GROUPS:

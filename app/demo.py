@@ -15,8 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from m3t.credentials import API_TOKEN, api_token, secret_file
+from m3t.credentials import API_TOKEN, secret_file
 from m3t.settings import Settings
+from stream.api_tokens import TokenStore
 from stream.cli import scores_table
 
 
@@ -103,7 +104,8 @@ def run_demo(
     score = store.get(top[0].hadm_id)
     console.print(f"Score read back from Redis for admission {score.hadm_id}: {score.as_json()}")
     console.rule("query it yourself")
-    api_token(settings)  # generated now if it is to be, so the hint's file exists
+    # Generated now if it is to be, so the hint's file exists, and registered as a reader.
+    TokenStore(settings).development_token()
     token = f"$(cat {secret_file(settings, API_TOKEN)})"
     console.print(
         f"  m3t scores get {score.hadm_id}\n"

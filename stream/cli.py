@@ -1,4 +1,4 @@
-"""`m3t stream ...` and `m3t scores ...`."""
+"""`m3t stream ...`, `m3t scores ...` and `m3t api ...`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ app = typer.Typer(
     help="Run the Kafka stream worker that keeps features and scores current.", no_args_is_help=True
 )
 scores_app = typer.Typer(help="Query current risk scores.", no_args_is_help=True)
+api_app = typer.Typer(help="The HTTP API's tokens.", no_args_is_help=True)
+token_app = typer.Typer(
+    help="Named API tokens, each with a role: reader (scores) or metrics (/metrics).",
+    no_args_is_help=True,
+)
+api_app.add_typer(token_app, name="token")
 
 
 def scores_table(scores, title: str | None = None) -> Table:
@@ -138,17 +144,35 @@ def api(
     host: str = typer.Option(None, help="Bind address (default: settings.api.host)."),
     port: int = typer.Option(None, help="Port (default: settings.api.port)."),
 ):
-    """Serve the HTTP API: /admissions/{id}/risk, /risk/top, /healthz, /metrics (bearer token)."""
+    """Serve the HTTP API: /admissions/{id}/risk, /risk/top, /metrics, /openapi.json (each
+    with a bearer token of its role) and /healthz.
+
+    Beyond loopback: TLS (M3T_API__TLS_CERTFILE, M3T_API__TLS_KEYFILE), no development token.
+    """
     import uvicorn
 
-    from stream.api import create_app
+    from stream.api import bind_refusals, create_app
 
     settings = get_settings()
+    host = host or settings.api.host
+    refusals = bind_refusals(settings, host)
+    if refusals:
+        fail(f"the API will not listen on {host}: " + "; ".join(refusals))
+    tls = {}
+    if settings.api.tls_certfile and settings.api.tls_keyfile:
+        for path in (settings.api.tls_certfile, settings.api.tls_keyfile):
+            if not path.is_file():
+                fail(f"the API's TLS certificate or key is missing: {path}")
+        tls = {
+            "ssl_certfile": str(settings.api.tls_certfile),
+            "ssl_keyfile": str(settings.api.tls_keyfile),
+        }
     uvicorn.run(
         create_app(settings),
-        host=host or settings.api.host,
+        host=host,
         port=port or settings.api.port,
         log_level="warning",
+        **tls,
     )
 
 
@@ -206,3 +230,47 @@ def watch(
                 refreshes += 1
         except KeyboardInterrupt:
             pass
+
+
+@token_app.command("add")
+def token_add(
+    name: str,
+    role: str = typer.Option(..., help="reader (scores) or metrics (/metrics only)."),
+):
+    """Make a token; it is printed once (only its hash is kept)."""
+    from stream.api_tokens import TokenStore
+
+    try:
+        token = TokenStore(get_settings()).add(name, role)
+    except ValueError as exc:
+        fail(exc)
+    print(token)
+    Console(stderr=True).print(f"token {name!r} ({role}) made: it is shown only this once")
+
+
+@token_app.command("list")
+def token_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """The tokens' names, roles and creation times (never a token or its hash)."""
+    from stream.api_tokens import TokenStore
+
+    entries = [
+        {"name": t.name, "role": t.role, "created": t.created, "development": t.development}
+        for t in TokenStore(get_settings()).tokens()
+    ]
+    if as_json:
+        print(json.dumps(entries))
+        return
+    table = Table("name", "role", "created", "development")
+    for e in entries:
+        table.add_row(e["name"], e["role"], e["created"], "yes" if e["development"] else "")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str):
+    """Revoke a token: from the next request on, it is refused."""
+    from stream.api_tokens import TokenStore
+
+    if not TokenStore(get_settings()).revoke(name):
+        fail(f"no token named {name!r}")
+    console.print(f"token {name!r} revoked")

@@ -1,8 +1,11 @@
 """Worker metrics, shared through Redis so the API can expose every worker's in one place.
 
-Each worker keeps plain counters and fixed-bucket histograms and flushes them to its own
-hash (``m3t:metrics:worker:<id>``, expiring if the worker dies). The API renders them in the
-Prometheus text format with a ``worker`` label through a prometheus_client collector.
+Each worker keeps plain counters and fixed-bucket histograms and publishes them as its field
+of one hash (``m3t:metrics:workers``: worker id -> a JSON snapshot with its ``updated``
+time), so a reader gets every worker's in one HGETALL, with no scan of the keyspace. A
+snapshot older than ``STALE_AFTER_S`` (its worker died) is ignored by the reader and removed
+by the next worker that publishes. The API renders them in the Prometheus text format with a
+``worker`` label through a prometheus_client collector.
 """
 
 from __future__ import annotations
@@ -16,11 +19,29 @@ from dataclasses import dataclass, field
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-METRICS_KEY = "m3t:metrics:worker:{worker_id}"
-METRICS_PATTERN = "m3t:metrics:worker:*"
+from m3t.clients import LuaScript, run_scripts
+
+METRICS_KEY = "m3t:metrics:workers"
+# A worker publishes every second or so: a snapshot this old is a dead worker's.
+STALE_AFTER_S = 30
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 COUNTERS = ("events", "dead_letters", "scored", "batches", "commits")
+
+# KEYS: the snapshots' hash. ARGV: worker id, its snapshot, the oldest fresh `updated`, TTL.
+# The hash expires once no worker publishes.
+_PUBLISH = LuaScript("""
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local ok, snapshot = pcall(cjson.decode, fields[i + 1])
+  local updated = ok and type(snapshot) == 'table' and tonumber(snapshot['updated'])
+  if not updated or updated < tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+""")
 
 
 @dataclass
@@ -81,7 +102,7 @@ class WorkerMetrics:
         elapsed = max(now - self._last_flush, 1e-9)
         self.events_per_s = (counters["events"] - self._events_at_flush) / elapsed
         self._events_at_flush, self._last_flush = counters["events"], now
-        key = METRICS_KEY.format(worker_id=self.worker_id)
+        updated = time.time()
         snapshot = {
             "counters": {name: counters[name] for name in COUNTERS},
             "latency": self.latency.as_dict(),
@@ -90,23 +111,29 @@ class WorkerMetrics:
             "images_absent": dict(self.images),
             "dead_letter_reasons": dict(counters.get("dead_letter_reasons", {})),
             "events_per_s": self.events_per_s,
-            "updated": time.time(),
+            "updated": updated,
         }
-        # A dead worker's metrics disappear after a while instead of lingering as "current".
-        self.client.set(key, json.dumps(snapshot), ex=max(30, int(10 * self.flush_every_s)))
+        args = [self.worker_id, json.dumps(snapshot), updated - STALE_AFTER_S, STALE_AFTER_S]
+        run_scripts(self.client, lambda c: _PUBLISH(c, [METRICS_KEY], args), _PUBLISH)
 
 
 class RedisWorkerCollector:
-    """A prometheus_client collector over every live worker's snapshot."""
+    """A prometheus_client collector over every live worker's snapshot (one HGETALL)."""
 
     def __init__(self, client: redis.Redis):
         self.client = client
 
     def snapshots(self) -> dict[str, dict]:
-        keys = sorted(self.client.scan_iter(match=METRICS_PATTERN, count=100))
-        values = self.client.mget(keys) if keys else []
-        prefix = METRICS_KEY.format(worker_id="")
-        return {k.decode()[len(prefix) :]: json.loads(v) for k, v in zip(keys, values) if v}
+        oldest = time.time() - STALE_AFTER_S
+        snapshots = {}
+        for worker, value in sorted(self.client.hgetall(METRICS_KEY).items()):
+            try:
+                snapshot = json.loads(value)
+            except ValueError:
+                continue
+            if snapshot.get("updated", 0) >= oldest:
+                snapshots[worker.decode()] = snapshot
+        return snapshots
 
     def collect(self):
         snaps = self.snapshots()

@@ -471,7 +471,7 @@ def test_the_cached_scorer_does_not_cache_a_missing_xray_until_it_is_given_up(
 def test_images_scored_as_absent_are_in_the_metrics(redis_client):
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from stream.metrics import COUNTERS, RedisWorkerCollector, WorkerMetrics
+    from stream.metrics import COUNTERS, METRICS_KEY, RedisWorkerCollector, WorkerMetrics
 
     errors = Counter({"not_found": 2, "outside_image_roots": 1})
     metrics = WorkerMetrics(redis_client, "images-test", images=errors)
@@ -484,4 +484,4 @@ def test_images_scored_as_absent_are_in_the_metrics(redis_client):
     for reason, count in (("not_found", 2), ("outside_image_roots", 1), ("too_large", 1)):
         line = f'm3t_images_absent_total{{reason="{reason}",worker="images-test"}} {count}.0'
         assert line in text
-    redis_client.delete("m3t:metrics:worker:images-test")
+    redis_client.hdel(METRICS_KEY, "images-test")

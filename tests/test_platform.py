@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from m3t import services
-from m3t.credentials import api_token
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
 from tests.conftest import free_ports, make_settings
@@ -226,6 +225,7 @@ def test_cli_help_lists_every_group():
         "export",
         "stream",
         "scores",
+        "api",
         "bench",
         "demo",
     ]:
@@ -339,6 +339,8 @@ def test_http_api_contract(cli_settings, redis_client):
     """`m3t stream api` served by uvicorn in its own process, queried over HTTP."""
     import httpx
 
+    from stream.api_tokens import TokenStore
+    from stream.metrics import METRICS_KEY
     from stream.scores import RiskScore, ScoreStore
 
     store = ScoreStore(redis_client)
@@ -349,8 +351,9 @@ def test_http_api_contract(cli_settings, redis_client):
         ]
     )
     store.write_batch([RiskScore(777, 9.9, 0.99, "m:1", 50.0, 102.0)])  # older features: skipped
-    redis_client.set(
-        "m3t:metrics:worker:w1",
+    redis_client.hset(
+        METRICS_KEY,
+        "w1",
         json.dumps(
             {
                 "counters": {
@@ -365,10 +368,13 @@ def test_http_api_contract(cli_settings, redis_client):
                 "lag": {"events:0": 5},
                 "dead_letter_reasons": {"malformed_json": 1},
                 "events_per_s": 12.5,
-                "updated": 0,
+                "updated": time.time(),
             }
         ),
     )
+    tokens = TokenStore(cli_settings)
+    reader = {"Authorization": f"Bearer {tokens.development_token()}"}
+    scraper = {"Authorization": f"Bearer {tokens.add(f'scraper-{uuid.uuid4().hex}', 'metrics')}"}
     (port,) = free_ports(1)
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "stream", "api", "--port", str(port)],
@@ -386,21 +392,19 @@ def test_http_api_contract(cli_settings, redis_client):
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the API did not start listening in 60 s"
                 time.sleep(0.2)
-        auth = {"Authorization": f"Bearer {api_token(cli_settings)}"}
-
         assert health.json() == {"status": "ok"}
         for path in ["/admissions/777/risk", "/risk/top?n=2", "/metrics"]:
             assert api.get(path).status_code == 401
             assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        risk = api.get("/admissions/777/risk", headers=auth).json()
+        risk = api.get("/admissions/777/risk", headers=reader).json()
         assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
-        assert api.get("/admissions/1/risk", headers=auth).status_code == 404
+        assert api.get("/admissions/1/risk", headers=reader).status_code == 404
         # Other tests' admissions may share the ranking: these two keep their order in it.
-        top = [r["hadm_id"] for r in api.get("/risk/top?n=1000", headers=auth).json()]
+        top = [r["hadm_id"] for r in api.get("/risk/top?n=1000", headers=reader).json()]
         assert [h for h in top if h in (777, 778)] == [778, 777]
-        assert len(api.get("/risk/top?n=2", headers=auth).json()) == 2
-        assert api.get("/risk/top?n=0", headers=auth).status_code == 422
-        metrics = api.get("/metrics", headers=auth).text
+        assert len(api.get("/risk/top?n=2", headers=reader).json()) == 2
+        assert api.get("/risk/top?n=0", headers=reader).status_code == 422
+        metrics = api.get("/metrics", headers=scraper).text
         assert 'm3t_events_total{worker="w1"} 10.0' in metrics
         assert 'm3t_consumer_lag{partition="events:0",worker="w1"} 5.0' in metrics
         assert 'm3t_scoring_latency_bucket{le="1.0",worker="w1"} 4.0' in metrics
@@ -412,4 +416,4 @@ def test_http_api_contract(cli_settings, redis_client):
         api.close()
         server.terminate()
         server.wait(30)
-        redis_client.delete("m3t:metrics:worker:w1")
+        redis_client.hdel(METRICS_KEY, "w1")

@@ -512,7 +512,7 @@ def test_consumer_lag_is_published_from_the_fetches_high_watermarks(
     worker._flush_metrics = spy
     worker.metrics.due = lambda: True
     worker.run(stop_after=18, idle_timeout_s=30.0)
-    snapshot = json.loads(redis_client.get(METRICS_KEY.format(worker_id="lag-check")))
+    snapshot = json.loads(redis_client.hget(METRICS_KEY, "lag-check"))
     partitions = {f"{settings.kafka.topic_events}:{p}" for p in range(settings.kafka.partitions)}
     assert set(snapshot["lag"]) == partitions and set(snapshot["lag"].values()) == {0}
     assert max(seen_behind) > 0
