@@ -9,7 +9,6 @@ A finding is ``ok``, ``open`` (something anyone could use; the command exits 1) 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import stat
@@ -49,13 +48,6 @@ REDIS_REFUSALS = [
     ("stream", ["KEYS", "*"]),
     ("stream", ["SET", "outside-m3t", "1"]),
 ]
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
 
 
 def check(settings: Settings) -> list[Finding]:
@@ -236,9 +228,34 @@ def triton_headers(settings: Settings) -> dict[str, str]:
 def _transport(area: str, host: str, encrypted: bool) -> Finding:
     if encrypted:
         return Finding(area, "TLS", "ok", "on")
+    from stream.api import is_loopback
+
     if is_loopback(host):
         return Finding(area, "TLS", "info", f"off, on loopback ({host})")
     return Finding(area, "TLS", "open", f"off, listening on {host}")
+
+
+def api_posture(settings: Settings) -> Iterator[Finding]:
+    from stream.api import bind_refusals
+    from stream.api_tokens import TokenStore
+
+    host = settings.api.host
+    refusals = bind_refusals(settings, host)
+    for reason in refusals:
+        yield Finding("api", f"listening on {host}", "open", reason)
+    if not refusals:
+        yield Finding(
+            "api", f"listening on {host}", "ok", "loopback, or TLS without the development token"
+        )
+    tokens = TokenStore(settings).tokens()
+    roles = sorted({t.role for t in tokens})
+    yield Finding(
+        "api",
+        "tokens",
+        "info",
+        f"{len(tokens)} ({', '.join(roles) or 'none'})"
+        + (", the development token among them" if any(t.development for t in tokens) else ""),
+    )
 
 
 AREAS: dict[str, Callable[[Settings], Iterator[Finding]]] = {
@@ -246,4 +263,5 @@ AREAS: dict[str, Callable[[Settings], Iterator[Finding]]] = {
     "redis": redis_posture,
     "kafka": kafka_posture,
     "triton": triton_posture,
+    "api": api_posture,
 }
