@@ -64,9 +64,6 @@ class Commands(list):
     def hmget(self, name, keys) -> None:
         self.append(hiredis.pack_command(("HMGET", name, *keys)))
 
-    def smismember(self, name, values) -> None:
-        self.append(hiredis.pack_command(("SMISMEMBER", name, *values)))
-
 
 def send(client: redis.Redis, commands: Commands) -> list:
     """Send the commands in one write and read every reply; raise the first error reply.
