@@ -3,25 +3,32 @@
 Layout, per admission (``{hadm_id}`` is a Redis Cluster hash tag, so all of one
 admission's keys share a slot and the commit script may touch them together)::
 
-    m3t:<tag>:3:{12345}:m     string  the serving blob (features.layout): one MGET serves a batch
-    m3t:<tag>:3:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
-    m3t:<tag>:3:{12345}:seen  set     event ids already applied
+    m3t:<tag>:4:{12345}:m     string  the serving blob (features.layout): one MGET serves a batch
+    m3t:<tag>:4:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
+    m3t:<tag>:4:{12345}:seen  hash    event id -> digest of the content applied under it
     m3t:<tag>:fitted          string  the FittedFeatures JSON this namespace was written with
 
 ``<tag>`` is the feature-set version, the layout fingerprint (``features.definitions.LAYOUT``:
 the numeric columns and the bucket width of the windowed aggregates) and the vocabulary
-fingerprint (``FittedFeatures.tag``); ``3`` is ``STORE_FORMAT``, the layout of these keys.
+fingerprint (``FittedFeatures.tag``); ``4`` is ``STORE_FORMAT``, the layout of these keys.
+
+An event id names one content (``ingest.events.content_digest``): an event whose id was
+applied with the same digest is a duplicate and changes nothing; one with another digest is
+refused (``event_id_conflict``, for the caller to dead-letter), so an event sent under
+another's id can neither pass as it nor silently make the real one a "duplicate". Two
+contents under one id in one batch: the first claims it.
 
 Writes (``write_batch``) take two round trips per batch, however many events: load the
-touched admissions' state and which of the batch's event ids they have seen (three plain
+touched admissions' state and the digests stored for the batch's event ids (three plain
 commands per admission, all pipelined), fold the new
 events in with ``AdmissionState.apply`` (the same function the offline builder folds
 with), compute their serving blobs with ``assemble`` (the same transform the offline
 builder uses), vectorised over the batch, then commit every admission with one
-server-side Lua script that checks the version it loaded, adds the event ids to the seen
-set and stores the new state, atomically. A commit that lost a race with another worker
-(the version moved) is reloaded and refolded. So redelivery and concurrent workers are
-safe: an event id is in the seen set if and only if the stored state includes it.
+server-side Lua script that checks the version it loaded, adds the event ids and their
+digests to the seen hash and stores the new state, atomically. A commit that lost a race
+with another worker (the version moved) is reloaded and refolded. So redelivery and
+concurrent workers are safe: an event id is in the seen hash if and only if the stored
+state includes the content its digest names.
 
 Reads: ``read_inputs`` at the default scoring time (each admission's latest event, what
 the stream scores) is one MGET of serving blobs, decoded with numpy: the transform ran
@@ -38,6 +45,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 
 import numpy as np
 import redis
@@ -48,7 +56,7 @@ from features.fitted import FittedFeatures
 from features.layout import serving_tail
 from features.state import AdmissionState, hours
 from features.transform import serving_blobs, serving_inputs
-from ingest.events import sort_key
+from ingest.events import content_digest, sort_key
 from m3t.clients import LuaScript, mget, round_trip, run_scripts, unlink
 
 DISCHARGED_TTL_S = 7 * 24 * 3600  # keep a discharged admission a week (late events, audits)
@@ -57,19 +65,22 @@ CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
 # The layout of an admission's keys and of the blobs they hold (features.layout), in their
 # names, so state written in another format is never half read (its events would count as
 # seen). Bump it when either changes.
-STORE_FORMAT = 3
+STORE_FORMAT = 4
+# Why the store refuses an event whose id it has applied with other content.
+EVENT_ID_CONFLICT = "event_id_conflict"
 
 _STATE_FIELDS = ("v", "a", "n")  # commit version, aggregates, note bookkeeping
 _COMMIT = LuaScript("""
--- KEYS: serving blob, state hash, seen set.
--- ARGV: expected version, serving blob, aggregates, notes ('' = unchanged), ttl, event ids...
+-- KEYS: serving blob, state hash, seen hash.
+-- ARGV: expected version, serving blob, aggregates, notes ('' = unchanged), ttl,
+--       then event id, digest, event id, digest...
 local version = redis.call('HGET', KEYS[2], 'v') or '0'
 if version ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[2], 'v', tostring(tonumber(version) + 1), 'a', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'n', ARGV[4]) end
 for i = 6, #ARGV, 4000 do
-  redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+  redis.call('HSET', KEYS[3], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
 end
 for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[5]) end
 return 1
@@ -83,11 +94,12 @@ class ConcurrentUpdateError(RuntimeError):
 @dataclass
 class WriteStats:
     applied: int = 0  # events folded into state
-    duplicates: int = 0  # events already applied, or twice in the batch (redelivery, replay)
+    # events already applied with the same content, or twice in the batch (redelivery, replay)
+    duplicates: int = 0
     admissions: int = 0  # admissions committed
     retries: int = 0  # commits that lost a race and were refolded
-    # Events the admission cannot take, with the reason (``AdmissionState.refusal``): not
-    # applied, not marked seen, for the caller to dead-letter.
+    # Events the admission cannot take, with the reason (``AdmissionState.refusal``, or
+    # ``EVENT_ID_CONFLICT``): not applied, not marked seen, for the caller to dead-letter.
     refused: list = field(default_factory=list)
 
 
@@ -119,7 +131,7 @@ class OnlineStore:
     # --- keys -------------------------------------------------------------------------
 
     def keys(self, hadm_id: int) -> tuple[str, str, str]:
-        """The serving blob, the state hash and the seen set of an admission."""
+        """The serving blob, the state hash and the seen hash of an admission."""
         hadm_id = int(hadm_id)
         return tuple(key % hadm_id for key in self._key_formats)
 
@@ -151,12 +163,19 @@ class OnlineStore:
 
     def write_batch(self, events: Iterable) -> WriteStats:
         """Apply a batch of events: each at most once, each by its event time."""
-        pending: dict[int, dict[str, object]] = defaultdict(dict)
-        received = 0
+        # Per admission, event id -> (the batch's first event under it, its digest).
+        pending: dict[int, dict[str, tuple[object, bytes]]] = defaultdict(dict)
+        stats = WriteStats()
         for event in events:
-            pending[event.hadm_id][event.event_id] = event  # duplicates within the batch collapse
-            received += 1
-        stats = WriteStats(duplicates=received - sum(len(evs) for evs in pending.values()))
+            digest = content_digest(event)
+            claimed = pending[event.hadm_id]
+            first = claimed.get(event.event_id)
+            if first is None:
+                claimed[event.event_id] = (event, digest)
+            elif first[1] == digest:
+                stats.duplicates += 1
+            else:
+                stats.refused.append((event, EVENT_ID_CONFLICT))
         for attempt in range(self.max_retries + 1):
             if not pending:
                 return stats
@@ -167,7 +186,7 @@ class OnlineStore:
             f"{len(pending)} admissions still contended after {self.max_retries} retries"
         )
 
-    def _write_once(self, pending: dict[int, dict[str, object]], stats: WriteStats):
+    def _write_once(self, pending: dict[int, dict[str, tuple[object, bytes]]], stats: WriteStats):
         hadm_ids = list(pending)
 
         def load(commands):
@@ -178,47 +197,55 @@ class OnlineStore:
                 serving_key, state_key, seen_key = self.keys(hadm_id)
                 commands.hmget(state_key, _STATE_FIELDS)
                 commands.get(serving_key)
-                commands.smismember(seen_key, list(pending[hadm_id]))
+                commands.hmget(seen_key, list(pending[hadm_id]))
 
         replies = round_trip(self.client, load)
         loaded = ((*replies[i], replies[i + 1], replies[i + 2]) for i in range(0, len(replies), 3))
 
         folded = []
-        for hadm_id, (version, aggregates, notes, serving, seen) in zip(hadm_ids, loaded):
-            fresh = [e for e, was_seen in zip(pending[hadm_id].values(), seen) if not was_seen]
+        for hadm_id, (version, aggregates, notes, serving, applied) in zip(hadm_ids, loaded):
+            fresh, duplicates, refused = [], 0, []
+            for (event, digest), stored in zip(pending[hadm_id].values(), applied):
+                if stored is None:
+                    fresh.append((event, digest))
+                elif stored == digest:
+                    duplicates += 1
+                else:
+                    refused.append((event, EVENT_ID_CONFLICT))
             if not fresh:
-                stats.duplicates += len(seen)
+                stats.duplicates += duplicates
+                stats.refused += refused
                 continue
             tail = serving_tail(serving, self.fitted.note_tokens) if serving else None
             state = AdmissionState.from_stored(aggregates, notes, tail, self.fitted.note_tokens)
-            taken, refused = [], []
-            for event in sorted(fresh, key=sort_key):
+            taken = []
+            for event, digest in sorted(fresh, key=lambda pair: sort_key(pair[0])):
                 reason = state.refusal(event, self.max_stay_h)
                 if reason is None:
                     state.apply(event, self.fitted.vocab)
-                    taken.append(event)
+                    taken.append((event.event_id, digest))
                 else:
                     refused.append((event, reason))
             if not taken:
                 stats.refused += refused
-                stats.duplicates += len(seen) - len(fresh)
+                stats.duplicates += duplicates
                 continue
-            folded.append((hadm_id, version, notes, seen, fresh, taken, refused, state))
+            folded.append((hadm_id, version, notes, duplicates, taken, refused, state))
 
         blobs = [state.to_blob() for *_, state in folded]
         served = serving_blobs(self.fitted.assemble(blobs)) if blobs else []
         commits = []
-        for (hadm_id, version, notes, seen, fresh, taken, refused, state), serving in zip(
+        for (hadm_id, version, notes, duplicates, taken, refused, state), serving in zip(
             folded, served
         ):
             changed_notes = state.to_notes() if state.notes_changed or not notes else b""
             ttl = self.discharged_ttl_s if state.discharged else self.open_ttl_s
             args = [version or b"0", serving, state.to_aggregates(), changed_notes, ttl]
-            commits.append((hadm_id, len(seen) - len(fresh), taken, refused, args))
+            commits.append((hadm_id, duplicates, taken, refused, args))
 
         def commit(pipe):
             for hadm_id, _, taken, _, args in commits:
-                _COMMIT(pipe, self.keys(hadm_id), args + [e.event_id for e in taken])
+                _COMMIT(pipe, self.keys(hadm_id), [*args, *chain.from_iterable(taken)])
 
         # Were a commit that ran sent again (run_scripts, after NOSCRIPT), its version check
         # would fail and its admission be reloaded: nothing is applied twice.

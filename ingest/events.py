@@ -223,6 +223,21 @@ def event_id(source: str, position: Any) -> str:
     return hashlib.blake2b(f"{source}\x1f{position}".encode(), digest_size=12).hexdigest()
 
 
+# Envelope fields that say how an event travelled, not what it says: a replay or a resend
+# through another client may differ in them (``ingest_time`` is set when it is produced).
+TRANSPORT_FIELDS = frozenset({"schema_version", "event_id", "ingest_time"})
+
+
+def content_digest(event) -> bytes:
+    """16 bytes naming what ``event`` says: a blake2b of the parsed event, all but its
+    ``TRANSPORT_FIELDS``, as the contract serialises it (pydantic's JSON: each type's fields
+    in a fixed order, numbers and strings in one spelling). However a client spelled or
+    ordered the JSON, the same event has the same digest; one differing in any other field
+    (a time given in another UTC offset included) has another."""
+    content = event.model_dump_json(exclude=TRANSPORT_FIELDS).encode()
+    return hashlib.blake2b(content, digest_size=16).digest()
+
+
 def sort_key(event: AdmissionEvent | ObservationEvent | NoteEvent | CxrEvent | DischargeEvent):
     return (event.event_time, TYPE_ORDER[event.type], event.event_id)
 

@@ -9,7 +9,7 @@ import hiredis
 import redis
 
 from m3t import tls
-from m3t.credentials import login
+from m3t.credentials import login, triton_admin_key
 from m3t.settings import Role, Settings
 
 
@@ -68,9 +68,6 @@ class Commands(list):
 
     def hmget(self, name, keys) -> None:
         self.append(hiredis.pack_command(("HMGET", name, *keys)))
-
-    def smismember(self, name, values) -> None:
-        self.append(hiredis.pack_command(("SMISMEMBER", name, *values)))
 
 
 def send(client: redis.Redis, commands: Commands) -> list:
@@ -161,3 +158,15 @@ def triton_client(settings: Settings):
     import tritonclient.grpc as grpcclient
 
     return grpcclient.InferenceServerClient(url=settings.triton.grpc_url)
+
+
+# The header that carries the admin key to Triton's restricted APIs (loading and unloading
+# models, the repository index, shared memory, trace and log settings) over HTTP; inference
+# and health need none. Over gRPC Triton expects it under its own prefix.
+TRITON_ADMIN_HEADER = "m3t-admin-key"
+TRITON_ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{TRITON_ADMIN_HEADER}"
+
+
+def triton_admin_headers(settings: Settings) -> dict[str, str]:
+    """The gRPC metadata for a call to one of Triton's restricted APIs."""
+    return {TRITON_ADMIN_GRPC_HEADER: triton_admin_key(settings)}

@@ -133,7 +133,7 @@ def deployed(settings, cohort, tmp_path_factory):
     fitted = build(list(cohort.values()), CutoffPolicy((24.0,))).fitted
     onnx_dir = tmp_path_factory.mktemp("stream-onnx")
     model, _, _ = publish_tiny(settings.model_repo, onnx_dir, len(fitted.vocab), seed=3)
-    assert all(load_in_triton(settings.triton.grpc_url).values())
+    assert all(load_in_triton(settings).values())
     return fitted, model
 
 

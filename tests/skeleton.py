@@ -29,11 +29,16 @@ MODEL = "placeholder"
 KEY = "m3t:skeleton:{{{hadm_id}}}"
 SEEN = "m3t:skeleton:{{{hadm_id}}}:seen"
 
-# Idempotent by event id: the dedupe check and the update happen atomically.
+# Idempotent by event id: the dedupe check and the update happen atomically. Only commands
+# the stream's Redis user may run (m3t.services.redis_server.ACL_RULES).
 _APPLY = """
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], '1')
 if ARGV[2] == 'admission' then redis.call('HSET', KEYS[1], 'age', ARGV[3]) end
-if ARGV[2] == 'observation' then redis.call('HINCRBY', KEYS[1], 'observations', 1) end
+if ARGV[2] == 'observation' then
+  local n = tonumber(redis.call('HGET', KEYS[1], 'observations') or '0')
+  redis.call('HSET', KEYS[1], 'observations', tostring(n + 1))
+end
 local t = tonumber(redis.call('HGET', KEYS[1], 'feature_time') or '0')
 if tonumber(ARGV[4]) > t then redis.call('HSET', KEYS[1], 'feature_time', ARGV[4]) end
 return 1

@@ -15,9 +15,16 @@ from features import model_inputs as mi
 from features import offline, parity, sample
 from features.fitted import FittedFeatures
 from features.layout import URI_INLINE
-from features.online import DISCHARGED_TTL_S, OPEN_TTL_S, STORE_FORMAT, OnlineStore
+from features.online import (
+    DISCHARGED_TTL_S,
+    EVENT_ID_CONFLICT,
+    OPEN_TTL_S,
+    STORE_FORMAT,
+    OnlineStore,
+)
 from features.state import AdmissionState
 from features.vocab import Vocabulary
+from ingest import events as ev
 from ingest.events import sort_key
 from m3t.clients import redis_client as connect
 
@@ -119,6 +126,86 @@ def test_duplicates_and_out_of_order_delivery_change_nothing(store):
         other.drop()
 
 
+def kept(store, hadm_id) -> tuple:
+    """Everything the store keeps of an admission: serving blob, state hash, seen hash."""
+    serving, state, seen = store.keys(hadm_id)
+    return store.client.get(serving), store.client.hgetall(state), store.client.hgetall(seen)
+
+
+def with_value(event, delta: float):
+    """``event`` (an observation) under the same id, its value moved by ``delta``."""
+    payload = event.payload.model_copy(update={"value": event.payload.value + delta})
+    return event.model_copy(update={"payload": payload})
+
+
+def test_an_event_resent_with_the_same_content_is_a_duplicate(store):
+    hadm_id = list(COHORT)[0]
+    store.write_batch(COHORT[hadm_id])
+    before = kept(store, hadm_id)
+    for event in COHORT[hadm_id]:
+        later = event.model_copy(update={"ingest_time": event.ingest_time + timedelta(hours=1)})
+        resent = ev.decode(ev.encode(later))  # as the worker reads it back from Kafka
+        stats = store.write_batch([resent])
+        assert (stats.applied, stats.duplicates, stats.refused) == (0, 1, []), event.type
+    assert kept(store, hadm_id) == before
+    seen = before[2]
+    assert seen == {e.event_id.encode(): ev.content_digest(e) for e in COHORT[hadm_id]}
+
+
+def test_an_event_under_an_applied_id_with_other_content_is_refused(store):
+    hadm_id = list(COHORT)[0]
+    events = COHORT[hadm_id]
+    store.write_batch(events[:-2])
+    before = kept(store, hadm_id)
+    obs = next(e for e in events if e.type == "observation")
+    forged = with_value(obs, 1.0)
+    stats = store.write_batch([forged])
+    assert (stats.applied, stats.duplicates, stats.refused) == (0, 0, [(forged, EVENT_ID_CONFLICT)])
+    assert stats.refused[0][0] is forged and kept(store, hadm_id) == before
+
+    # Beside new events of its admission: they are applied, it is not.
+    stats = store.write_batch([forged, *events[-2:]])
+    assert (stats.applied, stats.duplicates, stats.refused) == (2, 0, [(forged, EVENT_ID_CONFLICT)])
+    want = FITTED.assemble([offline_blob(events)])
+    np.testing.assert_array_equal(store.read_inputs([hadm_id])[mi.NUMERIC], want[mi.NUMERIC])
+    assert store.client.hget(store.keys(hadm_id)[2], obs.event_id) == ev.content_digest(obs)
+
+
+def test_a_forged_event_that_came_first_makes_the_real_one_a_refusal_not_a_duplicate(store):
+    # The store cannot tell which came from whom; the second content under an id is refused
+    # where it could be seen (a dead letter), never counted as a duplicate.
+    hadm_id = list(COHORT)[1]
+    *events, discharge = COHORT[hadm_id]
+    assert discharge.type == "discharge"
+    store.write_batch(events)
+    outcome = not discharge.payload.hospital_expire_flag
+    payload = discharge.payload.model_copy(update={"hospital_expire_flag": outcome})
+    forged = discharge.model_copy(update={"payload": payload})
+    assert store.write_batch([forged]).applied == 1
+    stats = store.write_batch([discharge])
+    assert (stats.applied, stats.duplicates, stats.refused) == (
+        0,
+        0,
+        [(discharge, EVENT_ID_CONFLICT)],
+    )
+
+
+def test_two_contents_under_one_id_in_one_batch_the_first_claims_it(store):
+    hadm_id = list(COHORT)[2]
+    events = COHORT[hadm_id]
+    obs = next(e for e in events if e.type == "observation")
+    same, other = ev.decode(ev.encode(obs)), with_value(obs, 2.0)
+    stats = store.write_batch([*events, same, other])
+    assert (stats.applied, stats.duplicates, stats.refused) == (
+        len(events),
+        1,
+        [(other, EVENT_ID_CONFLICT)],
+    )
+    want = FITTED.assemble([offline_blob(events)])
+    np.testing.assert_array_equal(store.read_inputs([hadm_id])[mi.NUMERIC], want[mi.NUMERIC])
+    assert store.client.hget(store.keys(hadm_id)[2], obs.event_id) == ev.content_digest(obs)
+
+
 def test_a_late_event_lands_by_its_charttime(store):
     hadm_id = list(COHORT)[0]
     events = COHORT[hadm_id]
@@ -174,7 +261,7 @@ def test_concurrent_workers_with_redelivery_apply_each_event_once(store, setting
     want = FITTED.assemble([offline_blob(COHORT[h]) for h in COHORT])
     np.testing.assert_allclose(online[mi.NUMERIC], want[mi.NUMERIC], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(online[mi.NOTES_RADIOLOGY], want[mi.NOTES_RADIOLOGY])
-    seen = sum(store.client.scard(store.keys(h)[2]) for h in COHORT)
+    seen = sum(store.client.hlen(store.keys(h)[2]) for h in COHORT)
     assert seen == len({e.event_id for e in EVENTS})
     for w in workers:
         w.client.close()

@@ -185,6 +185,65 @@ def test_events_the_reader_builds_decode_to_themselves(reader_events):
         assert ev.decode(raw) == event
         assert ev.validate_json(raw) == event
         assert ev.decode(raw).model_dump(mode="json") == event.model_dump(mode="json")
+        assert ev.content_digest(ev.decode(raw)) == ev.content_digest(event)
+
+
+# --------------------------------------------------------------------------- content digest
+
+
+def respelled(event) -> bytes:
+    """``event`` as another client writes it: its keys in reverse order, spaces, non-ASCII
+    escaped, whole numbers without a fraction, UTC as "+00:00", no schema version, and
+    produced later."""
+
+    def rewrite(value):
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in reversed(value.items())}
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.endswith("Z") and value[:4].isdigit():
+            return value[:-1] + "+00:00"
+        return value
+
+    data = rewrite(json.loads(ev.encode(event)))
+    del data["schema_version"]
+    data["ingest_time"] = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+    return json.dumps(data, indent=2, ensure_ascii=True).encode()
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_a_resent_event_has_the_same_digest_however_a_client_spells_it(name):
+    event = VALID[name]
+    raw = respelled(event)
+    assert raw != ev.encode(event) and b"+00:00" in raw and b"  " in raw
+    again = ev.decode(raw)
+    assert again.ingest_time != event.ingest_time
+    assert len(ev.content_digest(event)) == 16
+    assert ev.content_digest(again) == ev.content_digest(event)
+
+
+def test_the_digest_covers_every_field_but_the_transport():
+    lab = VALID["lab"]
+    changed = {
+        ("hadm_id",): HADM + 1,
+        ("subject_id",): SUBJECT + 1,
+        ("event_time",): "2150-03-01T14:30:00Z",
+        ("source",): "test/elsewhere",
+        ("payload", "itemid"): 1,  # an item the features ignore
+        ("payload", "value"): 1.4,
+        ("payload", "unit"): "mmol/L",
+        ("payload", "charttime"): "2150-03-01T12:31:00",
+        ("payload", "kind"): "vital",
+    }
+    assert set(changed) == set(leaf_paths(obj("lab"))) - {
+        (name,) for name in ev.TRANSPORT_FIELDS
+    } - {("type",)}  # the type goes with the payload's fields
+    digests = {ev.content_digest(ev.decode(with_field("lab", p, v))) for p, v in changed.items()}
+    assert len(digests) == len(changed) and ev.content_digest(lab) not in digests
+    transport = {"event_id": "another id", "ingest_time": "2199-01-01T00:00:00Z"}
+    for name, value in transport.items():
+        again = ev.decode(with_field("lab", (name,), value))
+        assert again != lab and ev.content_digest(again) == ev.content_digest(lab), name
 
 
 def test_the_published_schema_carries_the_limits():

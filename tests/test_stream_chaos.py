@@ -161,9 +161,9 @@ def test_killing_redis_kafka_and_triton_mid_stream_loses_nothing_and_applies_not
 
     clean = OnlineStore(redis_client, fitted, scratch=f"clean-{settings.kafka.consumer_group}")
     clean.write_batch(events)
-    for hadm in hadm_ids:  # every event applied exactly once: the seen sets hold each id once
-        seen = redis_client.scard(store.keys(hadm)[2])
-        assert seen == redis_client.scard(clean.keys(hadm)[2]) == 26, hadm
+    for hadm in hadm_ids:  # every event applied exactly once: the seen hashes hold each id once
+        seen = redis_client.hlen(store.keys(hadm)[2])
+        assert seen == redis_client.hlen(clean.keys(hadm)[2]) == 26, hadm
     streamed, reference = store.read_inputs(hadm_ids), clean.read_inputs(hadm_ids)
     assert set(streamed) == set(reference)
     for name, want in reference.items():

@@ -258,6 +258,48 @@ def test_hostile_events_are_dead_lettered_and_the_stream_goes_on(worker, redis_c
     assert seen == {name for name, _, _ in hostile}
 
 
+def test_an_event_sent_under_a_real_events_id_is_one_dead_letter(
+    worker, deployed, redis_client, tmp_path
+):
+    settings, running, thread, failure = worker
+    hadm = 64_000_001
+    first = ADMIT + timedelta(hours=1)
+    real = observation(hadm, first, value=1.2, tag="real")
+    kcat_produce(settings, str(hadm), raw(admission(hadm)), tmp_path)
+    kcat_produce(settings, str(hadm), raw(real), tmp_path)
+    assert wait_until(lambda: scored_at(redis_client, hadm, first), 120), failure
+
+    store = OnlineStore(redis_client, deployed[0], scratch=settings.kafka.consumer_group)
+    serving, state, seen = store.keys(hadm)
+
+    def kept():
+        return redis_client.get(serving), redis_client.hgetall(state), redis_client.hgetall(seen)
+
+    before = kept()
+    assert before[2][real["event_id"].encode()] == ev.content_digest(ev.decode(raw(real)))
+    forged = dict(real, payload=dict(real["payload"], value=9.9))  # the same id, another value
+    resent = json.dumps(dict(reversed(real.items())), indent=1).encode()  # spelled otherwise
+    kcat_produce(settings, str(hadm), resent, tmp_path)
+    kcat_produce(settings, str(hadm), raw(forged), tmp_path)
+    assert wait_until(lambda: kcat_consume(settings, settings.kafka.topic_dead_letter), 60)
+    assert kept() == before  # the resend and the forgery changed nothing
+
+    # An event behind both in the partition: once it is scored, both were taken.
+    after = ADMIT + timedelta(hours=2)
+    kcat_produce(settings, str(hadm), raw(observation(hadm, after, tag="after")), tmp_path)
+    assert wait_until(lambda: scored_at(redis_client, hadm, after), 120), failure
+    assert thread.is_alive() and not failure
+    letters = [
+        json.loads(m["payload"]) for m in kcat_consume(settings, settings.kafka.topic_dead_letter)
+    ]
+    assert len(letters) == 1, letters  # the forgery only: the resend was a duplicate
+    (letter,) = letters
+    assert letter["reason"] == "event_id_conflict"
+    assert letter["event_id"] == real["event_id"] and letter["type"] == "observation"
+    assert letter["value_sha256"] == hashlib.sha256(raw(forged)).hexdigest()
+    assert redis_client.hget(seen, real["event_id"]) == before[2][real["event_id"].encode()]
+
+
 # --- generated: random JSON, and random fields in valid envelopes ------------------------------
 
 json_values = st.recursive(

@@ -14,6 +14,7 @@ from features.offline import snapshots
 from features.online import OnlineStore
 from features.state import hours
 from ingest.replay import make_producer, replay
+from m3t.clients import triton_admin_headers
 from stream.scores import SCORE_KEY, ScoreStore
 from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
 from stream.wiring import connect
@@ -253,7 +254,7 @@ def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipe
     assert Encoded in kinds and Pixels in kinds  # both routes are exercised
     uris += [corrupt.as_uri(), (tmp_path / "missing.png").as_uri()]
     try:
-        assert load_in_triton(settings.triton.grpc_url, (CXR_EMBED,)) == {CXR_EMBED: True}
+        assert load_in_triton(settings, (CXR_EMBED,)) == {CXR_EMBED: True}
         on_triton = CachedEncoderScorer(settings, redis_client)  # "auto": the ensemble is loaded
         in_worker = CachedEncoderScorer(settings, redis_client, cxr_pipeline="worker")
         assert on_triton.cxr_embedder is not None and in_worker.cxr_embedder is None
@@ -270,6 +271,6 @@ def test_xrays_sent_as_bytes_to_tritons_cxr_ensemble_embed_like_the_workers_pipe
         assert on_triton.cxr_embedder.sent == kinds.count(Encoded)  # pixels went through the worker
     finally:
         client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
-        client.unload_model(CXR_EMBED)
+        client.unload_model(CXR_EMBED, headers=triton_admin_headers(settings))
         client.close()
         shutil.rmtree(folder)

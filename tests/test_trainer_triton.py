@@ -34,7 +34,7 @@ def served(settings, tmp_path_factory):
 
     onnx_dir = tmp_path_factory.mktemp("onnx")
     model, all_graphs, published = publish_tiny(settings.model_repo, onnx_dir, 50, seed=0)
-    assert load_in_triton(settings.triton.grpc_url) == {name: True for name in MODELS}
+    assert load_in_triton(settings) == {name: True for name in MODELS}
     client = grpc.InferenceServerClient(settings.triton.grpc_url)
     for name in MODELS:
         assert client.is_model_ready(name, published[name].name), (

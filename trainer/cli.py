@@ -304,7 +304,7 @@ def publish(
             provenance={"run": str(run_dir.resolve()), "epoch": checkpoint["epoch"]},
         )
         if load:
-            load_in_triton(settings.triton.grpc_url, tuple(published))
+            load_in_triton(settings, tuple(published))
     except (PublishError, ValueError) as exc:
         _fail(str(exc))
     _print_published(published, f"published ({backend} backend)", "version folder", as_json)

@@ -47,6 +47,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from features import model_inputs as mi
+from m3t.clients import triton_admin_headers, triton_client
+from m3t.settings import Settings
 from trainer.export import MODELS, Graph
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -308,22 +310,23 @@ def publish_cxr_pipeline(
     return published
 
 
-def load_in_triton(grpc_url: str, names=MODELS, timeout_s: float = 60.0) -> dict[str, bool]:
-    """Asks a running Triton (model control mode explicit) to (re)load the models; returns
-    readiness per model. Loading picks up the newest version under the default policy."""
-    import tritonclient.grpc as grpcclient
+def load_in_triton(settings: Settings, names=MODELS, timeout_s: float = 60.0) -> dict[str, bool]:
+    """Asks the settings' Triton (model control mode explicit) to (re)load the models, with
+    the admin key its model-repository API asks for; returns readiness per model. Loading
+    picks up the newest version under the default policy."""
     from tritonclient.utils import InferenceServerException
 
-    client = grpcclient.InferenceServerClient(grpc_url)
+    client = triton_client(settings)
+    headers = triton_admin_headers(settings)
     try:
         ready = {}
         for name in names:
             try:
-                client.load_model(name, client_timeout=timeout_s)
+                client.load_model(name, headers=headers, client_timeout=timeout_s)
                 ready[name] = client.is_model_ready(name)
             except InferenceServerException as exc:
                 raise PublishError(
-                    f"Triton at {grpc_url} could not load {name}: {exc.message()}"
+                    f"Triton at {settings.triton.grpc_url} could not load {name}: {exc.message()}"
                 ) from exc
         return ready
     finally:

@@ -18,8 +18,8 @@ ACL_RULES = {
     "stream": " ".join(
         [
             "resetchannels ~m3t:*",
-            "+ping +select +get +set +mget +exists +expire +unlink",
-            "+hget +hmget +hgetall +hset +hdel +hincrby +sadd +smismember",
+            "+ping +select +get +set +mget +exists +expire",
+            "+hget +hmget +hgetall +hset +hdel",
             "+zadd +zrem +zscan +zrevrange +xadd +evalsha +script|load +script|exists",
         ]
     ),

@@ -8,14 +8,20 @@ and set ``M3T_TRITON__LAUNCHER=external``: ``up`` then only checks that it answe
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import sysconfig
 from pathlib import Path
 
-from m3t.clients import triton_client
+from m3t.clients import TRITON_ADMIN_HEADER, triton_admin_headers, triton_client
+from m3t.credentials import triton_admin_key
 from m3t.services.process import Health, ManagedService, ServiceError
 from m3t.settings import PROJECT_ROOT
+
+# What Triton's option parser and a header value can carry (it splits the option at ':',
+# ',' and '='), long enough not to be guessed.
+_ADMIN_KEY = re.compile(r"[A-Za-z0-9_-]{16,}")
 
 
 def _pytriton_home() -> Path:
@@ -24,6 +30,12 @@ def _pytriton_home() -> Path:
     except ImportError as exc:
         raise ServiceError("nvidia-pytriton is not installed: run `make setup`") from exc
     return Path(pytriton.__file__).parent
+
+
+# The APIs only the project's publish step (and its checks) may call, behind the admin key:
+# loading or unloading a model runs code from the repository, shared memory maps a region
+# of the host into the server, trace and log settings choose files the server writes to.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
 class TritonServer(ManagedService):
@@ -74,8 +86,24 @@ class TritonServer(ManagedService):
             "--exit-on-error=false",
             "--strict-readiness=false",
             "--log-verbose=0",
+            *self._restricted(),
         ]
         return command, env
+
+    def _restricted(self) -> list[str]:
+        """The options that put ``RESTRICTED_APIS`` behind the admin key, on both protocols.
+
+        Triton takes the key only on its command line (2.51 reads it from no file or
+        environment variable), where another local user can read it while the server
+        runs unless /proc is mounted with ``hidepid``.
+        """
+        key = triton_admin_key(self.settings)
+        if not _ADMIN_KEY.fullmatch(key):
+            raise ServiceError(
+                "M3T_TRITON__ADMIN_KEY must be 16 or more letters, digits, '-' or '_'"
+            )
+        rule = f"{','.join(RESTRICTED_APIS)}:{TRITON_ADMIN_HEADER}={key}"
+        return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def _backends(self, home: Path) -> Path:
         """A backend directory with the stub for this Python version (PLATFORM.md)."""
@@ -102,7 +130,10 @@ class TritonServer(ManagedService):
         try:
             if not client.is_server_ready(client_timeout=3):
                 return False, "not ready"
-            models = client.get_model_repository_index(as_json=True).get("models", [])
+            index = client.get_model_repository_index(
+                headers=triton_admin_headers(self.settings), as_json=True
+            )
+            models = index.get("models", [])
             loaded = sorted(m["name"] for m in models if m.get("state") == "READY")
             return True, f"models ready: {', '.join(loaded) or 'none'}"
         finally:
