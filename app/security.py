@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from m3t.credentials import login, triton_admin_key
+from m3t.credentials import login
 from m3t.settings import Settings
 
 Status = Literal["ok", "open", "info"]
@@ -190,10 +190,9 @@ def _kafka_authorization(settings: Settings) -> Iterator[Finding]:
 
 
 def triton_posture(settings: Settings) -> Iterator[Finding]:
-    import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from m3t.clients import triton_client
+    from m3t.clients import triton_admin_headers, triton_client
 
     client = triton_client(settings)
     try:
@@ -208,21 +207,11 @@ def triton_posture(settings: Settings) -> Iterator[Finding]:
             "open" if unkeyed else "ok",
             "answered" if unkeyed else "refused",
         )
-        keyed = grpcclient.InferenceServerClient(settings.triton.grpc_url)
-        try:
-            keyed.get_model_repository_index(headers=triton_headers(settings), client_timeout=5)
-            yield Finding("triton", "model repository with the key", "ok", "answered")
-        finally:
-            keyed.close()
+        client.get_model_repository_index(headers=triton_admin_headers(settings), client_timeout=5)
+        yield Finding("triton", "model repository with the key", "ok", "answered")
     finally:
         client.close()
     yield _transport("triton", settings.triton.host, False)
-
-
-def triton_headers(settings: Settings) -> dict[str, str]:
-    from m3t.clients import TRITON_ADMIN_HEADER
-
-    return {TRITON_ADMIN_HEADER: triton_admin_key(settings)}
 
 
 def _transport(area: str, host: str, encrypted: bool) -> Finding:

@@ -39,6 +39,10 @@ class RedisSettings(BaseModel):
     tls: bool = False
     ca_file: Path | None = None
     socket_timeout_s: float = 5.0
+    # "always": a write is on disk before Redis acknowledges it, so a killed Redis loses
+    # nothing the worker has committed past in Kafka. Under "everysec" Redis may acknowledge
+    # writes it has not yet written while a slow fsync runs, and lose them if killed.
+    appendfsync: Literal["always", "everysec"] = "always"
     # Redis rewrites its append-only file once it doubled and reached this size: each
     # rewrite forks and writes the whole data set, so at Redis's default (64mb) a busy
     # stream rewrote often enough to set its p99 latency.

@@ -124,3 +124,30 @@ def test_redis_over_tls_serves_verified_clients_only(tmp_path):
             untrusting.ping()
     finally:
         services.down(settings, ["redis"])
+
+
+def test_a_killed_redis_comes_back_with_every_scripted_write(tmp_path):
+    # Lua scripts' effects sit in the AOF as MULTI/EXEC blocks, replayed under the default
+    # user's rules: the default user must stay off yet able to replay them.
+    import signal
+
+    from features.online import OnlineStore
+    from m3t.services.process import port_open, wait_until
+    from tests.test_features_online import COHORT, FITTED
+
+    settings = make_settings(tmp_path)
+    services.up(settings, ["redis"])
+    try:
+        store = OnlineStore(connect(settings), FITTED)
+        hadm_ids = list(COHORT)[:5]
+        store.write_batch([e for h in hadm_ids for e in COHORT[h]])
+        before = store.read_inputs(hadm_ids)
+        os.killpg(services.SERVICES["redis"](settings).pid(), signal.SIGKILL)
+        assert wait_until(lambda: not port_open(settings.redis.host, settings.redis.port), 30)
+        services.up(settings, ["redis"])
+        after = OnlineStore(connect(settings), FITTED).read_inputs(hadm_ids)
+        assert all((before[name] == after[name]).all() for name in before)
+        assert "NOPERM" not in (settings.logs_dir / "redis.log").read_text()
+        assert "WRONGPASS" in cli(settings, "AUTH", "default", "")  # nobody signs in as it
+    finally:
+        services.down(settings, ["redis"])
