@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 setup: system-deps $(STAMP)
 
 # Debian packages: the Redis server, Java for Kafka, Maven to fetch the Kafka jars, and kcat
-# (librdkafka's command-line client: the tests' independent producer and consumer).
+# (librdkafka's command-line client: the tests' independent producer and consumer; they run it
+# on confluent-kafka's librdkafka, as Debian's 2.0 cannot sign in to Kafka 4 with SCRAM).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \

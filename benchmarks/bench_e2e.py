@@ -170,7 +170,10 @@ class ScoreObserver:
 
         topic = settings.kafka.topic_scores
         self.consumer = kafka.consumer(
-            settings, group_id=f"bench-observer-{uuid.uuid4().hex[:8]}", client_id="m3t-bench"
+            settings,
+            role="reader",
+            group_id=kafka.reader_group(settings, f"bench-observer-{uuid.uuid4().hex[:8]}"),
+            client_id="m3t-bench",
         )
         partitions = kafka.partitions(self.consumer, topic)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -353,7 +356,10 @@ def _sweep(
     # millisecond (0.07 cores more for the broker, 0.04 for this process). The linger is in
     # the measured latency, which starts at an event's scheduled send time.
     producer = kafka.producer(
-        cfg, client_id="m3t-bench", **{"linger.ms": 5, "enable.idempotence": False}
+        cfg,
+        role="producer",
+        client_id="m3t-bench",
+        **{"linger.ms": 5, "enable.idempotence": False},
     )
     observer = ScoreObserver(cfg)
     # Every process on this machine the load goes through: the load generator and the

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness as h
-from benchmarks.bench_kafka import create_topic, delete_topics
+from benchmarks.bench_kafka import create_topics, delete_topics
 from ingest.mimic import MimicReader
 from ingest.replay import make_producer, replay
 from ingest.synth import generate
@@ -88,9 +88,10 @@ def run(
         rates = {}
         for client in CLIENTS:
             for validate in (True, False):
-                topic = create_topic(settings)
+                cfg = create_topics(settings)
+                topic = cfg.kafka.topic_events
                 try:
-                    producer = make_producer(settings, client)
+                    producer = make_producer(cfg, client)
                     try:
                         measured = h.measure(
                             lambda: replay(
@@ -103,7 +104,7 @@ def run(
                     finally:
                         producer.close()
                 finally:
-                    delete_topics(settings, [topic])
+                    delete_topics(cfg)
                 variant = f"{client}{'' if validate else ', no validation'}"
                 result.rows.append(
                     {"case": "replay", "variant": variant, **measured, "note": "events/s"}

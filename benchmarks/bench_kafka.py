@@ -3,8 +3,10 @@ produce-to-consume latency under open-loop load.
 
 Both clients send the same encoded events (``ingest.events`` observations, keyed by
 ``hadm_id``) through the project's own producers (``ingest.replay.make_producer``, acks=all),
-to a topic created for this run on the real broker. Consumers read from the beginning of
-that topic with manual assignment; their setup (connecting, assigning) is not timed.
+to an events topic created for this run on the real broker. They sign in as the roles that
+do this in production: the producer sends, the stream reads. Consumers read from the
+beginning of that topic with manual assignment; their setup (connecting, assigning) is not
+timed.
 """
 
 from __future__ import annotations
@@ -43,22 +45,27 @@ def make_events(n: int, admissions: int = 256) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def create_topic(settings: Settings, partitions: int | None = None) -> str:
-    from confluent_kafka.admin import NewTopic
-
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    admin = kafka.admin(settings)
-    admin.create_topics([NewTopic(name, partitions or settings.kafka.partitions, 1)])[name].result(
-        timeout=30
+def create_topics(settings: Settings) -> Settings:
+    """The settings with this run's own topics and consumer group, made on the broker with
+    each role's grants (``m3t.kafka.ensure_topics``)."""
+    tag = uuid.uuid4().hex[:10]
+    topics = settings.kafka.model_copy(
+        update={
+            "topic_events": f"bench-events-{tag}",
+            "topic_dead_letter": f"bench-dead-letter-{tag}",
+            "topic_scores": f"bench-scores-{tag}",
+            "consumer_group": f"bench-{tag}",
+        }
     )
-    return name
+    cfg = settings.model_copy(update={"kafka": topics})
+    kafka.ensure_topics(cfg)
+    return cfg
 
 
-def delete_topics(settings: Settings, names: list[str]) -> None:
-    admin = kafka.admin(settings)
+def delete_topics(cfg: Settings) -> None:
+    """Remove ``create_topics``' topics and grants."""
     try:
-        for future in admin.delete_topics(names).values():
-            future.result(timeout=30)
+        kafka.delete_topics(cfg)
     except Exception:  # a benchmark topic left behind is harmless; never fail the run for it
         pass
 
@@ -74,7 +81,7 @@ def consume_kafka_python(settings: Settings, topic: str, n: int, timeout_s: floa
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **kafka.kafka_python_config(settings, "stream"),
         group_id=None,
         enable_auto_commit=False,
         max_poll_records=5000,
@@ -99,7 +106,10 @@ def consume_confluent(settings: Settings, topic: str, n: int, timeout_s: float =
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     consumer = kafka.consumer(
-        settings, group_id=f"bench-{uuid.uuid4().hex[:8]}", client_id="m3t-bench"
+        settings,
+        role="stream",
+        group_id=f"{settings.kafka.consumer_group}-{uuid.uuid4().hex[:8]}",
+        client_id="m3t-bench",
     )
     try:
         consumer.assign(
@@ -132,18 +142,18 @@ def produce_to_consume_latency(
     from its scheduled send time to its arrival at a kafka-python consumer."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    bootstrap = settings.kafka.bootstrap_servers
-    topic = create_topic(settings)
+    cfg = create_topics(settings)
+    topic = cfg.kafka.topic_events
     payload = make_events(1)[0][1]
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.kafka_python_config(cfg, "stream"),
         group_id=None,
         enable_auto_commit=False,
         fetch_max_wait_ms=5,
         client_id="m3t-bench",
     )
     producer = KafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=1, client_id="m3t-bench"
+        **kafka.kafka_python_config(cfg, "producer"), acks="all", linger_ms=1, client_id="m3t-bench"
     )
     try:
         partitions = [TopicPartition(topic, p) for p in kafka_python_partitions(consumer, topic)]
@@ -176,7 +186,7 @@ def produce_to_consume_latency(
     finally:
         producer.close()
         consumer.close()
-        delete_topics(settings, [topic])
+        delete_topics(cfg)
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -208,11 +218,12 @@ def run(
     )
     started = time.perf_counter()
     events = make_events(n_events)
-    topic = create_topic(settings)
+    cfg = create_topics(settings)
+    topic = cfg.kafka.topic_events
     try:
         rates_by = {}
         for client in CLIENTS:
-            producer = make_producer(settings, client)
+            producer = make_producer(cfg, client)
             try:
 
                 def produce_all():
@@ -228,12 +239,12 @@ def run(
         for client in CLIENTS:
             consume = CONSUMERS[client]
             consumed = h.measure_seconds(
-                lambda: consume(settings, topic, n_events), n_events, warmup=warmup, repeats=repeats
+                lambda: consume(cfg, topic, n_events), n_events, warmup=warmup, repeats=repeats
             )
             result.rows.append({"case": "consume", "variant": client, **consumed})
             rates_by["consume", client] = consumed["items_per_s"]
     finally:
-        delete_topics(settings, [topic])
+        delete_topics(cfg)
     for case in ("produce", "consume"):
         result.comparisons.append(
             h.ratio(

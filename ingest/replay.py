@@ -56,6 +56,7 @@ class ConfluentProducer:
     ):
         self._producer = kafka.producer(
             settings,
+            role="producer",
             client_id="m3t-replay",
             **{
                 "acks": str(acks),
@@ -100,7 +101,7 @@ class KafkaPythonProducer:
         from kafka import KafkaProducer
 
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
+            **kafka.kafka_python_config(settings, "producer"),
             acks=acks,
             linger_ms=linger_ms,
             batch_size=batch_size,

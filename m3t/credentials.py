@@ -50,6 +50,14 @@ def _create(path: Path, token: str) -> None:
         staged.unlink()
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner may read (a config or key that holds a secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file made earlier with wider permissions is narrowed
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
 def login(settings: Settings, service: str, role: Role) -> tuple[str, str]:
     """The user name and password ``role`` signs in with to ``service`` ("redis", "kafka"):
     the settings' ``<role>_username`` and ``<role>_password`` (the stream's are plain

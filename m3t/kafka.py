@@ -1,34 +1,131 @@
 """Kafka for the whole project, through librdkafka (confluent-kafka).
 
-Clients are built here from ``Settings`` with the options every user of them needs; the
+Clients are built here from ``Settings`` with the options every user of them needs, each
+signed in as a role (``m3t.settings.Role``): its SCRAM user over TLS where the settings ask
+for SASL_SSL (the default). The same sign-in is given to kafka-python and to kcat. The
 helpers below are the ones more than one part of the project calls: producing with
 backpressure, draining a poll's worth of records, looking up a topic's partitions, and
-creating the project's topics.
+creating the project's topics with their retention and each role's ACLs.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
 
+from m3t import tls
+from m3t.credentials import login, write_secret
 from m3t.services.process import wait_until
-from m3t.settings import Settings
+from m3t.settings import Role, Settings
 
 log = logging.getLogger(__name__)
 
+SCRAM_ITERATIONS = 4096  # SCRAM-SHA-512's least in Kafka, and its tools' default
+ALLOW = AclPermissionType.ALLOW
 
-def producer(settings: Settings, *, client_id: str, **options) -> Producer:
-    """A producer that waits for every in-sync replica and keeps each partition's order
-    through retries (idempotence); ``options`` are librdkafka properties.
+
+# --------------------------------------------------------------------------- signing in
+
+
+def authenticates(settings: Settings) -> bool:
+    """Whether clients sign in (SASL), so that ACLs decide what each may do."""
+    return settings.kafka.security_protocol.startswith("SASL")
+
+
+def encrypts(settings: Settings) -> bool:
+    return settings.kafka.security_protocol.endswith("SSL")
+
+
+def ca_file(settings: Settings) -> Path:
+    """The CA that signed the brokers' certificates: the setting's, else the local CA."""
+    return settings.kafka.ca_file or tls.ca_file(settings)
+
+
+def client_config(settings: Settings, role: Role) -> dict[str, str]:
+    """librdkafka's properties to reach the brokers as ``role``."""
+    cfg = settings.kafka
+    config = {
+        "bootstrap.servers": cfg.bootstrap_servers,
+        "security.protocol": cfg.security_protocol,
+    }
+    if authenticates(settings):
+        username, password = login(settings, "kafka", role)
+        config |= {
+            "sasl.mechanisms": cfg.sasl_mechanism,
+            "sasl.username": username,
+            "sasl.password": password,
+        }
+    if encrypts(settings):
+        config["ssl.ca.location"] = str(ca_file(settings))
+    return config
+
+
+def kafka_python_config(settings: Settings, role: Role) -> dict:
+    """kafka-python's keyword arguments to reach the brokers as ``role`` (any of its
+    clients takes them)."""
+    cfg = settings.kafka
+    config: dict = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "security_protocol": cfg.security_protocol,
+    }
+    if authenticates(settings):
+        username, password = login(settings, "kafka", role)
+        config |= {
+            "sasl_mechanism": cfg.sasl_mechanism,
+            "sasl_plain_username": username,
+            "sasl_plain_password": password,
+        }
+    if encrypts(settings):  # Python's defaults: the certificate and its host name checked
+        config["ssl_context"] = ssl.create_default_context(cafile=ca_file(settings))
+    return config
+
+
+def properties_file(settings: Settings, role: Role) -> Path:
+    """``role``'s librdkafka properties in an owner-only file, for tools that read one
+    (``kcat -F``) so the password stays off their command line."""
+    path = settings.secrets_dir / f"kafka-{role}.properties"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_secret(path, "".join(f"{k}={v}\n" for k, v in client_config(settings, role).items()))
+    return path
+
+
+def reader_group(settings: Settings, name: str) -> str:
+    """A consumer group the reader may use: its ACL covers the groups named after its user."""
+    return f"{login(settings, 'kafka', 'reader')[0]}-{name}"
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def producer(settings: Settings, *, role: Role, client_id: str, **options) -> Producer:
+    """A producer signed in as ``role`` that waits for every in-sync replica and keeps each
+    partition's order through retries (idempotence); ``options`` are librdkafka properties.
 
     Keys are hashed with murmur2, as Java clients and kafka-python do, so an admission lands
     on the same partition whichever client sent it.
     """
     return Producer(
         {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            **client_config(settings, role),
             "client.id": client_id,
             "acks": "all",
             "enable.idempotence": True,
@@ -39,12 +136,14 @@ def producer(settings: Settings, *, client_id: str, **options) -> Producer:
     )
 
 
-def consumer(settings: Settings, *, group_id: str, client_id: str, **options) -> Consumer:
-    """A group member with auto-commit off that starts from the earliest offset where its
-    group has none; ``options`` are librdkafka properties."""
+def consumer(
+    settings: Settings, *, role: Role, group_id: str, client_id: str, **options
+) -> Consumer:
+    """A group member signed in as ``role``, with auto-commit off, that starts from the
+    earliest offset where its group has none; ``options`` are librdkafka properties."""
     return Consumer(
         {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            **client_config(settings, role),
             "group.id": group_id,
             "client.id": client_id,
             "enable.auto.commit": False,
@@ -55,15 +154,9 @@ def consumer(settings: Settings, *, group_id: str, client_id: str, **options) ->
     )
 
 
-def admin(settings: Settings) -> AdminClient:
+def admin(settings: Settings, role: Role = "admin") -> AdminClient:
     """An admin client; keep it referenced until its futures resolve."""
-    return AdminClient(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
-            "client.id": "m3t-admin",
-            "logger": log,
-        }
-    )
+    return AdminClient({**client_config(settings, role), "client.id": f"m3t-{role}", "logger": log})
 
 
 def produce(
@@ -127,33 +220,163 @@ def partitions(
     return wait_for_partitions(lookup, topic, timeout_s)
 
 
-def brokers(settings: Settings, timeout_s: float = 3.0) -> int:
-    """How many brokers the cluster reports (raises ``KafkaException`` if none answers)."""
-    return len(admin(settings).list_topics(timeout=timeout_s).brokers)
+def brokers(settings: Settings, timeout_s: float = 3.0, role: Role = "admin") -> int:
+    """How many brokers the cluster reports to ``role`` (raises ``KafkaException`` if none
+    answers)."""
+    return len(admin(settings, role).list_topics(timeout=timeout_s).brokers)
+
+
+# --------------------------------------------------------------------------- topics and grants
+
+
+def retention_ms(settings: Settings) -> dict[str, int]:
+    """How long each of the project's topics keeps its records."""
+    cfg = settings.kafka
+    return {
+        cfg.topic_events: cfg.retention_events_ms,
+        cfg.topic_dead_letter: cfg.retention_dead_letter_ms,
+        cfg.topic_scores: cfg.retention_scores_ms,
+    }
+
+
+def grants(settings: Settings) -> list[AclBinding]:
+    """What each role may do, and nothing else (the admin is a super user).
+
+    READ and WRITE imply DESCRIBE (metadata, offsets, a group's coordinator), and WRITE on a
+    topic lets a producer be idempotent. The stream's groups are its consumer group and
+    those named after it; the reader's, those named after its user (``reader_group``).
+    """
+    cfg = settings.kafka
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    literal, prefixed = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
+    read, write = AclOperation.READ, AclOperation.WRITE
+    allowed = {
+        "stream": [
+            (topic, cfg.topic_events, literal, read),
+            (topic, cfg.topic_scores, literal, write),
+            (topic, cfg.topic_dead_letter, literal, write),
+            (group, cfg.consumer_group, prefixed, read),
+        ],
+        "producer": [
+            (topic, cfg.topic_events, literal, write),
+            (topic, cfg.topic_dead_letter, literal, write),
+        ],
+        "reader": [
+            (topic, cfg.topic_scores, literal, read),
+            (group, login(settings, "kafka", "reader")[0], prefixed, read),
+        ],
+    }
+    return [
+        AclBinding(kind, name, pattern, f"User:{login(settings, 'kafka', role)[0]}", "*", op, ALLOW)
+        for role, rules in allowed.items()
+        for kind, name, pattern, op in rules
+    ]
 
 
 def ensure_topics(
     settings: Settings, partitions: int | None = None, timeout_s: float = 30.0
 ) -> list[str]:
-    """Create the project's topics that are missing; return the names created."""
+    """Create the project's topics that are missing and set every one's retention to the
+    settings'; where clients sign in, grant each role its ACLs (``grants``). Every step may
+    be repeated. Returns the names created."""
     client = admin(settings)
+    retention = retention_ms(settings)
     existing = set(client.list_topics(timeout=timeout_s).topics)
     wanted = [t for t in settings.kafka.topics if t not in existing]
     count = partitions or settings.kafka.partitions
-    futures = (
-        client.create_topics([NewTopic(t, count, 1) for t in wanted], operation_timeout=timeout_s)
-        if wanted
-        else {}
-    )
+    new = [NewTopic(t, count, 1, config={"retention.ms": str(retention[t])}) for t in wanted]
+    futures = client.create_topics(new, operation_timeout=timeout_s) if new else {}
     for future in futures.values():
         try:
             future.result(timeout=timeout_s + 5)
         except KafkaException as exc:
-            if (
-                exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS
-            ):  # another caller made it meanwhile
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # made by another caller
                 raise
+    kept = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            t,
+            incremental_configs=[
+                ConfigEntry("retention.ms", str(ms), incremental_operation=AlterConfigOpType.SET)
+            ],
+        )
+        for t, ms in retention.items()
+        if t in existing
+    ]
+    if kept:
+        _wait(client.incremental_alter_configs(kept, request_timeout=timeout_s), timeout_s)
+    if authenticates(settings):
+        grant(client, grants(settings), timeout_s)
     return wanted
+
+
+def grant(client: AdminClient, bindings: list[AclBinding], timeout_s: float = 30.0) -> None:
+    """Create the ACLs (those that exist are kept) and wait until the broker applies them:
+    a client that came sooner would be refused."""
+    _wait(client.create_acls(bindings, request_timeout=timeout_s), timeout_s)
+    everything = AclBindingFilter(
+        ResourceType.ANY,
+        None,
+        ResourcePatternType.ANY,
+        None,
+        None,
+        AclOperation.ANY,
+        AclPermissionType.ANY,
+    )
+
+    def applied() -> bool:
+        found = client.describe_acls(everything, request_timeout=timeout_s)
+        return set(bindings) <= set(found.result(timeout=timeout_s + 5))
+
+    if not wait_until(applied, timeout_s, 0.05):
+        raise TimeoutError(f"the broker did not apply the ACLs within {timeout_s:.0f} s")
+
+
+def delete_topics(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Delete the settings' topics and what was granted on them and on their consumer group
+    (a run's own topics, as a benchmark makes; the reader's groups are shared)."""
+    client = admin(settings)
+    futures = client.delete_topics(list(settings.kafka.topics), operation_timeout=timeout_s)
+    _wait(futures, timeout_s)
+    if authenticates(settings):
+        own = {*settings.kafka.topics, settings.kafka.consumer_group}
+        filters = [
+            AclBindingFilter(
+                b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation, ALLOW
+            )
+            for b in grants(settings)
+            if b.name in own
+        ]
+        _wait(client.delete_acls(filters, request_timeout=timeout_s), timeout_s)
+
+
+def ensure_users(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Create or update the SCRAM user of every role but the admin (whose credential the
+    broker is formatted with) with its current password, then wait until each signs in."""
+    roles: list[Role] = ["stream", "producer", "reader"]
+    mechanism = ScramMechanism[settings.kafka.sasl_mechanism.replace("-", "_")]
+    upserts = []
+    for role in roles:
+        username, password = login(settings, "kafka", role)
+        info = ScramCredentialInfo(mechanism, SCRAM_ITERATIONS)
+        upserts.append(UserScramCredentialUpsertion(username, info, password.encode()))
+    client = admin(settings)
+    _wait(client.alter_user_scram_credentials(upserts, request_timeout=timeout_s), timeout_s)
+
+    def signs_in(role: Role) -> bool:
+        try:
+            return brokers(settings, role=role) > 0
+        except KafkaException:
+            return False
+
+    for role in roles:  # the broker applies the new credentials a moment after they commit
+        if not wait_until(lambda role=role: signs_in(role), timeout_s, 0.2):
+            raise TimeoutError(f"Kafka's {role} user cannot sign in after {timeout_s:.0f} s")
+
+
+def _wait(futures: dict, timeout_s: float) -> None:
+    for future in futures.values():
+        future.result(timeout=timeout_s + 5)
 
 
 def group_members(settings: Settings, group_id: str, timeout_s: float = 10.0) -> int:

@@ -90,7 +90,9 @@ def run(
         2048, help="Most events taken from Kafka in one poll (folded in one write)."
     ),
     group: str = typer.Option(
-        None, help="Consumer group (default: settings.kafka.consumer_group)."
+        None,
+        help="Consumer group (default: settings.kafka.consumer_group; the stream's Kafka user "
+        "may join the groups whose name starts with that one).",
     ),
     backend: str = typer.Option(
         "triton",

@@ -102,7 +102,11 @@ class DeadLetters:
 def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:
     """What the dead-letter topic holds, for an operator: counts by reason and the latest
     ``latest`` letters (newest first), read from the start of every partition without
-    joining a group or committing anything."""
+    joining a group or committing anything.
+
+    It reads as the admin: an operator's tool, and letters may carry events' bytes, which
+    no service role reads back (the worker and the producer only write them; the reader
+    sees scores alone)."""
     import uuid
 
     from confluent_kafka import TopicPartition
@@ -111,7 +115,10 @@ def summarize(settings, latest: int = 10, timeout_s: float = 10.0) -> dict:
 
     topic = settings.kafka.topic_dead_letter
     consumer = kafka.consumer(
-        settings, group_id=f"m3t-dead-letters-{uuid.uuid4().hex[:8]}", client_id="m3t-cli"
+        settings,
+        role="admin",
+        group_id=f"m3t-dead-letters-{uuid.uuid4().hex[:8]}",
+        client_id="m3t-cli",
     )
     try:
         ends = {}

@@ -28,13 +28,14 @@ def connect(
     cfg = settings.kafka
     consumer = kafka.consumer(
         settings,
+        role="stream",
         group_id=group_id or cfg.consumer_group,
         client_id="m3t-worker",
         on_commit=log_commit_failure,
         **{"fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes},
     )
     # A batch's scores are queued together, so a short linger loses no batching.
-    producer = kafka.producer(settings, client_id="m3t-worker", **{"linger.ms": 1})
+    producer = kafka.producer(settings, role="stream", client_id="m3t-worker", **{"linger.ms": 1})
     # Larger than a scoring batch: under a backlog, one poll's events fold into fewer
     # admission writes (each admission's events in it are loaded and committed once).
     source = KafkaSource(consumer, topic or cfg.topic_events, max_records=max_poll_records)

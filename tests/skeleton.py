@@ -22,6 +22,7 @@ import redis
 from kafka import KafkaProducer
 
 from ingest import events as ev
+from m3t.kafka import kafka_python_config
 from m3t.settings import Settings, get_settings
 
 MODEL = "placeholder"
@@ -107,7 +108,7 @@ def skeleton_events(n_admissions: int = 5) -> list:
 
 def produce(settings: Settings, events: list) -> None:
     producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True
+        **kafka_python_config(settings, "producer"), acks="all", enable_idempotence=True
     )
     try:
         for e in events:

@@ -68,12 +68,14 @@ def test_pacer_compresses_time_and_cuts_long_gaps():
 # --------------------------------------------------------------------------- the real broker
 
 
-def _consume(bootstrap: str, topic: str, expected: int) -> list:
+def _consume(settings, topic: str, expected: int, role="stream") -> list:
     from kafka import KafkaConsumer
+
+    from m3t.kafka import kafka_python_config
 
     consumer = KafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap,
+        **kafka_python_config(settings, role),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
@@ -107,7 +109,7 @@ def test_replay_round_trip_through_kafka_in_order_per_admission(
     assert summary.events == total and not summary.dead_letters
     assert summary.by_type["admission"] == len(admissions)
 
-    records = _consume(kafka.bootstrap_servers, kafka.topic_events, total)
+    records = _consume(isolated_settings, kafka.topic_events, total)
     assert len(records) == total
     received: dict[int, list] = {}
     partitions: dict[int, set] = {}
@@ -130,7 +132,7 @@ def test_both_clients_put_an_admission_on_the_same_partition(isolated_settings, 
         producer = make_producer(isolated_settings, client)
         replay(sample, producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
         producer.close()
-    records = _consume(kafka.bootstrap_servers, kafka.topic_events, 2 * len(sample))
+    records = _consume(isolated_settings, kafka.topic_events, 2 * len(sample))
     partitions: dict[bytes, set] = {}
     for record in records:
         partitions.setdefault(record.key, set()).add(record.partition)
@@ -166,7 +168,7 @@ def test_an_invalid_event_goes_to_the_dead_letter_topic_without_its_content(
     )
     producer.close()
     assert summary.events == 1 and summary.dead_letters == {"schema_violation": 1}
-    [letter] = _consume(kafka.bootstrap_servers, kafka.topic_dead_letter, 1)
+    [letter] = _consume(isolated_settings, kafka.topic_dead_letter, 1, role="admin")
     body = json.loads(letter.value)
     assert body["reason"] == "schema_violation" and body["source"] == "note/radiology"
     assert body["position"] == f"event {broken.event_id}" and "text" in body["detail"]
@@ -179,6 +181,7 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     from m3t.settings import get_settings
 
     kafka = isolated_settings.kafka
+    monkeypatch.setenv("M3T_STATE_DIR", str(isolated_settings.state_dir))  # its credentials
     monkeypatch.setenv("M3T_KAFKA__PORT", str(kafka.port))
     monkeypatch.setenv("M3T_KAFKA__TOPIC_EVENTS", kafka.topic_events)
     monkeypatch.setenv("M3T_KAFKA__TOPIC_DEAD_LETTER", kafka.topic_dead_letter)
@@ -191,8 +194,7 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["events"] > 0 and summary["dead_letters"] == {}
     assert (
-        len(_consume(kafka.bootstrap_servers, kafka.topic_events, summary["events"]))
-        == summary["events"]
+        len(_consume(isolated_settings, kafka.topic_events, summary["events"])) == summary["events"]
     )
 
 

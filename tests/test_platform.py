@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from m3t import services
+from m3t.kafka import kafka_python_config
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
 from tests.conftest import free_ports, make_settings
@@ -52,15 +53,15 @@ def test_kafka_round_trip(isolated_settings):
     settings = isolated_settings
     topic = settings.kafka.topic_events
     marker = uuid.uuid4().hex
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    producer = KafkaProducer(**kafka_python_config(settings, "producer"), acks="all")
     for i in range(10):
         producer.send(topic, key=b"42", value=f"{marker}:{i}".encode())
     producer.flush()
     producer.close()
     consumer = KafkaConsumer(
         topic,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=f"t-{marker}",
+        **kafka_python_config(settings, "stream"),
+        group_id=settings.kafka.consumer_group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=5000,
@@ -71,7 +72,7 @@ def test_kafka_round_trip(isolated_settings):
 
 
 def test_topics_created_with_partitions(settings):
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = KafkaConsumer(**kafka_python_config(settings, "stream"))  # it sees all three
     described = {t: len(consumer.partitions_for_topic(t) or ()) for t in settings.kafka.topics}
     consumer.close()
     assert described == {t: settings.kafka.partitions for t in settings.kafka.topics}
@@ -197,6 +198,7 @@ def cli_settings(isolated_settings, monkeypatch):
         "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
         "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
         "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
+        "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
         "M3T_STATE_DIR": str(settings.state_dir),
         "M3T_MODEL_REPO": str(settings.model_repo),
         "M3T_REDIS__PORT": str(settings.redis.port),
@@ -268,7 +270,6 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
         SkeletonFeatures(redis_client),
         ModelScorer(cli_settings, "placeholder"),
         store,
-        group_id=f"skeleton-{uuid.uuid4().hex}",
     )
     stats = worker.run(stop_after=len(events) + 4, idle_timeout_s=30.0)
     assert stats.events == len(events) + 4 and stats.dead_letters == 0
@@ -292,7 +293,7 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     from tests.skeleton import SkeletonFeatures
 
     marker = uuid.uuid4().hex
-    producer = KafkaProducer(bootstrap_servers=cli_settings.kafka.bootstrap_servers)
+    producer = KafkaProducer(**kafka_python_config(cli_settings, "producer"))
     producer.send(cli_settings.kafka.topic_events, key=marker.encode(), value=b"{not json")
     producer.send(
         cli_settings.kafka.topic_events,
@@ -306,7 +307,6 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
         SkeletonFeatures(redis_client),
         ModelScorer(cli_settings, "placeholder"),
         ScoreStore(redis_client),
-        group_id=f"poison-{marker}",
     )
     stats = worker.run(stop_after=2, idle_timeout_s=30.0)
     # As `m3t stream run` prints them.
@@ -314,7 +314,7 @@ def test_poison_event_goes_to_dead_letter(cli_settings, redis_client):
     assert reasons == {"malformed_json": 1, "schema_violation": 1}
     consumer = KafkaConsumer(
         cli_settings.kafka.topic_dead_letter,
-        bootstrap_servers=cli_settings.kafka.bootstrap_servers,
+        **kafka_python_config(cli_settings, "admin"),  # as `m3t stream dead-letters` reads
         auto_offset_reset="earliest",
         consumer_timeout_ms=5000,
         group_id=f"dl-{marker}",

@@ -20,6 +20,7 @@ from features.online import OnlineStore
 from ingest import events as ev
 from ingest.itemids import LABS, VITALS
 from m3t import services
+from m3t.kafka import client_config
 from m3t.services.process import wait_until
 from stream.scores import ScoreStore
 from stream.scoring import CachedEncoderScorer, OnlineFeatures
@@ -117,7 +118,7 @@ def test_killing_redis_kafka_and_triton_mid_stream_loses_nothing_and_applies_not
     thread.start()
     producer = Producer(
         {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            **client_config(settings, "producer"),
             "acks": "all",
             "enable.idempotence": True,
             "partitioner": "murmur2_random",

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ingest import events as ev
 from m3t import services
 from m3t.clients import redis_client
+from m3t.kafka import kafka_python_config
 from stream.scores import ScoreStore
 from stream.scoring import ModelScorer
 from stream.wiring import connect
@@ -61,7 +62,7 @@ def observations(client, hadm_ids) -> dict[int, int]:
 
 def committed_everything(settings) -> bool:
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **kafka_python_config(settings, "stream"),
         group_id=settings.kafka.consumer_group,
         enable_auto_commit=False,
     )
@@ -242,7 +243,7 @@ def test_sigterm_finishes_batch_and_commits(isolated_settings, redis_client):
     assert worker.returncode == 0, output
     # Everything it consumed was applied and scored before its offsets were committed.
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **kafka_python_config(settings, "stream"),
         group_id=settings.kafka.consumer_group,
         enable_auto_commit=False,
     )
@@ -391,7 +392,7 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(
     huge = b"{" + b"x" * 900_000
     good = cohort(1, 0, 86_000_000)
     producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000
+        **kafka_python_config(settings, "producer"), max_request_size=2_000_000
     )
     producer.send(settings.kafka.topic_events, key=b"86000000", value=huge)
     producer.flush()
@@ -409,7 +410,7 @@ def test_a_huge_poison_event_is_dead_lettered_and_the_stream_goes_on(
     assert committed_everything(settings)
     consumer = KafkaConsumer(
         settings.kafka.topic_dead_letter,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **kafka_python_config(settings, "admin"),
         auto_offset_reset="earliest",
         consumer_timeout_ms=5000,
     )
@@ -440,7 +441,7 @@ def test_a_record_kafka_refuses_stops_the_worker_uncommitted(
     monkeypatch.setattr(dead_letters, "DEAD_LETTER_MAX_BYTES", 10**9)
     settings = with_dead_letter_payload(isolated_settings)
     producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000
+        **kafka_python_config(settings, "producer"), max_request_size=2_000_000
     )
     producer.send(settings.kafka.topic_events, key=b"87000000", value=b"{" + b"x" * 900_000)
     producer.flush()

@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -32,30 +30,33 @@ from stream.scores import SCORE_KEY, ScoreStore
 from stream.scoring import CachedEncoderScorer, OnlineFeatures
 from stream.wiring import connect
 from stream.xrays import CxrInputs
+from tests.kcat import kcat
 
 pytestmark = pytest.mark.services
 
-KCAT = shutil.which("kcat")
 ADMIT = datetime(2150, 6, 1, 8, tzinfo=UTC)
 
 
 def kcat_produce(settings, key: str, value: bytes | None, folder) -> None:
-    """One record through kcat; ``None`` sends a tombstone (a record with no value)."""
-    assert KCAT, "kcat is missing: make setup installs it"
-    args = [KCAT, "-P", "-b", settings.kafka.bootstrap_servers, "-t", settings.kafka.topic_events]
+    """One record through kcat, as the producer; ``None`` sends a tombstone (a record with
+    no value)."""
     if value is None:  # a line "key:" with -Z: an empty value sent as NULL
-        subprocess.run(args + ["-K:", "-Z"], input=f"{key}:\n".encode(), check=True, timeout=60)
-        return
-    path = folder / f"m{time.monotonic_ns()}"
-    path.write_bytes(value)  # a file is one record, whatever bytes it holds
-    subprocess.run(args + ["-k", key, str(path)], check=True, timeout=60, capture_output=True)
+        args, stdin = ["-K:", "-Z"], f"{key}:\n".encode()
+    else:
+        path = folder / f"m{time.monotonic_ns()}"
+        path.write_bytes(value)  # a file is one record, whatever bytes it holds
+        args, stdin = ["-k", key, str(path)], None
+    produce = ["-P", "-t", settings.kafka.topic_events, *args]
+    kcat(settings, "producer", *produce, input=stdin, check=True, timeout=60, capture_output=True)
 
 
 def kcat_positions(settings, topic: str) -> set[tuple[int, int]]:
-    """(partition, offset) of every record of ``topic`` (whatever bytes it holds)."""
-    out = subprocess.run(
-        [KCAT, "-C", "-b", settings.kafka.bootstrap_servers, "-t", topic]
-        + ["-o", "beginning", "-e", "-q", "-f", "%p %o\n"],
+    """(partition, offset) of every record of the events topic (whatever bytes it holds),
+    read as the stream reads it."""
+    out = kcat(
+        settings,
+        "stream",
+        *["-C", "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%p %o\n"],
         check=True,
         timeout=60,
         capture_output=True,
@@ -64,10 +65,12 @@ def kcat_positions(settings, topic: str) -> set[tuple[int, int]]:
 
 
 def kcat_consume(settings, topic: str) -> list[dict]:
-    """Every record of ``topic`` as kcat's JSON envelope (key, payload, partition, offset)."""
-    out = subprocess.run(
-        [KCAT, "-C", "-b", settings.kafka.bootstrap_servers, "-t", topic]
-        + ["-o", "beginning", "-e", "-q", "-J"],
+    """Every record of the dead-letter topic as kcat's JSON envelope (key, payload,
+    partition, offset), read as the operator's tool reads it (the admin)."""
+    out = kcat(
+        settings,
+        "admin",
+        *["-C", "-t", topic, "-o", "beginning", "-e", "-q", "-J"],
         check=True,
         timeout=60,
         capture_output=True,

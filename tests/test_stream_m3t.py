@@ -70,7 +70,13 @@ def stream_scores(
         redis_client.delete(SCORE_KEY.format(hadm_id=h))
     scores = ScoreStore(redis_client)
     worker = connect(
-        settings, OnlineFeatures(store), scorer, scores, max_batch=8, max_wait_ms=20, group_id=group
+        settings,
+        OnlineFeatures(store),
+        scorer,
+        scores,
+        max_batch=8,
+        max_wait_ms=20,
+        group_id=f"{settings.kafka.consumer_group}-{group}",  # a group the stream may join
     )
     total = sum(len(events) for events in cohort.values())
     worker.run(stop_after=total, idle_timeout_s=60)
