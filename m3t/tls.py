@@ -69,10 +69,17 @@ def _sign(cert_path, key_path, name, hosts, client, ca_cert, ca_key) -> None:
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _private(folder: Path) -> None:
+    """``folder`` and the secrets folder above it, owner-only (``mkdir(parents=True)`` would
+    give the parent the default mode)."""
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+
+
 @contextmanager
 def _locked(folder: Path):
     """One process at a time makes keys here (the services start in parallel)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(folder)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -135,7 +142,7 @@ def _pem_key(key) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(path.parent)
     staged = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -62,6 +62,8 @@ def test_the_local_ca_signs_a_certificate_a_client_verifies(tmp_path):
     cert, key = tls.server_certificate(settings, "svc", ["127.0.0.1", "localhost"])
     for path in (cert, key, tls.tls_dir(settings) / "ca.key"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for folder in (settings.secrets_dir, tls.tls_dir(settings)):  # made by TLS first
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert tls.server_certificate(settings, "svc", ["localhost"]) == (cert, key)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
