@@ -80,9 +80,12 @@ def _private(folder: Path) -> None:
 def _locked(folder: Path):
     """One process at a time makes keys here (the services start in parallel)."""
     _private(folder)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def _make_ca(folder: Path) -> None:
