@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -37,15 +38,19 @@ from collections import defaultdict, deque
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from pydantic import SecretStr
+
 from benchmarks import harness as h
 from ingest import events as ev
 from ingest.itemids import LABS, VITALS
 from m3t import kafka, services
+from m3t.credentials import login, triton_admin_key
 from m3t.services.process import wait_until
 from m3t.settings import Settings
 
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
 FIRST_HADM = 95_000_000
+SWEEP_HADMS = 1_000_000  # admissions a sweep may number (a full sweep makes ~200,000)
 NEW_ADMISSIONS, CENSUS, HOSTILE = "new admissions", "census", "census + 1% hostile"
 HOSTILE_EVERY = 100  # one hostile event sent after every 100th valid one
 
@@ -232,6 +237,7 @@ def run(
     seed: int = 0,
     held: tuple[float, float] | None = None,
     pipeline=None,
+    kafka_security: tuple[str, ...] | None = None,
 ) -> h.Result:
     """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
     ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
@@ -239,7 +245,12 @@ def run(
 
     ``pipeline(settings)`` -> (features, scorer, scores) builds each worker's pieces in its
     own process (a module-level function: it is pickled by name); by default M3T-LM's
-    (``m3t_pipeline``), which fails fast unless it is deployed."""
+    (``m3t_pipeline``), which fails fast unless it is deployed.
+
+    ``kafka_security``: the Kafka security protocols to run the sweep through, in turn
+    (default: the settings' own). A protocol other than the settings' runs on a second
+    local broker started for it (``kafka_twin``), beside the first in the same run: the
+    cost of SCRAM over TLS against loopback plaintext."""
     unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS, HOSTILE}
     if unknown:
         raise ValueError(
@@ -269,6 +280,7 @@ def run(
             "pipeline": described,
             "seed": seed,
             "held": list(held) if held else None,
+            "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
             "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: "
             "one admission event per new admission; census: lab and vital results for open "
             "admissions chosen uniformly at random; census + 1% hostile: the same, and after "
@@ -277,24 +289,48 @@ def run(
             "admission), each a dead letter",
         },
     )
+    sweep_args = (
+        rates,
+        seconds,
+        drain_s,
+        workloads,
+        census,
+        max_batch,
+        max_wait_ms,
+        ready_timeout_s,
+        pipeline,
+        seed,
+        held,
+    )
     started = time.perf_counter()
+    protocols = kafka_security or (settings.kafka.security_protocol,)
+    for protocol in protocols:
+        target = settings
+        if protocol != settings.kafka.security_protocol:
+            target = kafka_twin(settings, protocol)
+            services.up(target, ["kafka"])
+        try:
+            label = f", Kafka {protocol}" if len(protocols) > 1 else ""
+            _sweep_workers(result, settings, target, label, workers, seconds, census, sweep_args)
+        finally:
+            if target is not settings:
+                services.down(target, ["kafka"])
+    if len(protocols) > 1:
+        result.comparisons += _protocol_ratios(result.rows, protocols)
+    first = next((r for r in result.rows if "p50_ms" in r), None)
+    if first is not None:
+        result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _sweep_workers(result, settings, target, label, workers, seconds, census, sweep_args):
+    """The sweep for each worker count through ``target``'s Kafka, as rows of ``result``."""
     for n in workers:
-        runs = _sweep(
-            settings,
-            n,
-            rates,
-            seconds,
-            drain_s,
-            workloads,
-            census,
-            max_batch,
-            max_wait_ms,
-            ready_timeout_s,
-            pipeline,
-            seed,
-            held,
-        )
-        for workload, level_s, run_, cores in runs:
+        first = FIRST_HADM + SWEEP_HADMS * len({r["variant"] for r in result.rows})
+        for workload, level_s, run_, cores in _sweep(
+            target, settings, n, *sweep_args, first_hadm=first
+        ):
             case = "event -> score" + (
                 ", new admissions" if workload == NEW_ADMISSIONS else f", census {census:,}"
             )
@@ -305,7 +341,7 @@ def run(
             result.rows.append(
                 {
                     "case": case,
-                    "variant": f"{n} worker{'s' if n > 1 else ''}",
+                    "variant": f"{n} worker{'s' if n > 1 else ''}{label}",
                     **run_.summary(),
                     "cpu_cores": round(sum(cores.values()), 2),
                     "cpu_cores_by_process": cores,
@@ -316,15 +352,58 @@ def run(
                     ),
                 }
             )
-    first = next((r for r in result.rows if "p50_ms" in r), None)
-    if first is not None:
-        result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
-    result.seconds = time.perf_counter() - started
-    return result
+
+
+def kafka_twin(settings: Settings, protocol: str) -> Settings:
+    """Settings for a second local broker speaking ``protocol``, on free ports and in a state
+    folder of its own; Redis's and Triton's credentials are carried over as configured
+    values, since generated ones are read from the state folder."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind((settings.kafka.host, 0))
+            ports.append(probe.getsockname()[1])
+    carried = {
+        f"{role}password": SecretStr(login(settings, "redis", r)[1])
+        for role, r in (("", "stream"), ("reader_", "reader"), ("admin_", "admin"))
+    }
+    return settings.model_copy(
+        update={
+            "state_dir": settings.state_dir / f"bench-kafka-{protocol.lower()}",
+            "kafka": settings.kafka.model_copy(
+                update={
+                    "security_protocol": protocol,
+                    "port": ports[0],
+                    "controller_port": ports[1],
+                }
+            ),
+            "redis": settings.redis.model_copy(update=carried),
+            "triton": settings.triton.model_copy(
+                update={"admin_key": SecretStr(triton_admin_key(settings))}
+            ),
+        }
+    )
+
+
+def _protocol_ratios(rows: list[dict], protocols) -> list[dict]:
+    """p50 event-to-score through the first protocol over the second, case by case."""
+    first, second = protocols[0], protocols[1]
+    by_key = {(r["case"], r.get("offered_per_s"), r["variant"]): r for r in rows if "p50_ms" in r}
+    ratios = []
+    for (case, rate, variant), row in by_key.items():
+        if not variant.endswith(f", Kafka {first}"):
+            continue
+        other = by_key.get((case, rate, variant.replace(first, second)))
+        if other is not None:
+            ratios.append(
+                h.ratio(f"p50 {case} at {rate:g}/s", first, second, row["p50_ms"], other["p50_ms"])
+            )
+    return ratios
 
 
 def _sweep(
     settings,
+    base,
     n_workers,
     rates,
     seconds,
@@ -337,9 +416,11 @@ def _sweep(
     pipeline,
     seed,
     held=None,
+    first_hadm=FIRST_HADM,
 ):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
-    seconds, LoadRun, CPU cores by process while sending) per workload and level."""
+    seconds, LoadRun, CPU cores by process while sending) per workload and level. Admissions
+    are numbered from ``first_hadm``, so that sweeps in one run never share one."""
     cfg = isolated(settings)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
@@ -368,11 +449,14 @@ def _sweep(
         {
             "workers": [w.pid for w in workers],
             "load generator + observer": [os.getpid()],
-            **{name: [service(settings).pid() or 0] for name, service in services.SERVICES.items()},
+            **{
+                name: [service(settings if name == "kafka" else base).pid() or 0]
+                for name, service in services.SERVICES.items()
+            },
         }
     )
     rng = random.Random(seed)
-    next_hadm, runs = FIRST_HADM, []
+    next_hadm, runs = first_hadm, []
     try:
         next_hadm = _wait_until_scoring(
             cfg, producer, observer, workers, next_hadm, ready_timeout_s
@@ -424,7 +508,7 @@ def _sweep(
             worker.join(timeout=20)
             if worker.is_alive():
                 worker.terminate()
-        _cleanup(cfg, range(FIRST_HADM, next_hadm))
+        _cleanup(cfg, range(first_hadm, next_hadm))
     return runs
 
 
@@ -544,7 +628,7 @@ def _cleanup(cfg: Settings, hadm_ids) -> None:
     from stream import scores as sc
     from stream.scoring import EMB_KEY
 
-    client = redis_client(cfg)
+    client = redis_client(cfg, role="admin")  # deleting is not the stream's right
     try:
         store = OnlineStore.current(client)
     except LookupError:

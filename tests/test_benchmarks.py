@@ -337,6 +337,36 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     assert "end to end (event -> score)" in data["breakdown_ms"]
 
 
+@pytest.mark.services
+def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_client, tmp_path):
+    from benchmarks import bench_e2e
+    from m3t import services
+    from m3t.clients import unlink
+    from tests import skeleton
+
+    try:
+        result = bench_e2e.run(
+            settings,
+            rates=(20,),
+            seconds=1.0,
+            drain_s=10.0,
+            workloads=(bench_e2e.NEW_ADMISSIONS,),
+            pipeline=skeleton.pipeline,
+            kafka_security=("SASL_SSL", "PLAINTEXT"),
+        )
+    finally:  # the two sweeps' admissions: 95 and 96 million on
+        unlink(redis_client, redis_client.scan_iter("m3t:skeleton:{9[56]*"))
+    data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert set(rows) == {"1 worker, Kafka SASL_SSL", "1 worker, Kafka PLAINTEXT"}
+    assert [(r["sent"], r["completed"]) for r in rows.values()] == [(20, 20)] * 2
+    [ratio] = data["comparisons"]
+    assert (ratio["numerator"], ratio["denominator"]) == ("SASL_SSL", "PLAINTEXT")
+    assert ratio["ratio"] > 0
+    twin = bench_e2e.kafka_twin(settings, "PLAINTEXT")
+    assert services.SERVICES["kafka"](twin).pid() is None  # the run stopped its second broker
+
+
 def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
     import os
     import signal
