@@ -15,6 +15,9 @@ from pathlib import Path
 from benchmarks import harness as h
 from m3t.settings import Settings
 
+# The cost of security, stated: each sweep through SCRAM over TLS and through plaintext.
+SECURITY_BESIDE_PLAINTEXT = ("SASL_SSL", "PLAINTEXT")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -103,8 +106,14 @@ STAGES: dict[str, Stage] = {
                 seconds=5.0,
                 workers=(1, 2),
                 held=(2000, 30.0),
+                kafka_security=SECURITY_BESIDE_PLAINTEXT,
             ),
-            quick=dict(rates=(50, 200), seconds=2.0, drain_s=5.0),
+            quick=dict(
+                rates=(50, 200),
+                seconds=2.0,
+                drain_s=5.0,
+                kafka_security=SECURITY_BESIDE_PLAINTEXT,
+            ),
         ),
     )
 }

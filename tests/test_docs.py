@@ -15,6 +15,7 @@ README = PROJECT_ROOT / "README.md"
 DOCS = [
     README,
     PROJECT_ROOT / "docs" / "architecture.md",
+    PROJECT_ROOT / "docs" / "security.md",
     PROJECT_ROOT / "benchmarks" / "README.md",
     PROJECT_ROOT / "trainer" / "README.md",
 ]
