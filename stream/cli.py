@@ -174,6 +174,9 @@ def api(
         host=host,
         port=port or settings.api.port,
         log_level="warning",
+        # The client's address is the socket's: a forwarded-for header from a local process
+        # would otherwise let it dodge the per-address limit on failed sign-ins.
+        proxy_headers=False,
         **tls,
     )
 

@@ -412,6 +412,16 @@ def test_http_api_contract(cli_settings, redis_client):
         assert (
             'm3t_dead_letters_by_reason_total{reason="malformed_json",worker="w1"} 1.0' in metrics
         )
+        # Failed sign-ins are limited by the socket's address: a forwarded-for header, each
+        # time another, does not make the same client someone new (last: it blocks the rest).
+        refused = [
+            api.get(
+                "/risk/top",
+                headers={"Authorization": "Bearer wrong", "X-Forwarded-For": f"10.0.0.{i}"},
+            ).status_code
+            for i in range(40)
+        ]
+        assert 429 in refused and refused[-1] == 429
     finally:
         api.close()
         server.terminate()
