@@ -7,8 +7,11 @@ API, the CLI) agrees on it and none is written in the code or the docs.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -34,14 +37,9 @@ def secret_file(settings: Settings, name: str) -> Path:
 
 
 def _create(path: Path, token: str) -> None:
-    # Written whole under another name, then linked into place: a process racing this one
-    # reads either no file or the whole token, and the first link wins.
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, token.encode())
-    finally:
-        os.close(fd)
+    # Linked into place whole: a process racing this one reads either no file or the whole
+    # token, and the first link wins.
+    staged = _staged(path, token.encode())
     try:
         os.link(staged, path)
     except FileExistsError:
@@ -50,12 +48,33 @@ def _create(path: Path, token: str) -> None:
         staged.unlink()
 
 
-def write_secret(path: Path, text: str) -> None:
-    """Write a file only its owner may read (a config or key that holds a secret)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a file made earlier with wider permissions is narrowed
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
+def write_secret(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` in a file only its owner may read (a config, key or
+    store that holds a secret); a reader sees the old file or the new one, whole."""
+    os.replace(_staged(path, data), path)
+
+
+def _staged(path: Path, data: str | bytes) -> Path:
+    """``data`` written and synced to an owner-only file beside ``path``; that file."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data.encode() if isinstance(data, str) else data)
+        file.flush()
+        os.fsync(file.fileno())
+    return staged
+
+
+@contextmanager
+def owner_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (an owner-only file, made if missing): one process
+    at a time edits what it guards."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def login(settings: Settings, service: str, role: Role) -> tuple[str, str]:

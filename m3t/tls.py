@@ -8,10 +8,7 @@ trust the CA's certificate (``ca_file``). Keys are owner-only files under the st
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import ipaddress
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography import x509
@@ -19,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from m3t.credentials import owner_lock, write_secret
 from m3t.settings import Settings
 
 VALID_DAYS = 825  # the longest life browsers and most TLS stacks accept for a leaf
@@ -76,16 +74,10 @@ def _private(folder: Path) -> None:
     folder.mkdir(mode=0o700, exist_ok=True)
 
 
-@contextmanager
 def _locked(folder: Path):
     """One process at a time makes keys here (the services start in parallel)."""
     _private(folder)
-    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return owner_lock(folder / ".lock")
 
 
 def _make_ca(folder: Path) -> None:
@@ -146,10 +138,4 @@ def _pem_key(key) -> bytes:
 
 def _write(path: Path, data: bytes) -> None:
     _private(path.parent)
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(staged, path)
+    write_secret(path, data)

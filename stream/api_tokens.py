@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import fcntl
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from m3t.credentials import API_TOKEN, api_token, secret_file
+from m3t.credentials import API_TOKEN, api_token, owner_lock, secret_file, write_secret
 from m3t.settings import Settings
 
 ApiRole = Literal["reader", "metrics"]
@@ -132,8 +130,7 @@ class TokenStore:
         """The tokens to change, under a lock; written back whole if they changed."""
         folder = self.path.parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(os.open(folder / ".api-tokens.lock", os.O_WRONLY | os.O_CREAT, 0o600)) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with owner_lock(folder / ".api-tokens.lock"):
             tokens = self._read()
             before = dict(tokens)
             yield tokens
@@ -141,13 +138,8 @@ class TokenStore:
                 self._write(tokens)
 
     def _write(self, tokens: dict[str, ApiToken]) -> None:
-        staged = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"tokens": [dataclasses.asdict(t) for t in tokens.values()]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staged, self.path)
+        entries = [dataclasses.asdict(t) for t in tokens.values()]
+        write_secret(self.path, json.dumps({"tokens": entries}, indent=1))
 
 
 def _now() -> str:

@@ -6,7 +6,7 @@ import shutil
 
 from m3t import tls
 from m3t.clients import redis_client
-from m3t.credentials import login
+from m3t.credentials import login, write_secret
 from m3t.services.process import ManagedService, ServiceError
 
 # What each role may run, on which keys. The stream's commands are those its code and its Lua
@@ -56,9 +56,8 @@ class RedisServer(ManagedService):
         data = self.home / "data"
         data.mkdir(parents=True, exist_ok=True)
         conf = self.home / "redis.conf"
-        conf.touch(mode=0o600)  # it holds the ACL users' passwords
-        conf.chmod(0o600)
-        conf.write_text(
+        write_secret(  # it holds the ACL users' passwords
+            conf,
             "\n".join(
                 [
                     f"bind {cfg.host}",
@@ -74,7 +73,7 @@ class RedisServer(ManagedService):
                     *self._acl_lines(),
                     "",
                 ]
-            )
+            ),
         )
         return [binary, str(conf)], {}
 
