@@ -164,27 +164,10 @@ def kafka_posture(settings: Settings) -> Iterator[Finding]:
 
 
 def _kafka_authorization(settings: Settings) -> Iterator[Finding]:
-    from confluent_kafka.admin import (
-        AclBindingFilter,
-        AclOperation,
-        AclPermissionType,
-        ResourcePatternType,
-        ResourceType,
-    )
-
     from m3t import kafka
 
     client = kafka.admin(settings)  # the admin's, held until its futures resolve
-    everything = AclBindingFilter(
-        ResourceType.ANY,
-        None,
-        ResourcePatternType.ANY,
-        None,
-        None,
-        AclOperation.ANY,
-        AclPermissionType.ANY,
-    )
-    bindings = client.describe_acls(everything, request_timeout=10).result(timeout=15)
+    bindings = kafka.acls(client, timeout_s=10)
     wildcard = [b for b in bindings if b.principal in ("User:*",) or b.name == "*"]
     yield Finding(
         "kafka",

@@ -26,11 +26,11 @@ records which.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
 import random
-import socket
 import threading
 import time
 import uuid
@@ -45,7 +45,7 @@ from ingest import events as ev
 from ingest.itemids import LABS, VITALS
 from m3t import kafka, services
 from m3t.credentials import login, triton_admin_key
-from m3t.services.process import wait_until
+from m3t.services.process import free_ports, wait_until
 from m3t.settings import Settings
 
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
@@ -144,22 +144,6 @@ def hostile_events(hadm_id: int) -> list[bytes]:
         json.dumps({**valid, "hadm_id": 2**63}).encode(),
         json.dumps(before).encode(),
     ]
-
-
-def isolated(settings: Settings) -> Settings:
-    """The settings with this run's own topics and consumer group, created on the broker."""
-    tag = uuid.uuid4().hex[:8]
-    topics = settings.kafka.model_copy(
-        update={
-            "topic_events": f"bench-events-{tag}",
-            "topic_dead_letter": f"bench-dead-letter-{tag}",
-            "topic_scores": f"bench-scores-{tag}",
-            "consumer_group": f"bench-{tag}",
-        }
-    )
-    cfg = settings.model_copy(update={"kafka": topics})
-    kafka.ensure_topics(cfg)
-    return cfg
 
 
 class ScoreObserver:
@@ -289,21 +273,23 @@ def run(
             "admission), each a dead letter",
         },
     )
-    sweep_args = (
-        rates,
-        seconds,
-        drain_s,
-        workloads,
-        census,
-        max_batch,
-        max_wait_ms,
-        ready_timeout_s,
-        pipeline,
-        seed,
-        held,
+    sweep = functools.partial(
+        _sweep,
+        rates=rates,
+        seconds=seconds,
+        drain_s=drain_s,
+        workloads=workloads,
+        census=census,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        ready_timeout_s=ready_timeout_s,
+        pipeline=pipeline,
+        seed=seed,
+        held=held,
     )
     started = time.perf_counter()
     protocols = kafka_security or (settings.kafka.security_protocol,)
+    sweeps = 0  # each numbers its admissions from its own million
     for protocol in protocols:
         target = settings
         if protocol != settings.kafka.security_protocol:
@@ -311,7 +297,11 @@ def run(
             services.up(target, ["kafka"])
         try:
             label = f", Kafka {protocol}" if len(protocols) > 1 else ""
-            _sweep_workers(result, settings, target, label, workers, seconds, census, sweep_args)
+            for n in workers:
+                runs = sweep(target, settings, n, first_hadm=FIRST_HADM + SWEEP_HADMS * sweeps)
+                sweeps += 1
+                variant = f"{n} worker{'s' if n > 1 else ''}{label}"
+                result.rows += [_row(variant, seconds, census, *run) for run in runs]
         finally:
             if target is not settings:
                 services.down(target, ["kafka"])
@@ -324,45 +314,30 @@ def run(
     return result
 
 
-def _sweep_workers(result, settings, target, label, workers, seconds, census, sweep_args):
-    """The sweep for each worker count through ``target``'s Kafka, as rows of ``result``."""
-    for n in workers:
-        first = FIRST_HADM + SWEEP_HADMS * len({r["variant"] for r in result.rows})
-        for workload, level_s, run_, cores in _sweep(
-            target, settings, n, *sweep_args, first_hadm=first
-        ):
-            case = "event -> score" + (
-                ", new admissions" if workload == NEW_ADMISSIONS else f", census {census:,}"
-            )
-            if workload == HOSTILE:
-                case += " + 1% hostile"
-            if level_s != seconds:
-                case += f", held {level_s:g} s"
-            result.rows.append(
-                {
-                    "case": case,
-                    "variant": f"{n} worker{'s' if n > 1 else ''}{label}",
-                    **run_.summary(),
-                    "cpu_cores": round(sum(cores.values()), 2),
-                    "cpu_cores_by_process": cores,
-                    **(
-                        {"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY}
-                        if workload == HOSTILE
-                        else {}
-                    ),
-                }
-            )
+def _row(variant: str, seconds: float, census: int, workload, level_s, run_, cores) -> dict:
+    """One level of a sweep, as a result row."""
+    case = "event -> score" + (
+        ", new admissions" if workload == NEW_ADMISSIONS else f", census {census:,}"
+    )
+    if workload == HOSTILE:
+        case += " + 1% hostile"
+    if level_s != seconds:
+        case += f", held {level_s:g} s"
+    return {
+        "case": case,
+        "variant": variant,
+        **run_.summary(),
+        "cpu_cores": round(sum(cores.values()), 2),
+        "cpu_cores_by_process": cores,
+        **({"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY} if workload == HOSTILE else {}),
+    }
 
 
 def kafka_twin(settings: Settings, protocol: str) -> Settings:
     """Settings for a second local broker speaking ``protocol``, on free ports and in a state
     folder of its own; Redis's and Triton's credentials are carried over as configured
     values, since generated ones are read from the state folder."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind((settings.kafka.host, 0))
-            ports.append(probe.getsockname()[1])
+    ports = free_ports(2, settings.kafka.host)
     carried = {
         f"{role}password": SecretStr(login(settings, "redis", r)[1])
         for role, r in (("", "stream"), ("reader_", "reader"), ("admin_", "admin"))
@@ -421,7 +396,7 @@ def _sweep(
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
     seconds, LoadRun, CPU cores by process while sending) per workload and level. Admissions
     are numbered from ``first_hadm``, so that sweeps in one run never share one."""
-    cfg = isolated(settings)
+    cfg = kafka.own_topics(settings, "bench-")
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     workers = [

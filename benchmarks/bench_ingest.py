@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from benchmarks import harness as h
-from benchmarks.bench_kafka import create_topics, delete_topics
+from benchmarks.bench_kafka import delete_topics
 from ingest.mimic import MimicReader
 from ingest.replay import make_producer, replay
 from ingest.synth import generate
-from m3t import services
+from m3t import kafka, services
 from m3t.settings import Settings
 
 CLIENTS = ("kafka-python", "confluent")
@@ -88,7 +88,7 @@ def run(
         rates = {}
         for client in CLIENTS:
             for validate in (True, False):
-                cfg = create_topics(settings)
+                cfg = kafka.own_topics(settings, "bench-")
                 topic = cfg.kafka.topic_events
                 try:
                     producer = make_producer(cfg, client)

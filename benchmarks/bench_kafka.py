@@ -45,25 +45,8 @@ def make_events(n: int, admissions: int = 256) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def create_topics(settings: Settings) -> Settings:
-    """The settings with this run's own topics and consumer group, made on the broker with
-    each role's grants (``m3t.kafka.ensure_topics``)."""
-    tag = uuid.uuid4().hex[:10]
-    topics = settings.kafka.model_copy(
-        update={
-            "topic_events": f"bench-events-{tag}",
-            "topic_dead_letter": f"bench-dead-letter-{tag}",
-            "topic_scores": f"bench-scores-{tag}",
-            "consumer_group": f"bench-{tag}",
-        }
-    )
-    cfg = settings.model_copy(update={"kafka": topics})
-    kafka.ensure_topics(cfg)
-    return cfg
-
-
 def delete_topics(cfg: Settings) -> None:
-    """Remove ``create_topics``' topics and grants."""
+    """Remove a run's own topics and grants (``m3t.kafka.own_topics``)."""
     try:
         kafka.delete_topics(cfg)
     except Exception:  # a benchmark topic left behind is harmless; never fail the run for it
@@ -142,7 +125,7 @@ def produce_to_consume_latency(
     from its scheduled send time to its arrival at a kafka-python consumer."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    cfg = create_topics(settings)
+    cfg = kafka.own_topics(settings, "bench-")
     topic = cfg.kafka.topic_events
     payload = make_events(1)[0][1]
     consumer = KafkaConsumer(
@@ -218,7 +201,7 @@ def run(
     )
     started = time.perf_counter()
     events = make_events(n_events)
-    cfg = create_topics(settings)
+    cfg = kafka.own_topics(settings, "bench-")
     topic = cfg.kafka.topic_events
     try:
         rates_by = {}

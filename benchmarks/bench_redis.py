@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import itertools
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -37,6 +36,7 @@ from m3t import services
 from m3t.allocator import tune_allocator
 from m3t.clients import redis_client, unlink
 from m3t.credentials import login
+from m3t.services.process import free_ports
 from m3t.settings import Settings
 
 STORE, BASELINE = "online store", "redis-py HGETALL pipeline"
@@ -287,9 +287,7 @@ def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -
 
 def tls_twin(settings: Settings) -> Settings:
     """Settings for a second local Redis that speaks only TLS, on a free port."""
-    with socket.socket() as probe:
-        probe.bind((settings.redis.host, 0))
-        port = probe.getsockname()[1]
+    (port,) = free_ports(1, settings.redis.host)
     redis = settings.redis.model_copy(update={"tls": True, "port": port})
     return settings.model_copy(
         update={"redis": redis, "state_dir": settings.state_dir / "bench-redis-tls"}

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable
 import hiredis
 import redis
 
-from m3t import tls
 from m3t.credentials import login, triton_admin_key
 from m3t.settings import Role, Settings
 
@@ -17,9 +16,11 @@ def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
     """A Redis client signed in as ``role``'s ACL user (``m3t.settings.Role``)."""
     cfg = settings.redis
     username, password = login(settings, "redis", role)
-    encryption = (
-        {"ssl": True, "ssl_ca_certs": str(cfg.ca_file or tls.ca_file(settings))} if cfg.tls else {}
-    )
+    encryption = {}
+    if cfg.tls:
+        from m3t import tls  # the CA's code (cryptography) only where TLS is on
+
+        encryption = {"ssl": True, "ssl_ca_certs": str(cfg.ca_file or tls.ca_file(settings))}
     return redis.Redis(
         host=cfg.host,
         port=cfg.port,

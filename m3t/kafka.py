@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import uuid
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
@@ -314,6 +315,16 @@ def grant(client: AdminClient, bindings: list[AclBinding], timeout_s: float = 30
     """Create the ACLs (those that exist are kept) and wait until the broker applies them:
     a client that came sooner would be refused."""
     _wait(client.create_acls(bindings, request_timeout=timeout_s), timeout_s)
+
+    def applied() -> bool:
+        return set(bindings) <= set(acls(client, timeout_s))
+
+    if not wait_until(applied, timeout_s, 0.05):
+        raise TimeoutError(f"the broker did not apply the ACLs within {timeout_s:.0f} s")
+
+
+def acls(client: AdminClient, timeout_s: float = 30.0) -> list[AclBinding]:
+    """Every ACL binding the cluster holds."""
     everything = AclBindingFilter(
         ResourceType.ANY,
         None,
@@ -323,13 +334,25 @@ def grant(client: AdminClient, bindings: list[AclBinding], timeout_s: float = 30
         AclOperation.ANY,
         AclPermissionType.ANY,
     )
+    found = client.describe_acls(everything, request_timeout=timeout_s)
+    return found.result(timeout=timeout_s + 5)
 
-    def applied() -> bool:
-        found = client.describe_acls(everything, request_timeout=timeout_s)
-        return set(bindings) <= set(found.result(timeout=timeout_s + 5))
 
-    if not wait_until(applied, timeout_s, 0.05):
-        raise TimeoutError(f"the broker did not apply the ACLs within {timeout_s:.0f} s")
+def own_topics(settings: Settings, prefix: str = "") -> Settings:
+    """The settings with topics and a consumer group of their own (``<prefix>events-<tag>``,
+    ...), made on the broker with each role's grants: a test's or a benchmark run's."""
+    tag = uuid.uuid4().hex[:10]
+    topics = settings.kafka.model_copy(
+        update={
+            "topic_events": f"{prefix}events-{tag}",
+            "topic_dead_letter": f"{prefix}dead-letter-{tag}",
+            "topic_scores": f"{prefix}scores-{tag}",
+            "consumer_group": f"{prefix}group-{tag}",
+        }
+    )
+    cfg = settings.model_copy(update={"kafka": topics})
+    ensure_topics(cfg)
+    return cfg
 
 
 def delete_topics(settings: Settings, timeout_s: float = 30.0) -> None:
