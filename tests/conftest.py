@@ -9,23 +9,12 @@ start fails the tests that need it with the reason; nothing is skipped.
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
 
 from m3t import services
+from m3t.services.process import free_ports
 from m3t.settings import PROJECT_ROOT, Settings
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def make_settings(root, **overrides) -> Settings:
@@ -39,6 +28,27 @@ def make_settings(root, **overrides) -> Settings:
         triton={"http_port": http, "grpc_port": grpc, "metrics_port": metrics},
         **overrides,
     )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``M3T_*`` variables that point a CLI or a child process at these settings' services,
+    state folder (its credentials) and topics."""
+    kafka, triton = settings.kafka, settings.triton
+    return {
+        "M3T_STATE_DIR": str(settings.state_dir),
+        "M3T_MODEL_REPO": str(settings.model_repo),
+        "M3T_REDIS__PORT": str(settings.redis.port),
+        "M3T_KAFKA__PORT": str(kafka.port),
+        "M3T_KAFKA__CONTROLLER_PORT": str(kafka.controller_port),
+        "M3T_KAFKA__PARTITIONS": str(kafka.partitions),
+        "M3T_KAFKA__TOPIC_EVENTS": kafka.topic_events,
+        "M3T_KAFKA__TOPIC_DEAD_LETTER": kafka.topic_dead_letter,
+        "M3T_KAFKA__TOPIC_SCORES": kafka.topic_scores,
+        "M3T_KAFKA__CONSUMER_GROUP": kafka.consumer_group,
+        "M3T_TRITON__HTTP_PORT": str(triton.http_port),
+        "M3T_TRITON__GRPC_PORT": str(triton.grpc_port),
+        "M3T_TRITON__METRICS_PORT": str(triton.metrics_port),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -92,22 +102,9 @@ def triton(settings):
 @pytest.fixture
 def isolated_settings(settings):
     """The session's settings with this test's own, freshly created Kafka topics."""
-    import uuid
+    from m3t.kafka import own_topics
 
-    from m3t.kafka import ensure_topics
-
-    tag = uuid.uuid4().hex[:8]
-    kafka = settings.kafka.model_copy(
-        update={
-            "topic_events": f"events-{tag}",
-            "topic_dead_letter": f"dead-letter-{tag}",
-            "topic_scores": f"scores-{tag}",
-            "consumer_group": f"group-{tag}",
-        }
-    )
-    cfg = settings.model_copy(update={"kafka": kafka})
-    ensure_topics(cfg)
-    return cfg
+    return own_topics(settings)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from ingest import events as ev
 from ingest.mimic import MimicReader
 from ingest.replay import Pacer, first_hours, in_event_time_order, make_producer, replay
 from ingest.synth import generate
+from tests.conftest import settings_env
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +181,8 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     from ingest.cli import app
     from m3t.settings import get_settings
 
-    kafka = isolated_settings.kafka
-    monkeypatch.setenv("M3T_STATE_DIR", str(isolated_settings.state_dir))  # its credentials
-    monkeypatch.setenv("M3T_KAFKA__PORT", str(kafka.port))
-    monkeypatch.setenv("M3T_KAFKA__TOPIC_EVENTS", kafka.topic_events)
-    monkeypatch.setenv("M3T_KAFKA__TOPIC_DEAD_LETTER", kafka.topic_dead_letter)
+    for name, value in settings_env(isolated_settings).items():
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(app, ["replay", str(cohort), "--speed", "0", "--json"])
@@ -194,7 +192,8 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["events"] > 0 and summary["dead_letters"] == {}
     assert (
-        len(_consume(isolated_settings, kafka.topic_events, summary["events"])) == summary["events"]
+        len(_consume(isolated_settings, isolated_settings.kafka.topic_events, summary["events"]))
+        == summary["events"]
     )
 
 

@@ -21,7 +21,7 @@ from m3t import services
 from m3t.kafka import kafka_python_config
 from m3t.services.process import pid_alive
 from m3t.settings import Settings, get_settings
-from tests.conftest import free_ports, make_settings
+from tests.conftest import free_ports, make_settings, settings_env
 
 runner = CliRunner()
 
@@ -193,23 +193,7 @@ def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
 def cli_settings(isolated_settings, monkeypatch):
     """Point the in-process CLI at the test services (and this test's topics) through
     M3T_* variables."""
-    settings = isolated_settings
-    env = {
-        "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
-        "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
-        "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
-        "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
-        "M3T_STATE_DIR": str(settings.state_dir),
-        "M3T_MODEL_REPO": str(settings.model_repo),
-        "M3T_REDIS__PORT": str(settings.redis.port),
-        "M3T_KAFKA__PORT": str(settings.kafka.port),
-        "M3T_KAFKA__CONTROLLER_PORT": str(settings.kafka.controller_port),
-        "M3T_KAFKA__PARTITIONS": str(settings.kafka.partitions),
-        "M3T_TRITON__HTTP_PORT": str(settings.triton.http_port),
-        "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
-        "M3T_TRITON__METRICS_PORT": str(settings.triton.metrics_port),
-    }
-    for k, v in env.items():
+    for k, v in settings_env(isolated_settings).items():
         monkeypatch.setenv(k, v)
     get_settings.cache_clear()
     yield get_settings()

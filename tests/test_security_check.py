@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.security import check
 from m3t.settings import get_settings
+from tests.conftest import settings_env
 
 runner = CliRunner()
 
@@ -18,18 +19,8 @@ runner = CliRunner()
 @pytest.fixture
 def cli_env(settings, monkeypatch):
     """The CLI pointed at the session's services."""
-    env = {
-        "M3T_STATE_DIR": settings.state_dir,
-        "M3T_MODEL_REPO": settings.model_repo,
-        "M3T_REDIS__PORT": settings.redis.port,
-        "M3T_KAFKA__PORT": settings.kafka.port,
-        "M3T_KAFKA__CONTROLLER_PORT": settings.kafka.controller_port,
-        "M3T_TRITON__HTTP_PORT": settings.triton.http_port,
-        "M3T_TRITON__GRPC_PORT": settings.triton.grpc_port,
-        "M3T_TRITON__METRICS_PORT": settings.triton.metrics_port,
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, str(value))
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     yield monkeypatch
     get_settings.cache_clear()

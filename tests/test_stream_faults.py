@@ -21,6 +21,7 @@ from m3t.kafka import kafka_python_config
 from stream.scores import ScoreStore
 from stream.scoring import ModelScorer
 from stream.wiring import connect
+from tests.conftest import settings_env
 from tests.skeleton import KEY, SkeletonFeatures, produce
 
 
@@ -187,18 +188,7 @@ def test_redis_refusing_writes_pauses_without_dead_letters_or_commit(isolated_se
 
 
 def worker_process(settings, *extra):
-    env = {
-        **os.environ,
-        "M3T_STATE_DIR": str(settings.state_dir),
-        "M3T_MODEL_REPO": str(settings.model_repo),
-        "M3T_REDIS__PORT": str(settings.redis.port),
-        "M3T_KAFKA__PORT": str(settings.kafka.port),
-        "M3T_KAFKA__TOPIC_EVENTS": settings.kafka.topic_events,
-        "M3T_KAFKA__TOPIC_DEAD_LETTER": settings.kafka.topic_dead_letter,
-        "M3T_KAFKA__TOPIC_SCORES": settings.kafka.topic_scores,
-        "M3T_KAFKA__CONSUMER_GROUP": settings.kafka.consumer_group,
-        "M3T_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
-    }
+    env = {**os.environ, **settings_env(settings)}
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "skeleton.py"), *extra],
         env=env,
