@@ -33,6 +33,9 @@ class TableStats:
     used: int = 0
     dead: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    # Rows kept with a substitute value, by what was missing (e.g. an empty storetime,
+    # timed by charttime instead): a note on a row, not one more outcome in the balance.
+    fallbacks: Counter = field(default_factory=Counter)
 
     @property
     def balanced(self) -> bool:
@@ -44,6 +47,7 @@ class TableStats:
             "used": self.used,
             "dead_letters": dict(sorted(self.dead.items())),
             "skipped": dict(sorted(self.skipped.items())),
+            "fallbacks": dict(sorted(self.fallbacks.items())),
         }
 
 

@@ -42,7 +42,9 @@ def _reader(root: Path, max_note_chars: int, cxr: str, dead_letters):
 
 
 def _stats_table(stats: IngestStats) -> Table:
-    table = Table("source table", "read", "used", "dead letters", "skipped", title="rows")
+    table = Table(
+        "source table", "read", "used", "dead letters", "skipped", "fallbacks", title="rows"
+    )
     for name, t in sorted(stats.tables.items()):
         table.add_row(
             name,
@@ -50,6 +52,7 @@ def _stats_table(stats: IngestStats) -> Table:
             f"{t.used:,}",
             ", ".join(f"{k} {v:,}" for k, v in sorted(t.dead.items())) or "-",
             ", ".join(f"{k} {v:,}" for k, v in sorted(t.skipped.items())) or "-",
+            ", ".join(f"{k} {v:,}" for k, v in sorted(t.fallbacks.items())) or "-",
         )
     return table
 

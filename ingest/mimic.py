@@ -19,12 +19,31 @@ skipped for a counted reason. Rules worth knowing:
 - Age at admission is ``anchor_age + (admit year - anchor_year)``.
 - Observations are kept for ``ingest.itemids`` only; other known items are skipped
   (``itemid_not_used``), items missing from the dictionary are dead letters.
-- A lab drawn in the emergency department before admission keeps its charttime in the
-  payload, but its event time is the admit time, so an admission's stream opens with the
-  ``admission`` event. Rows charted after discharge are skipped (``after_discharge``).
+- An event is placed at the time the hospital's systems knew it (its *availability
+  time*), so the offline builder, the replay and the stream see a row no earlier than a
+  clinician could. Per table, the event time is::
+
+      hosp/labevents    storetime (result reported)   else charttime (specimen drawn)
+      icu/chartevents   storetime (value validated)   else charttime
+      note/radiology    storetime (report signed)     else charttime
+      note/discharge    the next admission's admittime, if stored (else charted) by then
+      admissions        admittime / dischtime
+      MIMIC-CXR         the study time (StudyDate + StudyTime): the image is there at once;
+                        its report's text is the radiology note, available at its storetime
+
+  "Else charttime" applies where the storetime is empty or earlier than the charttime;
+  such kept rows are counted in the table's ``fallbacks`` (``storetime_missing``,
+  ``storetime_before_charttime``). An unparseable non-empty storetime is a dead letter.
+  The payload keeps ``charttime`` as the clinical time (the features order values by it).
+- No event is placed before its admission: a lab drawn in the emergency department
+  before admission keeps its charttime in the payload, but its event time is at least the
+  admit time, so an admission's stream opens with the ``admission`` event. Rows that
+  became available after discharge are skipped (``after_discharge``): a result reported
+  after discharge was never visible during the stay, even if drawn before it.
 - The discharge summary of an admission is emitted into the patient's *next* admission
   at its admit time (``from_hadm_id`` names the admission that wrote it), and only if it
-  was written by then; the summary of the current stay would leak its outcome.
+  was stored by then (``written_after_next_admission``); the summary of the current
+  stay would leak its outcome.
 - A chest X-ray study belongs to the admission of that patient whose
   ``[admittime, dischtime]`` contains the study time; outside any, it is skipped.
 
@@ -504,7 +523,15 @@ class MimicReader:
         self, table: str, known: frozenset[int], used: frozenset[int], kind: str
     ) -> None:
         parts = []
-        columns = ["subject_id", "hadm_id", "itemid", "charttime", "valuenum", "valueuom"]
+        columns = [
+            "subject_id",
+            "hadm_id",
+            "itemid",
+            "charttime",
+            "storetime",
+            "valuenum",
+            "valueuom",
+        ]
         for rows in self._rows(table, columns):
             f = rows.frame
             subject, hadm, item = _ids(f.subject_id), _ids(f.hadm_id), _ids(f.itemid)
@@ -513,13 +540,14 @@ class MimicReader:
             rows.dead(~item.isin(list(known)), "unknown_itemid")
             rows.skip(~item.isin(list(used)), "itemid_not_used")
             self._bind(rows, subject, hadm)
-            charttime = _times(f.charttime)
-            rows.dead(charttime.isna(), "unparseable_time", "charttime")
+            charttime, storetime = _chart_and_store_times(rows, f)
+            available = _available(charttime, storetime)
             value = _numbers(f.valuenum)
             rows.skip(value.isna(), "no_numeric_value")  # a text-only result ("NEG", "ART.")
             low, high = item.map(_LOW), item.map(_HIGH)
             rows.dead((value < low) | (value > high), "out_of_range", "valuenum")
-            self._skip_after_discharge(rows, hadm, charttime)
+            self._skip_after_discharge(rows, hadm, available)
+            _count_fallbacks(rows, charttime, storetime)
             kept = rows.kept
             parts.append(
                 pd.DataFrame(
@@ -528,6 +556,7 @@ class MimicReader:
                         "hadm_id": hadm[kept].astype("int64"),
                         "itemid": item[kept].astype("int64"),
                         "charttime": charttime[kept],
+                        "available": available[kept],
                         "value": value[kept],
                         "unit": f.valueuom[kept].astype("category"),
                     }
@@ -536,12 +565,13 @@ class MimicReader:
         if parts:
             self._kept[table] = pd.concat(parts, ignore_index=True).assign(kind=kind)
 
-    def _skip_after_discharge(self, rows: _Triage, hadm: pd.Series, when: pd.Series) -> None:
-        rows.skip(when > hadm.map(self._disch), "after_discharge")
+    def _skip_after_discharge(self, rows: _Triage, hadm: pd.Series, available: pd.Series) -> None:
+        # By availability: a result reported after discharge was never visible during the stay.
+        rows.skip(available > hadm.map(self._disch), "after_discharge")
 
     def _read_notes(self, table: str) -> None:
         parts = []
-        columns = ["note_id", "subject_id", "hadm_id", "charttime", "text"]
+        columns = ["note_id", "subject_id", "hadm_id", "charttime", "storetime", "text"]
         for rows in self._rows(table, columns):
             f = rows.frame
             subject, hadm = _ids(f.subject_id), _ids(f.hadm_id)
@@ -549,21 +579,22 @@ class MimicReader:
             rows.missing(subject, "subject_id")
             rows.missing(f.text, "text")
             self._bind(rows, subject, hadm)
-            charttime = _times(f.charttime)
-            rows.dead(charttime.isna(), "unparseable_time", "charttime")
+            charttime, storetime = _chart_and_store_times(rows, f)
+            available = _available(charttime, storetime)
             rows.dead(
                 f.text.str.len() > self.max_note_chars,
                 "note_too_long",
                 f"over {self.max_note_chars} chars",
             )
             if table == "note/radiology":
-                self._skip_after_discharge(rows, hadm, charttime)
+                self._skip_after_discharge(rows, hadm, available)
                 target = hadm
             else:
-                # The summary travels to the patient's next admission, if written by then.
+                # The summary travels to the patient's next admission, if stored by then.
                 target = hadm.map(self._next)
                 rows.skip(target.isna(), "no_later_admission")
-                rows.skip(charttime > target.map(self._admit), "written_after_next_admission")
+                rows.skip(available > target.map(self._admit), "written_after_next_admission")
+            _count_fallbacks(rows, charttime, storetime)
             kept = rows.kept
             parts.append(
                 pd.DataFrame(
@@ -573,6 +604,7 @@ class MimicReader:
                         "from_hadm_id": hadm[kept].astype("int64"),
                         "note_id": f.note_id[kept],
                         "charttime": charttime[kept],
+                        "available": available[kept],
                         "text": f.text[kept],
                     }
                 )
@@ -711,7 +743,7 @@ def _observation(row, adm: _Admission, envelope: dict) -> ObservationEvent:
     charttime = row.charttime.to_pydatetime()
     return ObservationEvent(
         **envelope,
-        event_time=max(charttime, adm.admittime),
+        event_time=max(row.available.to_pydatetime(), adm.admittime),
         payload=dict(
             itemid=row.itemid,
             value=row.value,
@@ -727,7 +759,7 @@ def _note(note_type: str):
         charttime = row.charttime.to_pydatetime()
         return NoteEvent(
             **envelope,
-            event_time=max(charttime, adm.admittime),
+            event_time=max(row.available.to_pydatetime(), adm.admittime),
             payload=dict(
                 note_type=note_type,
                 text=row.text,
@@ -776,6 +808,32 @@ def _studies(frame: pd.DataFrame, kept, hadm, study, studytime, uris) -> pd.Data
             "uri": uris,
         }
     )
+
+
+def _chart_and_store_times(rows: _Triage, frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Parsed charttime (required) and storetime (may be empty: NaT)."""
+    charttime, storetime = _times(frame.charttime), _times(frame.storetime)
+    rows.dead(charttime.isna(), "unparseable_time", "charttime")
+    rows.dead(frame.storetime.notna() & storetime.isna(), "unparseable_time", "storetime")
+    return charttime, storetime
+
+
+def _available(charttime: pd.Series, storetime: pd.Series) -> pd.Series:
+    """When a row became known: its storetime, or its charttime where the storetime is empty
+    or earlier (nothing is known before it is charted)."""
+    return storetime.where(storetime >= charttime, charttime)
+
+
+def _count_fallbacks(rows: _Triage, charttime: pd.Series, storetime: pd.Series) -> None:
+    """Count the kept rows timed by their charttime instead of their storetime."""
+    kept = rows.kept
+    charttime, storetime = charttime[kept], storetime[kept]
+    for reason, hits in (
+        ("storetime_missing", storetime.isna()),
+        ("storetime_before_charttime", storetime < charttime),
+    ):
+        if hits.any():
+            rows.stats.fallbacks[reason] += int(hits.sum())
 
 
 def _study_time(dates: pd.Series, times: pd.Series) -> pd.Series:
