@@ -13,7 +13,10 @@ and turn a batch of blobs into model inputs with ``features.transform.assemble``
 Every update is constant work and order-independent: counts, sums, minima and maxima
 commute, and "latest" is the maximum of (charttime, tie-breaker), not the last event
 applied. So a late event lands by its event time, and replaying events in any order gives
-the same state (sums may differ in the last bits with the order).
+the same state (sums may differ in the last bits with the order). An event is folded once
+it is available (its ``event_time``: the storetime, see ``ingest.mimic``), so "latest" is
+the latest drawn among the values known: a result reported late never displaces a newer
+draw that was reported first, and no value is visible before its event time.
 
 Windowed aggregates: measurements fall into time buckets of ``fd.BUCKET_HOURS`` (bucket
 ``floor(charttime / BUCKET_HOURS)``). Per item the state keeps the newest bucket ``J``
