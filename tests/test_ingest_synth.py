@@ -245,11 +245,11 @@ def test_the_timing_check_catches_the_old_generators_leak(at_cutoff):
     second = first + rng.uniform(0.5, 0.9, len(hours)) * (hours - first)
     leaky = counts.assign(studies=(n >= 1) * (first <= 24) + (n >= 2) * (second <= 24))
     _, los = _timing_gain(truth, leaky.to_numpy(float))
-    assert los < 1e-4
+    assert los < 1e-6
     # Notes that come more often to those who will die.
-    reports = rng.poisson(np.where(truth.died, 1.3, 0.8))
+    reports = rng.poisson(np.where(truth.died, 1.5, 0.8))
     death, _ = _timing_gain(truth, counts.assign(reports=reports).to_numpy(float))
-    assert death < 1e-4
+    assert death < 1e-3
 
 
 def test_each_modalitys_content_informs_the_outcome_beyond_the_others(at_cutoff):
