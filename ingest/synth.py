@@ -394,10 +394,12 @@ def _panels(rng: np.random.Generator, adm: pd.DataFrame, tl: _Timeline):
     clock = (adm.admittime.dt.hour + adm.admittime.dt.minute / 60).to_numpy()
     morning = (LAB_MORNING_HOUR - clock) % 24
     morning = np.where(morning < 4, morning + 24, morning)  # not right after the first panel
-    days = np.maximum(np.ceil((tl.hours - morning) / 24), 0).astype(int)
+    jitter = 0.75  # hours either side of the morning round
+    # Every round that could fall before discharge, so only the censoring below drops any.
+    days = np.maximum(np.ceil((tl.hours - morning + jitter) / 24), 0).astype(int)
     daily_a = np.repeat(np.arange(n), days)
     k = np.arange(len(daily_a)) - np.repeat(np.cumsum(days) - days, days)
-    daily_t = morning[daily_a] + 24 * k + rng.uniform(-0.75, 0.75, len(daily_a))
+    daily_t = morning[daily_a] + 24 * k + rng.uniform(-jitter, jitter, len(daily_a))
     mid = tl.start + BLOCK_HOURS / 2
     x = state(adm, tl.a, mid)
     rate = np.where(tl.in_icu(tl.a, mid), LAB_EXTRA_ICU, LAB_EXTRA_WARD * np.exp(0.5 * x))

@@ -182,7 +182,8 @@ def _logistic_loglik(x: np.ndarray, y: np.ndarray) -> float:
     beta = np.zeros(x.shape[1])
     for _ in range(100):
         p = 1 / (1 + np.exp(-x @ beta))
-        step = np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]), x.T @ (y - p))
+        hessian = x.T @ (x * (p * (1 - p))[:, None])
+        step = np.linalg.lstsq(hessian, x.T @ (y - p), rcond=None)[0]  # collinear columns ok
         beta += step
         if np.abs(step).max() < 1e-10:
             break
@@ -200,7 +201,8 @@ def _gain_p(loglik, base: np.ndarray, extra: np.ndarray, y: np.ndarray) -> float
     """p-value of a likelihood-ratio test: does ``extra`` predict ``y`` beyond ``base``?"""
     full = np.column_stack([base, extra])
     statistic = 2 * (loglik(full, y) - loglik(base, y))
-    return float(stats.chi2.sf(statistic, full.shape[1] - base.shape[1]))
+    df = np.linalg.matrix_rank(full) - np.linalg.matrix_rank(base)
+    return float(stats.chi2.sf(statistic, df))
 
 
 def _timing_gain(truth: pd.DataFrame, counts: np.ndarray) -> tuple[float, float]:
