@@ -32,10 +32,10 @@ readmitted. ``truth.csv.gz`` holds the latent variables and both linear predicto
 
 **Timing.** When something happens depends only on the state at that time and on the
 clock, never on the stay's future: rates are piecewise constant over 2-hour blocks,
-evaluated at ``x`` in the block, and the stay's end only censors (nothing is placed
-relative to the discharge time). So at any cutoff inside a stay, which events are visible
-says nothing about the outcome beyond the latent state (``tests/test_ingest_synth.py``
-checks this).
+evaluated at ``x`` in the block, and the stay's end only censors: nothing in a stay is
+placed relative to its discharge (the discharge summary, written after it, reaches only
+the next admission). So at any cutoff inside a stay, which events are visible says nothing
+about the outcome beyond the latent state (``tests/test_ingest_synth.py`` checks this).
 
 - ICU: a transfer hazard of ``0.0025 e^{1.3 x(t)}`` per hour (three times that in the
   first 12 h, transfers from the emergency department); a stay of
