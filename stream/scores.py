@@ -38,7 +38,7 @@ SECONDS_PER_DAY = 86400.0
 # TTL discharged.
 _WRITE_SCORE = LuaScript("""
 local current = redis.call('HGET', KEYS[1], 'feature_time')
-local gone = ARGV[6] == '1' or redis.call('HGET', KEYS[1], 'discharged') == '1'
+local gone = ARGV[7] == '1' or redis.call('HGET', KEYS[1], 'discharged') == '1'
 local fresh = not (current and tonumber(current) > tonumber(ARGV[5]))
 if fresh then
   redis.call('HSET', KEYS[1], 'los_remaining_days', ARGV[1], 'expected_discharge', ARGV[2],
