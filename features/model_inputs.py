@@ -24,7 +24,7 @@ NOTES_DISCHARGE = "notes_discharge"  # int64 [NOTE_TOKENS]  prior admission's su
 CXR = "cxr"  # float32 [1, CXR_SIZE, CXR_SIZE]
 MODALITY_MASK = "modality_mask"  # float32 [3]: radiology note, discharge note, cxr present
 
-LOS_DAYS = "los_days"  # float32 [1]
+LOS_REMAINING = "los_remaining_days"  # float32 [1]: days from the newest event to discharge
 MORTALITY = "mortality_prob"  # float32 [1]
 
 # Per-modality embeddings, for serving the encoders and the fusion head separately.
@@ -60,4 +60,4 @@ def input_specs(n_numeric: int, note_tokens: int = NOTE_TOKENS, cxr_size: int = 
 
 def output_specs():
     f32 = np.dtype("float32")
-    return (TensorSpec(LOS_DAYS, f32, (1,)), TensorSpec(MORTALITY, f32, (1,)))
+    return (TensorSpec(LOS_REMAINING, f32, (1,)), TensorSpec(MORTALITY, f32, (1,)))

@@ -230,7 +230,8 @@ def create_app(settings: Settings) -> FastAPI:
         hadm_id: int = Path(ge=0, le=MAX_HADM_ID),
         token: ApiToken = Depends(caller("reader")),
     ):
-        """An admission's current length-of-stay estimate and mortality risk."""
+        """An admission's current score: remaining length of stay, expected discharge and
+        mortality risk."""
         score = store.get(hadm_id)
         read(token, "/admissions/{hadm_id}/risk", [hadm_id], 404 if score is None else 200)
         if score is None:

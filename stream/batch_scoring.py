@@ -68,7 +68,9 @@ class BatchScorer:
         for h, days, risk, t in zip(group, los, mortality, feature_times):
             reason = valid_score(float(days), float(risk))
             if reason is None:
-                scores.append(RiskScore(h, float(days), float(risk), self.scorer.model, t, now))
+                scores.append(
+                    RiskScore.predicted(h, float(days), float(risk), self.scorer.model, t, now)
+                )
             else:
                 refused.append((h, reason, f"model {self.scorer.model}"))
         self.scores.write_batch(scores, discharged)

@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 from dataclasses import asdict
+from datetime import UTC, datetime
 
 import typer
 from rich.console import Console
@@ -30,10 +31,23 @@ api_app.add_typer(token_app, name="token")
 
 
 def scores_table(scores, title: str | None = None) -> Table:
-    table = Table("hadm_id", "mortality risk", "LoS (days)", "model", title=title)
+    table = Table(
+        "hadm_id", "mortality risk", "remaining (d)", "expected discharge", "model", title=title
+    )
     for s in scores:
-        table.add_row(str(s.hadm_id), f"{s.mortality_prob:.3f}", f"{s.los_days:.1f}", s.model)
+        table.add_row(
+            str(s.hadm_id),
+            f"{s.mortality_prob:.3f}",
+            f"{s.los_remaining_days:.1f}",
+            iso_time(s.expected_discharge),
+            s.model,
+        )
     return table
+
+
+def iso_time(epoch_s: float) -> str:
+    """ISO 8601 in UTC, to the minute: an expected discharge is no more precise than that."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 @app.command("dead-letters")
@@ -190,7 +204,7 @@ def _store():
 
 @scores_app.command("get")
 def get(hadm_id: int, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """An admission's current length-of-stay estimate and mortality risk."""
+    """An admission's current remaining length of stay, expected discharge and mortality risk."""
     score = _store().get(hadm_id)
     if score is None:
         Console(stderr=True).print(f"no score for admission {hadm_id}")

@@ -1,8 +1,9 @@
 """Risk scores in Redis: the current score per admission, a ranking, and a bounded history.
 
 Layout (hash tags keep one admission's keys on one Redis Cluster slot):
-  m3t:score:{HADM}          hash: los_days, mortality_prob, model, feature_time, scored_at,
-                            discharged (1 once the admission's discharge was scored)
+  m3t:score:{HADM}          hash: los_remaining_days, expected_discharge, mortality_prob, model,
+                            feature_time, scored_at, discharged (1 once the admission's
+                            discharge was scored)
   m3t:score-history:{HADM}  stream of past scores, capped at ``history_len``
   m3t:risk:inpatients       sorted set of current inpatients by mortality probability
 A score older than the stored one (by feature time) is skipped, so replays are harmless.
@@ -18,8 +19,10 @@ import json
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Annotated
 
 import redis
+from pydantic import Field
 
 from features.online import DISCHARGED_TTL_S, OPEN_TTL_S
 from m3t.clients import LuaScript, run_scripts
@@ -27,59 +30,91 @@ from m3t.clients import LuaScript, run_scripts
 SCORE_KEY = "m3t:score:{{{hadm_id}}}"
 HISTORY_KEY = "m3t:score-history:{{{hadm_id}}}"
 RANKING_KEY = "m3t:risk:inpatients"
+SECONDS_PER_DAY = 86400.0
 
 # Compare-and-set by feature time, all in one round trip: a stale or repeated score is a no-op.
-# KEYS: score hash, history, ranking. ARGV: los, risk, model, feature time, scored at,
-# discharged now ('1'/'0'), history length, ranking member, TTL open, TTL discharged.
+# KEYS: score hash, history, ranking. ARGV: remaining LoS, expected discharge, risk, model,
+# feature time, scored at, discharged now ('1'/'0'), history length, ranking member, TTL open,
+# TTL discharged.
 _WRITE_SCORE = LuaScript("""
 local current = redis.call('HGET', KEYS[1], 'feature_time')
-local gone = ARGV[6] == '1' or redis.call('HGET', KEYS[1], 'discharged') == '1'
-local fresh = not (current and tonumber(current) > tonumber(ARGV[4]))
+local gone = ARGV[7] == '1' or redis.call('HGET', KEYS[1], 'discharged') == '1'
+local fresh = not (current and tonumber(current) > tonumber(ARGV[5]))
 if fresh then
-  redis.call('HSET', KEYS[1], 'los_days', ARGV[1], 'mortality_prob', ARGV[2], 'model', ARGV[3],
-             'feature_time', ARGV[4], 'scored_at', ARGV[5])
-  if current ~= ARGV[4] then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'los_days', ARGV[1],
-               'mortality_prob', ARGV[2], 'model', ARGV[3], 'feature_time', ARGV[4])
+  redis.call('HSET', KEYS[1], 'los_remaining_days', ARGV[1], 'expected_discharge', ARGV[2],
+             'mortality_prob', ARGV[3], 'model', ARGV[4], 'feature_time', ARGV[5],
+             'scored_at', ARGV[6])
+  if current ~= ARGV[5] then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'los_remaining_days', ARGV[1],
+               'expected_discharge', ARGV[2], 'mortality_prob', ARGV[3], 'model', ARGV[4],
+               'feature_time', ARGV[5])
   end
 end
 if gone then
   redis.call('HSET', KEYS[1], 'discharged', '1')
-  redis.call('ZREM', KEYS[3], ARGV[8])
+  redis.call('ZREM', KEYS[3], ARGV[9])
 elseif fresh then
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[8])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[9])
 end
-local ttl = gone and ARGV[10] or ARGV[9]
+local ttl = gone and ARGV[11] or ARGV[10]
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return fresh and 1 or 0
 """)
 
 
-def valid_score(los_days: float, mortality_prob: float) -> str | None:
+def valid_score(los_remaining_days: float, mortality_prob: float) -> str | None:
     """Why a model output must not be stored (None if it may): non-finite or out of range."""
-    if not (math.isfinite(los_days) and math.isfinite(mortality_prob)):
+    if not (math.isfinite(los_remaining_days) and math.isfinite(mortality_prob)):
         return "non_finite_score"
-    if not (0.0 <= mortality_prob <= 1.0) or not (0.0 <= los_days <= 3650.0):
+    if not (0.0 <= mortality_prob <= 1.0) or not (0.0 <= los_remaining_days <= 3650.0):
         return "score_out_of_range"
     return None
 
 
 @dataclass(frozen=True)
 class RiskScore:
-    hadm_id: int
-    los_days: float
-    mortality_prob: float
-    model: str  # "name:version"
-    feature_time: float  # epoch seconds of the newest event the features include
-    scored_at: float  # epoch seconds
+    # Field descriptions: the API's OpenAPI document shows them.
+    hadm_id: Annotated[int, Field(description="The admission (MIMIC-IV hadm_id)")]
+    los_remaining_days: Annotated[
+        float,
+        Field(description="Predicted length of stay still to come, in days from feature_time"),
+    ]
+    mortality_prob: Annotated[
+        float, Field(description="Predicted probability of in-hospital death")
+    ]
+    model: Annotated[str, Field(description="The model that scored it, as name:version")]
+    feature_time: Annotated[
+        float, Field(description="Epoch seconds of the newest event the features include")
+    ]
+    scored_at: Annotated[float, Field(description="Epoch seconds when it was scored")]
+    expected_discharge: Annotated[
+        float, Field(description="Epoch seconds: feature_time plus the predicted remaining stay")
+    ]
+
+    @classmethod
+    def predicted(
+        cls,
+        hadm_id: int,
+        los_remaining_days: float,
+        mortality_prob: float,
+        model: str,
+        feature_time: float,
+        scored_at: float,
+    ) -> RiskScore:
+        """A score from the model's outputs; the expected discharge follows from them."""
+        discharge = feature_time + los_remaining_days * SECONDS_PER_DAY
+        return cls(
+            hadm_id, los_remaining_days, mortality_prob, model, feature_time, scored_at, discharge
+        )
 
     def as_json(self) -> str:
         # A dict by hand: dataclasses.asdict deep-copies, too slow for the hot path.
         return json.dumps(
             {
                 "hadm_id": self.hadm_id,
-                "los_days": self.los_days,
+                "los_remaining_days": self.los_remaining_days,
+                "expected_discharge": self.expected_discharge,
                 "mortality_prob": self.mortality_prob,
                 "model": self.model,
                 "feature_time": self.feature_time,
@@ -124,7 +159,8 @@ class ScoreStore:
                         RANKING_KEY,
                     ],
                     [
-                        repr(s.los_days),
+                        repr(s.los_remaining_days),
+                        repr(s.expected_discharge),
                         repr(s.mortality_prob),
                         s.model,
                         repr(s.feature_time),
@@ -185,14 +221,17 @@ class ScoreStore:
 
 
 def _from_fields(hadm_id: int, fields: dict[bytes, bytes]) -> RiskScore | None:
-    if not fields:
-        return None
     f = {k.decode(): v.decode() for k, v in fields.items()}
+    # No score: no hash, a discharge recorded before any score was written, or a score
+    # from before the remaining-stay contract (its los_days was the total stay).
+    if "los_remaining_days" not in f:
+        return None
     return RiskScore(
         hadm_id,
-        float(f["los_days"]),
+        float(f["los_remaining_days"]),
         float(f["mortality_prob"]),
         f["model"],
         float(f["feature_time"]),
         float(f["scored_at"]),
+        float(f["expected_discharge"]),
     )

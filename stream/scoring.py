@@ -76,7 +76,7 @@ class ModelScorer:
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
         out = self.net.infer(self.arrays(inputs))
-        return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
+        return out[mi.LOS_REMAINING].reshape(-1), out[mi.MORTALITY].reshape(-1)
 
     def close(self) -> None:
         client = getattr(self.net, "client", None)  # on Triton: this scorer's own client
@@ -267,7 +267,7 @@ class CachedEncoderScorer:
                         pipe.hset(key, mapping=fields)
                         pipe.expire(key, EMB_TTL_S)
                 pipe.execute()
-        return out[mi.LOS_DAYS].reshape(-1), out[mi.MORTALITY].reshape(-1)
+        return out[mi.LOS_REMAINING].reshape(-1), out[mi.MORTALITY].reshape(-1)
 
     def _embeddings(
         self, modality: str, widths: dict[str, int], present, stamps, cached, run, updates

@@ -170,7 +170,9 @@ def test_the_rate_limiter_refills_at_its_rate():
 @pytest.mark.services
 def test_tokens_and_roles_are_enforced(settings, tmp_path, redis_client, scores_restored):
     cfg = own_state(settings, tmp_path)
-    ScoreStore(redis_client).write_batch([RiskScore(72_000_001, 3.0, 0.4, "m:1", 1.0, 2.0)])
+    ScoreStore(redis_client).write_batch(
+        [RiskScore.predicted(72_000_001, 3.0, 0.4, "m:1", 1.0, 2.0)]
+    )
     store = TokenStore(cfg)
     reader, scraper = store.add("ward", "reader"), store.add("prometheus", "metrics")
     with serving(cfg) as url, httpx.Client(base_url=url, timeout=10) as api:
@@ -188,6 +190,8 @@ def test_tokens_and_roles_are_enforced(settings, tmp_path, redis_client, scores_
 
         score = api.get("/admissions/72000001/risk", headers=bearer(reader))
         assert score.status_code == 200 and score.json()["mortality_prob"] == 0.4
+        assert score.json()["los_remaining_days"] == 3.0
+        assert score.json()["expected_discharge"] == 1.0 + 3.0 * 86400  # feature time + stay
         for path in ("/admissions/72000001/risk", "/risk/top"):
             assert api.get(path, headers=bearer(scraper)).status_code == 403
         assert api.get("/metrics", headers=bearer(reader)).status_code == 403
@@ -210,8 +214,8 @@ def test_each_read_of_a_score_is_one_audit_line(settings, tmp_path, redis_client
     cfg = own_state(settings, tmp_path)
     # Figures that show up nowhere but in these scores.
     ours = [
-        RiskScore(72_000_011, 7.123456789, 0.987654321, "m:1", 1.0, 2.0),
-        RiskScore(72_000_012, 5.918273645, 0.876543219, "m:1", 1.0, 2.0),
+        RiskScore.predicted(72_000_011, 7.123456789, 0.987654321, "m:1", 1.0, 2.0),
+        RiskScore.predicted(72_000_012, 5.918273645, 0.876543219, "m:1", 1.0, 2.0),
     ]
     ScoreStore(redis_client).write_batch(ours)
     store = TokenStore(cfg)
@@ -256,7 +260,7 @@ def test_each_read_of_a_score_is_one_audit_line(settings, tmp_path, redis_client
     assert all(t.endswith("+00:00") for t in times)  # UTC
     text = log.read_text()
     for s in ours:
-        for figure in (s.los_days, s.mortality_prob):
+        for figure in (s.los_remaining_days, s.expected_discharge, s.mortality_prob):
             assert str(figure) not in text and str(figure)[:6] not in text
     assert reader not in text and scraper not in text
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
@@ -369,7 +373,9 @@ def test_the_api_and_the_score_commands_need_no_more_than_the_narrowed_reader(
         update={"reader_username": user, "reader_password": SecretStr(password)}
     )
     cfg = narrowed.model_copy(update={"redis": given})
-    ScoreStore(redis_client).write_batch([RiskScore(72_000_021, 3.0, 0.5, "m:1", 1.0, 2.0)])
+    ScoreStore(redis_client).write_batch(
+        [RiskScore.predicted(72_000_021, 3.0, 0.5, "m:1", 1.0, 2.0)]
+    )
     WorkerMetrics(redis_client, "narrow-test").flush({name: 1 for name in COUNTERS})
     store = TokenStore(cfg)
     reader, scraper = store.add("ward", "reader"), store.add("prometheus", "metrics")
@@ -436,7 +442,7 @@ def test_the_openapi_document_is_true(
     monkeypatch.setattr(stream.api, "FAILED_AUTHS_PER_MINUTE", 1_000_000)
     cfg = own_state(settings, tmp_path, rate_limit_per_minute=1_000_000)
     ScoreStore(redis_client).write_batch(
-        [RiskScore(hadm, 3.0, 0.1, "m:1", 1.0, 2.0) for hadm in range(1, 6)]
+        [RiskScore.predicted(hadm, 3.0, 0.1, "m:1", 1.0, 2.0) for hadm in range(1, 6)]
     )
     store = TokenStore(cfg)
     tokens = {role: store.add(role, role) for role in ("reader", "metrics")}

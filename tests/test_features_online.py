@@ -89,14 +89,14 @@ def test_writes_load_their_scripts_once_and_again_after_the_cache_is_flushed(sto
     store.write_batch(first)
     store.write_batch(second)
     scores = ScoreStore(redis_client)
-    assert scores.write_batch([RiskScore(70_000_001, 3.0, 0.2, "m", 10.0, 11.0)]) == 1
+    assert scores.write_batch([RiskScore.predicted(70_000_001, 3.0, 0.2, "m", 10.0, 11.0)]) == 1
     stats = redis_client.info("commandstats")
     assert "cmdstat_script|exists" not in stats
     assert stats["cmdstat_script|load"]["calls"] == 2  # the commit and score scripts, once each
     hadm_ids = list(COHORT)
     want = FITTED.assemble([offline_blob(COHORT[h]) for h in hadm_ids])
     np.testing.assert_array_equal(store.read_inputs(hadm_ids)[mi.NUMERIC], want[mi.NUMERIC])
-    assert scores.get(70_000_001).los_days == 3.0
+    assert scores.get(70_000_001).los_remaining_days == 3.0
     redis_client.delete("m3t:score:{70000001}", "m3t:score-history:{70000001}")
     redis_client.zrem("m3t:risk:inpatients", 70_000_001)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_triton_health_and_inference(triton):
     tensor.set_data_from_numpy(summary)
     result = triton.infer("placeholder", [tensor])
     np.testing.assert_allclose(
-        result.as_numpy("los_days")[:, 0],
+        result.as_numpy("los_remaining_days")[:, 0],
         2.0 + 0.05 * summary[:, 0] + 0.1 * summary[:, 1],
         rtol=1e-6,
     )
@@ -240,7 +241,10 @@ def test_cli_status_fails_when_unhealthy(tmp_path, monkeypatch):
 
 def test_walking_skeleton_end_to_end(cli_settings, redis_client):
     """Events -> Kafka -> worker -> Redis features -> Triton -> scores -> `m3t scores get`."""
-    from stream.scores import ScoreStore
+    from rich.console import Console
+
+    from stream.cli import scores_table
+    from stream.scores import SCORE_KEY, ScoreStore
     from stream.scoring import ModelScorer
     from stream.wiring import connect
     from tests.skeleton import SkeletonFeatures, produce, skeleton_events
@@ -262,10 +266,39 @@ def test_walking_skeleton_end_to_end(cli_settings, redis_client):
         age = 40 + 10 * i
         score = store.get(hadm)
         assert score is not None and score.model == "placeholder:1"
-        assert score.los_days == pytest.approx(2.0 + 0.05 * age + 0.1 * observations, rel=1e-6)
+        remaining = 2.0 + 0.05 * age + 0.1 * observations
+        assert score.los_remaining_days == pytest.approx(remaining, rel=1e-6)
+        # In Redis as written: the newest event's time plus the predicted remaining stay.
+        stored = redis_client.hgetall(SCORE_KEY.format(hadm_id=hadm))
+        newest = max(e.event_time for e in events if e.hadm_id == hadm).timestamp()
+        assert float(stored[b"feature_time"]) == newest
+        discharge = newest + float(stored[b"los_remaining_days"]) * 86400
+        assert float(stored[b"expected_discharge"]) == discharge
+        # As `m3t scores get|top|watch` show it.
+        shown = Console(width=200, record=True)
+        shown.print(scores_table([score]))
+        text = shown.export_text()
+        assert "remaining (d)" in text and f"{remaining:.1f}" in text
+        assert datetime.fromtimestamp(discharge, UTC).strftime("%Y-%m-%dT%H:%MZ") in text
     result = runner.invoke(app, ["scores", "get", str(events[0].hadm_id), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["hadm_id"] == events[0].hadm_id
+    got = json.loads(result.output)
+    assert got["hadm_id"] == events[0].hadm_id
+    assert got["expected_discharge"] == got["feature_time"] + got["los_remaining_days"] * 86400
+    # Each written score is on the scores topic too, with both figures.
+    consumer = KafkaConsumer(
+        cli_settings.kafka.topic_scores,
+        **kafka_python_config(cli_settings, "admin"),
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        group_id=f"scores-{uuid.uuid4().hex}",
+    )
+    published = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    assert {m["hadm_id"] for m in published} == {e.hadm_id for e in events}
+    for m in published:
+        assert m["expected_discharge"] == m["feature_time"] + m["los_remaining_days"] * 86400
+    assert got in published  # the stored score is one the topic carried
     missing = runner.invoke(app, ["scores", "get", "1"])
     assert missing.exit_code == 1
 
@@ -330,11 +363,13 @@ def test_http_api_contract(cli_settings, redis_client):
     store = ScoreStore(redis_client)
     store.write_batch(
         [
-            RiskScore(777, 4.5, 0.25, "m:1", 100.0, 101.0),
-            RiskScore(778, 2.0, 0.75, "m:1", 100.0, 101.0),
+            RiskScore.predicted(777, 4.5, 0.25, "m:1", 100.0, 101.0),
+            RiskScore.predicted(778, 2.0, 0.75, "m:1", 100.0, 101.0),
         ]
     )
-    store.write_batch([RiskScore(777, 9.9, 0.99, "m:1", 50.0, 102.0)])  # older features: skipped
+    store.write_batch(
+        [RiskScore.predicted(777, 9.9, 0.99, "m:1", 50.0, 102.0)]
+    )  # older features: skipped
     redis_client.hset(
         METRICS_KEY,
         "w1",
@@ -381,7 +416,8 @@ def test_http_api_contract(cli_settings, redis_client):
             assert api.get(path).status_code == 401
             assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
         risk = api.get("/admissions/777/risk", headers=reader).json()
-        assert risk["los_days"] == 4.5 and risk["mortality_prob"] == 0.25
+        assert risk["los_remaining_days"] == 4.5 and risk["mortality_prob"] == 0.25
+        assert risk["feature_time"] == 100.0 and risk["expected_discharge"] == 100.0 + 4.5 * 86400
         assert api.get("/admissions/1/risk", headers=reader).status_code == 404
         # Other tests' admissions may share the ranking: these two keep their order in it.
         top = [r["hadm_id"] for r in api.get("/risk/top?n=1000", headers=reader).json()]

@@ -174,7 +174,7 @@ def scored_at(redis_client, hadm_id: int, when: datetime) -> bool:
 def assert_no_stored_score_is_non_finite(redis_client) -> None:
     for key in redis_client.scan_iter("m3t:score:*", count=1000):
         fields = redis_client.hgetall(key)
-        for name in (b"los_days", b"mortality_prob"):
+        for name in (b"los_remaining_days", b"mortality_prob"):
             assert math.isfinite(float(fields[name])), key
     for member, risk in redis_client.zrange("m3t:risk:inpatients", 0, -1, withscores=True):
         assert math.isfinite(risk), member

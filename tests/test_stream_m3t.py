@@ -112,7 +112,10 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(
     for h, (los, mortality) in want.items():
         for path, got in (("cached", cached[h]), ("full", full[h])):
             assert got is not None, f"{path}: admission {h} has no score"
-            assert got.los_days == pytest.approx(los, abs=1e-4), path
+            assert got.los_remaining_days == pytest.approx(los, abs=1e-4), path
+            # As read back from Redis: discharge expected after the remaining stay.
+            discharge = got.feature_time + got.los_remaining_days * 86400
+            assert got.expected_discharge == discharge, path
             assert got.mortality_prob == pytest.approx(mortality, abs=1e-4), path
         assert (
             cached[h].feature_time == full[h].feature_time == hours(cohort[h][-1].event_time) * 3600
@@ -210,7 +213,7 @@ def test_a_score_as_json_carries_every_field():
 
     from stream.scores import RiskScore
 
-    score = RiskScore(7, 3.5, 0.25, "m3t_lm:2", 1.5e9, 1.6e9)
+    score = RiskScore.predicted(7, 3.5, 0.25, "m3t_lm:2", 1.5e9, 1.6e9)
     assert json.loads(score.as_json()) == dataclasses.asdict(score)
 
 

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.services, pytest.mark.usefixtures("scores_restored")]
 
 
 def score(hadm_id: int, t: float, risk: float = 0.3) -> RiskScore:
-    return RiskScore(hadm_id, 4.0, risk, "m:1", t, t + 1)
+    return RiskScore.predicted(hadm_id, 4.0, risk, "m:1", t, t + 1)
 
 
 def test_a_late_score_after_the_discharge_never_puts_the_patient_back(redis_client):
@@ -59,3 +59,36 @@ def test_ranking_entries_whose_score_expired_are_pruned(redis_client):
     assert store.prune_ranking() >= 1
     assert redis_client.zscore(RANKING_KEY, expired) is None
     assert redis_client.zscore(RANKING_KEY, kept) is not None
+
+
+def test_the_hash_and_history_carry_the_remaining_stay_and_the_expected_discharge(redis_client):
+    hadm = 71_000_006
+    store = ScoreStore(redis_client)
+    store.write_batch([RiskScore.predicted(hadm, 2.25, 0.1, "m:1", 1_000_000.0, 1_000_001.0)])
+    stored = redis_client.hgetall(SCORE_KEY.format(hadm_id=hadm))
+    assert float(stored[b"los_remaining_days"]) == 2.25
+    assert float(stored[b"expected_discharge"]) == 1_000_000.0 + 2.25 * 86400
+    assert b"los_days" not in stored
+    store.write_batch([RiskScore.predicted(hadm, 0.5, 0.2, "m:1", 1_086_400.0, 1_086_401.0)])
+    (latest, first) = store.history(hadm)
+    assert float(first["expected_discharge"]) == 1_000_000.0 + 2.25 * 86400
+    assert float(latest["los_remaining_days"]) == 0.5
+    assert float(latest["expected_discharge"]) == 1_086_400.0 + 0.5 * 86400
+    got = store.get(hadm)
+    assert (got.los_remaining_days, got.expected_discharge) == (0.5, 1_086_400.0 + 0.5 * 86400)
+
+
+def test_a_hash_without_a_remaining_stay_is_no_score(redis_client):
+    # A discharge recorded before any score was written, and a score from before the
+    # remaining-stay contract (its los_days was the whole stay): neither is a current score.
+    store = ScoreStore(redis_client)
+    never_scored, old_contract = 71_000_007, 71_000_008
+    store.discharge([never_scored])
+    redis_client.hset(
+        SCORE_KEY.format(hadm_id=old_contract),
+        mapping={"los_days": 5.0, "mortality_prob": 0.4, "model": "m:1", "feature_time": 1.0},
+    )
+    redis_client.zadd(RANKING_KEY, {old_contract: 0.4})
+    assert store.get(never_scored) is None and store.get(old_contract) is None
+    assert old_contract not in [s.hadm_id for s in store.top(1000)]
+    redis_client.zrem(RANKING_KEY, old_contract)

@@ -50,7 +50,7 @@ def infer_over_grpc(client) -> np.ndarray:
     summary = np.array([[50.0, 10.0]], dtype=np.float32)
     tensor = grpcclient.InferInput("summary", list(summary.shape), "FP32")
     tensor.set_data_from_numpy(summary)
-    return client.infer(MODEL, [tensor]).as_numpy("los_days")
+    return client.infer(MODEL, [tensor]).as_numpy("los_remaining_days")
 
 
 def test_over_grpc_loads_and_unloads_need_the_key(settings, grpc):
@@ -121,7 +121,7 @@ def test_over_http_health_and_inference_need_no_key_and_the_rest_does(settings, 
     request = {"inputs": [summary]}
     answer = http.post(f"/v2/models/{MODEL}/infer", json=request)
     assert answer.status_code == 200, answer.text
-    los = next(o for o in answer.json()["outputs"] if o["name"] == "los_days")
+    los = next(o for o in answer.json()["outputs"] if o["name"] == "los_remaining_days")
     assert los["data"] == pytest.approx([2.0 + 0.05 * 50 + 0.1 * 10])
     assert http.get(f"/v2/models/{MODEL}/config").status_code == 200
 

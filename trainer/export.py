@@ -4,13 +4,14 @@ Six graphs are exported, each with a dynamic batch axis and tensor names from
 ``features.model_inputs``, so serving can run the whole model or the encoders and the
 fusion head separately:
 
-    m3t_lm           the full model: the six inputs -> los_days, mortality_prob
+    m3t_lm           the full model: the six inputs -> los_remaining_days, mortality_prob
     m3t_enc_numeric  numeric, numeric_mask -> emb_numeric
     m3t_enc_notes    notes_radiology, notes_discharge -> emb_notes_radiology, emb_notes_discharge
     m3t_enc_cxr      cxr -> emb_cxr
-    m3t_fusion       the four embeddings + modality_mask -> los_days, mortality_prob
+    m3t_fusion       the four embeddings + modality_mask -> los_remaining_days, mortality_prob
     m3t_rescore      numeric, numeric_mask, the cached note and X-ray embeddings,
-                     modality_mask -> los_days, mortality_prob (encoder + fusion in one call)
+                     modality_mask -> los_remaining_days, mortality_prob
+                     (encoder + fusion in one call)
 
 Each ONNX graph is run with ONNX Runtime on a batch of a size other than the one it was
 traced with, and compared with eager PyTorch; above ``tolerance`` (1e-4 in fp32) export

@@ -236,7 +236,7 @@ class CxrEncoder(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """Fuses the four modality embeddings and predicts (los_days, mortality_prob).
+    """Fuses the four modality embeddings and predicts (los_remaining_days, mortality_prob).
 
     Where ``modality_mask`` marks a note stream or the X-ray absent, its embedding is
     replaced (``torch.where``, so even NaNs cannot leak) by a learned placeholder. The
@@ -390,7 +390,7 @@ class M3TLM(nn.Module):
     """The full model: the four encoders composed with the fusion head.
 
     Inputs are the tensors of ``features.model_inputs.input_specs`` in that order;
-    outputs are ``(los_days, mortality_prob)``, each [B, 1].
+    outputs are ``(los_remaining_days, mortality_prob)``, each [B, 1].
     """
 
     def __init__(self, config: M3TConfig):

@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.outputs = ("los_days", "mortality_prob")
+        self.outputs = ("los_remaining_days", "mortality_prob")
 
     def execute(self, requests):
         responses = []
@@ -20,7 +20,7 @@ class TritonPythonModel:
                 responses.append(
                     pb_utils.InferenceResponse(
                         output_tensors=[
-                            pb_utils.Tensor("los_days", los),
+                            pb_utils.Tensor("los_remaining_days", los),
                             pb_utils.Tensor("mortality_prob", risk),
                         ]
                     )
