@@ -114,7 +114,16 @@ def calibration_fit(
     p = np.clip(prob, 1e-6, 1 - 1e-6)
     x = np.log(p / (1 - p))
     y = y.astype(np.float64)
-    a, b = np.zeros(len(w)), np.ones(len(w))
+
+    def loss(a, b):  # weighted negative log-likelihood per resample
+        eta = a[:, None] + b[:, None] * x
+        return (w * (np.logaddexp(0, eta) - y * eta)).sum(1)
+
+    # From the constant model (b = 0), with step halving where a Newton step does not
+    # lower the loss: plain Newton from b = 1 overshoots on extreme logits.
+    rate = np.clip(_ratio(w @ y, w.sum(1)), 1e-6, 1 - 1e-6)
+    a, b = np.log(rate / (1 - rate)), np.zeros(len(w))
+    current = loss(a, b)
     for _ in range(steps):
         mu = 1 / (1 + np.exp(-(a[:, None] + b[:, None] * x)))
         r, v = w * (y - mu), w * mu * (1 - mu)
@@ -124,8 +133,16 @@ def calibration_fit(
         ok = det > 1e-12
         da = np.where(ok, (h11 * g0 - h01 * g1) / np.where(ok, det, 1), 0)
         db = np.where(ok, (h00 * g1 - h01 * g0) / np.where(ok, det, 1), 0)
-        a, b = a + np.clip(da, -5, 5), b + np.clip(db, -5, 5)
-        if np.all(np.abs(da) + np.abs(db) < 1e-8):
+        step = np.ones(len(w))
+        for _ in range(10):
+            trial = loss(a + step * da, b + step * db)
+            worse = trial > current + 1e-12
+            if not worse.any():
+                break
+            step = np.where(worse, step / 2, step)
+        step = np.where(trial > current + 1e-12, 0.0, step)
+        a, b, current = a + step * da, b + step * db, np.minimum(trial, current)
+        if np.all(np.abs(step * da) + np.abs(step * db) < 1e-8):
             break
     bad = ~np.isfinite(a) | (w.sum(1) <= 0)
     return np.where(bad, np.nan, a), np.where(bad, np.nan, b)
