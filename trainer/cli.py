@@ -282,7 +282,8 @@ def publish(
 ):
     """Publish the run as a new version of m3t_lm and of each encoder and the fusion head."""
     from m3t.settings import get_settings
-    from trainer.export import graphs
+    from trainer.export import FULL_MODEL, graphs
+    from trainer.model_card import build_card
     from trainer.publish import BACKENDS, Batching, PublishError, load_in_triton
     from trainer.publish import publish as publish_graphs
 
@@ -302,6 +303,7 @@ def publish(
             batching,
             engine_dir,
             provenance={"run": str(run_dir.resolve()), "epoch": checkpoint["epoch"]},
+            card=build_card(run_dir, checkpoint, FULL_MODEL),
         )
         if load:
             load_in_triton(settings, tuple(published))
