@@ -79,7 +79,26 @@ def build(
     out_dir: Path = typer.Option(
         ..., "--out", file_okay=False, help="Where dataset.npz and meta.json go."
     ),
-    cutoffs: str = typer.Option("24", help=CUTOFFS_HELP),
+    cutoffs: str = typer.Option(
+        None,
+        help="Only these cutoffs, hours after admission, comma separated (e.g. 24: one example "
+        "per stay at 24 h). Default: the stream policy, the horizons 6,12,24,48,72 h, a grid "
+        "and sampled event times.",
+    ),
+    grid_every: float = typer.Option(
+        6.0, help="Stream policy: a cutoff every so many hours to discharge (0: no grid)."
+    ),
+    grid_from: float = typer.Option(2.0, help="Stream policy: the grid's first hour."),
+    events_train: int = typer.Option(
+        2, help="Stream policy: event times drawn per training stay as cutoffs."
+    ),
+    events_eval: int = typer.Option(
+        8, help="Stream policy: event times drawn per validation or test stay."
+    ),
+    cutoff_seed: int = typer.Option(0, help="Seed of the event times drawn."),
+    split_seed: int = typer.Option(
+        0, help="Seed of the 80/10/10 patient split (a hash of subject_id) the trainer uses."
+    ),
     cxr: bool = typer.Option(True, help="Preprocess the chest X-rays (DALI) into the `cxr` array."),
     device: str = typer.Option("auto", help="DALI device for the X-rays: auto, cpu or gpu."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -87,13 +106,21 @@ def build(
     """Build point-in-time training examples from a cohort folder."""
     from features import offline
 
-    policy = _cutoffs(cutoffs)
+    if cutoffs is not None:
+        policy = _cutoffs(cutoffs)
+    else:
+        try:
+            policy = offline.CutoffPolicy.stream(
+                grid_every or None, grid_from, events_train, events_eval, cutoff_seed
+            )
+        except ValueError as exc:
+            _fail(str(exc))
     admissions = _admissions(cohort, "auto" if cxr else "none")
     try:
-        dataset = offline.build(admissions, policy)
+        dataset = offline.build(admissions, policy, offline.SplitPolicy(seed=split_seed))
     except ValueError as exc:
         _fail(str(exc))
-    tensors, cxr_errors = None, {}
+    images, cxr_errors = None, {}
     if cxr:
         from features.cxr import CxrPreprocessor
         from features.image_files import ImageAccess
@@ -102,17 +129,23 @@ def build(
         # The cohort named here is read from, with the configured image roots; its X-ray
         # URIs may point nowhere else.
         access = ImageAccess.from_settings(get_settings(), extra_roots=(cohort,))
-        tensors, cxr_errors = offline.cxr_tensors(
+        images, cxr_errors = offline.cxr_images(
             dataset, CxrPreprocessor(device=device), base_dir=cohort, access=access
         )
         dataset.meta["cxr_errors"] = cxr_errors
         dataset.meta["cxr_examples"] = int(dataset.arrays["modality_mask"][:, 2].sum())
-    path = offline.write(dataset, out_dir, tensors)
+    path = offline.write(dataset, out_dir, images)
     summary = {
         "dataset": str(path),
         **{
             k: dataset.meta[k]
-            for k in ("examples", "admissions", "examples_per_split", "skipped_admissions")
+            for k in (
+                "examples",
+                "admissions",
+                "examples_per_split",
+                "examples_per_kind",
+                "skipped_admissions",
+            )
         },
         "feature_set": dataset.fitted.tag,
         "cxr_errors": cxr_errors,

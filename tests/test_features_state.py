@@ -292,7 +292,7 @@ def test_offline_build_fits_on_train_and_round_trips(tmp_path):
     loaded = offline.load(tmp_path)
     assert loaded.fitted.tag == dataset.fitted.tag
     np.testing.assert_array_equal(loaded.fitted.mean, dataset.fitted.mean)
-    assert loaded.arrays[mi.CXR].shape == (len(dataset), 1, mi.CXR_SIZE, mi.CXR_SIZE)
+    assert offline.cxr_of(loaded.arrays).shape == (len(dataset), 1, mi.CXR_SIZE, mi.CXR_SIZE)
     assert (
         loaded.arrays[mi.MODALITY_MASK][:, 2].sum() == 0
     )  # images not preprocessed: marked absent

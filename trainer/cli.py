@@ -78,7 +78,6 @@ def run(
             patience=patience,
             weighting=weighting,
             seed=seed,
-            split_seed=seed,
             device=device,
             max_minutes=max_minutes,
             threads=threads or None,

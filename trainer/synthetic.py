@@ -9,6 +9,9 @@ modality is measurable (ablations lose exactly that share):
 - chest X-ray: a bright opacity blob raises it.
 
 Length of stay is log-normal around the severity; death is Bernoulli of a logistic of it.
+Each admission has 1..``max_rows`` examples at random hours before its discharge (numeric
+feature 2 is the days since admission), labelled with the remaining stay, weighted 1 / its
+number of examples, and split by ``features.offline.SplitPolicy`` as the builder splits.
 This is a generator of trainer fixtures, not the cohort generator of ingest/.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from features import model_inputs as mi
+from features.offline import CXR_IMAGES, CXR_INDEX, KINDS, SplitPolicy
 from trainer.data import Dataset
 
 FINDING_TOKENS = np.arange(2, 10)
@@ -47,7 +51,9 @@ def make_dataset(
     vocab_size: int = 64,
     patients: int | None = None,
     seed: int = 0,
+    max_rows: int = 3,
 ) -> Dataset:
+    """``n`` admissions of ``patients`` patients (default n / 2), 1..max_rows rows each."""
     rng = np.random.default_rng(seed)
     subject_id = rng.integers(0, patients or max(n // 2, 1), size=n) + 10_000_000
     severity_numeric = rng.normal(size=n)
@@ -67,29 +73,50 @@ def make_dataset(
     )
 
     opacity = (hidden[:, 2] > 0.5) & (modality_mask[:, 2] > 0)
-    cxr = np.zeros((n, 1, cxr_size, cxr_size), dtype=np.float32)
+    present = np.flatnonzero(modality_mask[:, 2])
+    images = rng.normal(0.0, 0.3, size=(len(present), 1, cxr_size, cxr_size)).astype(np.float32)
     yy, xx = np.mgrid[:cxr_size, :cxr_size] / cxr_size
     blob = np.exp(-((yy - 0.5) ** 2 + (xx - 0.35) ** 2) / 0.02).astype(np.float32)
-    present = np.flatnonzero(modality_mask[:, 2])
-    cxr[present, 0] = rng.normal(0.0, 0.3, size=(len(present), cxr_size, cxr_size))
-    cxr[opacity, 0] += 2.0 * blob
+    images[opacity[present], 0] += 2.0 * blob
+    image_of = np.full(n, -1, np.int32)
+    image_of[present] = np.arange(len(present))
 
     severity = 0.8 * severity_numeric + 0.35 * finding_hits + 0.35 * chronic_hits + 0.9 * opacity
     los_days = np.exp(1.0 + 0.35 * severity + rng.normal(scale=0.25, size=n)).astype(np.float32)
-    mortality = (rng.random(n) < 1 / (1 + np.exp(-(1.6 * severity - 3.5)))).astype(np.int64)
+    mortality = (rng.random(n) < 1 / (1 + np.exp(-(1.6 * severity - 3.5)))).astype(np.float32)
+
+    # Several cutoffs per admission, each before discharge; the model sees the elapsed days.
+    per_stay = rng.integers(1, max_rows + 1, size=n)
+    row = np.repeat(np.arange(n), per_stay)
+    days_in = rng.random(len(row)) * los_days[row]
+    numeric_rows, mask_rows = numeric[row], numeric_mask[row]
+    numeric_rows[:, 2], mask_rows[:, 2] = days_in, 1.0
+    admit = 1_577_836_800 / 3600 + rng.integers(0, 24 * 365, size=n)  # epoch hours, 2020
+    split = SplitPolicy(seed=0)
 
     arrays = {
-        mi.NUMERIC: numeric,
-        mi.NUMERIC_MASK: numeric_mask,
-        mi.NOTES_RADIOLOGY: radiology,
-        mi.NOTES_DISCHARGE: discharge,
-        mi.CXR: cxr,
-        mi.MODALITY_MASK: modality_mask,
-        "los_days": los_days,
-        "mortality": mortality,
-        "hadm_id": np.arange(n, dtype=np.int64) + 20_000_000,
-        "subject_id": subject_id.astype(np.int64),
-        "cutoff": np.full(n, np.datetime64("2150-01-01T00:00:00", "s")).astype("int64"),
+        mi.NUMERIC: numeric_rows,
+        mi.NUMERIC_MASK: mask_rows,
+        mi.NOTES_RADIOLOGY: radiology[row],
+        mi.NOTES_DISCHARGE: discharge[row],
+        mi.MODALITY_MASK: modality_mask[row],
+        CXR_IMAGES: images,
+        CXR_INDEX: image_of[row],
+        "los_days": los_days[row],
+        "los_remaining_days": (los_days[row] - days_in).astype(np.float32),
+        "weight": (1.0 / per_stay[row]).astype(np.float32),
+        "mortality": mortality[row],
+        "hadm_id": (np.arange(n, dtype=np.int64) + 20_000_000)[row],
+        "subject_id": subject_id.astype(np.int64)[row],
+        "cutoff": (admit[row] + 24 * days_in).astype(np.float64),
+        "hours_after_admit": (24 * days_in).astype(np.float64),
+        "cutoff_kind": np.array(KINDS)[rng.integers(0, len(KINDS), size=len(row))],
+        "split": np.array([split.of(int(s)) for s in subject_id])[row],
+        "sex": np.array(["F", "M"])[rng.integers(0, 2, size=n)][row],
+        "age": rng.uniform(18, 95, size=n).astype(np.float32)[row],
+        "admission_type": np.array(["EW EMER.", "ELECTIVE", "URGENT"])[rng.integers(0, 3, size=n)][
+            row
+        ],
     }
     meta = {
         "numeric_features": [f"f{i}" for i in range(n_features)],
@@ -97,6 +124,7 @@ def make_dataset(
         "note_tokens": note_tokens,
         "cxr_size": cxr_size,
         "source": "trainer.synthetic",
+        "split_policy": {"val": split.val, "test": split.test, "seed": split.seed},
     }
     return Dataset(arrays, meta)
 

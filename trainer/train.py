@@ -25,7 +25,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +53,6 @@ class TrainConfig:
     patience: int = 4  # epochs without validation improvement before stopping
     grad_clip: float = 1.0
     seed: int = 0
-    split_seed: int = 0
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     weighting: str = "uncertainty"  # or "fixed"
     los_weight: float = 1.0  # used by weighting="fixed"
     mortality_weight: float = 1.0
@@ -81,8 +79,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        for key in ("split", "tasks", "modalities"):
+        known = {f.name for f in fields(cls)}  # older runs also stored their split fractions
+        d = {k: v for k, v in d.items() if k in known}
+        for key in ("tasks", "modalities"):
             d[key] = tuple(d[key])
         return cls(**d)
 
@@ -239,7 +238,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    splits = D.dataset_splits(dataset, config.split, config.split_seed)
+    splits = D.dataset_splits(dataset)
     if min(len(splits["train"]), len(splits["val"])) == 0:
         raise D.DatasetError(
             f"too few patients to split: { ({k: len(v) for k, v in splits.items()}) }"
