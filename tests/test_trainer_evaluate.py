@@ -127,3 +127,38 @@ def test_the_paired_bootstrap_of_identical_and_of_better_models():
     mae = lambda pred: M.regression(los, pred, w)["mae"]  # noqa: E731
     lo, hi = M.interval(mae(los + rng.normal(0, 0.2, n)) - mae(los + rng.normal(0, 1.0, n)))
     assert lo < hi < 0
+
+
+# --- m3t train evaluate, end to end ------------------------------------------------------------
+
+TINY = dict(
+    numeric_embed_dim=8,
+    numeric_heads=2,
+    notes_embed_dim=8,
+    notes_hidden_dim=8,
+    cxr_channels=(4, 8),
+    emb_dim=8,
+    fusion_hidden_dim=16,
+)
+
+
+def at_horizons(dataset):
+    """trainer.synthetic's rows of kind "horizon" moved to the horizon at or before them (one
+    per stay and horizon; the rest become "grid"), as the builder places them."""
+    from features.offline import HORIZONS
+    from trainer.data import Dataset
+
+    a = dict(dataset.arrays)
+    kind, hours = a["cutoff_kind"].astype("<U8"), a["hours_after_admit"].copy()
+    horizon = np.array([max([h for h in HORIZONS if h <= x], default=-1) for x in hours])
+    kind[(kind == "horizon") & (horizon < 0)] = "grid"
+    seen = set()
+    for i in np.flatnonzero(kind == "horizon"):
+        if (a["hadm_id"][i], horizon[i]) in seen:
+            kind[i] = "grid"
+        seen.add((a["hadm_id"][i], horizon[i]))
+    moved = np.where(kind == "horizon", hours - horizon, 0.0)
+    a["cutoff_kind"], a["hours_after_admit"] = kind, hours - moved
+    a["cutoff"] = a["cutoff"] - moved
+    a["los_remaining_days"] = (a["los_remaining_days"] + moved / 24).astype(np.float32)
+    return Dataset(a, dataset.meta)

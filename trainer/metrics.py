@@ -125,7 +125,7 @@ def calibration_fit(
     a, b = np.log(rate / (1 - rate)), np.zeros(len(w))
     current = loss(a, b)
     for _ in range(steps):
-        mu = 1 / (1 + np.exp(-(a[:, None] + b[:, None] * x)))
+        mu = 1 / (1 + np.exp(-np.clip(a[:, None] + b[:, None] * x, -50, 50)))
         r, v = w * (y - mu), w * mu * (1 - mu)
         g0, g1 = r.sum(1), r @ x
         h00, h01, h11 = v.sum(1), v @ x, v @ (x * x)
@@ -144,7 +144,11 @@ def calibration_fit(
         a, b, current = a + step * da, b + step * db, np.minimum(trial, current)
         if np.all(np.abs(step * da) + np.abs(step * db) < 1e-8):
             break
-    bad = ~np.isfinite(a) | (w.sum(1) <= 0)
+    # Undefined without both outcomes, or when every prediction is the same.
+    positives, total = w @ y, w.sum(1)
+    mean_x = _ratio(w @ x, total)
+    spread = _ratio(w @ x**2, total) - mean_x**2
+    bad = ~np.isfinite(a) | (positives <= 0) | (positives >= total) | ~(spread > 1e-12)
     return np.where(bad, np.nan, a), np.where(bad, np.nan, b)
 
 
