@@ -1,11 +1,16 @@
 """The clinician-style evaluation: metric functions on hand-computed examples, the paired
 bootstrap, and ``m3t train evaluate`` end to end on a small synthetic dataset."""
 
+import json
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from typer.testing import CliRunner
 
 from trainer import metrics as M
+from trainer.synthetic import make_dataset, write_dataset
+from trainer.train import TrainConfig, train
 
 
 def one(values) -> float:
@@ -162,3 +167,92 @@ def at_horizons(dataset):
     a["cutoff"] = a["cutoff"] - moved
     a["los_remaining_days"] = (a["los_remaining_days"] + moved / 24).astype(np.float32)
     return Dataset(a, dataset.meta)
+
+
+MODELS = [
+    "mean / prevalence",
+    "linear + logistic regression",
+    "gradient boosting",
+    "M3T-LM",
+    "numeric only",
+    "numeric + notes",
+    "numeric + X-ray",
+    "single-task LoS",
+    "single-task mortality",
+]
+
+
+def test_evaluate_reports_every_place_seeds_pairs_and_subgroups_and_publish_carries_it(tmp_path):
+    from trainer.cli import app, export_app
+
+    data, run, repo = tmp_path / "data", tmp_path / "run", tmp_path / "repo"
+    dataset = at_horizons(make_dataset(n=1500, seed=3, max_rows=6))
+    write_dataset(dataset, data)
+    train(dataset, run, TrainConfig(max_epochs=2), TINY, progress=False)
+    evaluated = CliRunner().invoke(
+        app, ["evaluate", "--data", str(data), "--run", str(run), "--bootstrap", "100", "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    table = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+    assert json.loads((run / "evaluation.json").read_text()) == table
+
+    assert list(table["slices"]) == ["6 h", "12 h", "24 h", "48 h", "72 h", "every event"]
+    for place, part in table["slices"].items():
+        assert part["rows"] > 0 and list(part["models"]) == MODELS, place
+        ours = part["models"]["M3T-LM"]
+        assert set(ours) == {
+            "kind",
+            "mortality",
+            "calibration",
+            "at_f1_threshold",
+            "at_alert_threshold",
+            "los_remaining",
+        }
+        for figures in (ours["at_f1_threshold"], ours["at_alert_threshold"]):
+            assert set(figures) == {"threshold", "f1", "sensitivity", "specificity", "ppv", "npv"}
+        auroc = ours["mortality"]["auroc"]
+        assert auroc["lo"] <= auroc["value"] <= auroc["hi"]
+        assert "mortality" not in part["models"]["single-task LoS"]
+        assert "los_remaining" not in part["models"]["single-task mortality"]
+    horizon = table["slices"]["24 h"]
+    assert horizon["rows"] == horizon["stays"]  # one row per stay at a horizon
+    assert table["slices"]["every event"]["rows"] > table["slices"]["every event"]["stays"]
+
+    alerts = table["alerts"]["models"]["M3T-LM"]
+    assert table["alerts"]["target_per_100_patient_days"] == 5.0
+    assert 3.0 < alerts["validation_per_100_patient_days"] <= 5.0
+
+    # Paired: at 24 h and every event, AUROC for each other model with a mortality head and
+    # MAE for each with a LoS head; the verdict follows the interval.
+    assert len(table["paired"]) == 2 * (7 + 7)
+    for c in table["paired"]:
+        d = c["difference"]
+        excludes = d["lo"] > 0 or d["hi"] < 0
+        assert c["verdict"].startswith("M3T-LM") == excludes, c
+
+    groups = {(g["group"], g["value"]) for g in table["subgroups"]["24 h"]}
+    assert {("sex", "F"), ("sex", "M"), ("admission type", "ELECTIVE")} <= groups
+    assert {("age", band) for band in ("<50", "50-64", "65-79", "80+")} <= groups
+    assert (
+        sum(g["stays"] for g in table["subgroups"]["24 h"] if g["group"] == "sex")
+        == (horizon["stays"])
+    )
+
+    assert table["seeds"]["seeds"] == [0, 1, 2]
+    assert all((run / "seeds" / str(s) / "best.pt").exists() for s in (1, 2))
+    spread = table["seeds"]["slices"]["24 h"]["auroc"]
+    assert len(spread["values"]) == 3 and spread["sd"] is not None
+    assert (run / "plots" / "reliability.png").stat().st_size > 1000
+    report = (run / "evaluation.md").read_text()
+    for section in ("### 6 h", "### every event", "## Alert threshold", "## M3T-LM over seeds"):
+        assert section in report
+    assert "## Paired bootstrap" in report and "## Subgroups at 24 h" in report
+
+    # The published version's model card carries these figures.
+    published = CliRunner().invoke(export_app, ["publish", "--run", str(run), "--repo", str(repo)])
+    assert published.exit_code == 0, published.output
+    card = (repo / "m3t_lm" / "1" / "model_card.md").read_text()
+    value = horizon["models"]["M3T-LM"]["mortality"]["auroc"]["value"]
+    assert f"| 24 h | {horizon['stays']} | {value:.3f}" in card
+    assert "Not validated on real patients" in card and "Known limits" in card
+    assert json.loads((repo / "m3t_lm" / "1" / "model_card.json").read_text())["version"] == 1
