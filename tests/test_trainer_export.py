@@ -224,3 +224,27 @@ def test_publishing_a_run_retrained_in_place_exports_the_new_checkpoint(tmp_path
     second = (repo / "m3t_lm" / "2" / "model.onnx").read_bytes()
     assert second != first
     assert (run / "onnx" / "m3t_lm.onnx").read_bytes() == second
+
+
+def test_int8_calibration_draws_only_the_runs_training_patients(tmp_path):
+    import json
+
+    from trainer.data import rows
+    from trainer.export import ExportError, calibration_data, training_patients
+    from trainer.synthetic import make_dataset
+
+    data = make_dataset(n=300, seed=2)
+    a = data.arrays
+    a[mi.NUMERIC][:, 0] = np.arange(len(data))  # each row's number, to find it again
+    split = {name: sorted(set(a["subject_id"][a["split"] == name].tolist())) for name in a["split"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    patients = training_patients(tmp_path)
+    calibration = calibration_data(data, patients, rows=10_000)
+    drawn = calibration[mi.NUMERIC][:, 0].astype(int)
+    assert set(a["split"][drawn]) == {"train"}
+    assert len(drawn) == int((a["split"] == "train").sum())  # all of them, nothing else
+    np.testing.assert_array_equal(calibration[mi.CXR], rows(data, mi.CXR, drawn))
+    few = calibration_data(data, patients, rows=64, seed=1)[mi.NUMERIC][:, 0].astype(int)
+    assert len(few) == 64 and set(a["split"][few]) == {"train"}
+    with pytest.raises(ExportError, match="split.json"):
+        training_patients(tmp_path / "elsewhere")

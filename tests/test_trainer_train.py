@@ -10,7 +10,14 @@ from typer.testing import CliRunner
 from trainer.data import load_dataset, split_by_patient
 from trainer.evaluate import evaluate_run
 from trainer.synthetic import make_dataset, write_dataset
-from trainer.train import MultiTaskLoss, TrainConfig, load_checkpoint, train
+from trainer.train import (
+    MultiTaskLoss,
+    TrainConfig,
+    load_checkpoint,
+    sample_examples,
+    task_losses,
+    train,
+)
 
 SMALL = dict(
     numeric_embed_dim=16,
@@ -34,7 +41,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def dataset():
-    return make_dataset(n=1500, seed=3)  # enough "every event" test rows to beat the mean
+    return make_dataset(n=1200, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +72,19 @@ def test_training_lowers_the_loss_and_writes_its_artefacts(trained):
     assert result.history[-1]["train"]["mortality"] < first["train"]["mortality"]
     for name in ("best.pt", "last.pt", "history.json", "split.json", "train.json"):
         assert (out / name).exists()
+
+
+def test_the_split_is_the_datasets_column_and_recorded_as_it_is(dataset, trained):
+    out, _ = trained
+    a = dataset.arrays
+    patients = json.loads((out / "split.json").read_text())
+    for name in ("train", "val", "test"):
+        assert patients[name] == sorted(set(a["subject_id"][a["split"] == name].tolist()))
+    record = json.loads((out / "train.json").read_text())["split"]
+    assert record["source"] == "the dataset's split column"
+    assert record["policy"] == {"val": 0.1, "test": 0.1, "seed": 0}
+    assert record["train"]["examples"] == int((a["split"] == "train").sum())
+    assert "split" not in json.loads((out / "train.json").read_text())["train_config"]
 
 
 def test_trained_model_beats_mean_and_prevalence_on_held_out_patients(dataset, trained):
@@ -194,3 +214,70 @@ def test_the_datasets_own_patient_split_is_used_and_checked():
     other = "val" if names[0] == "train" else "train"
     with pytest.raises(DatasetError, match="both"):
         dataset_splits(Dataset({**arrays, "split": np.append(names, other)}, data.meta))
+
+
+def test_losses_are_weighted_means():
+    from trainer.model import los_loss, mortality_loss
+
+    log_los = torch.log1p(torch.tensor([[1.0], [3.0]]))
+    days = torch.tensor([2.0, 3.0])
+    assert los_loss(log_los, days, torch.tensor([0.0, 1.0])).item() == pytest.approx(0.0)
+    first = los_loss(log_los[:1], days[:1]).item()
+    assert los_loss(log_los, days, torch.tensor([1.0, 0.0])).item() == pytest.approx(first)
+    assert los_loss(log_los, days).item() == pytest.approx(first / 2)
+    logit, died = torch.tensor([[2.0], [-1.0]]), torch.tensor([1.0, 1.0])
+    alone = mortality_loss(logit[1:], died[1:]).item()
+    assert mortality_loss(logit, died, torch.tensor([0.0, 3.0])).item() == pytest.approx(alone)
+
+
+def test_weights_change_what_is_learned(tmp_path):
+    from trainer.data import Dataset, batch_at, to_tensors
+
+    data = make_dataset(n=120, seed=5)
+    config = TrainConfig(max_epochs=2, seed=7, examples_per_stay=None)
+    tilted = data.arrays["weight"] * np.where(data.arrays["mortality"] > 0, 5.0, 0.2)
+    other = Dataset({**data.arrays, "weight": tilted.astype(np.float32)}, data.meta)
+    a = train(data, tmp_path / "a", config, TINY, progress=False)
+    b = train(other, tmp_path / "b", config, TINY, progress=False)
+    assert a.history[0]["val"] != b.history[0]["val"]
+    model = load_checkpoint(tmp_path / "a" / "best.pt")[0]
+    batch = batch_at(to_tensors(other), torch.arange(len(other)))
+    weighted = task_losses(model, batch, ("mortality",))["mortality"]
+    batch["weight"] = torch.ones(len(other))
+    assert task_losses(model, batch, ("mortality",))["mortality"] != weighted
+
+
+def test_each_epoch_draws_examples_per_stay_with_the_seed():
+    data = make_dataset(n=200, seed=2, max_rows=9)
+    stay, weight = data.arrays["hadm_id"], data.arrays["weight"].astype(np.float64)
+    rows, w = sample_examples(stay, weight, 4, np.random.default_rng(5))
+    again, w_again = sample_examples(stay, weight, 4, np.random.default_rng(5))
+    assert np.array_equal(rows, again) and np.array_equal(w, w_again)
+    other, _ = sample_examples(stay, weight, 4, np.random.default_rng(6))
+    assert not np.array_equal(rows, other)
+    assert len(np.unique(rows)) == len(rows)
+    stays, counts = np.unique(stay, return_counts=True)
+    drawn = dict(zip(*np.unique(stay[rows], return_counts=True)))
+    assert all(drawn[s] == min(4, c) for s, c in zip(stays, counts))  # every stay, <= 4 rows
+    per_stay = {s: w[stay[rows] == s].sum() for s in stays}
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in per_stay.values())  # a stay weighs 1
+    every, w_every = sample_examples(stay, weight, None, np.random.default_rng(5))
+    assert np.array_equal(every, np.arange(len(stay))) and np.allclose(w_every, weight)
+    # rows of one stay are drawn in proportion to their weight
+    heavy = np.array([0.7, 0.1, 0.1, 0.1])
+    hits = np.zeros(4)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        hits[sample_examples(np.zeros(4, int), heavy, 1, rng)[0]] += 1
+    assert hits[0] / hits.sum() == pytest.approx(0.7, abs=0.04)
+
+
+def test_training_with_examples_per_stay_is_deterministic_and_draws_fewer_rows(tmp_path):
+    data = make_dataset(n=150, seed=4, max_rows=8)
+    config = TrainConfig(max_epochs=2, seed=3, examples_per_stay=2)
+    a = train(data, tmp_path / "a", config, TINY, progress=False)
+    b = train(data, tmp_path / "b", config, TINY, progress=False)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    train_stays = len(np.unique(data.arrays["hadm_id"][data.arrays["split"] == "train"]))
+    assert a.history[0]["examples"] <= 2 * train_stays < a.split_sizes["train"]

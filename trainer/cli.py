@@ -46,13 +46,20 @@ def run(
     data: Path = DATA,
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, metrics, plots."),
     epochs: int = typer.Option(20, help="Maximum epochs (early stopping usually ends sooner)."),
-    batch_size: int = typer.Option(64, help="Admissions per step."),
+    batch_size: int = typer.Option(64, help="Examples per step."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate (halved whenever validation stalls)."),
     patience: int = typer.Option(4, help="Epochs without validation improvement before stopping."),
     weighting: str = typer.Option(
         "uncertainty", help="Task weighting: uncertainty (Kendall 2018) or fixed."
     ),
-    seed: int = typer.Option(0, help="Seed of initialisation, split and batch order."),
+    seed: int = typer.Option(
+        0,
+        help="Seed of initialisation, the examples drawn per epoch and the batch order. "
+        "The split is the dataset's (`m3t features build --split-seed`).",
+    ),
+    examples_per_stay: int = typer.Option(
+        4, help="Examples of each training stay per epoch, drawn by weight (0: every example)."
+    ),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
     max_minutes: float = typer.Option(
         None, help="Stop after the epoch that passes this many minutes."
@@ -79,13 +86,15 @@ def run(
             patience=patience,
             weighting=weighting,
             seed=seed,
+            examples_per_stay=examples_per_stay or None,
             device=device,
             max_minutes=max_minutes,
             threads=threads or None,
         )
     except ValueError as exc:
         _fail(str(exc))
-    console.print(f"training on {len(dataset):,} admissions -> {out}")
+    stays = len(set(dataset.arrays["hadm_id"].tolist()))
+    console.print(f"training on {len(dataset):,} examples of {stays:,} admissions -> {out}")
     result = train(dataset, out, config, progress=True)
     metrics = evaluate_run(
         dataset,
@@ -108,7 +117,7 @@ def run(
     }
     console.print(
         f"best epoch {result.best_epoch}/{len(result.history)}, {result.seconds:.0f} s "
-        f"({result.samples_per_s:.0f} admissions/s); metrics in {out / 'metrics.md'}"
+        f"({result.samples_per_s:.0f} examples/s); metrics in {out / 'metrics.md'}"
     )
     _print(summary, as_json, _table(metrics) if not as_json else None)
 
@@ -244,7 +253,9 @@ def onnx(
 def tensorrt(
     run_dir: Path = RUN,
     fp16: bool = typer.Option(True, help="Build with FP16 kernels."),
-    int8: bool = typer.Option(False, help="Also INT8, calibrated on training rows (needs --data)."),
+    int8: bool = typer.Option(
+        False, help="Also INT8, calibrated on the run's training patients' rows (needs --data)."
+    ),
     data: Path = typer.Option(None, "--data", help="Dataset for INT8 calibration."),
     tolerance: float = typer.Option(
         None, help="Parity tolerance (default 2e-2 for FP16, 0.1 with INT8)."
@@ -263,10 +274,12 @@ def tensorrt(
     if int8:
         if data is None:
             _fail("--int8 needs --data for calibration")
-        from trainer.data import split_by_patient
+        from trainer.export import ExportError, calibration_data, training_patients
 
-        dataset = _load(data)
-        calibration = dataset.subset(split_by_patient(dataset.arrays["subject_id"])["train"]).arrays
+        try:  # the run's training patients only: never its validation or test patients
+            calibration = calibration_data(_load(data), training_patients(run_dir))
+        except ExportError as exc:
+            _fail(str(exc))
     onnx_dir = _current_onnx(run_dir)
     try:
         report = export_tensorrt(

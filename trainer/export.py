@@ -32,6 +32,7 @@ from torch import nn
 
 from features import model_inputs as mi
 from m3t.onnx_runtime import onnx_session
+from trainer import data as D
 from trainer.model import M3TLM, Rescore, note_embedding_name
 
 OPSET = 17
@@ -273,6 +274,26 @@ def _entropy_calibrator(trt, batches: list[dict[str, np.ndarray]], cache: Path):
             cache.write_bytes(bytes(data))
 
     return EntropyCalibrator()
+
+
+def training_patients(run_dir: Path) -> np.ndarray:
+    """The run's training patients (``RUN/split.json``): INT8 calibration draws only these."""
+    path = Path(run_dir) / "split.json"
+    if not path.exists():
+        raise ExportError(f"{path} not found: INT8 calibration needs the run's split")
+    return np.asarray(json.loads(path.read_text())["train"], dtype=np.int64)
+
+
+def calibration_data(
+    dataset: D.Dataset, patients: np.ndarray, rows: int = 512, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Per-row model inputs of up to ``rows`` examples of ``patients`` (the training
+    patients), drawn with ``seed``; X-rays gathered only for the rows drawn."""
+    eligible = np.flatnonzero(np.isin(dataset.arrays["subject_id"], patients))
+    if len(eligible) == 0:
+        raise ExportError("no example of the run's training patients in the dataset")
+    chosen = np.sort(np.random.default_rng(seed).permutation(eligible)[:rows])
+    return {name: D.rows(dataset, name, chosen) for name in D.INPUTS}
 
 
 def calibration_batches(

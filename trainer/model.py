@@ -459,9 +459,20 @@ def build_model(config: M3TConfig, seed: int | None = None) -> M3TLM:
     return M3TLM(config)
 
 
-def mortality_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logit.squeeze(1), target)
+def weighted_mean(loss: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of per-example losses, weighted by ``weight`` when given."""
+    return loss.mean() if weight is None else (loss * weight).sum() / weight.sum()
 
 
-def los_loss(log_los: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(log_los.squeeze(1), torch.log1p(days))
+def mortality_loss(
+    logit: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logit.squeeze(1), target, reduction="none")
+    return weighted_mean(loss, weight)
+
+
+def los_loss(
+    log_los: torch.Tensor, days: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE on log1p(days); ``days`` is the remaining stay from the cutoff."""
+    return weighted_mean((log_los.squeeze(1) - torch.log1p(days)) ** 2, weight)

@@ -1,21 +1,33 @@
 """Multi-task training of M3T-LM on the offline dataset.
 
-- Split: by patient (``subject_id``): the dataset's own ``split`` column when the offline
-  builder wrote one (its vocabulary and normalisation were fitted on that training split),
-  else a seeded 70/15/15 patient split. No patient appears in two splits (checked).
-- Loss: length of stay as MSE on ``log1p(days)``, mortality as binary cross-entropy on the
-  logit. They are combined by learned homoscedastic uncertainty weighting (Kendall, Gal
-  and Cipolla, CVPR 2018), in the common form ``sum_t exp(-s_t) * L_t + s_t`` with one
-  learned ``s_t = log sigma_t^2`` per task, so neither task's scale has to be hand tuned;
-  ``weighting="fixed"`` uses ``los_weight * L_los + mortality_weight * L_mortality``
-  instead. Single-task training (an ablation) is ``tasks=("los",)`` or ``("mortality",)``.
-- Early stopping: on the validation score, each task's loss divided by the loss of the
-  constant baseline for that task (train mean of log-days; train prevalence), averaged over
-  the trained tasks. Both terms are then unit-free and 1.0 means "no better than the
-  baseline", so the criterion does not drift with the learned weights. The best epoch's
-  weights are kept (``best.pt``); ``last.pt`` is the final epoch's.
-- Determinism: ``seed`` fixes initialisation, the split and the batch order; on the CPU,
-  with ``torch.use_deterministic_algorithms`` and single-process batching, two runs give
+- Examples: a row is an admission at one cutoff (``m3t features build`` takes many per
+  stay). Each stay's rows carry weights summing to 1 (``weight``), and every loss is the
+  weighted mean, so a long stay counts as much as a short one. Each epoch draws
+  ``examples_per_stay`` rows of every training stay (all of a shorter stay's), with
+  probability by weight and without replacement, and spreads the stay's weight over them:
+  an epoch costs about that many times a one-row-per-stay epoch, and over epochs every
+  cutoff is seen. ``examples_per_stay=None`` trains on every row every epoch.
+- Split: by patient, the dataset's own ``split`` column (``features.offline.SplitPolicy``:
+  80% train, 10% validation, 10% test by a seeded hash of ``subject_id``, seeded by
+  ``m3t features build --split-seed``; the vocabulary and normalisation were fitted on
+  that training split). A dataset without the column is split by the same rule with seed
+  0. No patient appears in two splits (checked). ``train.json`` records the split.
+- Loss: the remaining length of stay (``los_remaining_days``) as MSE on ``log1p(days)``,
+  mortality (in-hospital death) as binary cross-entropy on the logit. They are combined by
+  learned homoscedastic uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018), in
+  the common form ``sum_t exp(-s_t) * L_t + s_t`` with one learned ``s_t = log sigma_t^2``
+  per task, so neither task's scale has to be hand tuned; ``weighting="fixed"`` uses
+  ``los_weight * L_los + mortality_weight * L_mortality`` instead. Single-task training (an
+  ablation) is ``tasks=("los",)`` or ``("mortality",)``.
+- Early stopping: on the validation score (every validation row, weighted as in training),
+  each task's loss divided by the loss of the constant baseline for that task (weighted
+  train mean of log-days; weighted train prevalence), averaged over the trained tasks.
+  Both terms are then unit-free and 1.0 means "no better than the baseline", so the
+  criterion does not drift with the learned weights. The best epoch's weights are kept
+  (``best.pt``); ``last.pt`` is the final epoch's.
+- Determinism: ``seed`` fixes initialisation, the rows drawn each epoch and the batch
+  order (not the split: that is the dataset's); on the CPU, with
+  ``torch.use_deterministic_algorithms`` and single-process batching, two runs give
   identical weights. A GPU is used when present (``device="auto"``).
 """
 
@@ -64,6 +76,7 @@ class TrainConfig:
     # one (trainer/README.md); None keeps torch's default.
     threads: int | None = 1
     max_minutes: float | None = None  # stop after the epoch that crosses this (not deterministic)
+    examples_per_stay: int | None = 4  # rows of each training stay per epoch; None: all rows
 
     def __post_init__(self):
         if self.weighting not in ("uncertainty", "fixed"):
@@ -76,6 +89,8 @@ class TrainConfig:
             )
         if self.batch_size < 1 or self.max_epochs < 1:
             raise ValueError("batch_size and max_epochs must be >= 1")
+        if self.examples_per_stay is not None and self.examples_per_stay < 1:
+            raise ValueError("examples_per_stay must be >= 1 (or None: every row)")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -147,36 +162,85 @@ def deterministic(seed: int, threads: int | None = None):
 
 
 def task_losses(model: M3TLM, batch: dict[str, torch.Tensor], tasks) -> dict[str, torch.Tensor]:
+    """Each task's loss on the batch: the mean weighted by the batch's ``weight``."""
     log_los, logit = model.raw(*D.inputs_of(batch))
+    weight = batch[D.WEIGHT]
     losses = {}
     if "los" in tasks:
-        losses["los"] = los_loss(log_los, batch[D.LABEL_LOS])
+        losses["los"] = los_loss(log_los, batch[D.LABEL_LOS], weight)
     if "mortality" in tasks:
-        losses["mortality"] = mortality_loss(logit, batch[D.LABEL_MORTALITY])
+        losses["mortality"] = mortality_loss(logit, batch[D.LABEL_MORTALITY], weight)
     return losses
 
 
+def _weighted(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (values * weight).sum() / weight.sum()
+
+
 def baseline_losses(train: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Validation-loss scale: the loss of predicting the training mean / prevalence."""
+    """Validation-loss scale: the loss of predicting the (weighted) training mean / prevalence."""
+    weight = train[D.WEIGHT]
     log_los = torch.log1p(train[D.LABEL_LOS])
-    p = train[D.LABEL_MORTALITY].mean().clamp(1e-4, 1 - 1e-4)
+    variance = _weighted((log_los - _weighted(log_los, weight)) ** 2, weight)
+    p = _weighted(train[D.LABEL_MORTALITY], weight).clamp(1e-4, 1 - 1e-4)
     bce = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
-    return {
-        "los": float(log_los.var(unbiased=False).clamp(min=1e-8)),
-        "mortality": float(bce.clamp(min=1e-8)),
-    }
+    return {"los": float(variance.clamp(min=1e-8)), "mortality": float(bce.clamp(min=1e-8))}
+
+
+def sample_examples(
+    stay: np.ndarray, weight: np.ndarray, per_stay: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's rows: up to ``per_stay`` rows of each stay (``stay``: a stay id per row),
+    drawn without replacement with probability by ``weight`` (Gumbel top-k), and their
+    training weights, rescaled so each stay's drawn rows weigh what all its rows weigh."""
+    if per_stay is None:
+        return np.arange(len(stay)), weight.astype(np.float32)
+    keys = np.log(weight) + rng.gumbel(size=len(stay))
+    order = np.lexsort((-keys, stay))  # by stay, then by key, largest first
+    sorted_stay = stay[order]
+    first = np.r_[0, np.flatnonzero(sorted_stay[1:] != sorted_stay[:-1]) + 1]
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    rows = np.sort(order[rank < per_stay])
+    _, group = np.unique(stay, return_inverse=True)
+    total = np.bincount(group, weights=weight)
+    drawn = np.bincount(group[rows], weights=weight[rows], minlength=len(total))
+    return rows, (weight[rows] * total[group[rows]] / drawn[group[rows]]).astype(np.float32)
 
 
 @torch.no_grad()
 def evaluate_losses(model, tensors, tasks, batch_size, device) -> dict[str, float]:
+    """Each task's weighted mean loss over all rows of ``tensors``."""
     model.eval()
     n = len(tensors[D.LABEL_LOS])
     totals = {t: 0.0 for t in tasks}
     for start in range(0, n, batch_size):
         index = torch.arange(start, min(start + batch_size, n))
-        for task, value in task_losses(model, D.batch_at(tensors, index, device), tasks).items():
-            totals[task] += float(value) * len(index)
-    return {t: v / n for t, v in totals.items()}
+        batch = D.batch_at(tensors, index, device)
+        mass = float(batch[D.WEIGHT].sum())
+        for task, value in task_losses(model, batch, tasks).items():
+            totals[task] += float(value) * mass
+    total = float(tensors[D.WEIGHT].sum())
+    return {t: v / total for t, v in totals.items()}
+
+
+def split_record(dataset: D.Dataset, splits: dict[str, np.ndarray]) -> dict:
+    """The split as it is, for ``train.json``: its source, rule and sizes."""
+    a = dataset.arrays
+    column = "split" in a
+    return {
+        "source": "the dataset's split column" if column else "SplitPolicy (no split column)",
+        "rule": "features.offline.SplitPolicy: a seeded hash of subject_id, "
+        "val and test fractions as in policy",
+        "policy": dataset.meta.get("split_policy") if column else {"val": 0.1, "test": 0.1},
+        **{
+            name: {
+                "examples": int(len(idx)),
+                "admissions": int(len(np.unique(a["hadm_id"][idx]))),
+                "patients": int(len(np.unique(a["subject_id"][idx]))),
+            }
+            for name, idx in splits.items()
+        },
+    }
 
 
 def _progress(enabled: bool) -> Progress:
@@ -259,8 +323,8 @@ def train(
     with deterministic(config.seed, config.threads):
         model = build_model(model_config)
         model.fusion.init_output_bias(
-            float(torch.log1p(train_t[D.LABEL_LOS]).mean()),
-            float(train_t[D.LABEL_MORTALITY].mean()),
+            float(_weighted(torch.log1p(train_t[D.LABEL_LOS]), train_t[D.WEIGHT])),
+            float(_weighted(train_t[D.LABEL_MORTALITY], train_t[D.WEIGHT])),
         )
         model = model.to(device)
         weights = {"los": config.los_weight, "mortality": config.mortality_weight}
@@ -276,37 +340,49 @@ def train(
             optimiser, factor=config.lr_decay, patience=0
         )
         order = torch.Generator().manual_seed(config.seed)
-        history, best, best_epoch, stale = [], math.inf, 0, 0
-        n_train = len(train_t[D.LABEL_LOS])
-        steps = math.ceil(n_train / config.batch_size)
+        draws = np.random.default_rng(config.seed)
+        stays = dataset.arrays["hadm_id"][splits["train"]]
+        stay_weight = dataset.arrays[D.WEIGHT][splits["train"]].astype(np.float64)
+        history, best, best_epoch, stale, seen = [], math.inf, 0, 0, 0
         started = time.perf_counter()
         with _progress(progress) as bar:
             epochs = bar.add_task("epochs", total=config.max_epochs, status="")
-            batches = bar.add_task("batches", total=steps, status="")
+            batches = bar.add_task("batches", total=None, status="")
             for epoch in range(1, config.max_epochs + 1):
                 model.train()
-                bar.reset(batches, total=steps)
-                sums = {t: 0.0 for t in config.tasks}
-                for index in torch.randperm(n_train, generator=order).split(config.batch_size):
-                    losses = task_losses(model, D.batch_at(train_t, index, device), config.tasks)
+                rows, row_weight = sample_examples(
+                    stays, stay_weight, config.examples_per_stay, draws
+                )
+                epoch_weight = torch.from_numpy(row_weight)
+                rows = torch.from_numpy(rows)
+                bar.reset(batches, total=math.ceil(len(rows) / config.batch_size))
+                sums, mass = {t: 0.0 for t in config.tasks}, 0.0
+                for at in torch.randperm(len(rows), generator=order).split(config.batch_size):
+                    batch = D.batch_at(train_t, rows[at], device)
+                    batch[D.WEIGHT] = epoch_weight[at].to(device)
+                    losses = task_losses(model, batch, config.tasks)
                     optimiser.zero_grad(set_to_none=True)
                     criterion(losses).backward()
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     optimiser.step()
+                    batch_mass = float(epoch_weight[at].sum())
+                    mass += batch_mass
                     for t, v in losses.items():
-                        sums[t] += float(v.detach()) * len(index)
+                        sums[t] += float(v.detach()) * batch_mass
                     bar.update(
                         batches,
                         advance=1,
                         status=" ".join(f"{t}={float(v.detach()):.3f}" for t, v in losses.items()),
                     )
+                seen += len(rows)
                 val = evaluate_losses(model, val_t, config.tasks, 4 * config.batch_size, device)
                 score = sum(val[t] / scale[t] for t in config.tasks) / len(config.tasks)
                 schedule.step(score)
                 history.append(
                     {
                         "epoch": epoch,
-                        "train": {t: s / n_train for t, s in sums.items()},
+                        "train": {t: s / mass for t, s in sums.items()},
+                        "examples": len(rows),
                         "val": val,
                         "val_score": score,
                         "log_vars": criterion.log_vars.detach().cpu().tolist(),
@@ -331,7 +407,7 @@ def train(
                     break
         seconds = time.perf_counter() - started
 
-    samples_per_s = n_train * len(history) / seconds
+    samples_per_s = seen / seconds
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
     sizes = {name: int(len(idx)) for name, idx in splits.items()}
     summary = {
@@ -343,6 +419,7 @@ def train(
         "train_seconds": seconds,
         "train_samples_per_s": samples_per_s,
         "split_sizes": sizes,
+        "split": split_record(dataset, splits),
         "torch_threads": config.threads or torch.get_num_threads(),
     }
     (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
