@@ -100,9 +100,13 @@ def _summary(evaluation: dict) -> dict:
                 "calibration": ours.get("calibration"),
                 "los_remaining": ours.get("los_remaining"),
             }
+    alerts = evaluation.get("alerts")
+    if alerts:
+        counting = (evaluation.get("counting") or {}).get("patient_days")
+        alerts = {**alerts, "counting": counting}
     return {
         "test": evaluation.get("test"),
-        "alerts": evaluation.get("alerts"),
+        "alerts": alerts,
         "slices": slices,
         "seeds": evaluation.get("seeds"),
         "paired": evaluation.get("paired"),
@@ -136,12 +140,17 @@ def render_markdown(card: dict) -> str:
         f"- feature set: version {data['feature_set_version']}, "
         f"{data['numeric_features']} numeric features, notes (vocabulary {data['vocab_size']}), "
         "chest X-rays",
-        f"- examples: {data['examples']} from {data['admissions']} admissions; "
-        f"per split: {data['examples_per_split']}",
-        f"- cutoffs: {data['cutoff_policy']}",
-        f"- split: {data['split_policy']}",
-        f"- point in time: {data['point_in_time']}",
     ]
+    for label, key in (
+        ("examples", "examples"),
+        ("admissions", "admissions"),
+        ("examples per split", "examples_per_split"),
+        ("cutoffs", "cutoff_policy"),
+        ("split", "split_policy"),
+        ("point in time", "point_in_time"),
+    ):
+        if data.get(key) is not None:
+            lines.append(f"- {label}: {data[key]}")
     cohort = card.get("cohort")
     if cohort:
         lines += ["", "## Cohort (test patients)", ""]
@@ -159,7 +168,7 @@ def render_markdown(card: dict) -> str:
 def _metric_lines(summary: dict, source: str) -> list[str]:
     lines = [
         f"From `{source}`, on held-out test patients; brackets: 95% patient-level bootstrap "
-        "intervals. Thresholds were chosen on validation patients.",
+        "intervals. F1 to NPV: at the F1-maximising threshold, chosen on validation patients.",
         "",
     ]
     alerts = summary.get("alerts") or {}
@@ -183,12 +192,14 @@ def _metric_lines(summary: dict, source: str) -> list[str]:
         cells += [_figure(calibration.get("slope"), 2), _figure(calibration.get("ece"))]
         cells.append(_figure(los.get("mae"), 2))
         lines.append("| " + " | ".join(cells) + " |")
-    for comparison in summary.get("paired") or []:
-        if comparison.get("verdict", "").startswith("M3T-LM better"):
-            lines.append(
-                f"- {comparison['slice']}, {comparison['metric']}: M3T-LM beats "
-                f"{comparison['other']} ({_figure(comparison['difference'])})"
-            )
+    beats = [c for c in summary.get("paired") or [] if c["verdict"].startswith("M3T-LM better")]
+    lines += ["", "Paired bootstrap (M3T-LM minus the other; only intervals that exclude 0):", ""]
+    if not beats:
+        lines.append("- M3T-LM beats no other model with an interval that excludes 0.")
+    for c in beats:
+        lines.append(
+            f"- {c['slice']}, {c['metric']}: M3T-LM beats {c['other']} ({_figure(c['difference'])})"
+        )
     return lines
 
 
