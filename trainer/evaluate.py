@@ -45,6 +45,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from features import model_inputs as mi
 from features.offline import HORIZONS
@@ -439,7 +440,10 @@ def evaluate_run(
     if len(test) == 0 or len(val) == 0:
         raise EvaluationError("the validation or test split is empty")
 
-    predictions = baseline_predictions(parts["train"], val, test, seed)
+    # sklearn's OpenMP threads spin against other processes on a shared host as torch's do
+    # (trainer/README.md): the baselines get the same thread count as the models.
+    with threadpool_limits(threads):
+        predictions = baseline_predictions(parts["train"], val, test, seed)
     per_seed = {}
     with torch_threads(threads):
         predictions[FULL] = model_predictions(run_dir / "best.pt", val, test, device)
