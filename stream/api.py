@@ -1,8 +1,10 @@
-"""The HTTP query API: current risk per admission, the top-risk list, health and metrics.
+"""The HTTP query API: current risk per admission, the top-risk list, the model card, health
+and metrics.
 
 Risk scores are patient data. Every endpoint but ``/healthz`` needs a bearer token from the
 token store (``stream.api_tokens``) whose role the endpoint serves: ``reader`` for scores,
-``metrics`` for ``/metrics``; any token may read ``/openapi.json`` (no ``/docs``). Each read
+``metrics`` for ``/metrics``; ``/model-card`` (the served model's card, JSON or markdown)
+is a reader's too; any token may read ``/openapi.json`` (no ``/docs``). Each read
 of a score is a line in the audit log (``stream.audit``). A token may make
 ``settings.api.rate_limit_per_minute`` requests a minute, and a client address
 ``FAILED_AUTHS_PER_MINUTE`` failed authentications; past either the answer is 429 with
@@ -13,8 +15,9 @@ metrics keys by name only (no SCAN or KEYS).
 from __future__ import annotations
 
 import ipaddress
+import json
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -30,6 +33,7 @@ from stream.audit import AuditLog
 from stream.metrics import RedisWorkerCollector
 from stream.rate_limit import RateLimiter, retry_after
 from stream.scores import RiskScore, ScoreStore
+from trainer.model_card import CARD_JSON, CARD_MD, find_card
 
 FAILED_AUTHS_PER_MINUTE = 30
 MAX_HADM_ID = 2**63 - 1  # the event contract's bound
@@ -75,6 +79,16 @@ RATE_LIMITED = {
 }
 UNAVAILABLE = {503: _problem("Redis is unavailable")}
 NOT_FOUND = {404: _problem("No current score for this admission")}
+NO_CARD = {404: _problem("No model card published for the served model")}
+MODEL_CARD = {
+    200: {
+        "description": "The model card of the served version (`m3t export publish` writes it)",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/markdown": {"schema": {"type": "string"}},
+        },
+    }
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -251,6 +265,25 @@ def create_app(settings: Settings) -> FastAPI:
         scores = store.top(n)
         read(token, "/risk/top", [s.hadm_id for s in scores], 200)
         return scores
+
+    @app.get(
+        "/model-card",
+        response_class=JSONResponse,
+        responses={**MODEL_CARD, **UNAUTHENTICATED, **FORBIDDEN, **NO_CARD, **RATE_LIMITED},
+    )
+    def model_card(
+        form: Literal["json", "markdown"] = Query("json", alias="format"),
+        token: ApiToken = Depends(caller("reader")),
+    ):
+        """The served model's card: data, intended use, evaluation, known limits."""
+        folder = find_card(
+            settings.model_repo, settings.triton.model_name, settings.triton.model_version
+        )
+        if folder is None:
+            raise HTTPException(404, "no model card published for the served model")
+        if form == "markdown":
+            return PlainTextResponse((folder / CARD_MD).read_text(), media_type="text/markdown")
+        return JSONResponse(json.loads((folder / CARD_JSON).read_text()))
 
     @app.get(
         "/metrics",

@@ -209,6 +209,38 @@ def test_tokens_and_roles_are_enforced(settings, tmp_path, redis_client, scores_
         assert api.get("/admissions/72000001/risk", headers=new).status_code == 200
 
 
+def publish_card(repo, version: int) -> None:
+    """A model card as `m3t export publish` writes it into m3t_lm's version folder."""
+    from trainer.model_card import build_card, card_bytes
+
+    folder = repo / "m3t_lm" / str(version)
+    folder.mkdir(parents=True)
+    card = {**build_card(repo, {"epoch": version}, "m3t_lm"), "version": version}
+    for name, data in card_bytes(card).items():
+        (folder / name).write_bytes(data)
+
+
+@pytest.mark.services
+def test_the_model_card_is_served_to_readers(settings, tmp_path):
+    cfg = own_state(settings, tmp_path).model_copy(update={"model_repo": tmp_path / "repo"})
+    store = TokenStore(cfg)
+    reader, scraper = store.add("ward", "reader"), store.add("prometheus", "metrics")
+    with serving(cfg) as url, httpx.Client(base_url=url, timeout=10) as api:
+        assert api.get("/model-card", headers=bearer(reader)).status_code == 404  # none yet
+        for version in (1, 2):  # the newest version's card is the served model's
+            publish_card(cfg.model_repo, version)
+        assert api.get("/model-card").status_code == 401
+        assert api.get("/model-card", headers=bearer("not-a-token")).status_code == 401
+        assert api.get("/model-card", headers=bearer(scraper)).status_code == 403
+        card = api.get("/model-card", headers=bearer(reader))
+        assert card.status_code == 200 and card.json()["version"] == 2
+        assert "Decision support" in card.json()["intended_use"]
+        text = api.get("/model-card?format=markdown", headers=bearer(reader))
+        assert text.headers["content-type"].startswith("text/markdown")
+        assert text.text.startswith("# Model card: m3t_lm version 2")
+        assert api.get("/model-card?format=pdf", headers=bearer(reader)).status_code == 422
+
+
 @pytest.mark.services
 def test_each_read_of_a_score_is_one_audit_line(settings, tmp_path, redis_client, scores_restored):
     cfg = own_state(settings, tmp_path)
@@ -441,6 +473,8 @@ def test_the_openapi_document_is_true(
     # Schemathesis sends hundreds of requests and probes without a token: no 429 here.
     monkeypatch.setattr(stream.api, "FAILED_AUTHS_PER_MINUTE", 1_000_000)
     cfg = own_state(settings, tmp_path, rate_limit_per_minute=1_000_000)
+    cfg = cfg.model_copy(update={"model_repo": tmp_path / "repo"})
+    publish_card(cfg.model_repo, 1)
     ScoreStore(redis_client).write_batch(
         [RiskScore.predicted(hadm, 3.0, 0.1, "m:1", 1.0, 2.0) for hadm in range(1, 6)]
     )
@@ -464,6 +498,7 @@ def test_the_openapi_document_is_true(
             "/admissions/{hadm_id}/risk": ["200", "401", "403", "404", "422", "429", "503"],
             "/risk/top": ["200", "401", "403", "422", "429", "503"],
             "/metrics": ["200", "401", "403", "429", "503"],
+            "/model-card": ["200", "401", "403", "404", "422", "429"],
             "/openapi.json": ["200", "401", "429"],
         }
         assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == [

@@ -211,6 +211,8 @@ def test_publishing_a_run_retrained_in_place_exports_the_new_checkpoint(tmp_path
     args = ["publish", "--run", str(run), "--repo", str(repo)]
     assert CliRunner().invoke(export_app, args).exit_code == 0
     first = (repo / "m3t_lm" / "1" / "model.onnx").read_bytes()
+    card = (repo / "m3t_lm" / "1" / "model_card.md").read_text()  # no evaluation yet
+    assert "m3t_lm version 1" in card and "Not evaluated" in card
     train(
         data,
         run,

@@ -10,6 +10,7 @@ import torch
 from features import model_inputs as mi
 from trainer.export import export_onnx, graphs
 from trainer.model import M3TLM, M3TConfig
+from trainer.model_card import build_card
 from trainer.publish import publish, read_config
 
 
@@ -33,5 +34,7 @@ def publish_tiny(repo: Path, onnx_dir: Path, vocab_size: int, seed: int):
     ).eval()
     shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
     export_onnx(model, shapes, onnx_dir)
-    published = publish(graphs(model, shapes), onnx_dir, repo)
+    # With a model card, as `m3t export publish` writes one: Triton serves the version beside it.
+    card = build_card(onnx_dir, {"epoch": 0}, "m3t_lm")
+    published = publish(graphs(model, shapes), onnx_dir, repo, card=card)
     return model, graphs(model, shapes), published

@@ -74,6 +74,7 @@ def run(
 ):
     """Train M3T-LM (split by patient, early stopping), then write test metrics and plots."""
     from trainer.evaluate import evaluate_run
+    from trainer.report import headline
     from trainer.train import TrainConfig, train
 
     dataset = _load(data)
@@ -99,6 +100,7 @@ def run(
         dataset,
         out,
         ablations=False,
+        seeds=1,
         n_boot=bootstrap,
         device=device,
         stem="metrics",
@@ -111,7 +113,7 @@ def run(
         "train_seconds": round(result.seconds, 1),
         "train_samples_per_s": round(result.samples_per_s, 1),
         "split_sizes": result.split_sizes,
-        "test": next(r for r in metrics["rows"] if r["kind"] == "m3t"),
+        "test": headline(metrics),
     }
     console.print(
         f"best epoch {result.best_epoch}/{len(result.history)}, {result.seconds:.0f} s "
@@ -121,17 +123,23 @@ def run(
 
 
 def _table(result: dict) -> Table:
-    from trainer.evaluate import LOS_METRICS, MORTALITY_METRICS, _cell
+    """Each model's headline figures at 24 h and at every event (all of them: RUN/*.md)."""
+    from trainer.report import HEADLINE, cell, headline
 
     table = Table(
-        "model", *LOS_METRICS, *MORTALITY_METRICS, title="held-out test patients (95% CI)"
+        "where", "model", *(name for name, _, _ in HEADLINE), title="held-out test (95% CI)"
     )
-    for row in result["rows"]:
-        table.add_row(
-            row["model"],
-            *(_cell(row["los"].get(m), 2) for m in LOS_METRICS),
-            *(_cell(row["mortality"].get(m)) for m in MORTALITY_METRICS),
-        )
+    for place in ("24 h", "every event"):
+        for model in result["slices"].get(place, {}).get("models", {}):
+            figures = headline(result, model).get(place, {})
+            table.add_row(
+                place,
+                model,
+                *(
+                    cell(figures.get(key), 2 if key in ("mae", "slope") else 3)
+                    for _, _, key in HEADLINE
+                ),
+            )
     return table
 
 
@@ -142,17 +150,34 @@ def evaluate(
     ablations: bool = typer.Option(
         True, help="Train (once, cached in RUN/ablations/) and score the ablations."
     ),
+    seeds: int = typer.Option(
+        3, help="M3T-LM seeds: the run's own and the next ones, cached in RUN/seeds/<seed>/."
+    ),
     bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples for the 95% CIs."),
+    alerts: float = typer.Option(
+        5.0,
+        "--alerts-per-100-patient-days",
+        help="The alert threshold, set on validation patients to this many alerts.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = AS_JSON,
 ):
-    """Score M3T-LM, the baselines and the ablations on the run's test patients."""
+    """Score M3T-LM, the baselines, the ablations and further seeds on the run's test
+    patients, per horizon and at every event (RUN/evaluation.md says how)."""
     from trainer.evaluate import EvaluationError, evaluate_run
 
     dataset = _load(data)
+    if seeds < 1 or alerts <= 0:
+        _fail("--seeds must be >= 1 and --alerts-per-100-patient-days > 0")
     try:
         result = evaluate_run(
-            dataset, run_dir, ablations=ablations, n_boot=bootstrap, device=device
+            dataset,
+            run_dir,
+            ablations=ablations,
+            seeds=seeds,
+            n_boot=bootstrap,
+            alerts_per_100=alerts,
+            device=device,
         )
     except EvaluationError as exc:
         _fail(str(exc))
@@ -294,7 +319,8 @@ def publish(
 ):
     """Publish the run as a new version of m3t_lm and of each encoder and the fusion head."""
     from m3t.settings import get_settings
-    from trainer.export import graphs
+    from trainer.export import FULL_MODEL, graphs
+    from trainer.model_card import build_card
     from trainer.publish import BACKENDS, Batching, PublishError, load_in_triton
     from trainer.publish import publish as publish_graphs
 
@@ -314,6 +340,7 @@ def publish(
             batching,
             engine_dir,
             provenance={"run": str(run_dir.resolve()), "epoch": checkpoint["epoch"]},
+            card=build_card(run_dir, checkpoint, FULL_MODEL),
         )
         if load:
             load_in_triton(settings, tuple(published))

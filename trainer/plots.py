@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
 
 
 def loss_curves(history: list[dict], path: Path) -> Path:
@@ -31,13 +30,23 @@ def loss_curves(history: list[dict], path: Path) -> Path:
     return path
 
 
-def calibration(died: np.ndarray, prob: np.ndarray, path: Path, bins: int = 10) -> Path:
-    fig, ax = plt.subplots(figsize=(4, 4))
-    observed, predicted = calibration_curve(died, prob, n_bins=bins, strategy="quantile")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect")
-    ax.plot(predicted, observed, marker="o", label="M3T-LM")
-    ax.set(xlabel="predicted mortality", ylabel="observed mortality", title="calibration (test)")
-    ax.legend()
+def reliability(bins_by_place: dict[str, dict], path: Path) -> Path:
+    """Observed against predicted mortality per equal-mass bin, with 95% Wilson intervals,
+    one panel per place (``trainer.metrics.reliability``'s bins)."""
+    places = list(bins_by_place)
+    fig, axes = plt.subplots(1, len(places), figsize=(4 * len(places), 4), squeeze=False)
+    for ax, place in zip(axes[0], places):
+        bins = bins_by_place[place]
+        observed, predicted = np.array(bins["observed"]), np.array(bins["predicted"])
+        errors = [observed - np.array(bins["lo"]), np.array(bins["hi"]) - observed]
+        top = float(max(np.max(bins["hi"]), predicted.max(), 0.05)) * 1.05
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="perfect")
+        ax.errorbar(predicted, observed, yerr=errors, marker="o", capsize=3, label="M3T-LM")
+        ax.set(xlabel="predicted mortality", ylabel="observed mortality", title=place)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.legend()
+    fig.suptitle("reliability (test patients, 95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -49,14 +58,18 @@ def los_scatter(true: np.ndarray, pred: np.ndarray, path: Path) -> Path:
     ax.scatter(true, pred, s=6, alpha=0.4)
     top = float(max(true.max(), pred.max())) * 1.05
     ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="true LoS (days)", ylabel="predicted LoS (days)", title="length of stay (test)")
+    ax.set(
+        xlabel="true remaining days",
+        ylabel="predicted remaining days",
+        title="remaining stay (test)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_plots(run_dir: Path, los_true, predictions, died) -> list[Path]:
+def write_plots(run_dir: Path, los_true, los_pred, reliability_bins: dict) -> list[Path]:
     folder = Path(run_dir) / "plots"
     folder.mkdir(exist_ok=True)
     written = []
@@ -65,8 +78,8 @@ def write_plots(run_dir: Path, los_true, predictions, died) -> list[Path]:
         written.append(
             loss_curves(json.loads(history_path.read_text()), folder / "loss_curves.png")
         )
-    if predictions.mortality_prob is not None and len(np.unique(died)) == 2:
-        written.append(calibration(died, predictions.mortality_prob, folder / "calibration.png"))
-    if predictions.los_days is not None:
-        written.append(los_scatter(los_true, predictions.los_days, folder / "los_pred_vs_true.png"))
+    if reliability_bins:
+        written.append(reliability(reliability_bins, folder / "reliability.png"))
+    if los_pred is not None:
+        written.append(los_scatter(los_true, los_pred, folder / "los_pred_vs_true.png"))
     return written

@@ -7,6 +7,7 @@ Layout (Triton's repository format; one folder per model, numbered versions):
     model_repo/<model>/<v>/model.py     the Python-backend runner (backend=python only)
     model_repo/<model>/<v>/model.plan   the TensorRT engine (backend=tensorrt only)
     model_repo/<model>/<v>/m3t.json     provenance: run, features, parity
+    model_repo/m3t_lm/<v>/model_card.{json,md}  the model card (trainer.model_card)
 
 The six models (``m3t_lm``, ``m3t_enc_numeric``, ``m3t_enc_notes``, ``m3t_enc_cxr``,
 ``m3t_fusion``, ``m3t_rescore``) are published together under one version number (one more than the
@@ -49,7 +50,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from features import model_inputs as mi
 from m3t.clients import triton_admin_headers, triton_client
 from m3t.settings import Settings
-from trainer.export import MODELS, Graph
+from trainer.export import FULL_MODEL, MODELS, Graph
+from trainer.model_card import card_bytes
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PYTHON_MODEL = Path(__file__).with_name("triton_onnx_model.py")
@@ -183,8 +185,10 @@ def publish(
     batching: Batching = Batching(),
     engine_dir: Path | None = None,
     provenance: dict | None = None,
+    card: dict | None = None,
 ) -> dict[str, Path]:
-    """Publishes every graph as version ``next_version(repo)``; returns {model: version dir}."""
+    """Publishes every graph as version ``next_version(repo)``; returns {model: version dir}.
+    ``card`` (``trainer.model_card.build_card``) goes into the full model's version folder."""
     repo = Path(repo)
     if backend == "tensorrt" and engine_dir is None:
         raise PublishError("backend tensorrt needs engines: run `m3t export tensorrt` first")
@@ -218,6 +222,8 @@ def publish(
             },
             indent=2,
         ).encode()
+        if card is not None and name == FULL_MODEL:
+            files.update(card_bytes({**card, "version": version}))
         published[name] = _stage_version(repo / name, version, files)
     return published
 
