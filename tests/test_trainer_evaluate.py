@@ -179,6 +179,7 @@ MODELS = [
     "numeric + X-ray",
     "single-task LoS",
     "single-task mortality",
+    "24-h-only training",
 ]
 
 
@@ -190,7 +191,9 @@ def test_evaluate_reports_every_place_seeds_pairs_and_subgroups_and_publish_carr
     write_dataset(dataset, data)
     train(dataset, run, TrainConfig(max_epochs=2), TINY, progress=False)
     evaluated = CliRunner().invoke(
-        app, ["evaluate", "--data", str(data), "--run", str(run), "--bootstrap", "100", "--json"]
+        app,
+        ["evaluate", "--data", str(data), "--run", str(run), "--bootstrap", "100", "--json"]
+        + ["--workers", "2"],
     )
     assert evaluated.exit_code == 0, evaluated.output
     table = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
@@ -222,9 +225,9 @@ def test_evaluate_reports_every_place_seeds_pairs_and_subgroups_and_publish_carr
     assert table["alerts"]["target_per_100_patient_days"] == 5.0
     assert 3.0 < alerts["validation_per_100_patient_days"] <= 5.0
 
-    # Paired: at 24 h and every event, AUROC for each other model with a mortality head and
-    # MAE for each with a LoS head; the verdict follows the interval.
-    assert len(table["paired"]) == 2 * (7 + 7)
+    # Paired: at every place, AUROC for each other model with a mortality head and MAE for
+    # each with a LoS head; the verdict follows the interval.
+    assert len(table["paired"]) == 6 * (8 + 8)
     for c in table["paired"]:
         d = c["difference"]
         excludes = d["lo"] > 0 or d["hi"] < 0
@@ -237,6 +240,14 @@ def test_evaluate_reports_every_place_seeds_pairs_and_subgroups_and_publish_carr
         sum(g["stays"] for g in table["subgroups"]["24 h"] if g["group"] == "sex")
         == (horizon["stays"])
     )
+
+    # The one-moment model saw only the training stays' 24-h rows, each once per epoch.
+    history = json.loads((run / "ablations" / "24-h-only_training" / "history.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    a = dataset.arrays
+    at_24 = (a["cutoff_kind"] == "horizon") & (a["hours_after_admit"] == 24.0)
+    in_train = np.isin(a["subject_id"], split["train"])
+    assert {h["examples"] for h in history} == {int((at_24 & in_train).sum())}
 
     assert table["seeds"]["seeds"] == [0, 1, 2]
     assert all((run / "seeds" / str(s) / "best.pt").exists() for s in (1, 2))
@@ -256,3 +267,24 @@ def test_evaluate_reports_every_place_seeds_pairs_and_subgroups_and_publish_carr
     assert f"| 24 h | {horizon['stays']} | {value:.3f}" in card
     assert "Not validated on real patients" in card and "Known limits" in card
     assert json.loads((repo / "m3t_lm" / "1" / "model_card.json").read_text())["version"] == 1
+
+
+def test_trainings_in_worker_processes_equal_those_in_process(tmp_path):
+    import shutil
+
+    import torch
+
+    from trainer.data import load_dataset
+    from trainer.evaluate import train_compared
+
+    write_dataset(make_dataset(n=300, seed=5, max_rows=3), tmp_path / "data")
+    dataset = load_dataset(tmp_path / "data")
+    train(dataset, tmp_path / "one", TrainConfig(max_epochs=1), TINY, progress=False)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    names = ("numeric only", "single-task LoS")
+    serial, _ = train_compared(dataset, tmp_path / "one", names, 2, progress=False, workers=1)
+    parallel, seeds = train_compared(dataset, tmp_path / "two", names, 2, False, workers=2)
+    assert set(seeds) == {0, 1} and seeds[1].exists()
+    for name in names:
+        a, b = (torch.load(p[name], weights_only=False)["state_dict"] for p in (serial, parallel))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -58,7 +58,7 @@ def run(
         "The split is the dataset's (`m3t features build --split-seed`).",
     ),
     examples_per_stay: int = typer.Option(
-        4, help="Examples of each training stay per epoch, drawn by weight (0: every example)."
+        2, help="Examples of each training stay per epoch, drawn by weight (0: every example)."
     ),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
     max_minutes: float = typer.Option(
@@ -160,6 +160,9 @@ def evaluate(
         help="The alert threshold, set on validation patients to this many alerts.",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    workers: int = typer.Option(
+        1, min=1, help="Trainings run at once, one process each (2 on a 2-core host)."
+    ),
     as_json: bool = AS_JSON,
 ):
     """Score M3T-LM, the baselines, the ablations and further seeds on the run's test
@@ -178,6 +181,7 @@ def evaluate(
             n_boot=bootstrap,
             alerts_per_100=alerts,
             device=device,
+            workers=workers,
         )
     except EvaluationError as exc:
         _fail(str(exc))

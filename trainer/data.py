@@ -48,6 +48,7 @@ class DatasetError(ValueError):
 class Dataset:
     arrays: dict[str, np.ndarray]
     meta: dict
+    folder: Path | None = None  # where it was loaded from; a subset has none
 
     def __len__(self) -> int:
         return len(self.arrays[LABEL_MORTALITY])
@@ -74,6 +75,15 @@ class Dataset:
             {k: v if k in SHARED else v[index] for k, v in self.arrays.items()}, self.meta
         )
 
+    def at_hours(self, hours: float) -> Dataset:
+        """One row per stay: its fixed-horizon row ``hours`` after admission, weighing 1
+        (stays discharged before then have none)."""
+        a = self.arrays
+        at = (a["cutoff_kind"] == "horizon") & np.isclose(a["hours_after_admit"], hours)
+        one = self.subset(np.flatnonzero(at))
+        one.arrays[WEIGHT] = np.ones(len(one), np.float32)
+        return one
+
 
 def rows(dataset: Dataset, name: str, index=slice(None)) -> np.ndarray:
     """Per-row values of array ``name`` at ``index``: the way to read ``cxr`` per row."""
@@ -90,7 +100,7 @@ def load_dataset(folder: Path) -> Dataset:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     with np.load(npz, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
-    return validate(Dataset(arrays, meta))
+    return validate(Dataset(arrays, meta, folder))
 
 
 def validate(dataset: Dataset) -> Dataset:

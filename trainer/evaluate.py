@@ -23,19 +23,23 @@ rows (every kind) and reported on the test patients' too.
 
 Intervals: 95% percentiles of a patient-level bootstrap (patients resampled with all their
 rows; one weight matrix for every metric and model, so comparisons are paired). The
-paired bootstrap of the difference between M3T-LM and each ablation and baseline, at 24 h
-and at every event, for AUROC and MAE, says "beats" only when its interval excludes 0.
+paired bootstrap of the difference between M3T-LM and each ablation and baseline, at each
+horizon and at every event, for AUROC and MAE, says "beats" only when its interval excludes 0.
 
 Models: the baselines (training mean / prevalence, ridge + logistic regression and
-gradient boosting on the numeric features and their mask), M3T-LM (the run), the five
+gradient boosting on the numeric features and their mask), M3T-LM (the run), the
 ablations (trained once with the run's hyperparameters and seed, cached in
-``RUN/ablations/``), and M3T-LM retrained with further seeds (``RUN/seeds/<seed>/``): mean
-and spread of each figure over the seeds. Subgroups (sex, age band, admission type) at 24 h.
+``RUN/ablations/``): three with modalities left out, two single-task, and the one-moment
+model trained on the 24-h rows only (what the stream policy replaces), and M3T-LM retrained
+with further seeds (``RUN/seeds/<seed>/``): mean and spread of each figure over the seeds.
+Subgroups (sex, age band, admission type) at 24 h.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,16 +70,16 @@ ABLATIONS = {
     "numeric + X-ray": dict(modalities=("cxr",)),
     "single-task LoS": dict(tasks=("los",)),
     "single-task mortality": dict(tasks=("mortality",)),
+    "24-h-only training": dict(only_hours_after_admit=24.0),
 }
 BASELINES = ("mean / prevalence", "linear + logistic regression", "gradient boosting")
 FULL = "M3T-LM"
 EVERY_EVENT = "every event"
-PAIRED_AT = ("24 h", EVERY_EVENT)
 SUBGROUPS_AT = "24 h"
 AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, "80+"))
 RATES = ("f1", "sensitivity", "specificity", "ppv", "npv")
 SEED_FIGURES = ("auroc", "auprc", "f1", "slope", "ece", "mae", "r2")
-BASELINE_ROWS_PER_STAY = 4  # training rows drawn per stay for the baselines: as many as M3T-LM's
+BASELINE_ROWS_PER_STAY = 4  # training rows drawn per stay for the baselines (fitted once)
 
 
 @dataclass(frozen=True)
@@ -374,24 +378,37 @@ def _run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     return TrainConfig.from_dict(ckpt["train_config"]), overrides
 
 
-def _cached(dataset, folder: Path, config: TrainConfig, overrides, progress) -> Path:
-    if not (folder / "best.pt").exists():
-        train(dataset, folder, config, overrides, progress)
-    return folder / "best.pt"
+def _train_one(data_dir: Path, folder: Path, config: TrainConfig, overrides: dict) -> None:
+    """A training in a worker process: the dataset is read there, not sent over a pipe."""
+    train(D.load_dataset(data_dir), folder, config, overrides, progress=False)
 
 
-def train_ablations(
-    dataset: D.Dataset, run_dir: Path, names=tuple(ABLATIONS), progress: bool = True
-) -> dict[str, Path]:
-    """Trains each missing ablation into ``run_dir/ablations/<name>/`` (reused when present)."""
-    base, overrides = _run_config(run_dir)
+def _train_missing(dataset: D.Dataset, jobs: dict[Path, TrainConfig], overrides, progress, workers):
+    """Trains every job whose ``best.pt`` is missing; ``workers`` > 1 trains that many at once,
+    each in its own process (a training is deterministic, so its result is the same)."""
+    missing = {
+        folder: config for folder, config in jobs.items() if not (folder / "best.pt").exists()
+    }
+    if workers > 1 and len(missing) > 1 and dataset.folder is not None:
+        context = multiprocessing.get_context("spawn")  # no forked OpenMP or torch state
+        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=context) as pool:
+            for done in [
+                pool.submit(_train_one, dataset.folder, folder, config, overrides)
+                for folder, config in missing.items()
+            ]:
+                done.result()
+    else:
+        for folder, config in missing.items():
+            train(dataset, folder, config, overrides, progress)
+
+
+def ablation_jobs(run_dir: Path, names=tuple(ABLATIONS)) -> dict[str, tuple[Path, TrainConfig]]:
+    """{name: (folder, config)}: each ablation's run in ``run_dir/ablations/<name>/``."""
+    base, _ = _run_config(run_dir)
     return {
-        name: _cached(
-            dataset,
+        name: (
             Path(run_dir) / "ablations" / name.replace(" ", "_").replace("/", ""),
             ablation_config(base, **ABLATIONS[name]),
-            overrides,
-            progress,
         )
         for name in names
     }
@@ -403,14 +420,34 @@ def seed_list(own: int, n: int) -> list[int]:
     return [own] + others[: n - 1]
 
 
-def train_seeds(dataset: D.Dataset, run_dir: Path, n: int, progress: bool = True) -> dict:
-    """{seed: best.pt}: the run for its own seed, the others trained into RUN/seeds/<seed>/."""
+def seed_jobs(run_dir: Path, n: int) -> dict[int, tuple[Path, TrainConfig]]:
+    """{seed: (folder, config)}: M3T-LM retrained with the further seeds in RUN/seeds/<seed>/."""
+    base, _ = _run_config(run_dir)
+    return {
+        seed: (Path(run_dir) / "seeds" / str(seed), replace(base, seed=seed))
+        for seed in seed_list(base.seed, n)[1:]
+    }
+
+
+def train_compared(
+    dataset: D.Dataset,
+    run_dir: Path,
+    ablations=tuple(ABLATIONS),
+    seeds: int = 1,
+    progress: bool = True,
+    workers: int = 1,
+) -> tuple[dict[str, Path], dict[int, Path]]:
+    """Trains what is missing of the ablations and the further seeds (cached in the run
+    folder) and returns their ``best.pt`` by name and by seed, the run's own seed included."""
     base, overrides = _run_config(run_dir)
-    paths = {base.seed: Path(run_dir) / "best.pt"}
-    for seed in seed_list(base.seed, n)[1:]:
-        folder = Path(run_dir) / "seeds" / str(seed)
-        paths[seed] = _cached(dataset, folder, replace(base, seed=seed), overrides, progress)
-    return paths
+    by_name, by_seed = ablation_jobs(run_dir, ablations), seed_jobs(run_dir, seeds)
+    jobs = dict([*by_name.values(), *by_seed.values()])
+    _train_missing(dataset, jobs, overrides, progress, workers)
+    return (
+        {name: folder / "best.pt" for name, (folder, _) in by_name.items()},
+        {base.seed: Path(run_dir) / "best.pt"}
+        | {seed: folder / "best.pt" for seed, (folder, _) in by_seed.items()},
+    )
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -428,9 +465,11 @@ def evaluate_run(
     progress: bool = True,
     stem: str = "evaluation",
     threads: int | None = 1,
+    workers: int = 1,
 ) -> dict:
     """The evaluation as JSON-ready data; also writes ``<stem>.json``, ``<stem>.md`` and the
-    plots into the run folder. Ablations and further seeds are trained first where missing."""
+    plots into the run folder. Ablations and further seeds are trained first where missing,
+    ``workers`` at a time (each in its own process, reading the dataset from its folder)."""
     run_dir = Path(run_dir)
     device = resolve_device(device)
     if not (run_dir / "best.pt").exists():
@@ -447,11 +486,13 @@ def evaluate_run(
     per_seed = {}
     with torch_threads(threads):
         predictions[FULL] = model_predictions(run_dir / "best.pt", val, test, device)
-        if ablations:
-            for name, path in train_ablations(dataset, run_dir, progress=progress).items():
-                predictions[name] = model_predictions(path, val, test, device)
+        by_name, by_seed = train_compared(
+            dataset, run_dir, tuple(ABLATIONS) if ablations else (), seeds, progress, workers
+        )
+        for name, path in by_name.items():
+            predictions[name] = model_predictions(path, val, test, device)
         if seeds > 1:
-            for s, path in train_seeds(dataset, run_dir, seeds, progress).items():
+            for s, path in by_seed.items():
                 per_seed[s] = model_predictions(path, val, test, device)
 
     a, av = test.arrays, val.arrays
@@ -503,14 +544,13 @@ def evaluate_run(
             }
             if name == FULL:
                 reliability[place] = M.reliability(died, at.prob, weight)
-        if place in PAIRED_AT:
-            comparisons += paired(
-                place,
-                {n: _rows_of(p, rows) for n, p in predictions.items()},
-                died,
-                los,
-                w,
-            )
+        comparisons += paired(
+            place,
+            {n: _rows_of(p, rows) for n, p in predictions.items()},
+            died,
+            los,
+            w,
+        )
         if place == SUBGROUPS_AT:
             groups = subgroups(test, rows, predictions[FULL], w)
         slices[place] = {

@@ -169,8 +169,9 @@ def reliability(y: np.ndarray, prob: np.ndarray, weight: np.ndarray, bins: int =
         half /= 1 + z * z / n_eff
         rows["predicted"].append(float(wb @ prob[at] / total))
         rows["observed"].append(observed)
-        rows["lo"].append(float(max(centre - half, 0.0)))
-        rows["hi"].append(float(min(centre + half, 1.0)))
+        # Wilson's interval holds the observed rate; min/max keep rounding from moving it out.
+        rows["lo"].append(float(min(max(centre - half, 0.0), observed)))
+        rows["hi"].append(float(max(min(centre + half, 1.0), observed)))
         rows["n"].append(int(at.sum()))
     return rows
 

@@ -19,7 +19,8 @@
   per task, so neither task's scale has to be hand tuned; ``weighting="fixed"`` uses
   ``los_weight * L_los + mortality_weight * L_mortality`` instead. Single-task training (an
   ablation) is ``tasks=("los",)`` or ``("mortality",)``.
-- Early stopping: on the validation score (every validation row, weighted as in training),
+- Early stopping: on the validation score (``val_examples_per_stay`` rows of each
+  validation stay, drawn once per run by weight, weighted as in training),
   each task's loss divided by the loss of the constant baseline for that task (weighted
   train mean of log-days; weighted train prevalence), averaged over the trained tasks.
   Both terms are then unit-free and 1.0 means "no better than the baseline", so the
@@ -76,7 +77,12 @@ class TrainConfig:
     # one (trainer/README.md); None keeps torch's default.
     threads: int | None = 1
     max_minutes: float | None = None  # stop after the epoch that crosses this (not deterministic)
-    examples_per_stay: int | None = 4  # rows of each training stay per epoch; None: all rows
+    examples_per_stay: int | None = 2  # rows of each training stay per epoch; None: all rows
+    # Validation rows per stay, one fixed draw for the whole run (so epochs compare); None: all.
+    val_examples_per_stay: int | None = 4
+    # Train and validate on one fixed horizon's rows only (the one-moment model the stream
+    # policy is compared with); None: every cutoff.
+    only_hours_after_admit: float | None = None
 
     def __post_init__(self):
         if self.weighting not in ("uncertainty", "fixed"):
@@ -89,8 +95,9 @@ class TrainConfig:
             )
         if self.batch_size < 1 or self.max_epochs < 1:
             raise ValueError("batch_size and max_epochs must be >= 1")
-        if self.examples_per_stay is not None and self.examples_per_stay < 1:
-            raise ValueError("examples_per_stay must be >= 1 (or None: every row)")
+        for name in ("examples_per_stay", "val_examples_per_stay"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: every row)")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -315,8 +322,20 @@ def train(
             }
         )
     )
-    train_t = D.to_tensors(dataset.subset(splits["train"]), config.modalities)
-    val_t = D.to_tensors(dataset.subset(splits["val"]), config.modalities)
+    train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
+    if config.only_hours_after_admit is not None:
+        train_set = train_set.at_hours(config.only_hours_after_admit)
+        val_set = val_set.at_hours(config.only_hours_after_admit)
+    val_rows, val_weight = sample_examples(
+        val_set.arrays["hadm_id"],
+        val_set.arrays[D.WEIGHT].astype(np.float64),
+        config.val_examples_per_stay,
+        np.random.default_rng(0),  # the same validation rows whatever the training seed
+    )
+    val_set = val_set.subset(val_rows)
+    val_set.arrays[D.WEIGHT] = val_weight
+    train_t = D.to_tensors(train_set, config.modalities)
+    val_t = D.to_tensors(val_set, config.modalities)
     scale = baseline_losses(train_t)
     model_config = model_config_for(dataset, config, **(model_overrides or {}))
 
@@ -341,8 +360,8 @@ def train(
         )
         order = torch.Generator().manual_seed(config.seed)
         draws = np.random.default_rng(config.seed)
-        stays = dataset.arrays["hadm_id"][splits["train"]]
-        stay_weight = dataset.arrays[D.WEIGHT][splits["train"]].astype(np.float64)
+        stays = train_set.arrays["hadm_id"]
+        stay_weight = train_set.arrays[D.WEIGHT].astype(np.float64)
         history, best, best_epoch, stale, seen = [], math.inf, 0, 0, 0
         started = time.perf_counter()
         with _progress(progress) as bar:
@@ -426,10 +445,14 @@ def train(
     return TrainResult(out_dir, history, best_epoch, seconds, samples_per_s, sizes)
 
 
-def ablation_config(config: TrainConfig, modalities=None, tasks=None) -> TrainConfig:
+def ablation_config(
+    config: TrainConfig, modalities=None, tasks=None, only_hours_after_admit=None
+) -> TrainConfig:
     changes = {}
     if modalities is not None:
         changes["modalities"] = tuple(modalities)
     if tasks is not None:
         changes["tasks"] = tuple(tasks)
+    if only_hours_after_admit is not None:
+        changes["only_hours_after_admit"] = float(only_hours_after_admit)
     return replace(config, **changes)
