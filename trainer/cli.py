@@ -430,3 +430,45 @@ def dali(
     _print_published(
         published, f"chest X-ray pipeline for Triton's DALI backend ({device})", "written", as_json
     )
+
+
+@app.command("protocol")
+def protocol(
+    mimic: Path = typer.Option(
+        ..., exists=True, file_okay=False, help="MIMIC-IV (holds hosp/ and icu/)."
+    ),
+    note: Path = typer.Option(
+        None, exists=True, file_okay=False, help="MIMIC-IV-Note (holds note/)."
+    ),
+    cxr: Path = typer.Option(
+        None, exists=True, file_okay=False, help="MIMIC-CXR-JPG (metadata table and files/)."
+    ),
+    out: Path = typer.Option(..., "--out", file_okay=False, help="Where everything goes."),
+    min_age: float = typer.Option(18.0, help="Cohort: adults from this age at admission."),
+    require_cxr: bool = typer.Option(
+        False, help="Cohort: only stays with a chest X-ray during the stay."
+    ),
+    epochs: int = typer.Option(20, help="Maximum epochs of each training."),
+    seeds: int = typer.Option(3, help="M3T-LM trainings, one per seed, in the evaluation."),
+    bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples."),
+    workers: int = typer.Option(1, min=1, help="Trainings run at once, one process each."),
+    as_json: bool = AS_JSON,
+):
+    """The paper's protocol on a MIMIC-IV copy: cohort, dataset, training, evaluation."""
+    from trainer.protocol import Cohort, ProtocolError, Sources, run
+    from trainer.train import TrainConfig
+
+    try:
+        summary = run(
+            Sources(mimic, note, cxr),
+            out,
+            Cohort(min_age, require_cxr),
+            TrainConfig(max_epochs=epochs),
+            seeds=seeds,
+            n_boot=bootstrap,
+            workers=workers,
+        )
+    except ProtocolError as exc:
+        _fail(str(exc))
+    console.print(f"protocol written to {out / 'protocol.json'}; table in {summary['evaluation']}")
+    _print(summary, as_json)
