@@ -190,3 +190,23 @@ def test_checkpoints_from_before_pooling_rebuild_without_it():
     del old["numeric_pool"]
     assert M3TConfig.from_dict(old).numeric_pool == 1
     assert M3TConfig.from_dict(M3TConfig(n_features=6, vocab_size=30).to_dict()).numeric_pool == 2
+
+
+@pytest.mark.parametrize("mask", [[1, 0, 1], [0, 0, 0], [1, 1, 1], "mixed"])
+def test_predict_runs_encoders_on_present_rows_only_and_equals_forward(mask):
+    model, x = tiny_model(), batch(8, seed=3)
+    if mask == "mixed":
+        x[mi.MODALITY_MASK] = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]] * 2).float()
+    else:
+        x[mi.MODALITY_MASK] = torch.tensor([mask] * 8).float()
+    seen = []
+    model.cxr.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    inputs = [x[spec.name] for spec in mi.input_specs(1)]
+    with torch.no_grad():
+        full, fast = model(*inputs), model.predict(*inputs)
+    for a, b in zip(full, fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # forward runs the X-ray encoder on the whole batch, predict on the rows that have one.
+    assert seen[0] == 8 and seen[1:] == (
+        [] if not x[mi.MODALITY_MASK][:, 2].any() else [int(x[mi.MODALITY_MASK][:, 2].sum())]
+    )

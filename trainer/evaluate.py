@@ -128,7 +128,7 @@ def predict(model, tensors: dict[str, torch.Tensor], batch_size: int = 512, devi
     los, prob = [], []
     for start in range(0, n, batch_size):
         batch = D.batch_at(tensors, torch.arange(start, min(start + batch_size, n)), device)
-        days, mortality_prob = model(*D.inputs_of(batch))
+        days, mortality_prob = model.predict(*D.inputs_of(batch))
         los.append(days.squeeze(1).cpu().numpy())
         prob.append(mortality_prob.squeeze(1).cpu().numpy())
     return np.concatenate(los), np.concatenate(prob)

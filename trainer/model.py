@@ -292,7 +292,7 @@ class FusionHead(nn.Module):
 
     def raw(self, emb_numeric, emb_radiology, emb_discharge, emb_cxr, modality_mask):
         """(log1p length of stay, mortality logit), each [B, 1]: what the losses see."""
-        present = (modality_mask * self.enabled) > 0.5  # [B, 3] bool
+        present = self.present(modality_mask)
         emb_radiology = torch.where(present[:, 0:1], emb_radiology, self.placeholder_radiology)
         emb_discharge = torch.where(present[:, 1:2], emb_discharge, self.placeholder_discharge)
         emb_cxr = torch.where(present[:, 2:3], emb_cxr, self.placeholder_cxr)
@@ -305,10 +305,27 @@ class FusionHead(nn.Module):
         return self.los_head(shared), self.mortality_head(shared)
 
     def forward(self, emb_numeric, emb_radiology, emb_discharge, emb_cxr, modality_mask):
-        log_los, logit = self.raw(emb_numeric, emb_radiology, emb_discharge, emb_cxr, modality_mask)
-        # exp - 1 rather than expm1, which ONNX has no operator for; days are >= 1e-2 scale
-        # so the cancellation near zero does not matter.
-        return (torch.exp(log_los) - 1.0).clamp(min=0.0), torch.sigmoid(logit)
+        return outputs(*self.raw(emb_numeric, emb_radiology, emb_discharge, emb_cxr, modality_mask))
+
+    def present(self, modality_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 3] bool: the modalities whose embedding is used (the rest get the placeholder)."""
+        return (modality_mask * self.enabled) > 0.5
+
+
+def outputs(log_los: torch.Tensor, logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(remaining days, mortality probability) from the heads' raw outputs."""
+    # exp - 1 rather than expm1, which ONNX has no operator for; days are >= 1e-2 scale
+    # so the cancellation near zero does not matter.
+    return (torch.exp(log_los) - 1.0).clamp(min=0.0), torch.sigmoid(logit)
+
+
+def _on_rows(encoder: nn.Module, x: torch.Tensor, rows: torch.Tensor | None, like: torch.Tensor):
+    """``encoder(x)``, computed only on ``rows`` (None: all) and zero elsewhere."""
+    if rows is None or len(rows) == len(x):
+        return encoder(x)
+    if len(rows) == 0:
+        return like
+    return like.index_copy(0, rows, encoder(x[rows]))
 
 
 @dataclass(frozen=True)
@@ -420,24 +437,43 @@ class M3TLM(nn.Module):
             c.emb_dim, c.emb_dim, c.emb_dim, c.fusion_hidden_dim, 2 * c.dropout, c.modalities
         )
 
-    def embeddings(self, numeric, numeric_mask, notes_radiology, notes_discharge, cxr):
+    def embeddings(
+        self, numeric, numeric_mask, notes_radiology, notes_discharge, cxr, present=None
+    ):
         """The four modality embeddings. Encoders of modalities this model never sees are
-        skipped (their placeholder is used regardless), which makes ablations cheap."""
+        skipped (their placeholder is used regardless), which makes ablations cheap. With
+        ``present`` ([B, 3] bool), the note and X-ray encoders run only on the rows whose
+        modality is present: the fusion head uses its placeholder for the others, so the
+        outputs are the same for the work the data holds (export traces without it: a
+        fixed-shape graph)."""
         emb_numeric = self.numeric(numeric, numeric_mask)
         modalities = self.config.modalities
         skipped = emb_numeric.new_zeros(emb_numeric.shape[0], self.config.emb_dim)
-        emb_radiology = (
-            self.notes.radiology(notes_radiology) if "radiology" in modalities else skipped
+        rows = [None] * 3 if present is None else [p.nonzero().squeeze(1) for p in present.T]
+        emb_radiology, emb_discharge, emb_cxr = (
+            _on_rows(encoder, x, rows[i], skipped) if name in modalities else skipped
+            for i, (name, encoder, x) in enumerate(
+                (
+                    ("radiology", self.notes.radiology, notes_radiology),
+                    ("discharge", self.notes.discharge, notes_discharge),
+                    ("cxr", self.cxr, cxr),
+                )
+            )
         )
-        emb_discharge = (
-            self.notes.discharge(notes_discharge) if "discharge" in modalities else skipped
-        )
-        emb_cxr = self.cxr(cxr) if "cxr" in modalities else skipped
         return emb_numeric, emb_radiology, emb_discharge, emb_cxr
 
     def raw(self, numeric, numeric_mask, notes_radiology, notes_discharge, cxr, modality_mask):
-        embs = self.embeddings(numeric, numeric_mask, notes_radiology, notes_discharge, cxr)
+        """(log1p remaining days, mortality logit): what the losses see; the optional
+        encoders run only where their modality is present."""
+        present = self.fusion.present(modality_mask)
+        embs = self.embeddings(
+            numeric, numeric_mask, notes_radiology, notes_discharge, cxr, present
+        )
         return self.fusion.raw(*embs, modality_mask)
+
+    def predict(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s numbers in PyTorch for less work (``raw``'s row selection)."""
+        return outputs(*self.raw(*inputs))
 
     def forward(self, numeric, numeric_mask, notes_radiology, notes_discharge, cxr, modality_mask):
         embs = self.embeddings(numeric, numeric_mask, notes_radiology, notes_discharge, cxr)
