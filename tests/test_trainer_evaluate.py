@@ -8,6 +8,7 @@ import pytest
 from sklearn import metrics as skm
 from typer.testing import CliRunner
 
+from tests.tiny_model import TINY
 from trainer import metrics as M
 from trainer.synthetic import make_dataset, write_dataset
 from trainer.train import TrainConfig, train
@@ -135,16 +136,6 @@ def test_the_paired_bootstrap_of_identical_and_of_better_models():
 
 
 # --- m3t train evaluate, end to end ------------------------------------------------------------
-
-TINY = dict(
-    numeric_embed_dim=8,
-    numeric_heads=2,
-    notes_embed_dim=8,
-    notes_hidden_dim=8,
-    cxr_channels=(4, 8),
-    emb_dim=8,
-    fusion_hidden_dim=16,
-)
 
 
 def at_horizons(dataset):

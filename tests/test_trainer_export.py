@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from features import model_inputs as mi
 from m3t.onnx_runtime import onnx_session
 from m3t.settings import PROJECT_ROOT
+from tests.tiny_model import TINY
 from trainer.export import (
     MODELS,
     ParityError,
@@ -25,15 +26,6 @@ from trainer.export import (
 from trainer.model import M3TLM, M3TConfig
 from trainer.publish import Batching, PublishError, model_config, publish, read_config, versions
 
-TINY = dict(
-    numeric_embed_dim=8,
-    numeric_heads=2,
-    notes_embed_dim=8,
-    notes_hidden_dim=8,
-    cxr_channels=(4, 8),
-    emb_dim=8,
-    fusion_hidden_dim=16,
-)
 SHAPES = {spec.name: spec.shape for spec in mi.input_specs(6, note_tokens=12, cxr_size=16)}
 ONNX_TYPES = {np.dtype("float32"): 1, np.dtype("int64"): 7}  # onnx.TensorProto FLOAT, INT64
 CONFIG_TYPES = {mc.TYPE_FP32: 1, mc.TYPE_INT64: 7}

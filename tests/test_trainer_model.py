@@ -5,18 +5,10 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from features import model_inputs as mi
+from tests.tiny_model import TINY
 from trainer.export import example_inputs, input_specs_for
 from trainer.model import M3TLM, CxrEncoder, FusionHead, M3TConfig, NotesEncoder, NumericEncoder
 
-TINY = dict(
-    numeric_embed_dim=8,
-    numeric_heads=2,
-    notes_embed_dim=8,
-    notes_hidden_dim=8,
-    cxr_channels=(4, 8),
-    emb_dim=8,
-    fusion_hidden_dim=16,
-)
 SHAPES = {mi.NUMERIC: (6,), mi.NOTES_RADIOLOGY: (10,), mi.CXR: (1, 16, 16)}
 
 

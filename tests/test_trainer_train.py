@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.tiny_model import TINY
 from trainer.data import load_dataset, split_by_patient
 from trainer.evaluate import evaluate_run
 from trainer.synthetic import make_dataset, write_dataset
@@ -27,15 +28,6 @@ SMALL = dict(
     cxr_channels=(8, 16),
     emb_dim=16,
     fusion_hidden_dim=32,
-)
-TINY = dict(
-    numeric_embed_dim=8,
-    numeric_heads=2,
-    notes_embed_dim=8,
-    notes_hidden_dim=8,
-    cxr_channels=(4, 8),
-    emb_dim=8,
-    fusion_hidden_dim=16,
 )
 
 

@@ -13,6 +13,18 @@ from trainer.model import M3TLM, M3TConfig
 from trainer.model_card import build_card
 from trainer.publish import publish, read_config
 
+# The smallest M3T-LM hyperparameters the tests train and serve (emb_dim set by the repo's
+# configs when published).
+TINY = dict(
+    numeric_embed_dim=8,
+    numeric_heads=2,
+    notes_embed_dim=8,
+    notes_hidden_dim=8,
+    cxr_channels=(4, 8),
+    emb_dim=8,
+    fusion_hidden_dim=16,
+)
+
 
 def publish_tiny(repo: Path, onnx_dir: Path, vocab_size: int, seed: int):
     """(the model, its graphs, the published versions by model name)."""
@@ -23,13 +35,7 @@ def publish_tiny(repo: Path, onnx_dir: Path, vocab_size: int, seed: int):
         M3TConfig(
             n_features=dims[mi.NUMERIC][0],
             vocab_size=vocab_size,
-            numeric_embed_dim=8,
-            numeric_heads=2,
-            notes_embed_dim=8,
-            notes_hidden_dim=8,
-            cxr_channels=(4, 8),
-            emb_dim=emb,
-            fusion_hidden_dim=16,
+            **{**TINY, "emb_dim": emb},
         )
     ).eval()
     shapes = {spec.name: dims[spec.name] for spec in mi.input_specs(1)}
