@@ -146,6 +146,18 @@ class StreamSettings(BaseModel):
     dead_letter_payload: bool = False
 
 
+class IngestSettings(BaseModel):
+    # The HL7 v2 MLLP listener (m3t ingest mllp); 2575 is HL7's port, in the project's range.
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = 12575
+    # A larger frame is refused and its connection closed.
+    mllp_max_frame_bytes: int = 1024 * 1024
+    # A connection silent this long, or a frame unfinished this long, is closed.
+    mllp_idle_timeout_s: float = 60.0
+    # No ACK unless Kafka acknowledged a message's records within this time (the sender resends).
+    mllp_kafka_timeout_s: float = 10.0
+
+
 class ImageSettings(BaseModel):
     # X-ray URIs resolve only under these folders (empty: the state and data folders).
     roots: tuple[Path, ...] = ()
@@ -176,6 +188,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
 
     @property
     def logs_dir(self) -> Path:
