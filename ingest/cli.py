@@ -1,4 +1,5 @@
-"""``m3t ingest``: read MIMIC-IV, generate a synthetic cohort, replay a cohort into Kafka."""
+"""``m3t ingest``: read MIMIC-IV, generate a synthetic cohort, replay a cohort into Kafka,
+take HL7 v2 over MLLP."""
 
 from __future__ import annotations
 
@@ -283,3 +284,67 @@ def _replay(
         f"dead letters -> {settings.kafka.topic_dead_letter}: "
         f"{dict(summary.dead_letters) or 'none'}"
     )
+
+
+@app.command("mllp")
+def mllp(
+    host: str = typer.Option(None, help="Address to listen on (default: ingest.mllp_host)."),
+    port: int = typer.Option(None, help="Port to listen on (default: ingest.mllp_port)."),
+):
+    """Listen for HL7 v2 over MLLP: each message's events go to Kafka, then its ACK."""
+    import asyncio
+    import logging
+
+    from ingest.mllp import serve
+    from m3t.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(serve(get_settings(), host, port))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("send-hl7")
+def send_hl7(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="HL7 v2 messages."),
+    host: str = typer.Option(None, help="Listener's address (default: ingest.mllp_host)."),
+    port: int = typer.Option(None, help="Listener's port (default: ingest.mllp_port)."),
+):
+    """Send each message in FILE (segments one a line, a message from each MSH) through
+    python-hl7's MLLP client and print each ACK's MSA code; exit 1 unless all are AA."""
+    from hl7.client import MLLPClient
+
+    from m3t.settings import get_settings
+
+    cfg = get_settings().ingest
+    codes = []
+    with MLLPClient(host or cfg.mllp_host, port or cfg.mllp_port) as client:
+        for n, message in enumerate(split_messages(file.read_text()), 1):
+            ack = client.send_message(message)
+            code = msa_code(ack)
+            codes.append(code)
+            print(f"{n}\t{code}")
+            if code == "none":
+                break  # the listener closed the connection: resend later
+    if any(code != "AA" for code in codes):
+        raise typer.Exit(1)
+
+
+def split_messages(text: str) -> list[str]:
+    """Messages in a file: segments on lines (any line ending), each message from its MSH."""
+    messages: list[list[str]] = []
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line.startswith("MSH"):
+            messages.append([])
+        if line.strip() and messages:
+            messages[-1].append(line)
+    return ["\r".join(segments) + "\r" for segments in messages]
+
+
+def msa_code(ack: bytes) -> str:
+    """MSA-1 of an ACK as the client received it, or ``none`` when nothing came back."""
+    for segment in ack.strip(b"\x0b\x1c\r").split(b"\r"):
+        if segment.startswith(b"MSA|"):
+            return segment.split(b"|")[1].decode(errors="replace")
+    return "none"

@@ -1,0 +1,298 @@
+"""HL7 v2 into the event contract, and the MLLP listener against the real Kafka, driven by
+python-hl7's own MLLP client (not the listener's code)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+from hl7.client import MLLPClient
+
+from ingest import itemids
+from ingest.cli import msa_code, split_messages
+from ingest.hl7 import Refused, to_events
+from ingest.mllp import MllpListener
+from m3t.services.process import free_ports
+from m3t.settings import IngestSettings
+
+MSH = "MSH|^~\\&|ADT1|HOSP|M3T|M3T|20240301120000||{type}|{control}|P|2.5"
+PID = "PID|1||1001^^^HOSP^MR||Doe^Jane||19600215|F"
+# PV1-2 class, PV1-4 admission type, PV1-19 visit, PV1-36 disposition, PV1-44/45 admit/discharge
+PV1 = "PV1|1|I||E|" + "|" * 14 + "2001|" + "|" * 16 + "{disposition}|" + "|" * 7 + "{admit}|{disch}"
+ADMIT_TIME, DISCH_TIME = "20240301080000", "20240305200000"
+
+
+def message(*segments: str) -> str:
+    return "\r".join(segments) + "\r"
+
+
+def admit(control: str = "C1", trigger: str = "A01") -> str:
+    pv1 = PV1.format(disposition="", admit=ADMIT_TIME, disch="")
+    return message(MSH.format(type=f"ADT^{trigger}", control=control), PID, pv1)
+
+
+def discharge(control: str = "C3", disposition: str = "01") -> str:
+    pv1 = PV1.format(disposition=disposition, admit=ADMIT_TIME, disch=DISCH_TIME)
+    return message(MSH.format(type="ADT^A03", control=control), PID, pv1)
+
+
+def result(control: str = "C2", *obx: str) -> str:
+    obx = obx or (
+        "OBX|1|NM|14682-9^Creatinine^LN||106|umol/L|||||F|||20240301090000|||||20240301093000",
+        "OBX|2|NM|8867-4^Heart rate^LN||88|/min|||||F|||20240301091500",
+        "OBX|3|ST|8251-1^Comment^LN||looks fine||||||F",
+    )
+    pv1 = PV1.format(disposition="", admit=ADMIT_TIME, disch="")
+    obr = "OBR|1|||24323-8^Panel^LN|||20240301085000" + "|" * 15 + "20240301094500"
+    return message(MSH.format(type="ORU^R01", control=control), PID, pv1, obr, *obx)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def test_an_admit_becomes_an_admission_event():
+    [event] = to_events(admit()).events
+    assert (event.type, event.hadm_id, event.subject_id) == ("admission", 2001, 1001)
+    p = event.payload
+    assert p.admittime.isoformat() == "2024-03-01T08:00:00" and p.gender == "F" and p.age == 64
+    assert p.admission_type == "EW EMER." and event.source == "hl7/ADT^A01"
+    assert to_events(admit(trigger="A04")).events[0].type == "admission"
+
+
+def test_a_discharge_carries_the_stay_and_death_from_the_disposition():
+    [event] = to_events(discharge()).events
+    assert event.type == "discharge" and event.payload.los_days == pytest.approx(4.5)
+    assert event.payload.hospital_expire_flag is False
+    assert to_events(discharge(disposition="20")).events[0].payload.hospital_expire_flag
+    died = discharge().replace(PID, PID + "|" * 22 + "Y")
+    assert to_events(died).events[0].payload.hospital_expire_flag
+
+
+def test_numeric_results_become_observations_in_the_items_units():
+    creatinine, heart_rate = to_events(result()).events  # the text result is passed over
+    assert creatinine.payload.itemid == 50912 and creatinine.payload.unit == "mg/dL"
+    assert creatinine.payload.value == pytest.approx(106 / 88.42)
+    # available at OBX-19, charted at OBX-14
+    assert creatinine.event_time.isoformat() == "2024-03-01T09:30:00+00:00"
+    assert creatinine.payload.charttime.isoformat() == "2024-03-01T09:00:00"
+    assert heart_rate.payload.itemid == 220045 and heart_rate.payload.kind == "vital"
+    # no OBX-19: OBR-22 (reported) times it
+    assert heart_rate.event_time.isoformat() == "2024-03-01T09:45:00+00:00"
+    assert itemids.ITEMS[heart_rate.payload.itemid].unit == heart_rate.payload.unit
+
+
+def test_a_resent_message_gives_identical_events_and_another_control_id_new_ones():
+    first, again = to_events(result()), to_events(result())
+    assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
+    other = to_events(result(control="C9"))
+    assert not {e.event_id for e in first.events} & {e.event_id for e in other.events}
+
+
+def test_time_zones_are_converted_to_utc():
+    zoned = admit().replace(ADMIT_TIME, "202403010800-0500")
+    assert to_events(zoned).events[0].payload.admittime.isoformat() == "2024-03-01T13:00:00"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "code"),
+    [
+        (b"MSH|^~\\&|A|B|C|D|20240301||ADT^A01|X|P|2.5\r\xff\xfe", "invalid_utf8", "AR"),
+        (admit().replace("MSH|^~\\&|", "MSH|^~\\#|"), "wrong_encoding_characters", "AR"),
+        (admit().replace("\rPID|", "\rP!D|"), "malformed_segment", "AR"),
+        ("PID|1||1001\r", "malformed_message", "AR"),
+        (admit(trigger="A08"), "unsupported_message", "AR"),
+        (admit().replace("|C1|", "||"), "missing_field", "AE"),
+        (admit().replace("2001|", "|"), "missing_field", "AE"),
+        (admit().replace("|19600215|", "|1960-02-15|"), "invalid_field", "AE"),
+        (admit().replace("|F\r", "|U\r"), "invalid_field", "AE"),
+        (
+            result("C2", "OBX|1|NM|9999-9^X^LN||1|mg/dL|||||F|||20240301090000"),
+            "unknown_loinc",
+            "AE",
+        ),
+        (result("C2", "OBX|1|NM|2160-0^Cr^LN||1|g/L|||||F|||20240301090000"), "unknown_unit", "AE"),
+        (result("C2", "OBX|1|NM|2160-0^Cr^LN||1|mg/dL|||||X"), "unsupported_result_status", "AE"),
+        (result("C2", "OBX|1|NM|2160-0^Cr^LN||high|mg/dL|||||F"), "invalid_field", "AE"),
+        # a value outside the item's plausible range breaks the contract
+        (
+            result("C2", "OBX|1|NM|2160-0^Cr^LN||400|mg/dL|||||F|||20240301090000"),
+            "invalid_event",
+            "AE",
+        ),
+    ],
+)
+def test_what_cannot_be_taken_is_refused_with_a_reason_and_no_values(raw, reason, code):
+    with pytest.raises(Refused) as refused:
+        to_events(raw)
+    assert refused.value.reason == reason and refused.value.ack_code == code
+    for value in ("1001", "2001", "Jane", "19600215", "400", "high"):
+        assert value not in refused.value.detail
+
+
+def test_send_hl7_splits_a_file_on_msh_whatever_the_line_endings():
+    text = admit().replace("\r", "\n") + "\n" + result().replace("\r", "\r\n")
+    assert split_messages(text) == [admit(), result()]
+
+
+# --------------------------------------------------------------------------- listener
+
+
+@pytest.fixture
+def listener(isolated_settings):
+    """A listener on a free port in its own event loop thread, with short limits."""
+    limits = IngestSettings(
+        mllp_max_frame_bytes=8192, mllp_idle_timeout_s=1.5, mllp_kafka_timeout_s=10
+    )
+    settings = isolated_settings.model_copy(update={"ingest": limits})
+    running = _Running(MllpListener(settings))
+    yield running
+    running.stop()
+
+
+class _Running:
+    def __init__(self, listener: MllpListener):
+        self.listener = listener
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        start = asyncio.run_coroutine_threadsafe(listener.start("127.0.0.1", 0), self.loop)
+        self.host, self.port = start.result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.listener.close(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _consume(settings, topic: str, expected: int, role="stream", wait_ms=15_000) -> list:
+    from kafka import KafkaConsumer
+
+    from m3t.kafka import kafka_python_config
+
+    consumer = KafkaConsumer(
+        topic,
+        **kafka_python_config(settings, role),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=wait_ms,
+    )
+    try:
+        records = []
+        for record in consumer:
+            records.append(record)
+            if len(records) >= expected:
+                break
+        return records
+    finally:
+        consumer.close()
+
+
+@pytest.mark.services
+def test_a_stay_is_acked_only_with_its_events_on_the_topic_and_a_resend_changes_no_id(
+    listener, isolated_settings
+):
+    sequence = [admit(), result(), discharge()]
+    expected = [e.event_id for m in sequence for e in to_events(m).events]
+    with MLLPClient(listener.host, listener.port) as client:
+        assert [msa_code(client.send_message(m)) for m in sequence] == ["AA", "AA", "AA"]
+        assert msa_code(client.send_message(admit())) == "AA"  # resent
+    records = _consume(isolated_settings, isolated_settings.kafka.topic_events, 5)
+    got = [json.loads(r.value) for r in records]
+    assert sorted(e["event_id"] for e in got) == sorted(expected + expected[:1])
+    assert {r.key for r in records} == {b"2001"}
+    assert sorted(e["type"] for e in got) == [
+        "admission",
+        "admission",
+        "discharge",
+        "observation",
+        "observation",
+    ]
+    assert listener.listener.counts["accepted"] == 4
+
+
+@pytest.mark.services
+def test_a_refused_message_gets_its_code_reason_and_a_dead_letter(listener, isolated_settings):
+    bad = result("C7", "OBX|1|NM|9999-9^X^LN||1|mg/dL|||||F|||20240301090000")
+    with MLLPClient(listener.host, listener.port) as client:
+        ack = client.send_message(bad)
+        assert msa_code(ack) == "AE" and b"MSA|AE|C7|unknown_loinc" in ack and b"\rERR|" in ack
+        assert msa_code(client.send_message(admit(trigger="A08"))) == "AR"
+        assert msa_code(client.send_message(admit())) == "AA"  # the connection still serves
+    topic = isolated_settings.kafka.topic_dead_letter
+    letters = [json.loads(r.value) for r in _consume(isolated_settings, topic, 2, role="admin")]
+    assert [(x["reason"], x["source"]) for x in letters] == [
+        ("unknown_loinc", "hl7/mllp"),
+        ("unsupported_message", "hl7/mllp"),
+    ]
+    assert letters[0]["position"].startswith("control id C7 from 127.0.0.1:")
+    assert "1001" not in json.dumps(letters)
+
+
+def _raw_connection(listener) -> socket.socket:
+    return socket.create_connection((listener.host, listener.port), timeout=10)
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.services
+def test_oversized_and_unfinished_frames_are_closed_while_another_connection_is_served(
+    listener, isolated_settings
+):
+    oversized, unfinished = _raw_connection(listener), _raw_connection(listener)
+    unfinished.sendall(b"\x0b" + admit().encode())  # no end block, ever
+    oversized.sendall(b"\x0b" + b"X" * 20_000 + b"\x1c\r")
+    assert _closed(oversized)
+    with MLLPClient(listener.host, listener.port) as client:  # served meanwhile
+        assert msa_code(client.send_message(admit())) == "AA"
+    truncated = _raw_connection(listener)
+    truncated.sendall(b"\x0b" + admit().encode())
+    truncated.shutdown(socket.SHUT_WR)  # the sender gives up mid-frame
+    assert _closed(truncated) and _closed(unfinished)
+    topic = isolated_settings.kafka.topic_dead_letter
+    letters = [json.loads(r.value) for r in _consume(isolated_settings, topic, 3, role="admin")]
+    assert sorted(x["reason"] for x in letters) == [
+        "oversized_frame",
+        "truncated_frame",
+        "unfinished_frame",
+    ]
+    for sock in (oversized, unfinished, truncated):
+        sock.close()
+
+
+@pytest.mark.services
+def test_a_silent_connection_times_out(listener):
+    silent = _raw_connection(listener)
+    started = time.monotonic()
+    assert _closed(silent)
+    assert 1.0 < time.monotonic() - started < 8
+    assert listener.listener.counts["idle_timeout"] == 1
+    silent.close()
+
+
+@pytest.mark.services
+def test_without_kafka_no_ack_is_sent(isolated_settings):
+    (nowhere,) = free_ports(1)
+    down = isolated_settings.model_copy(
+        update={
+            "kafka": isolated_settings.kafka.model_copy(update={"port": nowhere}),
+            "ingest": IngestSettings(mllp_kafka_timeout_s=2, mllp_idle_timeout_s=10),
+        }
+    )
+    running = _Running(MllpListener(down))
+    try:
+        with MLLPClient(running.host, running.port) as client:
+            client.socket.settimeout(15)
+            assert msa_code(client.send_message(admit())) == "none"  # closed, no ACK
+        assert running.listener.counts["kafka_unavailable"] == 1
+    finally:
+        running.stop()
