@@ -51,6 +51,32 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def consume(settings, topic: str, expected: int, role="stream", wait_ms=15_000) -> list:
+    """Up to ``expected`` records of ``topic`` from its start, read with kafka-python (a
+    client independent of the project's confluent-kafka code) as ``role``."""
+    from kafka import KafkaConsumer
+
+    from m3t.kafka import kafka_python_config
+
+    consumer = KafkaConsumer(
+        topic,
+        **kafka_python_config(settings, role),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=wait_ms,
+    )
+    try:
+        records = []
+        for record in consumer:
+            records.append(record)
+            if len(records) >= expected:
+                break
+        return records
+    finally:
+        consumer.close()
+
+
 @pytest.fixture(scope="session")
 def services_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("m3t")

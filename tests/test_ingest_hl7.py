@@ -18,6 +18,7 @@ from ingest.hl7 import Refused, to_events
 from ingest.mllp import MllpListener
 from m3t.services.process import free_ports
 from m3t.settings import IngestSettings
+from tests.conftest import consume
 
 MSH = "MSH|^~\\&|ADT1|HOSP|M3T|M3T|20240301120000||{type}|{control}|P|2.5"
 PID = "PID|1||1001^^^HOSP^MR||Doe^Jane||19600215|F"
@@ -168,30 +169,6 @@ class _Running:
         self.thread.join(10)
 
 
-def _consume(settings, topic: str, expected: int, role="stream", wait_ms=15_000) -> list:
-    from kafka import KafkaConsumer
-
-    from m3t.kafka import kafka_python_config
-
-    consumer = KafkaConsumer(
-        topic,
-        **kafka_python_config(settings, role),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        consumer_timeout_ms=wait_ms,
-    )
-    try:
-        records = []
-        for record in consumer:
-            records.append(record)
-            if len(records) >= expected:
-                break
-        return records
-    finally:
-        consumer.close()
-
-
 @pytest.mark.services
 def test_a_stay_is_acked_only_with_its_events_on_the_topic_and_a_resend_changes_no_id(
     listener, isolated_settings
@@ -201,7 +178,7 @@ def test_a_stay_is_acked_only_with_its_events_on_the_topic_and_a_resend_changes_
     with MLLPClient(listener.host, listener.port) as client:
         assert [msa_code(client.send_message(m)) for m in sequence] == ["AA", "AA", "AA"]
         assert msa_code(client.send_message(admit())) == "AA"  # resent
-    records = _consume(isolated_settings, isolated_settings.kafka.topic_events, 5)
+    records = consume(isolated_settings, isolated_settings.kafka.topic_events, 5)
     got = [json.loads(r.value) for r in records]
     assert sorted(e["event_id"] for e in got) == sorted(expected + expected[:1])
     assert {r.key for r in records} == {b"2001"}
@@ -224,7 +201,7 @@ def test_a_refused_message_gets_its_code_reason_and_a_dead_letter(listener, isol
         assert msa_code(client.send_message(admit(trigger="A08"))) == "AR"
         assert msa_code(client.send_message(admit())) == "AA"  # the connection still serves
     topic = isolated_settings.kafka.topic_dead_letter
-    letters = [json.loads(r.value) for r in _consume(isolated_settings, topic, 2, role="admin")]
+    letters = [json.loads(r.value) for r in consume(isolated_settings, topic, 2, role="admin")]
     assert [(x["reason"], x["source"]) for x in letters] == [
         ("unknown_loinc", "hl7/mllp"),
         ("unsupported_message", "hl7/mllp"),
@@ -259,7 +236,7 @@ def test_oversized_and_unfinished_frames_are_closed_while_another_connection_is_
     truncated.shutdown(socket.SHUT_WR)  # the sender gives up mid-frame
     assert _closed(truncated) and _closed(unfinished)
     topic = isolated_settings.kafka.topic_dead_letter
-    letters = [json.loads(r.value) for r in _consume(isolated_settings, topic, 3, role="admin")]
+    letters = [json.loads(r.value) for r in consume(isolated_settings, topic, 3, role="admin")]
     assert sorted(x["reason"] for x in letters) == [
         "oversized_frame",
         "truncated_frame",

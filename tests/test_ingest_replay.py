@@ -12,7 +12,7 @@ from ingest import events as ev
 from ingest.mimic import MimicReader
 from ingest.replay import Pacer, first_hours, in_event_time_order, make_producer, replay
 from ingest.synth import generate
-from tests.conftest import settings_env
+from tests.conftest import consume, settings_env
 
 
 @pytest.fixture(scope="module")
@@ -69,30 +69,6 @@ def test_pacer_compresses_time_and_cuts_long_gaps():
 # --------------------------------------------------------------------------- the real broker
 
 
-def _consume(settings, topic: str, expected: int, role="stream") -> list:
-    from kafka import KafkaConsumer
-
-    from m3t.kafka import kafka_python_config
-
-    consumer = KafkaConsumer(
-        topic,
-        **kafka_python_config(settings, role),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        consumer_timeout_ms=15_000,
-    )
-    try:
-        records = []
-        for record in consumer:
-            records.append(record)
-            if len(records) >= expected:
-                break
-        return records
-    finally:
-        consumer.close()
-
-
 @pytest.mark.services
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_replay_round_trip_through_kafka_in_order_per_admission(
@@ -110,7 +86,7 @@ def test_replay_round_trip_through_kafka_in_order_per_admission(
     assert summary.events == total and not summary.dead_letters
     assert summary.by_type["admission"] == len(admissions)
 
-    records = _consume(isolated_settings, kafka.topic_events, total)
+    records = consume(isolated_settings, kafka.topic_events, total)
     assert len(records) == total
     received: dict[int, list] = {}
     partitions: dict[int, set] = {}
@@ -133,7 +109,7 @@ def test_both_clients_put_an_admission_on_the_same_partition(isolated_settings, 
         producer = make_producer(isolated_settings, client)
         replay(sample, producer, kafka.topic_events, dead_letter_topic=kafka.topic_dead_letter)
         producer.close()
-    records = _consume(isolated_settings, kafka.topic_events, 2 * len(sample))
+    records = consume(isolated_settings, kafka.topic_events, 2 * len(sample))
     partitions: dict[bytes, set] = {}
     for record in records:
         partitions.setdefault(record.key, set()).add(record.partition)
@@ -169,7 +145,7 @@ def test_an_invalid_event_goes_to_the_dead_letter_topic_without_its_content(
     )
     producer.close()
     assert summary.events == 1 and summary.dead_letters == {"schema_violation": 1}
-    [letter] = _consume(isolated_settings, kafka.topic_dead_letter, 1, role="admin")
+    [letter] = consume(isolated_settings, kafka.topic_dead_letter, 1, role="admin")
     body = json.loads(letter.value)
     assert body["reason"] == "schema_violation" and body["source"] == "note/radiology"
     assert body["position"] == f"event {broken.event_id}" and "text" in body["detail"]
@@ -192,7 +168,7 @@ def test_cli_replay_streams_a_cohort(isolated_settings, cohort, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["events"] > 0 and summary["dead_letters"] == {}
     assert (
-        len(_consume(isolated_settings, isolated_settings.kafka.topic_events, summary["events"]))
+        len(consume(isolated_settings, isolated_settings.kafka.topic_events, summary["events"]))
         == summary["events"]
     )
 

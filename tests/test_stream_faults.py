@@ -61,7 +61,8 @@ def observations(client, hadm_ids) -> dict[int, int]:
     return {h: int(client.hget(KEY.format(hadm_id=h), "observations") or 0) for h in hadm_ids}
 
 
-def committed_everything(settings) -> bool:
+def group_offsets(settings) -> tuple[dict, dict]:
+    """(end offset, the stream's committed offset) per partition of the events topic."""
     consumer = KafkaConsumer(
         **kafka_python_config(settings, "stream"),
         group_id=settings.kafka.consumer_group,
@@ -73,7 +74,12 @@ def committed_everything(settings) -> bool:
     ends = consumer.end_offsets(parts)
     committed = {tp: consumer.committed(tp) or 0 for tp in parts}
     consumer.close()
-    return all(committed[tp] == ends[tp] for tp in parts)
+    return ends, committed
+
+
+def committed_everything(settings) -> bool:
+    ends, committed = group_offsets(settings)
+    return all(committed[tp] == ends[tp] for tp in ends)
 
 
 def with_dead_letter_payload(settings):
@@ -232,16 +238,7 @@ def test_sigterm_finishes_batch_and_commits(isolated_settings, redis_client):
     output = worker.communicate(timeout=60)[0].decode()
     assert worker.returncode == 0, output
     # Everything it consumed was applied and scored before its offsets were committed.
-    consumer = KafkaConsumer(
-        **kafka_python_config(settings, "stream"),
-        group_id=settings.kafka.consumer_group,
-        enable_auto_commit=False,
-    )
-    parts = [
-        TopicPartition(settings.kafka.topic_events, p) for p in range(settings.kafka.partitions)
-    ]
-    committed = sum(consumer.committed(tp) or 0 for tp in parts)
-    consumer.close()
+    committed = sum(group_offsets(settings)[1].values())
     hadm_ids = {e.hadm_id for e in events}
     applied = sum(observations(redis_client, hadm_ids).values()) + sum(
         1 for h in hadm_ids if redis_client.hget(KEY.format(hadm_id=h), "age") is not None
