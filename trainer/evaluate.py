@@ -402,9 +402,11 @@ def _train_missing(dataset: D.Dataset, jobs: dict[Path, TrainConfig], overrides,
             train(dataset, folder, config, overrides, progress)
 
 
-def ablation_jobs(run_dir: Path, names=tuple(ABLATIONS)) -> dict[str, tuple[Path, TrainConfig]]:
-    """{name: (folder, config)}: each ablation's run in ``run_dir/ablations/<name>/``."""
-    base, _ = _run_config(run_dir)
+def ablation_jobs(
+    run_dir: Path, base: TrainConfig, names=tuple(ABLATIONS)
+) -> dict[str, tuple[Path, TrainConfig]]:
+    """{name: (folder, config)}: each ablation of the run (config ``base``) in
+    ``run_dir/ablations/<name>/``."""
     return {
         name: (
             Path(run_dir) / "ablations" / name.replace(" ", "_").replace("/", ""),
@@ -420,9 +422,9 @@ def seed_list(own: int, n: int) -> list[int]:
     return [own] + others[: n - 1]
 
 
-def seed_jobs(run_dir: Path, n: int) -> dict[int, tuple[Path, TrainConfig]]:
-    """{seed: (folder, config)}: M3T-LM retrained with the further seeds in RUN/seeds/<seed>/."""
-    base, _ = _run_config(run_dir)
+def seed_jobs(run_dir: Path, base: TrainConfig, n: int) -> dict[int, tuple[Path, TrainConfig]]:
+    """{seed: (folder, config)}: the run (config ``base``) retrained with the further seeds in
+    RUN/seeds/<seed>/."""
     return {
         seed: (Path(run_dir) / "seeds" / str(seed), replace(base, seed=seed))
         for seed in seed_list(base.seed, n)[1:]
@@ -440,7 +442,8 @@ def train_compared(
     """Trains what is missing of the ablations and the further seeds (cached in the run
     folder) and returns their ``best.pt`` by name and by seed, the run's own seed included."""
     base, overrides = _run_config(run_dir)
-    by_name, by_seed = ablation_jobs(run_dir, ablations), seed_jobs(run_dir, seeds)
+    by_name = ablation_jobs(run_dir, base, ablations)
+    by_seed = seed_jobs(run_dir, base, seeds)
     jobs = dict([*by_name.values(), *by_seed.values()])
     _train_missing(dataset, jobs, overrides, progress, workers)
     return (
