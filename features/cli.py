@@ -120,20 +120,10 @@ def build(
         dataset = offline.build(admissions, policy, offline.SplitPolicy(seed=split_seed))
     except ValueError as exc:
         _fail(str(exc))
-    images, cxr_errors = None, {}
-    if cxr:
-        from features.cxr import CxrPreprocessor
-        from features.image_files import ImageAccess
-        from m3t.settings import get_settings
-
-        # The cohort named here is read from, with the configured image roots; its X-ray
-        # URIs may point nowhere else.
-        access = ImageAccess.from_settings(get_settings(), extra_roots=(cohort,))
-        images, cxr_errors = offline.cxr_images(
-            dataset, CxrPreprocessor(device=device), base_dir=cohort, access=access
-        )
-        dataset.meta["cxr_errors"] = cxr_errors
-        dataset.meta["cxr_examples"] = int(dataset.arrays["modality_mask"][:, 2].sum())
+    # The cohort named here is read from, with the configured image roots; its X-ray URIs
+    # may point nowhere else.
+    images = offline.preprocess_cxr(dataset, cohort, (cohort,), device) if cxr else None
+    cxr_errors = dataset.meta.get("cxr_errors", {})
     path = offline.write(dataset, out_dir, images)
     summary = {
         "dataset": str(path),

@@ -374,6 +374,24 @@ def cxr_of(arrays: Mapping[str, np.ndarray], rows=slice(None)) -> np.ndarray:
     return out
 
 
+def preprocess_cxr(
+    dataset: Dataset, base_dir: Path, extra_roots: tuple[Path, ...] = (), device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``cxr_images`` for ``write``: the X-rays the rows point at, resolved against
+    ``base_dir`` and read only under the settings' image roots and ``extra_roots`` (the
+    cohort named on the command line), preprocessed on ``device``. The errors by reason and
+    the number of rows with an image go into the dataset's meta."""
+    from features.cxr import CxrPreprocessor
+    from features.image_files import ImageAccess
+    from m3t.settings import get_settings
+
+    access = ImageAccess.from_settings(get_settings(), extra_roots=extra_roots)
+    images, errors = cxr_images(dataset, CxrPreprocessor(device=device), base_dir, access)
+    dataset.meta["cxr_errors"] = errors
+    dataset.meta["cxr_examples"] = int(dataset.arrays[mi.MODALITY_MASK][:, 2].sum())
+    return images
+
+
 def cxr_images(
     dataset: Dataset, preprocessor, base_dir: Path | None = None, access=None
 ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, int]]:

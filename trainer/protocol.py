@@ -105,10 +105,7 @@ def run(
 ) -> dict:
     """Runs the protocol into ``out``; returns (and writes) ``protocol.json``'s content."""
     from features import offline
-    from features.cxr import CxrPreprocessor
-    from features.image_files import ImageAccess
     from ingest.mimic import MimicReader
-    from m3t.settings import get_settings
     from trainer.data import load_dataset
     from trainer.evaluate import evaluate_run
     from trainer.report import headline
@@ -126,11 +123,7 @@ def run(
     images = None
     if any(uri for uri in dataset.arrays["cxr_uri"].tolist()):
         roots = (layout,) + ((sources.cxr.resolve(),) if sources.cxr else ())
-        access = ImageAccess.from_settings(get_settings(), extra_roots=roots)
-        images, errors = offline.cxr_images(
-            dataset, CxrPreprocessor(device=cxr_device), base_dir=layout, access=access
-        )
-        dataset.meta["cxr_errors"] = errors
+        images = offline.preprocess_cxr(dataset, layout, roots, cxr_device)
     offline.write(dataset, out / "dataset", images)
     built = time.monotonic()
 
