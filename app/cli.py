@@ -17,7 +17,8 @@ from features.cli import app as features_app
 from ingest.cli import app as ingest_app
 from m3t import services as svc
 from m3t.console import fail
-from m3t.settings import get_settings
+from m3t.settings import Settings, get_settings
+from stream.alerts_cli import app as alerts_app
 from stream.cli import api_app, scores_app
 from stream.cli import app as stream_app
 from trainer.cli import app as train_app
@@ -52,13 +53,23 @@ def _health_table(healths) -> Table:
     return table
 
 
+CLUSTER_OPTION = typer.Option(
+    False, "--cluster", help="3 Kafka brokers and a Redis Cluster (3x2); as M3T_CLUSTER=1."
+)
+
+
+def _services_settings(cluster: bool):
+    return Settings(cluster=True) if cluster else get_settings()
+
+
 @services_app.command("up")
 def services_up(
     names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)"),
+    cluster: bool = CLUSTER_OPTION,
 ):
     """Start the services that are not running, and wait until each is healthy."""
     try:
-        healths = svc.up(get_settings(), names or None)
+        healths = svc.up(_services_settings(cluster), names or None)
     except svc.ServiceError as exc:
         fail(exc)
     console.print(_health_table(healths))
@@ -67,9 +78,10 @@ def services_up(
 @services_app.command("down")
 def services_down(
     names: list[str] = typer.Argument(None, help="redis, kafka, triton (default: all)"),
+    cluster: bool = CLUSTER_OPTION,
 ):
     """Stop the services (the whole process group of each), leaving none behind."""
-    stopped = svc.down(get_settings(), names or None)
+    stopped = svc.down(_services_settings(cluster), names or None)
     for name, was_running in stopped.items():
         console.print(f"{name}: {'stopped' if was_running else 'was not running'}")
 
@@ -79,9 +91,10 @@ def services_status(
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON; exit 1 unless all are healthy."
     ),
+    cluster: bool = CLUSTER_OPTION,
 ):
     """Show each service's address and health; exit non-zero unless all are healthy."""
-    healths = svc.status(get_settings())
+    healths = svc.status(_services_settings(cluster))
     if as_json:
         print(json.dumps({h.name: h.as_dict() for h in healths}, indent=2))
     else:
@@ -98,6 +111,7 @@ GROUPS = [
     ("export", export_app, "Export M3T-LM to ONNX/TensorRT and publish to model_repo/."),
     ("stream", stream_app, "Run the Kafka stream worker that keeps features and scores current."),
     ("scores", scores_app, "Query current risk scores."),
+    ("alerts", alerts_app, "Alerts on risk scores: run, list, simulate a rule."),
     ("api", api_app, "The HTTP API's tokens: add, list, revoke."),
     ("bench", bench_app, "Benchmark throughput and latency, stage by stage and end to end."),
 ]

@@ -47,6 +47,10 @@ REDIS_REFUSALS = [
     ("stream", ["ACL", "SETUSER", "x"]),
     ("stream", ["KEYS", "*"]),
     ("stream", ["SET", "outside-m3t", "1"]),
+    ("alerts", ["FLUSHALL"]),
+    ("alerts", ["KEYS", "*"]),
+    ("alerts", ["GET", "m3t:v1-0-0:3:{1}:m"]),  # feature state
+    ("alerts", ["HSET", "m3t:score:{1}", "mortality_prob", "1"]),
 ]
 
 

@@ -22,6 +22,20 @@ online feature store, scored by the cached encoders and fusion head on Triton), 
 set must be published and the models loaded (`make demo`). ``run(pipeline=...)`` gives the
 workers other pieces (the tests' walking skeleton, which needs no trained model); the result
 records which.
+
+Each level also records where the time went: by process, the CPU cores each used while the
+events were sent (``/proc``); by stage, the workers' own sums (``stream.metrics.StageTimes``:
+Kafka timestamp to poll, feature write per poll, and per scoring batch the read, the model
+and the score writes). ``schedulers`` runs the sweep once per scheduler setting, side by
+side (``SCHEDULERS``: the settings' own, and the fill wait and fetch settings of before
+#19); ``benchmarks.scaling`` turns the result into events/s per core and a sizing table.
+
+``explanations=(False, True)`` runs the sweep with ``stream.explanations`` off, then on (each
+score's data freshness, and its reasons computed after it is written by ``m3t_explain``),
+through the same services in the same run, and compares the two level by level; with them
+on, each row also gives how long a score's reasons came after it (``reasons_p50_ms``,
+``reasons_p99_ms``, over the ``reasons_n`` scores given reasons: a score superseded before
+it was explained never gets its own).
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import json
 import multiprocessing
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -38,6 +53,7 @@ from collections import defaultdict, deque
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 from pydantic import SecretStr
 
 from benchmarks import harness as h
@@ -53,9 +69,21 @@ FIRST_HADM = 95_000_000
 SWEEP_HADMS = 1_000_000  # admissions a sweep may number (a full sweep makes ~200,000)
 NEW_ADMISSIONS, CENSUS, HOSTILE = "new admissions", "census", "census + 1% hostile"
 HOSTILE_EVERY = 100  # one hostile event sent after every 100th valid one
+CURRENT, FILL_WAIT = "scheduler: settings", "scheduler: fill wait 20 ms, fetch 5 ms/1 MB"
+# Settings overrides per scheduler. FILL_WAIT is the worker as it was before #19: a batch
+# waited up to 20 ms to fill while events kept coming, and a fetch waited 5 ms for 1 MB.
+SCHEDULERS = {
+    CURRENT: {},
+    FILL_WAIT: {
+        "stream": {"max_wait_ms": 20},
+        "kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000},
+    },
+}
+# A worker publishes its metrics (stage times included) about every second.
+METRICS_FLUSH_S = 1.2
 
 
-def m3t_deployed(settings: Settings) -> bool:
+def m3t_deployed(settings: Settings, explanations: bool = False) -> bool:
     """Whether a feature set is published and the M3T-LM models are loaded."""
     from features.online import OnlineStore
     from m3t.clients import redis_client, triton_client
@@ -63,9 +91,8 @@ def m3t_deployed(settings: Settings) -> bool:
     try:
         OnlineStore.current(redis_client(settings))
         client = triton_client(settings)
-        return all(
-            client.is_model_ready(f"m3t_{name}") for name in ("enc_notes", "enc_cxr", "rescore")
-        )
+        names = ("enc_notes", "enc_cxr", "rescore") + (("explain",) if explanations else ())
+        return all(client.is_model_ready(f"m3t_{name}") for name in names)
     except Exception:  # nothing published, or a model not loaded
         return False
 
@@ -80,15 +107,78 @@ def m3t_pipeline(settings: Settings):
     return (*build_scoring(settings, client, "cached"), ScoreStore(client))
 
 
-def serve(settings: Settings, stop, max_batch: int, max_wait_ms: int, pipeline) -> None:
+def serve(settings: Settings, stop, pipeline) -> None:
     """The worker process, its pieces from ``pipeline(settings)``: consume until ``stop`` is set."""
     from stream.wiring import connect
 
     features, scorer, scores = pipeline(settings)
-    worker = connect(
-        settings, features, scorer, scores, max_batch=max_batch, max_wait_ms=max_wait_ms
+    connect(settings, features, scorer, scores).run(stop=stop)
+
+
+def scheduled(settings: Settings, scheduler: str, max_batch: int, max_wait_ms: int | None):
+    """``settings`` with ``scheduler``'s overrides (``SCHEDULERS``), ``max_batch`` and, where
+    given, ``max_wait_ms``."""
+    overrides = SCHEDULERS[scheduler]
+    stream = {"max_batch": max_batch, **overrides.get("stream", {})}
+    if max_wait_ms is not None:
+        stream["max_wait_ms"] = max_wait_ms
+    return settings.model_copy(
+        update={
+            "stream": settings.stream.model_copy(update=stream),
+            "kafka": settings.kafka.model_copy(update=overrides.get("kafka", {})),
+        }
     )
-    worker.run(stop=stop)
+
+
+def stage_totals(settings: Settings, pids: list[int]) -> dict[str, dict]:
+    """The workers' stage sums (``StageTimes``), added over the workers with these pids."""
+    from m3t.clients import redis_client
+    from stream.metrics import METRICS_KEY, STAGES
+
+    client = redis_client(settings, role="admin")
+    try:
+        names = [f"{socket.gethostname()}-{pid}" for pid in pids]
+        snapshots = [json.loads(v) for v in client.hmget(METRICS_KEY, names) if v]
+    finally:
+        client.close()
+    return {
+        name: {
+            key: sum(snap.get("stages", {}).get(name, {}).get(key, 0) for snap in snapshots)
+            for key in ("seconds", "count", "items")
+        }
+        for name in STAGES
+    }
+
+
+def stage_summary(before: dict, after: dict) -> dict:
+    """Where a level's time went in the workers: ms per event from Kafka's timestamp to the
+    poll, ms per poll applying its events, and per scoring batch the read, the model and
+    the score writes; with events per poll and admissions per batch."""
+
+    def delta(name):  # a stage the sums lack (explain, before #20) ran no time
+        zero = {"seconds": 0, "count": 0, "items": 0}
+        a, b = after.get(name, zero), before.get(name, zero)
+        return {k: a[k] - b[k] for k in ("seconds", "count", "items")}
+
+    def per(value, n):
+        return round(value / n, 4) if n else None
+
+    consume, apply = delta("consume"), delta("apply")
+    out = {
+        "produce -> consume ms/event": per(1000 * consume["seconds"], consume["items"]),
+        "feature write ms/poll": per(1000 * apply["seconds"], apply["count"]),
+        "events/poll": per(apply["items"], apply["count"]),
+    }
+    for name, label in (
+        ("read", "read"),
+        ("model", "model"),
+        ("explain", "explanations"),
+        ("write", "score write"),
+    ):
+        d = delta(name)
+        out[f"{label} ms/batch"] = per(1000 * d["seconds"], d["count"])
+    out["admissions/batch"] = per(delta("read")["items"], delta("read")["count"])
+    return out
 
 
 def admission(hadm_id: int, when: datetime | None = None) -> bytes:
@@ -169,6 +259,10 @@ class ScoreObserver:
         # hadm_id -> (event time (epoch s), run, event index), oldest first
         self.waiting: dict[int, deque[tuple[float, h.LoadRun, int]]] = defaultdict(deque)
         self.scored: set[int] = set()
+        # Scores published with their reasons pending: (hadm_id, feature time) -> arrival;
+        # and the time from that arrival to the same score's arrival with its reasons.
+        self.pending_reasons: dict[tuple[int, float], float] = {}
+        self.reason_lags_s: list[float] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -191,9 +285,26 @@ class ScoreObserver:
             for message in messages:
                 self._complete(json.loads(message.value()), now)
 
+    def take_reason_lags(self) -> dict:
+        """p50/p99 ms from a score's arrival to its reasons', over the scores given reasons
+        since the last call (none: explanations off)."""
+        with self._lock:
+            lags, self.reason_lags_s = self.reason_lags_s, []
+            self.pending_reasons.clear()
+        if not lags:
+            return {}
+        p50, p99 = np.percentile(np.asarray(lags) * 1000, [50, 99])
+        return {"reasons_n": len(lags), "reasons_p50_ms": p50, "reasons_p99_ms": p99}
+
     def _complete(self, score: dict, when: float) -> None:
         with self._lock:
             hadm_id = int(score["hadm_id"])
+            key = (hadm_id, score["feature_time"])
+            if "freshness" in score and score.get("freshness") is not None:
+                if score.get("reasons") is None:
+                    self.pending_reasons[key] = when
+                elif key in self.pending_reasons:
+                    self.reason_lags_s.append(when - self.pending_reasons.pop(key))
             self.scored.add(hadm_id)
             queue = self.waiting.get(hadm_id)
             while queue and queue[0][0] <= score["feature_time"] + self.slack_s:
@@ -216,12 +327,14 @@ def run(
     workloads: tuple[str, ...] = (NEW_ADMISSIONS, CENSUS, HOSTILE),
     census: int = 1000,
     max_batch: int = 256,
-    max_wait_ms: int = 20,
+    max_wait_ms: int | None = None,
     ready_timeout_s: float = 90.0,
     seed: int = 0,
     held: tuple[float, float] | None = None,
     pipeline=None,
     kafka_security: tuple[str, ...] | None = None,
+    explanations: tuple[bool, ...] = (False,),
+    schedulers: tuple[str, ...] = (CURRENT,),
 ) -> h.Result:
     """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
     ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
@@ -234,7 +347,17 @@ def run(
     ``kafka_security``: the Kafka security protocols to run the sweep through, in turn
     (default: the settings' own). A protocol other than the settings' runs on a second
     local broker started for it (``kafka_twin``), beside the first in the same run: the
-    cost of SCRAM over TLS against loopback plaintext."""
+    cost of SCRAM over TLS against loopback plaintext.
+
+    ``schedulers``: the ``SCHEDULERS`` to run the sweep under, in turn (``max_wait_ms``,
+    where given, overrides theirs).
+
+    ``explanations``: ``stream.explanations`` for the sweeps above (the first value), then
+    for each further value one more sweep, with the first protocol, scheduler and worker
+    count."""
+    unknown_schedulers = set(schedulers) - set(SCHEDULERS)
+    if unknown_schedulers:
+        raise ValueError(f"unknown scheduler(s) {sorted(unknown_schedulers)}: {list(SCHEDULERS)}")
     unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS, HOSTILE}
     if unknown:
         raise ValueError(
@@ -242,7 +365,13 @@ def run(
             f"{NEW_ADMISSIONS!r}, {CENSUS!r}, {HOSTILE!r}"
         )
     services.up(settings)
-    if pipeline is None and not m3t_deployed(settings):
+    explained = (
+        {"stream": settings.stream.model_copy(update={"explanations": explanations[0]})}
+        if explanations[0] != settings.stream.explanations
+        else {}
+    )
+    settings = settings.model_copy(update=explained)
+    if pipeline is None and not m3t_deployed(settings, any(explanations)):
         raise RuntimeError(
             "M3T-LM is not deployed: publish a feature set and load the models first (`make demo`)"
         )
@@ -261,10 +390,12 @@ def run(
             "census": census,
             "max_batch": max_batch,
             "max_wait_ms": max_wait_ms,
+            "schedulers": {name: SCHEDULERS[name] for name in schedulers},
             "pipeline": described,
             "seed": seed,
             "held": list(held) if held else None,
             "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
+            "explanations": list(explanations),
             "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: "
             "one admission event per new admission; census: lab and vital results for open "
             "admissions chosen uniformly at random; census + 1% hostile: the same, and after "
@@ -280,8 +411,6 @@ def run(
         drain_s=drain_s,
         workloads=workloads,
         census=census,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
         ready_timeout_s=ready_timeout_s,
         pipeline=pipeline,
         seed=seed,
@@ -297,14 +426,34 @@ def run(
             services.up(target, ["kafka"])
         try:
             label = f", Kafka {protocol}" if len(protocols) > 1 else ""
-            for n in workers:
-                runs = sweep(target, settings, n, first_hadm=FIRST_HADM + SWEEP_HADMS * sweeps)
-                sweeps += 1
-                variant = f"{n} worker{'s' if n > 1 else ''}{label}"
-                result.rows += [_row(variant, seconds, census, *run) for run in runs]
+            for scheduler in schedulers:
+                cfg = scheduled(target, scheduler, max_batch, max_wait_ms)
+                if len(schedulers) > 1:
+                    label_s = f"{label}, {scheduler}"
+                else:
+                    label_s = label
+                for n in workers:
+                    first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
+                    runs = sweep(cfg, settings, n, first_hadm=first_hadm)
+                    sweeps += 1
+                    variant = f"{n} worker{'s' if n > 1 else ''}{label_s}"
+                    result.rows += [_row(variant, seconds, census, *run) for run in runs]
         finally:
             if target is not settings:
                 services.down(target, ["kafka"])
+    for explain in explanations[1:]:
+        on = settings.model_copy(
+            update={"stream": settings.stream.model_copy(update={"explanations": explain})}
+        )
+        cfg = scheduled(on, schedulers[0], max_batch, max_wait_ms)
+        runs = sweep(cfg, on, workers[0], first_hadm=FIRST_HADM + SWEEP_HADMS * sweeps)
+        sweeps += 1
+        variant = f"{workers[0]} worker{'s' if workers[0] > 1 else ''}"
+        variant += f", Kafka {protocols[0]}" if len(protocols) > 1 else ""
+        variant += f", {schedulers[0]}" if len(schedulers) > 1 else ""
+        label = f"{variant}, explanations {'on' if explain else 'off'}"
+        result.rows += [_row(label, seconds, census, *run) for run in runs]
+        result.comparisons += _explanation_ratios(result.rows, variant, label)
     if len(protocols) > 1:
         result.comparisons += _protocol_ratios(result.rows, protocols)
     first = next((r for r in result.rows if "p50_ms" in r), None)
@@ -314,8 +463,11 @@ def run(
     return result
 
 
-def _row(variant: str, seconds: float, census: int, workload, level_s, run_, cores) -> dict:
-    """One level of a sweep, as a result row."""
+def _row(
+    variant: str, seconds: float, census: int, workload, level_s, run_, cores, stages, reasons
+) -> dict:
+    """One level of a sweep, as a result row (``reasons``: how long scores waited for their
+    reasons, with explanations on)."""
     case = "event -> score" + (
         ", new admissions" if workload == NEW_ADMISSIONS else f", census {census:,}"
     )
@@ -329,6 +481,8 @@ def _row(variant: str, seconds: float, census: int, workload, level_s, run_, cor
         **run_.summary(),
         "cpu_cores": round(sum(cores.values()), 2),
         "cpu_cores_by_process": cores,
+        "stages": stages,
+        **{k: round(v, 2) if isinstance(v, float) else v for k, v in reasons.items()},
         **({"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY} if workload == HOSTILE else {}),
     }
 
@@ -360,6 +514,27 @@ def kafka_twin(settings: Settings, protocol: str) -> Settings:
     )
 
 
+def _explanation_ratios(rows: list[dict], off: str, on: str) -> list[dict]:
+    """Explanations on over off, level by level: p50 event-to-score and events/s achieved."""
+    by_key = {(r["case"], r.get("offered_per_s"), r["variant"]): r for r in rows if "p50_ms" in r}
+    ratios = []
+    for (case, rate, variant), row in by_key.items():
+        other = by_key.get((case, rate, off)) if variant == on else None
+        if other is not None:
+            name = f"{case} at {rate:g}/s"
+            ratios.append(h.ratio(f"p50 {name}", on, off, row["p50_ms"], other["p50_ms"]))
+            ratios.append(
+                h.ratio(
+                    f"achieved/s {name}",
+                    on,
+                    off,
+                    row["achieved_per_s"],
+                    other["achieved_per_s"],
+                )
+            )
+    return ratios
+
+
 def _protocol_ratios(rows: list[dict], protocols) -> list[dict]:
     """p50 event-to-score through the first protocol over the second, case by case."""
     first, second = protocols[0], protocols[1]
@@ -385,8 +560,6 @@ def _sweep(
     drain_s,
     workloads,
     census,
-    max_batch,
-    max_wait_ms,
     ready_timeout_s,
     pipeline,
     seed,
@@ -394,15 +567,14 @@ def _sweep(
     first_hadm=FIRST_HADM,
 ):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
-    seconds, LoadRun, CPU cores by process while sending) per workload and level. Admissions
+    seconds, LoadRun, CPU cores by process while sending, stage times) per workload and
+    level. Admissions
     are numbered from ``first_hadm``, so that sweeps in one run never share one."""
     cfg = kafka.own_topics(settings, "bench-")
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     workers = [
-        context.Process(
-            target=serve, args=(cfg, stop, max_batch, max_wait_ms, pipeline), daemon=True
-        )
+        context.Process(target=serve, args=(cfg, stop, pipeline), daemon=True)
         for _ in range(n_workers)
     ]
     for worker in workers:
@@ -430,6 +602,7 @@ def _sweep(
             },
         }
     )
+    pids = [w.pid for w in workers]
     rng = random.Random(seed)
     next_hadm, runs = first_hadm, []
     try:
@@ -444,11 +617,12 @@ def _sweep(
             levels = [(rate, seconds) for rate in rates] + ([held] if held else [])
             for rate, level_s in levels:
                 if workload in (CENSUS, HOSTILE):
-                    run_, cores = _level(
+                    run_, cores, stages = _level(
                         cfg,
                         producer,
                         observer,
                         meter,
+                        pids,
                         rate,
                         level_s,
                         drain_s,
@@ -458,11 +632,12 @@ def _sweep(
                     )
                 else:
                     first = next_hadm
-                    run_, cores = _level(
+                    run_, cores, stages = _level(
                         cfg,
                         producer,
                         observer,
                         meter,
+                        pids,
                         rate,
                         level_s,
                         drain_s,
@@ -474,7 +649,8 @@ def _sweep(
                     # create: left there, they made each append-only-file rewrite that came
                     # in a later level fork a child writing a few hundred MB (10 s of a core).
                     _cleanup(cfg, range(first, next_hadm))
-                runs.append((workload, level_s, run_, cores))
+                # Reasons of this level's scores that came during the drain count too.
+                runs.append((workload, level_s, run_, cores, stages, observer.take_reason_lags()))
     finally:
         stop.set()
         observer.close()
@@ -550,6 +726,7 @@ def _level(
     producer,
     observer,
     meter: h.CpuMeter,
+    pids: list[int],
     rate: float,
     seconds: float,
     drain_s: float,
@@ -560,7 +737,8 @@ def _level(
 ):
     """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
     when)`` its bytes. Event times are the schedule's, so they increase per admission.
-    Returns the run and the CPU cores each process used while the events were sent.
+    Returns the run, the CPU cores each process used while the events were sent and the
+    workers' stage times (``stage_summary``).
 
     The result is the run as it stood ``drain_s`` after the last send. Past saturation the
     workers are still behind then: the next level starts once they have caught up (up to
@@ -574,6 +752,7 @@ def _level(
         when = start + timedelta(seconds=offset)
         encoded.append(encode(hadm_id, when))
         observer.expect(hadm_id, when.timestamp(), run, i)
+    stages_before = stage_totals(cfg, pids)
     before, began = meter.sample(), time.perf_counter()
 
     def send(i: int) -> None:
@@ -593,7 +772,8 @@ def _level(
     result = replace(run, done=run.done.copy())
     wait_until(all_scored, settle_s, 0.05)
     observer.forget()
-    return result, cores
+    time.sleep(METRICS_FLUSH_S)  # the workers' last stage times published
+    return result, cores, stage_summary(stages_before, stage_totals(cfg, pids))
 
 
 def _cleanup(cfg: Settings, hadm_ids) -> None:

@@ -110,9 +110,10 @@ def read_baseline(client, prefix: str, hadm_ids: list[int]) -> dict[str, np.ndar
 
 def c_client_read(settings: Settings, keys: list[str], calls: int) -> dict | None:
     """p50/p95/p99 ms of ``calls`` MGETs of ``keys`` by ``redis-benchmark`` (the same keys
-    each call, one connection); None where it is not installed (Debian's redis-tools)."""
+    each call, one connection); None where it is not installed (Debian's redis-tools), and on
+    a Redis Cluster, where one MGET cannot span slots."""
     binary = shutil.which("redis-benchmark")
-    if binary is None:
+    if binary is None or settings.redis.is_cluster:
         return None
     cfg = settings.redis
     username, password = login(settings, "redis", "stream")
@@ -286,11 +287,18 @@ def _reads(result, settings, client, fitted, events, hadm_ids, batches, reads) -
 
 
 def tls_twin(settings: Settings) -> Settings:
-    """Settings for a second local Redis that speaks only TLS, on a free port."""
+    """Settings for a second local Redis that speaks only TLS, on a free port (one node,
+    where the stream's is a cluster too: the price of TLS is per connection)."""
     (port,) = free_ports(1, settings.redis.host)
-    redis = settings.redis.model_copy(update={"tls": True, "port": port})
+    redis = settings.redis.model_copy(
+        update={"tls": True, "port": port, "cluster": False, "cluster_nodes": ""}
+    )
     return settings.model_copy(
-        update={"redis": redis, "state_dir": settings.state_dir / "bench-redis-tls"}
+        update={
+            "redis": redis,
+            "cluster": False,
+            "state_dir": settings.state_dir / "bench-redis-tls",
+        }
     )
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,8 @@ COLUMNS = {
     "p95_ms": "p95 ms",
     "p99_ms": "p99 ms",
     "cpu_cores": "CPU used (cores)",
+    "reasons_p50_ms": "reasons p50 ms",
+    "reasons_p99_ms": "reasons p99 ms",
     "max_abs_diff_vs_fp32_eager": "max abs diff vs fp32",
     "note": "note",
 }
@@ -262,6 +265,46 @@ def open_loop(
 
 
 # --- the machine ----------------------------------------------------------------------------------
+
+
+class PinnedProcess:
+    """``python -m MODULE serve CORE``: a server measured alone, in a process of its own
+    pinned to ``core``, given the settings as JSON on its stdin; ``first_line`` is what it
+    prints once it serves, ``output`` what it prints after its stdin is closed (it stops)."""
+
+    def __init__(self, module: str, settings, core: int):
+        self.module, self.settings, self.core = module, settings, core
+        self.first_line, self.output = "", ""
+
+    def __enter__(self):
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", self.module, "serve", str(self.core)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+            text=True,
+        )
+        self._process.stdin.write(self.settings.model_dump_json() + "\n")
+        self._process.stdin.flush()
+        self.first_line = self._process.stdout.readline().strip()
+        if not self.first_line:
+            self._process.kill()
+            raise RuntimeError(f"{self.module} did not start (see its stderr above)")
+        return self
+
+    def cpu(self) -> float:
+        """CPU seconds the process (every thread) used so far."""
+        return CpuMeter({"server": [self._process.pid]}).sample()["server"]
+
+    def __exit__(self, *exc) -> None:
+        self._process.stdin.close()
+        try:
+            self._process.wait(60)
+            self.output = self._process.stdout.read()
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 class CpuMeter:

@@ -15,8 +15,12 @@ from pathlib import Path
 from benchmarks import harness as h
 from m3t.settings import Settings
 
-# The cost of security, stated: each sweep through SCRAM over TLS and through plaintext.
-SECURITY_BESIDE_PLAINTEXT = ("SASL_SSL", "PLAINTEXT")
+# The scheduler beside the one before #19 (bench_e2e.SCHEDULERS; named here so that listing
+# the stages imports no benchmark).
+SCHEDULER_BESIDE_FILL_WAIT = (
+    "scheduler: settings",
+    "scheduler: fill wait 20 ms, fetch 5 ms/1 MB",
+)
 
 
 @dataclass(frozen=True)
@@ -97,22 +101,50 @@ STAGES: dict[str, Stage] = {
             quick=dict(batch=64, repeats=2),
         ),
         Stage(
+            "ward",
+            "benchmarks.bench_ward",
+            "The ward page in headless Chromium: a score written to Redis until its row is "
+            "updated in the browser (p50/p99).",
+            full=dict(updates=200, admissions=20, history=12),
+            quick=dict(updates=30, admissions=10, history=4),
+        ),
+        Stage(
+            "feeds",
+            "benchmarks.bench_feeds",
+            "HL7 v2 messages/s through the MLLP listener (pinned to one core) into Kafka, "
+            "ACK latency p50/p99 at fixed offered rates and at saturation; FHIR Bundles/s "
+            "through POST /fhir.",
+            full=dict(messages=20_000, connections=32, rates=(100, 500), rate_seconds=5.0),
+            quick=dict(
+                messages=2000,
+                connections=16,
+                rates=(100, 500),
+                rate_seconds=2.0,
+                repeats=2,
+                fhir_bundles=300,
+            ),
+        ),
+        Stage(
             "e2e",
             "benchmarks.bench_e2e",
             "Offered-load sweep through the stream worker (new admissions; a census of open ones, "
-            "clean and with 1% hostile events): achieved events/s and event-to-score p50/p95/p99.",
+            "clean and with 1% hostile events): achieved events/s, event-to-score p50/p95/p99, "
+            "CPU by process and time by stage, the scheduler beside the one before #19.",
             full=dict(
-                rates=(100, 500, 2000, 10_000, 15_000),
+                rates=(50, 200, 2000, 10_000, 15_000),
                 seconds=5.0,
                 workers=(1, 2),
                 held=(2000, 30.0),
-                kafka_security=SECURITY_BESIDE_PLAINTEXT,
+                schedulers=SCHEDULER_BESIDE_FILL_WAIT,
+                explanations=(False, True),
             ),
             quick=dict(
-                rates=(50, 200),
-                seconds=2.0,
+                rates=(50, 200, 2000),
+                seconds=3.0,
                 drain_s=5.0,
-                kafka_security=SECURITY_BESIDE_PLAINTEXT,
+                workloads=("new admissions", "census"),
+                schedulers=SCHEDULER_BESIDE_FILL_WAIT,
+                explanations=(False, True),
             ),
         ),
     )

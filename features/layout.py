@@ -38,9 +38,13 @@ NAN, INF = float("nan"), float("inf")
 
 # --- the aggregates ----------------------------------------------------------------------
 
-# Header slots.
+# Header slots. The admission's life is kept as event times (epoch hours, -inf: none), so
+# that cancels commute with what they cancel (``features.state``): the admission event whose
+# demographics are held, the latest cancel of the admission, the latest discharge and the
+# latest cancel of a discharge; ``H_KEYED``: 1 once a result id or a correction was seen.
 H_ADMIT, H_AGE, H_MALE, H_ADMTYPE, H_LAST_EVENT, H_DISCHARGED = range(6)
-HEADER = 6
+H_ADMIT_EVENT, H_CANCEL_ADMIT, H_CANCEL_DISCHARGE, H_KEYED = range(6, 10)
+HEADER = 10
 # Per-item slots.
 S_COUNT, S_SUM, S_MIN, S_MAX, S_LAST_TIME, S_LAST_VALUE = range(6)
 STATS = 6
@@ -56,7 +60,7 @@ ITEM_PREFIXES = fd.N_BUCKETS * PREFIX
 EMPTY_PREFIX = [0.0, 0.0, INF, -INF]
 
 EMPTY_AGGREGATES = (
-    [NAN, NAN, NAN, NAN, -INF, 0.0]
+    [NAN, NAN, NAN, NAN, -INF, -INF, -INF, -INF, -INF, 0.0]
     + [0.0, 0.0, INF, -INF, -INF, NAN] * N_ITEMS
     + [NAN] * N_ITEMS
     + EMPTY_PREFIX * (fd.N_BUCKETS * N_ITEMS)

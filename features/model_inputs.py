@@ -26,6 +26,9 @@ MODALITY_MASK = "modality_mask"  # float32 [3]: radiology note, discharge note, 
 
 LOS_REMAINING = "los_remaining_days"  # float32 [1]: days from the newest event to discharge
 MORTALITY = "mortality_prob"  # float32 [1]
+# m3t_explain's: float32 [groups + modalities], each one's part of mortality_prob
+# (``features.reasons``, ``trainer.explain``).
+CONTRIBUTIONS = "mortality_contributions"
 
 # Per-modality embeddings, for serving the encoders and the fusion head separately.
 EMB_NUMERIC = "emb_numeric"

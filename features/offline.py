@@ -170,16 +170,31 @@ def group_admissions(events: Iterable) -> dict[int, list]:
 
 
 def labelled(grouped: Mapping[int, list], skipped: dict[str, int] | None = None) -> list[Admission]:
-    """Admissions with both an admission and a discharge event (the label's source)."""
+    """Admissions with both an admission and a discharge event (the label's source): the
+    admission event sent last (an A08 update) and the latest discharge, where no cancel
+    took it back; an admission cancelled and never admitted again is no example."""
     out = []
     for hadm_id, evs in grouped.items():
-        admit = next((e for e in evs if e.type == "admission"), None)
-        discharge = next((e for e in evs if e.type == "discharge"), None)
-        if admit is None or discharge is None:
+        admits = [e for e in evs if e.type == "admission"]
+        discharges = [e for e in evs if e.type == "discharge"]
+        life = AdmissionState()  # the admission's life only: its admits, discharges, cancels
+        for e in (*admits, *discharges, *(e for e in evs if e.type == "cancel")):
+            life.apply(e, None)
+        reason = (
+            "no_admission_event"
+            if not admits
+            else "cancelled_admission"
+            if life.cancelled
+            else "no_discharge_event"
+            if not life.discharged
+            else None
+        )
+        if reason is not None:
             if skipped is not None:
-                reason = "no_admission_event" if admit is None else "no_discharge_event"
                 skipped[reason] = skipped.get(reason, 0) + 1
             continue
+        admit = max(admits, key=lambda e: (hours(e.event_time), sort_key(e)))
+        discharge = max(discharges, key=sort_key)
         out.append(
             Admission(
                 hadm_id,

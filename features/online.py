@@ -3,14 +3,20 @@
 Layout, per admission (``{hadm_id}`` is a Redis Cluster hash tag, so all of one
 admission's keys share a slot and the commit script may touch them together)::
 
-    m3t:<tag>:4:{12345}:m     string  the serving blob (features.layout): one MGET serves a batch
-    m3t:<tag>:4:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping
-    m3t:<tag>:4:{12345}:seen  hash    event id -> digest of the content applied under it
+    m3t:<tag>:5:{12345}:m     string  the serving blob (features.layout): one MGET serves a batch
+    m3t:<tag>:5:{12345}:s     hash    v = commit version, a = aggregates, n = note bookkeeping,
+                                      t = transfers (features.state.Transfers)
+    m3t:<tag>:5:{12345}:seen  hash    event id -> digest of the content applied under it
+    m3t:<tag>:5:{12345}:adt   string  "<status>\n<ward>": open, discharged or cancelled, and
+                                      the current careunit, read with the serving blobs
+    m3t:<tag>:5:{12345}:o     string  the measurement log (features.state.LOG_RECORD), appended
+                                      to; read only for an admission with result ids or
+                                      corrections, whose aggregates are refolded from it
     m3t:<tag>:fitted          string  the FittedFeatures JSON this namespace was written with
 
 ``<tag>`` is the feature-set version, the layout fingerprint (``features.definitions.LAYOUT``:
 the numeric columns and the bucket width of the windowed aggregates) and the vocabulary
-fingerprint (``FittedFeatures.tag``); ``4`` is ``STORE_FORMAT``, the layout of these keys.
+fingerprint (``FittedFeatures.tag``); ``5`` is ``STORE_FORMAT``, the layout of these keys.
 
 An event id names one content (``ingest.events.content_digest``): an event whose id was
 applied with the same digest is a duplicate and changes nothing; one with another digest is
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,8 +60,9 @@ import redis
 from features import definitions as fd
 from features import model_inputs as mi
 from features.fitted import FittedFeatures
-from features.layout import serving_tail
-from features.state import AdmissionState, hours
+from features.layout import H_KEYED, serving_tail
+from features.reasons import newest_times
+from features.state import AdmissionState, Notes, hours
 from features.transform import serving_blobs, serving_inputs
 from ingest.events import content_digest, sort_key
 from m3t.clients import LuaScript, mget, round_trip, run_scripts, unlink
@@ -65,21 +73,25 @@ CURRENT_KEY = "m3t:features:current"  # the tag the stream workers write under
 # The layout of an admission's keys and of the blobs they hold (features.layout), in their
 # names, so state written in another format is never half read (its events would count as
 # seen). Bump it when either changes.
-STORE_FORMAT = 4
+STORE_FORMAT = 5
 # Why the store refuses an event whose id it has applied with other content.
 EVENT_ID_CONFLICT = "event_id_conflict"
 
-_STATE_FIELDS = ("v", "a", "n")  # commit version, aggregates, note bookkeeping
+# commit version, aggregates, note bookkeeping, transfers
+_STATE_FIELDS = ("v", "a", "n", "t")
 _COMMIT = LuaScript("""
--- KEYS: serving blob, state hash, seen hash.
+-- KEYS: serving blob, state hash, seen hash, status and ward, measurement log.
 -- ARGV: expected version, serving blob, aggregates, notes ('' = unchanged), ttl,
+--       status and ward, transfers, log records to append,
 --       then event id, digest, event id, digest...
 local version = redis.call('HGET', KEYS[2], 'v') or '0'
 if version ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], 'v', tostring(tonumber(version) + 1), 'a', ARGV[3])
+redis.call('HSET', KEYS[2], 'v', tostring(tonumber(version) + 1), 'a', ARGV[3], 't', ARGV[7])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'n', ARGV[4]) end
-for i = 6, #ARGV, 4000 do
+redis.call('SET', KEYS[4], ARGV[6])
+if ARGV[8] ~= '' then redis.call('APPEND', KEYS[5], ARGV[8]) end
+for i = 9, #ARGV, 4000 do
   redis.call('HSET', KEYS[3], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
 end
 for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[5]) end
@@ -123,15 +135,21 @@ class OnlineStore:
         self.max_retries = max_retries
         self.max_stay_h = max_stay_days * 24.0
         self._key_formats = tuple(
-            f"{self.prefix}:{STORE_FORMAT}:{{%d}}:{part}" for part in ("m", "s", "seen")
+            f"{self.prefix}:{STORE_FORMAT}:{{%d}}:{part}" for part in ("m", "s", "seen", "adt", "o")
         )
         # bytes %-formatting: the read path's keys
         self._serving_key, self._state_key = (key.encode() for key in self._key_formats[:2])
+        self._adt_key = self._key_formats[3].encode()
 
     # --- keys -------------------------------------------------------------------------
 
     def keys(self, hadm_id: int) -> tuple[str, str, str]:
         """The serving blob, the state hash and the seen hash of an admission."""
+        hadm_id = int(hadm_id)
+        return tuple(key % hadm_id for key in self._key_formats[:3])
+
+    def all_keys(self, hadm_id: int) -> tuple[str, ...]:
+        """``keys``, then the status-and-ward string and the measurement log."""
         hadm_id = int(hadm_id)
         return tuple(key % hadm_id for key in self._key_formats)
 
@@ -188,22 +206,44 @@ class OnlineStore:
 
     def _write_once(self, pending: dict[int, dict[str, tuple[object, bytes]]], stats: WriteStats):
         hadm_ids = list(pending)
+        # The measurement log is read where a measurement may need a refold: the batch brings
+        # a result id or a correction, or (found on loading) the admission already has one.
+        logged = {h for h in hadm_ids if any(_keyed(e) for e, _ in pending[h].values())}
 
         def load(commands):
             # No script, which would cost Redis more per admission: the version comes
             # first, so a commit landing between these reads moves it and this
             # admission's own commit fails its check and is reloaded.
             for hadm_id in hadm_ids:
-                serving_key, state_key, seen_key = self.keys(hadm_id)
+                serving_key, state_key, seen_key, _, log_key = self.all_keys(hadm_id)
                 commands.hmget(state_key, _STATE_FIELDS)
                 commands.get(serving_key)
                 commands.hmget(seen_key, list(pending[hadm_id]))
+                if hadm_id in logged:
+                    commands.get(log_key)
 
-        replies = round_trip(self.client, load)
-        loaded = ((*replies[i], replies[i + 1], replies[i + 2]) for i in range(0, len(replies), 3))
+        replies = iter(round_trip(self.client, load))
+        loaded = {}
+        for hadm_id in hadm_ids:
+            row = (*next(replies), next(replies), next(replies))
+            loaded[hadm_id] = (*row, (next(replies) or b"") if hadm_id in logged else None)
+        late = [
+            h
+            for h, row in loaded.items()
+            if row[6] is None and _stored_keyed(row[1]) and _measures(pending[h])
+        ]
+        if late:  # keyed admissions found on loading: a second round trip for their logs
+
+            def load_logs(commands):
+                for hadm_id in late:
+                    commands.get(self.all_keys(hadm_id)[4])
+
+            for hadm_id, log in zip(late, round_trip(self.client, load_logs)):
+                loaded[hadm_id] = (*loaded[hadm_id][:6], log or b"")
 
         folded = []
-        for hadm_id, (version, aggregates, notes, serving, applied) in zip(hadm_ids, loaded):
+        for hadm_id in hadm_ids:
+            version, aggregates, notes, transfers, serving, applied, log = loaded[hadm_id]
             fresh, duplicates, refused = [], 0, []
             for (event, digest), stored in zip(pending[hadm_id].values(), applied):
                 if stored is None:
@@ -217,7 +257,9 @@ class OnlineStore:
                 stats.refused += refused
                 continue
             tail = serving_tail(serving, self.fitted.note_tokens) if serving else None
-            state = AdmissionState.from_stored(aggregates, notes, tail, self.fitted.note_tokens)
+            state = AdmissionState.from_stored(
+                aggregates, notes, tail, self.fitted.note_tokens, transfers, log
+            )
             taken = []
             for event, digest in sorted(fresh, key=lambda pair: sort_key(pair[0])):
                 reason = state.refusal(event, self.max_stay_h)
@@ -241,11 +283,16 @@ class OnlineStore:
             changed_notes = state.to_notes() if state.notes_changed or not notes else b""
             ttl = self.discharged_ttl_s if state.discharged else self.open_ttl_s
             args = [version or b"0", serving, state.to_aggregates(), changed_notes, ttl]
+            args += [
+                f"{state.status}\n{state.ward}",
+                state.transfers.encode(),
+                bytes(state.new_records),
+            ]
             commits.append((hadm_id, duplicates, taken, refused, args))
 
         def commit(pipe):
             for hadm_id, _, taken, _, args in commits:
-                _COMMIT(pipe, self.keys(hadm_id), [*args, *chain.from_iterable(taken)])
+                _COMMIT(pipe, self.all_keys(hadm_id), [*args, *chain.from_iterable(taken)])
 
         # Were a commit that ran sent again (run_scripts, after NOSCRIPT), its version check
         # would fail and its admission be reloaded: nothing is applied twice.
@@ -287,6 +334,40 @@ class OnlineStore:
             for agg, serving in zip(aggregates, servings)
         ]
 
+    def modality_times(self, hadm_ids: Sequence[int]) -> np.ndarray:
+        """[B, 2] epoch hours of each admission's newest note (radiology report or previous
+        discharge summary) and newest chest X-ray, NaN where it has none; one round trip."""
+        out = np.full((len(hadm_ids), 2), np.nan)
+        if not hadm_ids:
+            return out
+
+        def queue(commands):
+            for h in hadm_ids:
+                commands.hget(self._state_key % h, "n")
+
+        tokens = self.fitted.note_tokens
+        for row, raw in enumerate(round_trip(self.client, queue)):
+            if raw:
+                out[row] = newest_times(Notes.decode(raw, tokens))
+        return out
+
+    def read_status(self, hadm_ids: Sequence[int]) -> list[tuple[str, str]]:
+        """Each admission's (status, ward): ``features.state``'s OPEN, DISCHARGED or
+        CANCELLED and its current careunit ("" unknown); ("", "") for an unknown admission."""
+        rows = mget(self.client, [self._adt_key % h for h in hadm_ids])
+        return [_status(row) for row in rows]
+
+    def read_inputs_and_status(
+        self, hadm_ids: Sequence[int]
+    ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+        """``read_inputs`` at the default time and ``read_status``, in one MGET."""
+        n = len(hadm_ids)
+        rows = mget(
+            self.client, self._serving_keys(hadm_ids) + [self._adt_key % h for h in hadm_ids]
+        )
+        inputs = serving_inputs(rows[:n], self.fitted.note_tokens)
+        return inputs, [_status(row) for row in rows[n:]]
+
     def read_inputs(self, hadm_ids: Sequence[int], as_of=None) -> dict[str, np.ndarray]:
         """Model inputs for a batch, stacked; ``present`` marks the admissions found.
 
@@ -316,13 +397,16 @@ class OnlineStore:
         if blob is None:
             return None
         row = self.fitted.assemble([blob], _as_hours(as_of))
-        discharged = self.client.hget(self.keys(hadm_id)[1], "a")
+        aggregates, transfers = self.client.hmget(self.keys(hadm_id)[1], ["a", "t"])
+        state = AdmissionState.from_stored(aggregates, None, None, transfers=transfers)
         raw = row["numeric_raw"][0]
         return {
             "hadm_id": int(hadm_id),
             "feature_set": self.fitted.tag,
             "as_of": datetime.fromtimestamp(float(row["as_of"][0]) * 3600, UTC).isoformat(),
-            "discharged": AdmissionState.from_stored(discharged, None, None).discharged,
+            "discharged": state.discharged,
+            "status": state.status,
+            "ward": state.ward,
             "numeric": {
                 name: (None if np.isnan(value) else round(float(value), 4))
                 for name, value in zip(fd.NUMERIC_FEATURES, raw)
@@ -357,6 +441,33 @@ def stale_namespaces(client: redis.Redis) -> dict[str, list[bytes]]:
         elif layout is not None and layout != str(STORE_FORMAT):
             stale[f"{prefix}:{layout}"].append(key)
     return dict(stale)
+
+
+def _keyed(event) -> bool:
+    """A measurement that makes its admission's aggregates refold from the log."""
+    p = event.payload
+    return (
+        event.type == "observation"
+        and p.itemid in fd.ITEM_INDEX
+        and (p.result_id is not None or p.status != "final")
+    )
+
+
+def _measures(claimed: dict) -> bool:
+    return any(
+        e.type == "observation" and e.payload.itemid in fd.ITEM_INDEX for e, _ in claimed.values()
+    )
+
+
+def _stored_keyed(aggregates: bytes | None) -> bool:
+    return bool(aggregates) and struct.unpack_from("<d", aggregates, H_KEYED * 8)[0] != 0.0
+
+
+def _status(row: bytes | None) -> tuple[str, str]:
+    if not row:
+        return "", ""
+    status, _, ward = row.decode().partition("\n")
+    return status, ward
 
 
 def _as_hours(as_of):

@@ -118,3 +118,97 @@ def cohort(n_admissions: int, seed: int = 0, first_hadm_id: int = 20_000_000, **
         h: admission_events(h, seed, **kwargs)
         for h in range(first_hadm_id, first_hadm_id + n_admissions)
     }
+
+
+CAREUNITS = ("Emergency Department", "Medicine", "Medical Intensive Care Unit (MICU)", "Surgery")
+
+
+def with_feed_events(events: list, seed: int = 0) -> list:
+    """One admission's events as a hospital feed would also send them: result ids on its
+    observations, a preliminary result made final, corrected results (with and without a
+    result id), transfers and a cancelled transfer, the admission re-sent (A08) with another
+    age, a discharge entered in error and cancelled, and an admission cancelled then
+    admitted again. In event-time order."""
+    admit_event = next(e for e in events if e.type == "admission")
+    discharge = next(e for e in events if e.type == "discharge")
+    hadm_id, subject_id = admit_event.hadm_id, admit_event.subject_id
+    rng = random.Random(hadm_id * 104729 + seed)
+    admit = admit_event.payload.admittime
+    stay = discharge.event_time - admit
+    env = lambda position, when: _envelope(hadm_id, subject_id, f"feed/{hadm_id}", position, when)  # noqa: E731
+    out = []
+    keyed = rng.random() < 0.7  # else corrections name their result by item and charttime
+    for i, e in enumerate(events):
+        if e.type != "observation":
+            out.append(e)
+            continue
+        p = e.payload
+        result_id = f"{hadm_id}-r{i}" if keyed else None
+        if keyed and rng.random() < 0.1:  # a preliminary value, then the final one
+            early = e.model_copy(
+                update={
+                    "event_id": ev.event_id(f"feed/{hadm_id}", ("prelim", i)),
+                    "payload": p.model_copy(
+                        update={
+                            "result_id": result_id,
+                            "status": "preliminary",
+                            "value": p.value + 1,
+                        }
+                    ),
+                }
+            )
+            out.append(early)
+            e = e.model_copy(update={"event_time": e.event_time + timedelta(minutes=30)})
+        out.append(e.model_copy(update={"payload": p.model_copy(update={"result_id": result_id})}))
+        if rng.random() < 0.15:
+            item = ITEMS[p.itemid]
+            value = round(rng.uniform(item.low, min(item.high, item.low + 200)), 2)
+            when = e.event_time + timedelta(hours=rng.uniform(0.5, 12))
+            out.append(
+                ev.ObservationEvent(
+                    **env(("corrected", i), when),
+                    payload=p.model_copy(
+                        update={"value": value, "result_id": result_id, "status": "corrected"}
+                    ),
+                )
+            )
+    units = rng.sample(CAREUNITS, 3)
+    moves = [admit, admit + stay * 0.2, admit + stay * 0.5]
+    for i, (unit, when) in enumerate(zip(units, moves)):
+        out.append(
+            ev.TransferEvent(
+                **env(("transfer", i), when),
+                payload=ev.TransferPayload(careunit=unit, intime=when),
+            )
+        )
+    out.append(
+        ev.CancelEvent(
+            **env("cancel-transfer", moves[2] + timedelta(minutes=20)),
+            payload=ev.CancelPayload(cancels="transfer"),
+        )
+    )
+    older = admit_event.payload.model_copy(update={"age": min(120.0, admit_event.payload.age + 1)})
+    out.append(ev.AdmissionEvent(**env("a08", admit + stay * 0.3), payload=older))
+    cancelled = admit + stay * 0.1
+    out.append(
+        ev.CancelEvent(**env("a11", cancelled), payload=ev.CancelPayload(cancels="admission"))
+    )
+    out.append(
+        ev.AdmissionEvent(
+            **env("readmit", cancelled + timedelta(minutes=10)), payload=admit_event.payload
+        )
+    )
+    early = admit + stay * 0.6
+    out.append(
+        ev.DischargeEvent(
+            **env("early-discharge", early),
+            payload=discharge.payload.model_copy(update={"dischtime": early}),
+        )
+    )
+    out.append(
+        ev.CancelEvent(
+            **env("a13", early + timedelta(minutes=15)),
+            payload=ev.CancelPayload(cancels="discharge"),
+        )
+    )
+    return sorted(out, key=ev.sort_key)

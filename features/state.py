@@ -18,6 +18,23 @@ it is available (its ``event_time``: the storetime, see ``ingest.mimic``), so "l
 the latest drawn among the values known: a result reported late never displaces a newer
 draw that was reported first, and no value is visible before its event time.
 
+The admission's life commutes too, kept as event times: the admission event with
+the latest ``event_time`` gives the demographics (an HL7 A08 resends it); a ``cancel``
+undoes the admission or discharge dated at or before it, so an admission is discharged
+while its latest discharge is later than its latest cancelled discharge, and cancelled
+while its latest cancel is at or after its latest admission event (a later admission event
+re-admits it). The ward is the careunit of the latest transfer by ``intime``; a cancelled
+transfer (A12) removes the latest one dated at or before the cancel, so the patient is
+back where the transfer moved them from (``Transfers``).
+
+Corrections: every measurement of a feature item is also kept in a compact log
+(``LOG_RECORD``). Min, max and sums cannot be subtracted, so once an admission has seen a
+result id or a correction (``H_KEYED``) its measurement aggregates are refolded from the
+log's *effective* measurements (``effective``) whenever they are read: per result id the
+latest (by event time, then status) counts; a correction without a result id of its own
+replaces the earlier measurements of its item at its charttime. The refold is a function
+of the set of measurements, so it too is order-independent.
+
 Windowed aggregates: measurements fall into time buckets of ``fd.BUCKET_HOURS`` (bucket
 ``floor(charttime / BUCKET_HOURS)``). Per item the state keeps the newest bucket ``J``
 any measurement fell into and, for ``r < N_BUCKETS``, the count, sum, min and max of the
@@ -33,9 +50,12 @@ as one of these prefixes.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
+import struct
 from array import array
+from collections import defaultdict
 from datetime import UTC, datetime
 
 from features import definitions as fd
@@ -44,9 +64,13 @@ from features.layout import (
     EMPTY_AGGREGATES,
     EMPTY_PREFIX,
     H_ADMIT,
+    H_ADMIT_EVENT,
     H_ADMTYPE,
     H_AGE,
+    H_CANCEL_ADMIT,
+    H_CANCEL_DISCHARGE,
     H_DISCHARGED,
+    H_KEYED,
     H_LAST_EVENT,
     H_MALE,
     HEADER,
@@ -70,6 +94,15 @@ from features.layout import (
     STATS,
 )
 from features.vocab import Vocabulary
+
+# One measurement in the log: item index, status rank, padding, charttime, value, event time
+# (epoch hours) and the first 8 bytes of a blake2b of its result id (zeros: none).
+LOG_RECORD = struct.Struct("<HB5xddd8s")
+NO_KEY = bytes(8)
+STATUS_RANK = {"preliminary": 0, "final": 1, "corrected": 2}
+CORRECTED = STATUS_RANK["corrected"]
+# An admission's status, for the ranking: open, discharged, or its admission cancelled.
+OPEN, DISCHARGED, CANCELLED = "open", "discharged", "cancelled"
 
 
 def hours(t: datetime) -> float:
@@ -148,10 +181,106 @@ class Notes:
         return notes
 
 
+class Transfers:
+    """Where the admission is: its transfers (``intime``, ``careunit``, each with the earliest
+    event time it was sent at) and the event times of its cancelled transfers. The ward is a
+    function of these sets, whatever order they arrived in."""
+
+    __slots__ = ("moves", "cancels")
+
+    def __init__(self):
+        self.moves: dict[tuple[float, str], float] = {}
+        self.cancels: set[float] = set()
+
+    def add(self, intime: float, careunit: str, event_time: float) -> None:
+        key = (intime, careunit)
+        self.moves[key] = min(self.moves.get(key, INF), event_time)
+
+    def cancel(self, event_time: float) -> None:
+        self.cancels.add(event_time)
+
+    def ward(self) -> str:
+        """The careunit of the latest transfer by intime that no cancel took back; each cancel
+        takes back the latest transfer (by intime) sent at or before it and not yet taken."""
+        live = set(self.moves)
+        for cancelled in sorted(self.cancels):
+            sent = [move for move in live if self.moves[move] <= cancelled]
+            if sent:
+                live.remove(max(sent))
+        return max(live)[1] if live else ""
+
+    def encode(self) -> bytes:
+        if not self.moves and not self.cancels:
+            return b""
+        moves = sorted([t, unit, sent] for (t, unit), sent in self.moves.items())
+        data = {"m": moves, "c": sorted(self.cancels)}
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Transfers:
+        transfers = cls()
+        if raw:
+            data = json.loads(raw)
+            transfers.moves = {(t, unit): sent for t, unit, sent in data["m"]}
+            transfers.cancels = set(data["c"])
+        return transfers
+
+
+def log_record(index: int, payload, event_time: float) -> bytes:
+    """The log's record of one measurement of feature item ``index``."""
+    key = NO_KEY
+    if payload.result_id is not None:
+        key = hashlib.blake2b(payload.result_id.encode(), digest_size=8).digest()
+    rank = STATUS_RANK[payload.status]
+    return LOG_RECORD.pack(index, rank, hours(payload.charttime), payload.value, event_time, key)
+
+
+def effective(log: bytes) -> list[tuple[int, float, float]]:
+    """The measurements that count, as (item index, charttime, value), in a fixed order.
+
+    Per result id only the latest (by event time, then status: preliminary < final <
+    corrected, then value) counts. A correction whose result id no other measurement carries,
+    or that has none, replaces the measurements of its item at its charttime that came
+    before it (in that order)."""
+    records = list(LOG_RECORD.iter_unpack(log))
+
+    def order(r):  # event time, status rank, value, charttime, item
+        return (r[4], r[1], r[3], r[2], r[0])
+
+    by_key = defaultdict(list)
+    for r in records:
+        if r[5] != NO_KEY:
+            by_key[r[5]].append(r)
+    kept = [r for r in records if r[5] == NO_KEY]
+    kept += [max(group, key=order) for group in by_key.values()]
+    corrections = [
+        r for r in kept if r[1] == CORRECTED and (r[5] == NO_KEY or len(by_key[r[5]]) == 1)
+    ]
+    if corrections:
+        latest: dict[tuple[int, float], tuple] = {}
+        for c in corrections:
+            where = (c[0], c[2])
+            if where not in latest or order(c) > order(latest[where]):
+                latest[where] = c
+        kept = [r for r in kept if order(r) >= order(latest.get((r[0], r[2]), r))]
+    return sorted((r[0], r[2], r[3]) for r in kept)
+
+
 class AdmissionState:
     """Running aggregates of one admission, updated in place by ``apply``."""
 
-    __slots__ = ("agg", "note_tokens", "_notes", "_notes_raw", "_tail", "notes_changed")
+    __slots__ = (
+        "agg",
+        "note_tokens",
+        "_notes",
+        "_notes_raw",
+        "_tail",
+        "notes_changed",
+        "transfers",
+        "log",
+        "new_records",
+        "_refold",
+    )
 
     def __init__(self, note_tokens: int = mi.NOTE_TOKENS):
         self.agg = list(EMPTY_AGGREGATES)
@@ -160,6 +289,11 @@ class AdmissionState:
         self._notes_raw: bytes | None = None  # as stored, until a note or image needs it decoded
         self._tail: bytes | None = None  # the blob tail, cached while the notes are unchanged
         self.notes_changed = False
+        self.transfers = Transfers()
+        # The measurement log (None: stored, not loaded) and the records this state added.
+        self.log: bytearray | None = bytearray()
+        self.new_records = bytearray()
+        self._refold = False  # the measurement aggregates wait for a refold from the log
 
     @property
     def notes(self) -> Notes:
@@ -178,17 +312,28 @@ class AdmissionState:
         if kind == "observation":
             index = fd.ITEM_INDEX.get(p.itemid)
             if index is not None:
-                t = hours(p.charttime)
-                self._observe(HEADER + index * STATS, t, p.value)
-                self._window(index, t, p.value)
+                self._measure(index, p, hours(event.event_time))
         elif kind == "admission":
-            a[H_ADMIT] = hours(p.admittime)
-            a[H_AGE] = p.age
-            a[H_MALE] = 1.0 if p.gender == "M" else 0.0
-            a[H_ADMTYPE] = _admission_type_index(p.admission_type)
+            # The admission event sent last (A08 resends it) gives the demographics.
+            sent = (hours(event.event_time), hours(p.admittime), p.age, float(p.gender == "M"))
+            admission_type = _admission_type_index(p.admission_type)
+            held = (a[H_ADMIT_EVENT], a[H_ADMIT], a[H_AGE], a[H_MALE], a[H_ADMTYPE])
+            if a[H_ADMIT_EVENT] == -INF or (*sent, admission_type) > held:
+                a[H_ADMIT_EVENT], a[H_ADMIT], a[H_AGE], a[H_MALE] = sent
+                a[H_ADMTYPE] = admission_type
         elif kind == "discharge":
-            # The outcome is a label, never an input: only the fact of discharge is kept.
-            a[H_DISCHARGED] = 1.0
+            # The outcome is a label, never an input: only when it was discharged is kept.
+            a[H_DISCHARGED] = max(a[H_DISCHARGED], hours(event.event_time))
+        elif kind == "transfer":
+            self.transfers.add(hours(p.intime), p.careunit, hours(event.event_time))
+        elif kind == "cancel":
+            t = hours(event.event_time)
+            if p.cancels == "admission":
+                a[H_CANCEL_ADMIT] = max(a[H_CANCEL_ADMIT], t)
+            elif p.cancels == "discharge":
+                a[H_CANCEL_DISCHARGE] = max(a[H_CANCEL_DISCHARGE], t)
+            else:
+                self.transfers.cancel(t)
         elif kind in ("note", "cxr"):
             notes = self.notes
             if kind == "cxr":
@@ -211,6 +356,38 @@ class AdmissionState:
         if t > admit + max_stay_h:
             return "after_max_stay"
         return None
+
+    def _measure(self, index: int, payload, event_time: float) -> None:
+        record = log_record(index, payload, event_time)
+        self.new_records += record
+        if self.log is not None:
+            self.log += record
+        a = self.agg
+        if payload.result_id is not None or payload.status != "final":
+            a[H_KEYED] = 1.0
+        if a[H_KEYED]:
+            if self.log is None:
+                raise RuntimeError("a keyed admission's measurement needs its log loaded")
+            self._refold = True
+        else:
+            t = hours(payload.charttime)
+            self._observe(HEADER + index * STATS, t, payload.value)
+            self._window(index, t, payload.value)
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self.agg[H_KEYED])
+
+    def settle(self) -> None:
+        """Refold the measurement aggregates from the log's effective measurements, if a
+        measurement of a keyed admission came since the last refold."""
+        if not self._refold:
+            return
+        self.agg[HEADER:] = EMPTY_AGGREGATES[HEADER:]
+        for index, t, value in effective(self.log):
+            self._observe(HEADER + index * STATS, t, value)
+            self._window(index, t, value)
+        self._refold = False
 
     def _observe(self, base: int, t: float, value: float) -> None:
         a = self.agg
@@ -246,6 +423,7 @@ class AdmissionState:
 
     def static_features(self) -> list[float]:
         """``NUMERIC_FEATURES[:N_STATIC]``, NaN where missing (count is never missing)."""
+        self.settle()
         a = self.agg
         if a[H_ADMIT] == a[H_ADMIT]:  # admitted (not NaN)
             onehot = [0.0] * (len(fd.ADMISSION_TYPES) + 1)
@@ -268,6 +446,7 @@ class AdmissionState:
         return out
 
     def anchors(self) -> list[float]:
+        self.settle()
         a = self.agg
         last_times = [
             a[base + S_LAST_TIME] if a[base + S_COUNT] else NAN
@@ -277,7 +456,22 @@ class AdmissionState:
 
     @property
     def discharged(self) -> bool:
-        return self.agg[H_DISCHARGED] == 1.0
+        """Discharged, and that discharge not cancelled (a later discharge counts again)."""
+        return self.agg[H_DISCHARGED] > self.agg[H_CANCEL_DISCHARGE]
+
+    @property
+    def cancelled(self) -> bool:
+        """The admission was cancelled (A11) and not admitted again since."""
+        a = self.agg
+        return a[H_CANCEL_ADMIT] > -INF and a[H_CANCEL_ADMIT] >= a[H_ADMIT_EVENT]
+
+    @property
+    def status(self) -> str:
+        return CANCELLED if self.cancelled else DISCHARGED if self.discharged else OPEN
+
+    @property
+    def ward(self) -> str:
+        return self.transfers.ward()
 
     # --- serialisation ------------------------------------------------------------------
 
@@ -287,6 +481,7 @@ class AdmissionState:
         numeric = (
             array("f", self.static_features()).tobytes() + array("d", self.anchors()).tobytes()
         )
+        self.settle()
         return numeric + array("f", self.agg[PREFIXES:]).tobytes() + self.blob_tail()
 
     def blob_tail(self) -> bytes:
@@ -295,6 +490,7 @@ class AdmissionState:
         return self._tail
 
     def to_aggregates(self) -> bytes:
+        self.settle()
         return array("d", self.agg).tobytes()
 
     def to_notes(self) -> bytes:
@@ -309,10 +505,16 @@ class AdmissionState:
         notes: bytes | None,
         tail: bytes | None,
         note_tokens: int = mi.NOTE_TOKENS,
+        transfers: bytes | None = None,
+        log: bytes | None = None,
     ) -> AdmissionState:
         """The state as the online store keeps it (all None: a new admission). ``tail``:
-        the stored blob tail (``blob_tail``), which spares decoding the notes to write."""
+        the stored blob tail (``blob_tail``), which spares decoding the notes to write;
+        ``log``: the measurement log, None where it was not loaded (then a keyed
+        admission's measurement cannot be applied)."""
         state = cls(note_tokens)
+        state.transfers = Transfers.decode(transfers)
+        state.log = None if log is None else bytearray(log)
         if aggregates:
             agg = array("d")
             agg.frombytes(aggregates)

@@ -147,11 +147,21 @@ def synth(
         True, help="Also write the DICOM tree (CR/DX; JPEG-baseline and uncompressed)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    feed_format: str = typer.Option(
+        "mimic",
+        "--format",
+        help="mimic: the MIMIC-IV layout only; hl7: also its events as an HL7 v2 message "
+        "stream in OUT/hl7/messages.hl7; fhir: also OUT/fhir/bundles.ndjson, the cohort as FHIR "
+        "R4 Bundles (one an admission-hour) for POST /fhir.",
+    ),
 ):
     """Write a synthetic multimodal cohort in the MIMIC-IV layout (see ingest/synth.py)."""
     from dataclasses import asdict
 
     from ingest.synth import generate, studies_count
+
+    if feed_format not in ("mimic", "hl7", "fhir"):
+        _fail(f"--format is mimic, hl7 or fhir, not {feed_format!r}")
 
     with _progress() as progress:
         task = progress.add_task("painting radiographs", total=studies_count(admissions, seed))
@@ -163,11 +173,23 @@ def synth(
             dicom=dicom,
             progress=lambda n: progress.advance(task, n),
         )
+    result = asdict(summary)
+    if feed_format == "hl7":
+        from ingest import hl7_writer
+        from ingest.mimic import MimicReader
+
+        events = (e for evs in MimicReader(out).admissions() for e in evs)
+        result["hl7_messages"] = hl7_writer.write(events, out / "hl7" / "messages.hl7")
+    elif feed_format == "fhir":
+        from ingest.fhir_writer import write_cohort
+
+        written = write_cohort(out, out / "fhir")
+        result["fhir_bundles"], result["fhir_file"] = written.bundles, str(written.path)
     if as_json:
-        print(json.dumps(asdict(summary), indent=2))
+        print(json.dumps(result, indent=2, default=str))
         return
     table = Table("what", "count", title=f"synthetic cohort in {out}")
-    for name, value in asdict(summary).items():
+    for name, value in result.items():
         if name != "out":
             table.add_row(name, str(value))
     console.print(table)

@@ -14,6 +14,20 @@ discharge summary of the current stay would leak its outcome). The reader emits 
 earlier summary into the new admission at its admit time, with ``from_hadm_id`` naming
 the admission that wrote it.
 
+Hospital feeds add three things (``ingest.hl7``, ``ingest.fhir``):
+
+- ``transfer``: the admission moved to a ward or unit (``careunit``) at ``intime``; the
+  latest transfer by ``intime`` is the admission's ward.
+- ``cancel``: an admission (HL7 A11), a discharge (A13) or a transfer (A12) entered in error.
+  It undoes events of that kind dated at or before its own ``event_time``; a later one of
+  that kind counts again (a cancelled discharge reopens the admission until it is discharged
+  anew).
+- an ``observation`` with ``status`` "corrected" replaces the value of the result it
+  corrects: the one with the same ``result_id`` (the filler order and test, a FHIR
+  Observation's id), or without one, the same item at the same ``charttime``. An
+  ``admission`` may be sent again (HL7 A08, an update): the one with the latest
+  ``event_time`` gives the demographics.
+
 ``event_id`` is derived from the source position, so a replay or a redelivery carries the
 same id and the online store can apply it once.
 
@@ -84,7 +98,7 @@ REASONS = (
     "schema_violation",
 )
 
-EventType = Literal["admission", "observation", "note", "cxr", "discharge"]
+EventType = Literal["admission", "observation", "note", "cxr", "discharge", "transfer", "cancel"]
 
 
 def _text(max_length: int, min_length: int = 0):
@@ -110,6 +124,7 @@ DicomId = _text(128)
 ViewPosition = _text(64)
 Uri = _text(4096, min_length=1)
 NoteText = _text(MAX_NOTE_CHARS)
+ResultId = _text(256, min_length=1)
 
 
 class _Payload(BaseModel):
@@ -132,6 +147,8 @@ class ObservationPayload(_Payload):
     charttime: Time
     # "lab" (hosp/labevents) or "vital" (icu/chartevents)
     kind: Literal["lab", "vital"]
+    result_id: ResultId | None = None
+    status: Literal["final", "preliminary", "corrected"] = "final"
 
 
 class NotePayload(_Payload):
@@ -154,6 +171,15 @@ class DischargePayload(_Payload):
     dischtime: Time
     los_days: float = Field(ge=0)
     hospital_expire_flag: bool
+
+
+class TransferPayload(_Payload):
+    careunit: Label
+    intime: Time
+
+
+class CancelPayload(_Payload):
+    cancels: Literal["admission", "discharge", "transfer"]
 
 
 class _Envelope(BaseModel):
@@ -199,14 +225,39 @@ class DischargeEvent(_Envelope):
     payload: DischargePayload
 
 
-Event = Annotated[
-    AdmissionEvent | ObservationEvent | NoteEvent | CxrEvent | DischargeEvent,
-    Field(discriminator="type"),
-]
+class TransferEvent(_Envelope):
+    type: Literal["transfer"] = "transfer"
+    payload: TransferPayload
+
+
+class CancelEvent(_Envelope):
+    type: Literal["cancel"] = "cancel"
+    payload: CancelPayload
+
+
+AnyEvent = (
+    AdmissionEvent
+    | ObservationEvent
+    | NoteEvent
+    | CxrEvent
+    | DischargeEvent
+    | TransferEvent
+    | CancelEvent
+)
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 _EVENT = TypeAdapter(Event)
 
-# Same-timestamp events are ordered so an admission opens first and closes last.
-TYPE_ORDER: dict[str, int] = {"admission": 0, "observation": 1, "note": 1, "cxr": 1, "discharge": 2}
+# Same-timestamp events are ordered so an admission opens first and closes last, and a
+# cancel comes after what it cancels.
+TYPE_ORDER: dict[str, int] = {
+    "admission": 0,
+    "observation": 1,
+    "note": 1,
+    "cxr": 1,
+    "transfer": 1,
+    "discharge": 2,
+    "cancel": 3,
+}
 
 
 class InvalidEvent(ValueError):
@@ -238,7 +289,7 @@ def content_digest(event) -> bytes:
     return hashlib.blake2b(content, digest_size=16).digest()
 
 
-def sort_key(event: AdmissionEvent | ObservationEvent | NoteEvent | CxrEvent | DischargeEvent):
+def sort_key(event: AnyEvent):
     return (event.event_time, TYPE_ORDER[event.type], event.event_id)
 
 

@@ -9,12 +9,32 @@ What is taken (fields by their HL7 numbers):
 - ``ADT^A03`` -> a ``discharge``: PV1-45 the discharge time, the stay from PV1-44;
   died in hospital when PV1-36 (discharge disposition) is an expired code of the UB-04
   patient status (``EXPIRED_DISPOSITIONS``: 20, 40, 41, 42) or PID-30 (death indicator) is Y.
+- ``ADT^A01``/``A04`` with PV1-3 (assigned location) also -> a ``transfer`` into its point of
+  care (PV1-3.1) at the admit time; ``ADT^A02`` -> a ``transfer`` into PV1-3.1 at EVN-6
+  (event occurred), else EVN-2 (recorded), else MSH-7.
+- ``ADT^A08`` -> the ``admission`` again (an update: the one sent last gives the
+  demographics), timed at EVN-2, else MSH-7.
+- ``ADT^A11``, ``A12``, ``A13`` -> a ``cancel`` of the admission, the transfer, the
+  discharge, timed at EVN-2, else MSH-7 (it undoes what it cancels dated at or before it).
 - ``ORU^R01`` -> one ``observation`` per numeric result (OBX-2 ``NM``): OBX-3 a LOINC code
   of ``ingest.loinc`` (its unit, OBX-6, converted into the item's); results of other value
   types (text, coded) are not features and are passed over. The event is timed when the
   result was available, OBX-19 (analysis time), else OBR-22 (result reported), else when it
-  was observed; the chart time is OBX-14, else OBR-7. Result status (OBX-11) F, P, R, C or
-  empty is taken (a correction is one more value for now).
+  was observed; the chart time is OBX-14, else OBR-7. The result's id is OBR-3 (filler
+  order number), OBX-3 and OBX-4 (sub-id), when OBR-3 is given; its status OBX-11: C
+  corrected (it replaces the value of the same result), P preliminary, F, R or empty final.
+
+- ``MDM^T02`` -> a ``note``: TXA-2 the document type (``RAD`` a radiology report, ``DS`` a
+  discharge summary), TXA-4 the chart time, TXA-12 the note id, the text the TX/FT OBX
+  values one a line; timed at EVN-2, else MSH-7. A discharge summary is of an earlier stay,
+  named by PV1-50 (alternate visit id), and is sent into the new admission (PV1-19).
+- ``ORU^R01`` whose OBR-4 (universal service id) names a radiology report (LOINC 18748-4
+  or a text with "radiology") or a discharge summary (18842-5, "discharge summary") ->
+  a ``note`` from its TX/FT OBX values: OBR-3 the note id, OBR-7 the chart time, timed at
+  OBR-22, else MSH-7.
+- ``ORU^R01`` OBX of type ``RP`` (reference pointer) -> a ``cxr``: OBX-5.1 the image URI,
+  which must lie under the configured image roots (else ``image_refused``), OBR-3 the
+  study id, OBX-4 the DICOM id, OBR-7 the study time (also the event time).
 
 Times (HL7 TS, to the minute at least) with a UTC offset are converted to UTC; without one
 they are taken as the contract takes MIMIC's, as given. ``event_id`` is derived from the
@@ -31,6 +51,8 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import hl7
 from pydantic import ValidationError
@@ -40,6 +62,7 @@ from ingest import itemids, loinc
 
 ENCODING_CHARACTERS = "^~\\&"
 # HL7 table 0007 admission type, else table 0004 patient class -> MIMIC's admission_type.
+# Table 0007 is user-defined: the two-letter codes are this site's for MIMIC's other types.
 ADMISSION_TYPES = {
     "E": "EW EMER.",  # emergency
     "A": "EW EMER.",  # accident
@@ -48,11 +71,29 @@ ADMISSION_TYPES = {
     "R": "ELECTIVE",  # routine
     "L": "URGENT",  # labour and delivery
     "N": "URGENT",  # newborn
+    "OA": "OBSERVATION ADMIT",
+    "AO": "AMBULATORY OBSERVATION",
+    "DE": "DIRECT EMER.",
+    "DO": "DIRECT OBSERVATION",
+    "EO": "EU OBSERVATION",
+    "SD": "SURGICAL SAME DAY ADMISSION",
 }
+# The code each admission type is sent with (ingest.hl7_writer).
+ADMISSION_TYPE_CODES = {"EW EMER.": "E", "URGENT": "U", "ELECTIVE": "C"} | {
+    kind: code for code, kind in ADMISSION_TYPES.items() if len(code) == 2
+}
+DOCUMENT_TYPES = {"RAD": "radiology", "DS": "discharge"}
+# OBR-4 of a report: LOINC code or words -> note type.
+REPORT_CODES = {"18748-4": "radiology", "18842-5": "discharge"}
+REPORT_WORDS = (("discharge summary", "discharge"), ("radiology", "radiology"))
+TEXT_TYPES = frozenset({"TX", "FT"})
 PATIENT_CLASSES = {"E": "EW EMER.", "I": "URGENT", "O": "AMBULATORY OBSERVATION"}
 EXPIRED_DISPOSITIONS = frozenset({"20", "40", "41", "42"})
-RESULT_STATUSES = frozenset({"F", "P", "R", "C", ""})
+RESULT_STATUSES = {"F": "final", "R": "final", "": "final", "P": "preliminary", "C": "corrected"}
 ADMITS, DISCHARGES, RESULTS = {"ADT^A01", "ADT^A04"}, {"ADT^A03"}, {"ORU^R01"}
+DOCUMENTS = {"MDM^T02"}
+TRANSFERS, UPDATES = {"ADT^A02"}, {"ADT^A08"}
+CANCELS = {"ADT^A11": "admission", "ADT^A12": "transfer", "ADT^A13": "discharge"}
 # Why a message was refused, and whether it is rejected outright (AR: the message itself
 # cannot be processed) or in error (AE: its content breaks a rule).
 REASONS = {
@@ -66,6 +107,8 @@ REASONS = {
     "unknown_loinc": "AE",
     "unknown_unit": "AE",
     "unsupported_result_status": "AE",
+    "unsupported_document": "AE",
+    "image_refused": "AE",
     "invalid_event": "AE",
 }
 _SEGMENT = re.compile(r"[A-Z][A-Z0-9]{2}(\||$)")
@@ -142,19 +185,34 @@ def header(message: hl7.Message) -> Header:
     )
 
 
-def to_events(raw: bytes | str) -> Mapped:
-    """The events one message says, each validated by the contract; or ``Refused``."""
+def to_events(raw: bytes | str, image_roots: tuple[Path, ...] | None = None) -> Mapped:
+    """The events one message says, each validated by the contract; or ``Refused``.
+    ``image_roots``: where an image reference may point (None: not checked here)."""
     message = parse(raw)
     head = header(message)
     if not head.control_id:
         raise Refused("missing_field", "MSH-10")
     kind = f"{head.message_type}^{head.trigger}"
     if kind in ADMITS:
-        mapped = [_admission(message, head, kind)]
+        admission = _admission(message, head, kind)
+        mapped = [
+            admission,
+            *_transfer(message, head, kind, admission.payload.admittime, required=False),
+        ]
+    elif kind in UPDATES:
+        mapped = [_admission(message, head, kind, sent=_sent(message))]
+    elif kind in TRANSFERS:
+        when = _time(message, "EVN", 6) or _sent(message)
+        mapped = _transfer(message, head, kind, when, required=True)
+    elif kind in CANCELS:
+        mapped = [_cancel(message, head, kind)]
     elif kind in DISCHARGES:
         mapped = [_discharge(message, head, kind)]
     elif kind in RESULTS:
         mapped = _observations(message, head, kind)
+        mapped += _report(message, head, kind) + _images(message, head, kind, image_roots)
+    elif kind in DOCUMENTS:
+        mapped = [_document(message, head, kind)]
     else:
         raise Refused("unsupported_message", "MSH-9")
     try:
@@ -166,7 +224,48 @@ def to_events(raw: bytes | str) -> Mapped:
 # --------------------------------------------------------------------------- messages
 
 
-def _admission(message: hl7.Message, head: Header, kind: str) -> ev.AdmissionEvent:
+def _sent(message: hl7.Message) -> datetime:
+    """When the message's event was recorded: EVN-2, else the message time MSH-7."""
+    when = _time(message, "EVN", 2) or _time(message, "MSH", 7)
+    if when is None:
+        raise Refused("missing_field", "EVN-2")
+    return when
+
+
+def _transfer(message, head: Header, kind: str, when, *, required: bool) -> list:
+    unit = _get(message, "PV1", 3)
+    if not unit:
+        if required:
+            raise Refused("missing_field", "PV1-3")
+        return []
+    return [
+        _build(
+            ev.TransferEvent,
+            message,
+            head,
+            kind,
+            segment=("PV1", 3),
+            event_time=when,
+            payload=dict(careunit=unit, intime=when),
+        )
+    ]
+
+
+def _cancel(message: hl7.Message, head: Header, kind: str) -> ev.CancelEvent:
+    return _build(
+        ev.CancelEvent,
+        message,
+        head,
+        kind,
+        segment=("EVN", 1),
+        event_time=_sent(message),
+        payload=dict(cancels=CANCELS[kind]),
+    )
+
+
+def _admission(
+    message: hl7.Message, head: Header, kind: str, sent: datetime | None = None
+) -> ev.AdmissionEvent:
     admitted = _time(message, "PV1", 44, required=True)
     sex = _required(message, "PID", 8)
     if sex not in ("M", "F"):
@@ -181,7 +280,7 @@ def _admission(message: hl7.Message, head: Header, kind: str) -> ev.AdmissionEve
         head,
         kind,
         segment=("PV1", 1),
-        event_time=admitted,
+        event_time=sent or admitted,
         payload=dict(
             admittime=admitted, admission_type=_admission_type(message), gender=sex, age=age
         ),
@@ -213,10 +312,7 @@ def _discharge(message: hl7.Message, head: Header, kind: str) -> ev.DischargeEve
 
 def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.ObservationEvent]:
     observed = []
-    results = message.segments("OBX") if _has(message, "OBX") else []
-    for n in range(1, len(results) + 1):
-        if _get(message, "OBX", 2, n=n) != "NM":
-            continue
+    for n in _results_of_type(message, "NM"):
         code = _get(message, "OBX", 3, n=n)
         system = _get(message, "OBX", 3, n=n, component=3)
         entry = loinc.BY_LOINC.get(code)
@@ -225,8 +321,11 @@ def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.Obse
         convert = entry.units.get(loinc.normalise_unit(_get(message, "OBX", 6, n=n)))
         if convert is None:
             raise Refused("unknown_unit", f"OBX {n}: OBX-6")
-        if _get(message, "OBX", 11, n=n) not in RESULT_STATUSES:
+        status = RESULT_STATUSES.get(_get(message, "OBX", 11, n=n))
+        if status is None:
             raise Refused("unsupported_result_status", f"OBX {n}: OBX-11")
+        filler = _get(message, "OBR", 3)
+        result_id = f"{filler}^{code}^{_get(message, 'OBX', 4, n=n)}"[:256] if filler else None
         try:
             value = convert(float(_get(message, "OBX", 5, n=n)))
         except ValueError:
@@ -252,6 +351,8 @@ def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.Obse
                     unit=item.unit,
                     charttime=charted,
                     kind=item.kind,
+                    result_id=result_id,
+                    status=status,
                 ),
             )
         )
@@ -276,6 +377,134 @@ def _build(event_type, message, head: Header, kind: str, *, segment, event_time,
         raise Refused("invalid_event", f"{where}: {first['type']}") from None
 
 
+def _text_of(message: hl7.Message) -> str | None:
+    """The TX/FT OBX values, unescaped, one a line; None when there are none."""
+    if not _has(message, "OBX"):
+        return None
+    lines = []
+    for segment in message.segments("OBX"):
+        if _field(segment, 2) in TEXT_TYPES:
+            lines.append(message.unescape(_field(segment, 5)))
+    return "\n".join(lines) if lines else None
+
+
+def _field(segment, field: int) -> str:
+    """A segment's whole field as sent (components and all), empty when absent."""
+    try:
+        return str(segment(field))
+    except IndexError:
+        return ""
+
+
+def _note(message, head, kind, *, note_type, note_id, charted, when, segment):
+    text = _text_of(message)
+    if text is None:
+        raise Refused("missing_field", "OBX-5")
+    if not note_id:
+        raise Refused("missing_field", "TXA-12" if segment[0] == "TXA" else "OBR-3")
+    if charted is None:
+        raise Refused("missing_field", "TXA-4" if segment[0] == "TXA" else "OBR-7")
+    hadm_id = _id(message, "PV1", 19)
+    from_hadm = _id(message, "PV1", 50) if note_type == "discharge" else hadm_id
+    return _build(
+        ev.NoteEvent,
+        message,
+        head,
+        kind,
+        segment=segment,
+        event_time=when,
+        payload=dict(
+            note_type=note_type,
+            text=text,
+            charttime=charted,
+            note_id=note_id,
+            from_hadm_id=from_hadm,
+        ),
+    )
+
+
+def _document(message: hl7.Message, head: Header, kind: str) -> ev.NoteEvent:
+    note_type = DOCUMENT_TYPES.get(_get(message, "TXA", 2))
+    if note_type is None:
+        raise Refused("unsupported_document", "TXA-2")
+    return _note(
+        message,
+        head,
+        kind,
+        note_type=note_type,
+        note_id=_get(message, "TXA", 12),
+        charted=_time(message, "TXA", 4),
+        when=_sent(message),
+        segment=("TXA", 1),
+    )
+
+
+def _report(message: hl7.Message, head: Header, kind: str) -> list[ev.NoteEvent]:
+    """A radiology report or discharge summary sent as a result (OBR-4 says which)."""
+    code, words = _get(message, "OBR", 4), _get(message, "OBR", 4, component=2).lower()
+    note_type = REPORT_CODES.get(code) or next((t for w, t in REPORT_WORDS if w in words), None)
+    if note_type is None or _text_of(message) is None:
+        return []
+    when = _time(message, "OBR", 22) or _time(message, "MSH", 7)
+    note = _note(
+        message,
+        head,
+        kind,
+        note_type=note_type,
+        note_id=_get(message, "OBR", 3),
+        charted=_time(message, "OBR", 7),
+        when=when,
+        segment=("OBR", 1),
+    )
+    return [note]
+
+
+def _images(message, head: Header, kind: str, roots) -> list[ev.CxrEvent]:
+    """Image references (OBX type RP) under the configured roots."""
+    found = []
+    for n in _results_of_type(message, "RP"):
+        uri = _get(message, "OBX", 5, n=n)
+        if not uri:
+            raise Refused("missing_field", f"OBX {n}: OBX-5")
+        if roots is not None and not _under(uri, roots):
+            raise Refused("image_refused", f"OBX {n}: OBX-5 outside the image roots")
+        studied = _time(message, "OBR", 7, required=True)
+        found.append(
+            _build(
+                ev.CxrEvent,
+                message,
+                head,
+                kind,
+                segment=("OBX", n),
+                event_time=studied,
+                payload=dict(
+                    study_id=_id(message, "OBR", 3),
+                    dicom_id=_required_obx(message, n, 4),
+                    uri=uri,
+                    studytime=studied,
+                ),
+            )
+        )
+    return found
+
+
+def _required_obx(message, n: int, field: int) -> str:
+    value = _get(message, "OBX", field, n=n)
+    if not value:
+        raise Refused("missing_field", f"OBX {n}: OBX-{field}")
+    return value
+
+
+def _under(uri: str, roots) -> bool:
+    """Whether a file URI or path names a file under one of ``roots`` (after resolving
+    ``..`` and links, so a reference cannot climb out)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+        return False
+    path = Path(unquote(parsed.path)).resolve()
+    return any(path.is_relative_to(Path(root).resolve()) for root in roots)
+
+
 def _admission_type(message: hl7.Message) -> str:
     admission_type = ADMISSION_TYPES.get(_get(message, "PV1", 4))
     return admission_type or PATIENT_CLASSES.get(_get(message, "PV1", 2), "")
@@ -284,15 +513,34 @@ def _admission_type(message: hl7.Message) -> str:
 # --------------------------------------------------------------------------- fields
 
 
+def _results_of_type(message: hl7.Message, value_type: str) -> list[int]:
+    """The positions (from 1) of the OBX segments whose value type (OBX-2) is ``value_type``."""
+    count = len(message.segments("OBX")) if _has(message, "OBX") else 0
+    return [n for n in range(1, count + 1) if _get(message, "OBX", 2, n=n) == value_type]
+
+
 def _has(message: hl7.Message, segment: str) -> bool:
-    return any(str(s[0]) == segment for s in message)
+    return segment in _segments(message)
 
 
 def _get(message: hl7.Message, segment: str, field: int, *, n: int = 1, component: int = 1):
     """The field's first repetition's component, unescaped; empty when absent."""
-    if not _has(message, segment):
+    segments = _segments(message).get(segment, ())
+    if len(segments) < n:
         return ""
-    return message.extract_field(segment, n, field, 1, component).strip()
+    return segments[n - 1].extract_field(n, field, 1, component).strip()
+
+
+def _segments(message: hl7.Message) -> dict[str, list[hl7.Segment]]:
+    """The message's segments by name, found once per message: the library's own lookup
+    scans them all for every field read."""
+    found = getattr(message, "_m3t_segments", None)
+    if found is None:
+        found = {}
+        for segment in message:
+            found.setdefault(str(segment[0]), []).append(segment)
+        message._m3t_segments = found
+    return found
 
 
 def _raw(msh, field: int) -> str:

@@ -3,7 +3,7 @@
 Layout (each table ``.csv.gz`` or plain ``.csv``; a table or modality that is absent is
 simply absent from the output)::
 
-    hosp/patients  hosp/admissions  hosp/labevents  hosp/d_labitems
+    hosp/patients  hosp/admissions  hosp/labevents  hosp/d_labitems  hosp/transfers
     icu/icustays   icu/chartevents  icu/d_items
     note/radiology note/discharge                      (MIMIC-IV-Note)
     mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv[.gz] + files/pXX/pSUBJECT/sSTUDY/DICOM.jpg
@@ -28,6 +28,7 @@ skipped for a counted reason. Rules worth knowing:
       note/radiology    storetime (report signed)     else charttime
       note/discharge    the next admission's admittime, if stored (else charted) by then
       admissions        admittime / dischtime
+      hosp/transfers    intime (a ``transfer`` into ``careunit``; not before the admit time)
       MIMIC-CXR         the study time (StudyDate + StudyTime): the image is there at once;
                         its report's text is the radiology note, available at its storetime
 
@@ -79,6 +80,7 @@ from ingest.events import (
     DischargeEvent,
     NoteEvent,
     ObservationEvent,
+    TransferEvent,
     event_id,
     sort_key,
 )
@@ -324,6 +326,7 @@ class MimicReader:
         self._read_admissions()
         self._link_admissions()
         self._read_icustays()
+        self._read_transfers()
         known_labs = self._read_dictionary("hosp/d_labitems", itemids.LAB_IDS)
         known_vitals = self._read_dictionary("icu/d_items", itemids.VITAL_IDS)
         self._read_observations("hosp/labevents", known_labs, itemids.LAB_IDS, "lab")
@@ -508,6 +511,34 @@ class MimicReader:
             rows.dead(_times(f.intime).isna(), "unparseable_time", "intime")
             self._bind(rows, subject, hadm)
             rows.stats.used += len(rows.kept)
+
+    def _read_transfers(self) -> None:
+        """Moves into a ward or unit; the discharge rows (no careunit) say nothing new."""
+        parts = []
+        columns = ["subject_id", "hadm_id", "eventtype", "careunit", "intime"]
+        for rows in self._rows("hosp/transfers", columns):
+            f = rows.frame
+            subject, hadm = _ids(f.subject_id), _ids(f.hadm_id)
+            rows.missing(subject, "subject_id")
+            rows.skip(f.eventtype.astype(str).str.lower() == "discharge", "discharge_row")
+            rows.skip(f.careunit.isna() | (f.careunit.astype(str).str.strip() == ""), "no_careunit")
+            self._bind(rows, subject, hadm)
+            intime = _times(f.intime)
+            rows.dead(intime.isna(), "unparseable_time", "intime")
+            self._skip_after_discharge(rows, hadm, intime)
+            kept = rows.kept
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "row": kept,
+                        "hadm_id": hadm[kept].astype("int64"),
+                        "careunit": f.careunit[kept].astype(str),
+                        "intime": intime[kept],
+                    }
+                )
+            )
+        if parts:
+            self._kept["hosp/transfers"] = pd.concat(parts, ignore_index=True)
 
     def _read_dictionary(self, table: str, fallback: frozenset[int]) -> frozenset[int]:
         """Known itemids; without the dictionary file, the items the model uses."""
@@ -754,6 +785,15 @@ def _observation(row, adm: _Admission, envelope: dict) -> ObservationEvent:
     )
 
 
+def _transfer(row, adm: _Admission, envelope: dict) -> TransferEvent:
+    intime = row.intime.to_pydatetime()
+    return TransferEvent(
+        **envelope,
+        event_time=max(intime, adm.admittime),  # an ED stay before admission opens with it
+        payload=dict(careunit=row.careunit, intime=intime),
+    )
+
+
 def _note(note_type: str):
     def build(row, adm: _Admission, envelope: dict) -> NoteEvent:
         charttime = row.charttime.to_pydatetime()
@@ -793,6 +833,7 @@ _EVENT_BUILDERS = {
     "note/radiology": _note("radiology"),
     "note/discharge": _note("discharge"),
     "cxr": _cxr,
+    "hosp/transfers": _transfer,
 }
 
 

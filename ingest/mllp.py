@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from datetime import UTC, datetime
 
 from hl7.util import generate_message_control_id
@@ -59,17 +59,25 @@ class DeliveringProducer:
     """The project's producer (role ``producer``) with a thread serving delivery reports,
     so a coroutine can await the moment Kafka acknowledged a group of records."""
 
-    def __init__(self, settings: Settings):
-        timeout_ms = int(settings.ingest.mllp_kafka_timeout_s * 1000)
+    def __init__(
+        self, settings: Settings, client_id: str = "m3t-mllp", timeout_s: float | None = None
+    ):
+        timeout_s = settings.ingest.mllp_kafka_timeout_s if timeout_s is None else timeout_s
+        timeout_ms = int(timeout_s * 1000)
         self._producer = kafka.producer(
             settings,
             role="producer",
-            client_id="m3t-mllp",
+            client_id=client_id,
             # A record undelivered by then fails, rather than arriving after the sender
-            # was left without an ACK (its resend would then be a second copy).
+            # was left without an ACK (its resend would then be a second copy). A linger
+            # of 1 ms batches what concurrent connections produce at once, at little
+            # cost to each ACK.
             **{"message.timeout.ms": timeout_ms, "linger.ms": 1},
         )
-        self.timeout_s = settings.ingest.mllp_kafka_timeout_s
+        self.timeout_s = timeout_s
+        # Groups whose last record was reported, settled one wake-up of their event loop
+        # per poll rather than one per group.
+        self._settled: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="mllp-kafka-poll", daemon=True)
         self._poller.start()
@@ -77,10 +85,18 @@ class DeliveringProducer:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.05)
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+            while self._settled:
+                loop, future = self._settled.popleft()
+                by_loop.setdefault(loop, []).append(future)
+            for loop, futures in by_loop.items():
+                loop.call_soon_threadsafe(_settle, futures)
 
     async def deliver(self, records: list[tuple[str, bytes, bytes]]) -> None:
         """Produce ``(topic, key, value)`` records; return once Kafka acknowledged all of
         them, raise ``KafkaUnavailable`` if any failed or the time ran out."""
+        if not records:
+            return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         pending = [len(records)]
@@ -91,16 +107,22 @@ class DeliveringProducer:
                 failures.append(error.name())
             pending[0] -= 1
             if pending[0] == 0:
-                loop.call_soon_threadsafe(_settle, done)
+                self._settled.append((loop, done))
 
         for topic, record_key, value in records:
-            await asyncio.to_thread(
-                kafka.produce, self._producer, topic, value, record_key, delivered
-            )
-        if not records:
-            return
+            # librdkafka only queues the record, so the event loop need not be left; while
+            # its queue is full, the poll thread makes room as reports come in.
+            while True:
+                try:
+                    self._producer.produce(
+                        topic, value=value, key=record_key, on_delivery=delivered
+                    )
+                    break
+                except BufferError:
+                    await asyncio.sleep(0.005)
         try:
-            await asyncio.wait_for(done, self.timeout_s + 1)
+            async with asyncio.timeout(self.timeout_s + 1):
+                await done
         except TimeoutError:
             raise KafkaUnavailable("no delivery report in time") from None
         if failures:
@@ -112,9 +134,10 @@ class DeliveringProducer:
         self._producer.flush(self.timeout_s)
 
 
-def _settle(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+def _settle(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 class MllpListener:
@@ -174,16 +197,18 @@ class MllpListener:
         """The next frame's message, or None when the connection is to be closed."""
         timeout = self.settings.ingest.mllp_idle_timeout_s
         try:
-            while (first := await asyncio.wait_for(reader.read(1), timeout)) in b"\r\n ":
-                if not first:
-                    return None  # closed by the sender between frames
-            if first != START_BLOCK:
-                return await self._refuse_frame("missing_start_block", peer, n)
+            async with asyncio.timeout(timeout):
+                while (first := await reader.read(1)) in b"\r\n ":
+                    if not first:
+                        return None  # closed by the sender between frames
         except TimeoutError:
             self.counts["idle_timeout"] += 1
             return None
+        if first != START_BLOCK:
+            return await self._refuse_frame("missing_start_block", peer, n)
         try:
-            framed = await asyncio.wait_for(reader.readuntil(END_BLOCK), timeout)
+            async with asyncio.timeout(timeout):
+                framed = await reader.readuntil(END_BLOCK)
         except asyncio.LimitOverrunError:
             return await self._refuse_frame("oversized_frame", peer, n)
         except asyncio.IncompleteReadError:
@@ -202,7 +227,7 @@ class MllpListener:
 
     async def _handle(self, frame: bytes, peer: str, n: int) -> bytes:
         try:
-            mapped = hl7_map.to_events(frame)
+            mapped = hl7_map.to_events(frame, self.settings.image_roots)
         except hl7_map.Refused as refused:
             self.counts[refused.reason] += 1
             head = _header_if_any(frame)

@@ -200,6 +200,7 @@ class SynthTables:
     admissions: pd.DataFrame
     labevents: pd.DataFrame
     icustays: pd.DataFrame
+    transfers: pd.DataFrame
     chartevents: pd.DataFrame
     studies: pd.DataFrame
     radiology: pd.DataFrame
@@ -376,6 +377,65 @@ def _admissions_table(adm: pd.DataFrame) -> pd.DataFrame:
             "hospital_expire_flag": adm.died.astype(int),
         }
     )
+
+
+WARD = "Medicine"  # where a stay is outside the ICU (the ED first, for an emergency)
+
+
+def _transfers_table(admissions: pd.DataFrame, stays: pd.DataFrame) -> pd.DataFrame:
+    """hosp/transfers: each stay opens in the ED or on the ward, moves to its ICU stays
+    and back to the ward, and ends with a discharge row; no draw, so the other tables
+    are unchanged."""
+    first = np.where(
+        admissions.admission_location == "EMERGENCY ROOM", "Emergency Department", WARD
+    )
+    frames = [
+        pd.DataFrame(
+            {
+                "subject_id": admissions.subject_id,
+                "hadm_id": admissions.hadm_id,
+                "eventtype": "admit",
+                "careunit": first,
+                "intime": admissions.admittime,
+            }
+        ),
+        pd.DataFrame(
+            {
+                "subject_id": stays.subject_id,
+                "hadm_id": stays.hadm_id,
+                "eventtype": "transfer",
+                "careunit": stays.first_careunit,
+                "intime": stays.intime,
+            }
+        ),
+    ]
+    disch = stays.hadm_id.map(admissions.set_index("hadm_id").dischtime)
+    back = stays[stays.outtime < disch]
+    frames.append(
+        pd.DataFrame(
+            {
+                "subject_id": back.subject_id,
+                "hadm_id": back.hadm_id,
+                "eventtype": "transfer",
+                "careunit": WARD,
+                "intime": back.outtime,
+            }
+        )
+    )
+    frames.append(
+        pd.DataFrame(
+            {
+                "subject_id": admissions.subject_id,
+                "hadm_id": admissions.hadm_id,
+                "eventtype": "discharge",
+                "careunit": None,
+                "intime": admissions.dischtime,
+            }
+        )
+    )
+    table = pd.concat(frames, ignore_index=True).sort_values(["hadm_id", "intime"], kind="stable")
+    table.insert(2, "transfer_id", 40_000_003 + 3 * np.arange(len(table)))
+    return table.assign(outtime=None).reset_index(drop=True)
 
 
 def _truth_table(adm: pd.DataFrame, timeline: _Timeline) -> pd.DataFrame:
@@ -683,11 +743,13 @@ def _tables(rng: np.random.Generator, admissions: int) -> SynthTables:
     labs = _labs(rng, adm, timeline)
     stays, chart = _icu(rng, adm, timeline)
     studies = _studies(rng, adm, timeline)
+    admissions_table = _admissions_table(adm)
     return SynthTables(
         patients=_patients_table(patients, adm),
-        admissions=_admissions_table(adm),
+        admissions=admissions_table,
         labevents=labs,
         icustays=stays,
+        transfers=_transfers_table(admissions_table, stays),
         chartevents=chart,
         studies=studies,
         radiology=_radiology(rng, studies),
@@ -972,6 +1034,7 @@ def generate(
     _write(t.labevents, out / "hosp/labevents.csv.gz")
     _write(d_labitems, out / "hosp/d_labitems.csv.gz")
     _write(t.icustays, out / "icu/icustays.csv.gz")
+    _write(t.transfers, out / "hosp/transfers.csv.gz")
     _write(t.chartevents, out / "icu/chartevents.csv.gz")
     _write(d_items, out / "icu/d_items.csv.gz")
     _write(t.radiology, out / "note/radiology.csv.gz")

@@ -13,18 +13,49 @@ from m3t.settings import Role, Settings
 
 
 def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
-    """A Redis client signed in as ``role``'s ACL user (``m3t.settings.Role``)."""
+    """A Redis client signed in as ``role``'s ACL user (``m3t.settings.Role``); a Redis
+    Cluster client (``redis.RedisCluster``) where the settings name a cluster."""
+    cfg = settings.redis
+    if cfg.is_cluster:
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in cfg.startup_nodes]
+        client = redis.RedisCluster(startup_nodes=nodes, **_redis_options(settings, role))
+        _script_keys_read_locally(client.commands_parser)
+        return client
+    return redis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, **_redis_options(settings, role))
+
+
+def _script_keys_read_locally(parser) -> None:
+    """A script call's keys read from its arguments, as redis-py does when routing one
+    command: its pipeline asks a node (COMMAND GETKEYS) for every EVALSHA queued, a round
+    trip each, and fails while that node is down, though the script's own node is up."""
+    ask_the_server = parser.get_keys
+
+    def get_keys(redis_conn, *args):
+        if len(args) > 2 and str(args[0]).upper() in ("EVAL", "EVALSHA"):
+            return list(args[3 : 3 + int(args[2])])
+        return ask_the_server(redis_conn, *args)
+
+    parser.get_keys = get_keys
+
+
+def redis_node(
+    settings: Settings, port: int, *, host: str | None = None, role: Role = "admin"
+) -> redis.Redis:
+    """A client of one Redis server (a cluster's node, say), on the settings' host unless
+    another is given."""
+    host = host or settings.redis.host
+    return redis.Redis(host=host, port=port, **_redis_options(settings, role))
+
+
+def _redis_options(settings: Settings, role: Role) -> dict:
     cfg = settings.redis
     username, password = login(settings, "redis", role)
-    encryption = {}
+    options = {}
     if cfg.tls:
         from m3t import tls  # the CA's code (cryptography) only where TLS is on
 
-        encryption = {"ssl": True, "ssl_ca_certs": str(cfg.ca_file or tls.ca_file(settings))}
-    return redis.Redis(
-        host=cfg.host,
-        port=cfg.port,
-        db=cfg.db,
+        options = {"ssl": True, "ssl_ca_certs": str(cfg.ca_file or tls.ca_file(settings))}
+    return options | dict(
         username=username,
         password=password,
         socket_timeout=cfg.socket_timeout_s,
@@ -32,7 +63,6 @@ def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
         # A batch read's replies run to hundreds of KB: large pieces mean fewer recv calls
         # and parser feeds from Python. The buffer is per connection.
         socket_read_size=1 << 20,
-        **encryption,
     )
 
 
@@ -71,6 +101,49 @@ class Commands(list):
         self.append(hiredis.pack_command(("HMGET", name, *keys)))
 
 
+class ClusterCommands:
+    """``Commands``' methods on a Redis Cluster client's pipeline, which sends each node its
+    commands and reads the nodes' replies after writing to all of them. An MGET, whose keys
+    lie in many slots, goes as one GET per key and comes back as one list."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.shapes: list[int | None] = []  # per command queued: None, or an MGET's key count
+
+    def _queue(self, *args) -> None:
+        self.pipe.execute_command(*args)
+        self.shapes.append(None)
+
+    def evalsha(self, *args) -> None:
+        self._queue("EVALSHA", *args)
+
+    def get(self, name) -> None:
+        self._queue("GET", name)
+
+    def hget(self, name, key) -> None:
+        self._queue("HGET", name, key)
+
+    def hmget(self, name, keys) -> None:
+        self._queue("HMGET", name, *keys)
+
+    def mget(self, keys) -> None:
+        for key in keys:
+            self.pipe.execute_command("GET", key)
+        self.shapes.append(len(keys))
+
+    def replies(self, raw: list) -> list:
+        """The pipeline's replies, one per command queued here."""
+        replies, at = [], 0
+        for shape in self.shapes:
+            if shape is None:
+                replies.append(raw[at])
+                at += 1
+            else:
+                replies.append(raw[at : at + shape])
+                at += shape
+        return replies
+
+
 def send(client: redis.Redis, commands: Commands) -> list:
     """Send the commands in one write and read every reply; raise the first error reply.
 
@@ -103,7 +176,7 @@ def mget(client: redis.Redis, keys: list[bytes]) -> list[bytes | None]:
     """MGET in one round trip (see ``Commands``); a Redis Cluster client splits it by slot."""
     if not keys:
         return []
-    if _is_cluster(client):
+    if is_cluster(client):
         return client.mget_nonatomic(keys)
     commands = Commands()
     commands.mget(keys)
@@ -131,26 +204,42 @@ def run_scripts(
     calls are sent again.
     """
     try:
-        return round_trip(client, queue)
+        replies = round_trip(client, queue)
     except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script.source)
-    return round_trip(client, queue)
+        replies = round_trip(client, queue)
+    if is_cluster(client):
+        replicated(client)
+    return replies
+
+
+# How long a write waits for a replica's acknowledgement before it is taken as done anyway
+# (a primary without a live replica still takes writes).
+REPLICA_WAIT_MS = 1000
+
+
+def replicated(client) -> None:
+    """Wait until each primary's replica has the writes sent so far (WAIT): a primary that
+    dies next cannot take them with it when its replica is promoted, so offsets committed
+    after this point cover only writes that survive a failover."""
+    client.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=client.PRIMARIES)
 
 
 def round_trip(client: redis.Redis, queue: Callable[[Commands], None]) -> list:
     """Queue commands with ``queue(commands)`` (``Commands``' methods, named as redis-py's
     pipeline has them) and send them in one round trip; their replies."""
-    if _is_cluster(client):  # its pipeline routes each call by slot
+    if is_cluster(client):  # its pipeline routes each call by slot
         with client.pipeline(transaction=False) as pipe:
-            queue(pipe)
-            return pipe.execute()
+            commands = ClusterCommands(pipe)
+            queue(commands)
+            return commands.replies(pipe.execute())
     commands = Commands()
     queue(commands)
     return send(client, commands)
 
 
-def _is_cluster(client) -> bool:
+def is_cluster(client) -> bool:
     """A Redis Cluster client: no single connection pool to send commands on."""
     return not hasattr(client, "connection_pool")
 

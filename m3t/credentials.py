@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,8 @@ def write_secret(path: Path, data: str | bytes) -> None:
 
 def _staged(path: Path, data: str | bytes) -> Path:
     """``data`` written and synced to an owner-only file beside ``path``; that file."""
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    # Named by process and thread: the cluster's nodes are prepared in parallel threads.
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data.encode() if isinstance(data, str) else data)

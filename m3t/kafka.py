@@ -237,6 +237,7 @@ def retention_ms(settings: Settings) -> dict[str, int]:
         cfg.topic_events: cfg.retention_events_ms,
         cfg.topic_dead_letter: cfg.retention_dead_letter_ms,
         cfg.topic_scores: cfg.retention_scores_ms,
+        cfg.topic_alerts: cfg.retention_alerts_ms,
     }
 
 
@@ -245,7 +246,8 @@ def grants(settings: Settings) -> list[AclBinding]:
 
     READ and WRITE imply DESCRIBE (metadata, offsets, a group's coordinator), and WRITE on a
     topic lets a producer be idempotent. The stream's groups are its consumer group and
-    those named after it; the reader's, those named after its user (``reader_group``).
+    those named after it; the reader's, those named after its user (``reader_group``); the
+    alerting process's, its group and those named after it.
     """
     cfg = settings.kafka
     topic, group = ResourceType.TOPIC, ResourceType.GROUP
@@ -264,7 +266,13 @@ def grants(settings: Settings) -> list[AclBinding]:
         ],
         "reader": [
             (topic, cfg.topic_scores, literal, read),
+            (topic, cfg.topic_alerts, literal, read),
             (group, login(settings, "kafka", "reader")[0], prefixed, read),
+        ],
+        "alerts": [
+            (topic, cfg.topic_scores, literal, read),
+            (topic, cfg.topic_alerts, literal, write),
+            (group, cfg.alerts_group, prefixed, read),
         ],
     }
     return [
@@ -285,7 +293,16 @@ def ensure_topics(
     existing = set(client.list_topics(timeout=timeout_s).topics)
     wanted = [t for t in settings.kafka.topics if t not in existing]
     count = partitions or settings.kafka.partitions
-    new = [NewTopic(t, count, 1, config={"retention.ms": str(retention[t])}) for t in wanted]
+    factor, in_sync = settings.kafka.replicas
+    new = [
+        NewTopic(
+            t,
+            count,
+            factor,
+            config={"retention.ms": str(retention[t]), "min.insync.replicas": str(in_sync)},
+        )
+        for t in wanted
+    ]
     futures = client.create_topics(new, operation_timeout=timeout_s) if new else {}
     for future in futures.values():
         try:
@@ -308,6 +325,8 @@ def ensure_topics(
         _wait(client.incremental_alter_configs(kept, request_timeout=timeout_s), timeout_s)
     if authenticates(settings):
         grant(client, grants(settings), timeout_s)
+        if len(settings.kafka.bootstrap_servers.split(",")) > 1:
+            applied_everywhere(settings, grants(settings), timeout_s)
     return wanted
 
 
@@ -321,6 +340,23 @@ def grant(client: AdminClient, bindings: list[AclBinding], timeout_s: float = 30
 
     if not wait_until(applied, timeout_s, 0.05):
         raise TimeoutError(f"the broker did not apply the ACLs within {timeout_s:.0f} s")
+
+
+def applied_everywhere(settings: Settings, bindings: list[AclBinding], timeout_s: float) -> None:
+    """Wait until each bootstrap broker has applied the ACLs too: every broker applies them
+    from the metadata log in its own time, and a producer whose partition leader has not yet
+    is refused outright (TOPIC_AUTHORIZATION_FAILED, which librdkafka does not retry)."""
+    for server in settings.kafka.bootstrap_servers.split(","):
+        one = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"bootstrap": server})}
+        )
+        client = admin(one)  # a new client asks the one broker it knows
+
+        def applied(client=client) -> bool:
+            return set(bindings) <= set(acls(client, timeout_s))
+
+        if not wait_until(applied, timeout_s, 0.05):
+            raise TimeoutError(f"broker {server} did not apply the ACLs within {timeout_s:.0f} s")
 
 
 def acls(client: AdminClient, timeout_s: float = 30.0) -> list[AclBinding]:
@@ -347,7 +383,9 @@ def own_topics(settings: Settings, prefix: str = "") -> Settings:
             "topic_events": f"{prefix}events-{tag}",
             "topic_dead_letter": f"{prefix}dead-letter-{tag}",
             "topic_scores": f"{prefix}scores-{tag}",
+            "topic_alerts": f"{prefix}alerts-{tag}",
             "consumer_group": f"{prefix}group-{tag}",
+            "alerts_group": f"{prefix}alerts-group-{tag}",
         }
     )
     cfg = settings.model_copy(update={"kafka": topics})
@@ -362,7 +400,7 @@ def delete_topics(settings: Settings, timeout_s: float = 30.0) -> None:
     futures = client.delete_topics(list(settings.kafka.topics), operation_timeout=timeout_s)
     _wait(futures, timeout_s)
     if authenticates(settings):
-        own = {*settings.kafka.topics, settings.kafka.consumer_group}
+        own = {*settings.kafka.topics, settings.kafka.consumer_group, settings.kafka.alerts_group}
         filters = [
             AclBindingFilter(
                 b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation, ALLOW
@@ -376,7 +414,7 @@ def delete_topics(settings: Settings, timeout_s: float = 30.0) -> None:
 def ensure_users(settings: Settings, timeout_s: float = 30.0) -> None:
     """Create or update the SCRAM user of every role but the admin (whose credential the
     broker is formatted with) with its current password, then wait until each signs in."""
-    roles: list[Role] = ["stream", "producer", "reader"]
+    roles: list[Role] = ["stream", "producer", "reader", "alerts"]
     mechanism = ScramMechanism[settings.kafka.sasl_mechanism.replace("-", "_")]
     upserts = []
     for role in roles:

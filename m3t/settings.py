@@ -12,15 +12,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-Role = Literal["admin", "stream", "producer", "reader"]
+TRUE = ("1", "true", "yes", "on")
+
+Role = Literal["admin", "stream", "producer", "reader", "alerts"]
 """Who a client acts for: ``admin`` (services, topics, pruning), ``stream`` (the worker),
-``producer`` (replay and feeds: events in), ``reader`` (the query side: scores out)."""
+``producer`` (replay and feeds: events in), ``reader`` (the query side: scores out),
+``alerts`` (the alerting process: scores in, alerts out)."""
 
 
 class RedisSettings(BaseModel):
@@ -35,6 +38,8 @@ class RedisSettings(BaseModel):
     reader_password: SecretStr = SecretStr("")
     admin_username: str = "m3t-admin"
     admin_password: SecretStr = SecretStr("")
+    alerts_username: str = "m3t-alerts"
+    alerts_password: SecretStr = SecretStr("")
     # TLS to Redis; the CA that signed the server's certificate (empty: the local CA).
     tls: bool = False
     ca_file: Path | None = None
@@ -47,9 +52,30 @@ class RedisSettings(BaseModel):
     # rewrite forks and writes the whole data set, so at Redis's default (64mb) a busy
     # stream rewrote often enough to set its p99 latency.
     aof_rewrite_min_size: str = "1gb"
+    # A Redis Cluster: the local one (`M3T_CLUSTER`: 3 primaries on the first three
+    # cluster ports, a replica each on the others, their cluster buses on the bus ports), or
+    # an external one's startup nodes ("host:port,host:port"), which also selects it.
+    cluster: bool = False
+    cluster_ports: tuple[int, ...] = (16380, 16381, 16382, 16383, 16384, 16385)
+    cluster_bus_ports: tuple[int, ...] = (16390, 16391, 16392, 16393, 16394, 16395)
+    cluster_nodes: str = ""
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or bool(self.cluster_nodes)
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """The Redis Cluster nodes a client first asks for the slots' owners."""
+        if self.cluster_nodes:
+            pairs = (node.strip().rsplit(":", 1) for node in self.cluster_nodes.split(","))
+            return [(host, int(port)) for host, port in pairs]
+        return [(self.host, port) for port in self.cluster_ports]
 
     @property
     def url(self) -> str:
+        if self.is_cluster:
+            return ",".join(f"redis://{host}:{port}" for host, port in self.startup_nodes)
         return f"redis://{self.host}:{self.port}/{self.db}"
 
 
@@ -61,7 +87,9 @@ class KafkaSettings(BaseModel):
     topic_events: str = "m3t.admission-events"
     topic_dead_letter: str = "m3t.dead-letter"
     topic_scores: str = "risk-scores"
+    topic_alerts: str = "risk-alerts"
     consumer_group: str = "m3t-stream"
+    alerts_group: str = "m3t-alerts"
     kafka_version: str = "4.3.1"
     # SASL/SCRAM over TLS, a SCRAM user per role (empty passwords are generated), and the CA
     # that signed the brokers' certificates (empty: the local CA `m3t services up` makes).
@@ -76,25 +104,47 @@ class KafkaSettings(BaseModel):
     reader_password: SecretStr = SecretStr("")
     admin_username: str = "m3t-admin"
     admin_password: SecretStr = SecretStr("")
+    alerts_username: str = "m3t-alerts"
+    alerts_password: SecretStr = SecretStr("")
     # How long each topic keeps records: events long enough to rebuild a stay's features.
     retention_events_ms: int = 90 * 86_400_000
     retention_scores_ms: int = 7 * 86_400_000
     retention_dead_letter_ms: int = 30 * 86_400_000
+    retention_alerts_ms: int = 30 * 86_400_000
     heap: str = "512m"
     # A stream worker's fetches: the broker answers once fetch_min_bytes are ready, or after
-    # fetch_wait_max_ms. A short wait lets a fetch gather several events under load instead
-    # of one per produce request, and a backlog fills the bytes at once; the price is an
-    # empty fetch every few ms while idle (benchmarks/README.md has the figures).
-    fetch_wait_max_ms: int = 5
-    fetch_min_bytes: int = 1_000_000
+    # fetch_wait_max_ms. Answered at the first byte, an idle worker's fetch waits at the
+    # broker instead of coming back empty every few ms (benchmarks/README.md has the figures).
+    fetch_wait_max_ms: int = 500
+    fetch_min_bytes: int = 1
+    # A Kafka cluster: the local one (`M3T_CLUSTER`: 3 KRaft nodes, each broker and
+    # controller, on these ports), or an external one's bootstrap servers ("host:port,...").
+    cluster: bool = False
+    cluster_ports: tuple[int, ...] = (19094, 19095, 19096)
+    cluster_controller_ports: tuple[int, ...] = (19097, 19098, 19099)
+    bootstrap: str = ""
+    # The topics' replicas and the least in sync for a write (0: 3 and 2 on the local
+    # cluster, else 1 and 1); set them for an external cluster.
+    replication_factor: int = 0
+    min_insync_replicas: int = 0
 
     @property
     def bootstrap_servers(self) -> str:
+        if self.bootstrap:
+            return self.bootstrap
+        if self.cluster:
+            return ",".join(f"{self.host}:{port}" for port in self.cluster_ports)
         return f"{self.host}:{self.port}"
 
     @property
+    def replicas(self) -> tuple[int, int]:
+        """The topics' replication factor and min.insync.replicas."""
+        local = (3, 2) if self.cluster else (1, 1)
+        return (self.replication_factor or local[0], self.min_insync_replicas or local[1])
+
+    @property
     def topics(self) -> tuple[str, ...]:
-        return (self.topic_events, self.topic_dead_letter, self.topic_scores)
+        return (self.topic_events, self.topic_dead_letter, self.topic_scores, self.topic_alerts)
 
 
 class TritonSettings(BaseModel):
@@ -132,6 +182,12 @@ class ApiSettings(BaseModel):
     tls_keyfile: Path | None = None
     # Requests per minute one token may make; more are answered 429.
     rate_limit_per_minute: int = 600
+    # Requests a minute of each ingest token (POST /fhir): a feed, not a person.
+    ingest_rate_limit_per_minute: int = 60_000
+    # The ward pages (/ward): how long a login lasts, and how often their live view reads
+    # the ranking from Redis (a score reaches the browser within about this time).
+    session_ttl_s: int = 8 * 3600
+    ward_poll_s: float = 0.25
 
 
 class StreamSettings(BaseModel):
@@ -144,6 +200,19 @@ class StreamSettings(BaseModel):
     max_stay_days: float = 400.0
     # Dead letters carry the event's reason, place and hash; its bytes only when asked.
     dead_letter_payload: bool = False
+    # Most admissions in one scoring batch, and how long a change may wait for a batch to
+    # fill while events keep coming. 0: scored at once when no batch is in flight, what
+    # comes meanwhile makes the next batch (lowest latency; batches still grow with load).
+    max_batch: int = 256
+    max_wait_ms: int = 0
+    # Each score comes with its data freshness, and its reasons (the cached scorer's
+    # m3t_explain) just after it is written, on a thread off the scoring path.
+    explanations: bool = True
+    # A score this close to the previous one keeps that one's reasons (new ones cost ~12 scores).
+    explain_min_change: float = 0.01
+    # Most of its time the reasons' thread spends explaining (it sleeps the rest), so reasons
+    # fall behind under a load the machine cannot explain, never the scores.
+    explain_share: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class IngestSettings(BaseModel):
@@ -156,6 +225,37 @@ class IngestSettings(BaseModel):
     mllp_idle_timeout_s: float = 60.0
     # No ACK unless Kafka acknowledged a message's records within this time (the sender resends).
     mllp_kafka_timeout_s: float = 10.0
+    # POST /fhir: a larger Bundle is refused (413); no answer but 503 unless Kafka
+    # acknowledged a Bundle's events within this time (the sender resends).
+    fhir_max_bundle_bytes: int = 8 * 1024 * 1024
+    fhir_kafka_timeout_s: float = 10.0
+
+
+class AlertRule(BaseModel):
+    """When a ward's patient alerts (``stream.alert_rules``): any criterion set raises it; it
+    clears once none holds even with ``hysteresis`` taken off each line."""
+
+    model_config = {"frozen": True}
+    # Raise at this mortality probability or above; clear below threshold - hysteresis.
+    threshold: float | None = 0.5
+    # Raise when the probability rose this much above its lowest within window_h hours.
+    rise: float | None = None
+    window_h: float = 24.0
+    # Raise when among the ward's k highest current probabilities.
+    top_k: int | None = None
+    hysteresis: float = 0.05
+    # No new alert sooner than this after the last one was raised (by feature time).
+    min_interval_h: float = 6.0
+    # Recorded (Redis, the alerts topic) but not shown: to validate a rule before using it.
+    silent: bool = False
+
+
+class AlertSettings(BaseModel):
+    # Rules per ward (the score's careunit); "" is the default, for any other or no ward.
+    rules: dict[str, AlertRule] = Field(default_factory=lambda: {"": AlertRule()})
+
+    def rule(self, ward: str) -> AlertRule:
+        return self.rules.get(ward) or self.rules.get("") or AlertRule()
 
 
 class ImageSettings(BaseModel):
@@ -181,6 +281,9 @@ class Settings(BaseSettings):
     model_repo: Path = PROJECT_ROOT / "model_repo"
     # Jars and other downloads that outlive a clone's state directory.
     cache_dir: Path = Path.home() / ".cache" / "m3t"
+    # Run and use the local clusters (`m3t services up --cluster`): Kafka's and Redis's
+    # ``cluster`` settings follow it.
+    cluster: bool = False
 
     redis: RedisSettings = Field(default_factory=RedisSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -189,6 +292,21 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clusters_follow(cls, data):
+        """``cluster`` sets Kafka's and Redis's ``cluster`` (M3T_CLUSTER=1 is all it takes)."""
+        if not isinstance(data, dict) or str(data.get("cluster", "")).lower() not in TRUE:
+            return data
+        data = dict(data)
+        for group in ("kafka", "redis"):
+            given = data.get(group) or {}
+            if isinstance(given, BaseModel):
+                given = dict(given)
+            data[group] = {**given, "cluster": True}
+        return data
 
     @property
     def logs_dir(self) -> Path:

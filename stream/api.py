@@ -1,5 +1,6 @@
-"""The HTTP query API: current risk per admission, the top-risk list, the model card, health
-and metrics.
+"""The HTTP query API: current risk per admission, the top-risk list, active alerts
+(``stream.alerts_api``), the model card, health and metrics; and the FHIR door
+(``stream.fhir_api``: ``POST /fhir``, for ``ingest`` tokens).
 
 Risk scores are patient data. Every endpoint but ``/healthz`` needs a bearer token from the
 token store (``stream.api_tokens``) whose role the endpoint serves: ``reader`` for scores,
@@ -9,7 +10,8 @@ of a score is a line in the audit log (``stream.audit``). A token may make
 ``settings.api.rate_limit_per_minute`` requests a minute, and a client address
 ``FAILED_AUTHS_PER_MINUTE`` failed authentications; past either the answer is 429 with
 ``Retry-After``. The API logs in to Redis as the ``reader`` role, which reads scores and
-metrics keys by name only (no SCAN or KEYS).
+metrics keys by name only (no SCAN or KEYS). The ward pages (``stream.ward``) are served
+beside it, behind a login session.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from pydantic import BaseModel
 
 from m3t.clients import redis_client
 from m3t.settings import Settings
+from stream import fhir_api
+from stream.alerts import AlertStore
+from stream.alerts_api import alerts_router
 from stream.api_tokens import ApiRole, ApiToken, TokenStore
 from stream.audit import AuditLog
-from stream.metrics import RedisWorkerCollector
+from stream.metrics import RedisWorkerCollector, RiskCollector
 from stream.rate_limit import RateLimiter, retry_after
 from stream.scores import RiskScore, ScoreStore
+from stream.ward import ward_router
 from trainer.model_card import CARD_JSON, CARD_MD, find_card
 
 FAILED_AUTHS_PER_MINUTE = 30
@@ -149,14 +155,17 @@ def create_app(settings: Settings) -> FastAPI:
     tokens = TokenStore(settings)
     audit = AuditLog(settings.logs_dir / "audit.log")
     per_token = RateLimiter(settings.api.rate_limit_per_minute)
+    # A feed posts as often as its hospital emits, far more than a person reads.
+    per_feed = RateLimiter(settings.api.ingest_rate_limit_per_minute)
     per_address = RateLimiter(FAILED_AUTHS_PER_MINUTE)
     registry = CollectorRegistry()
     registry.register(RedisWorkerCollector(client))
+    registry.register(RiskCollector(client))
     counters = ApiCounters(registry)
     bearer = HTTPBearer(
         auto_error=False,
         scheme_name="bearerToken",
-        description="A token from `m3t api token add NAME --role reader|metrics`.",
+        description="A token from `m3t api token add NAME --role reader|metrics|ingest`.",
     )
 
     def too_many(limit: str, wait: float) -> HTTPException:
@@ -184,7 +193,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(
                     401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
                 )
-            wait = per_token.take(token.name)
+            wait = (per_feed if token.role == "ingest" else per_token).take(token.name)
             if wait is not None:
                 raise too_many("token", wait)
             if role is not None and token.role != role:
@@ -198,11 +207,14 @@ def create_app(settings: Settings) -> FastAPI:
         audit.read(token.name, token.role, endpoint, admissions, status)
         counters.audit_lines.inc()
 
+    fhir_routes, close_fhir = fhir_api.routes(settings, caller)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         audit.close()
         client.close()
+        close_fhir()
 
     app = FastAPI(
         title="m3t-stream risk API",
@@ -266,6 +278,15 @@ def create_app(settings: Settings) -> FastAPI:
         read(token, "/risk/top", [s.hadm_id for s in scores], 200)
         return scores
 
+    app.include_router(
+        alerts_router(
+            AlertStore(client),
+            caller("reader"),
+            read,
+            {**UNAUTHENTICATED, **FORBIDDEN, **RATE_LIMITED, **UNAVAILABLE},
+        )
+    )
+
     @app.get(
         "/model-card",
         response_class=JSONResponse,
@@ -302,6 +323,10 @@ def create_app(settings: Settings) -> FastAPI:
     def metrics(token: ApiToken = Depends(caller("metrics"))):
         """The API's counters and every live stream worker's, for Prometheus."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # The ward pages: a login session instead of a bearer token (docs/ward.md).
+    app.include_router(ward_router(settings, client, tokens, read, per_address))
+    app.include_router(fhir_routes, responses={**UNAUTHENTICATED, **FORBIDDEN, **RATE_LIMITED})
 
     @app.get("/openapi.json", responses={**UNAUTHENTICATED, **RATE_LIMITED})
     def openapi(token: ApiToken = Depends(caller(None))) -> dict[str, Any]:

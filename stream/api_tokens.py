@@ -3,7 +3,9 @@
 A token is 256 random bits, shown once when it is made. The store, ``<secrets>/api-tokens.json``
 (owner-only, rewritten whole and renamed into place), keeps each token's name, role, SHA-256
 and creation time: a fast hash is enough for random tokens, as nothing short of the token
-itself matches its digest. Roles: ``reader`` (scores) and ``metrics`` (``/metrics`` only).
+itself matches its digest. Roles: ``reader`` (scores), ``metrics`` (``/metrics`` only) and
+``ingest`` (``POST /fhir`` and its Subscription notifications only: a feed writes events and
+reads nothing).
 
 The generated development token (``m3t.credentials.api_token``, the file the demo's curl hint
 reads) is registered as ``development``, a reader; the API refuses to listen beyond loopback
@@ -26,7 +28,7 @@ from typing import Literal, get_args
 from m3t.credentials import API_TOKEN, api_token, owner_lock, secret_file, write_secret
 from m3t.settings import Settings
 
-ApiRole = Literal["reader", "metrics"]
+ApiRole = Literal["reader", "metrics", "ingest"]
 ROLES: tuple[str, ...] = get_args(ApiRole)
 DEVELOPMENT = "development"
 # Names go into the audit log: short, and nothing that could break a line or a field.

@@ -1,9 +1,12 @@
 """Which admissions to score next, and when.
 
 Admissions with events not yet in a written score are *pending*. They are scored in
-micro-batches of at most ``max_batch``, oldest change first, one batch in flight at a time:
-a batch is due when the stream paused (a poll came back empty), when a full batch is
-waiting, or when the oldest waiting change has waited ``max_wait_s``. An admission that
+micro-batches of at most ``max_batch``, oldest change first, one batch in flight at a time.
+With no fill wait (``max_wait_s`` 0, the default) a batch is due as soon as a change waits
+and nothing is in flight: a quiet stream scores each event at once, and a busy one batches
+what piled up while the previous batch was scored, so batches grow with the load. With a
+fill wait, a batch is due when the stream paused (a poll came back empty), when a full batch
+is waiting, or when the oldest waiting change has waited ``max_wait_s``. An admission that
 changes again while its batch is in flight is scored again by a later batch, since the
 batch in flight read its features as of its launch.
 
@@ -37,10 +40,11 @@ class MicroBatcher:
 
     Args:
         max_batch: most admissions in one scoring batch.
-        max_wait_s: longest a change waits for a batch to fill while events keep coming.
+        max_wait_s: longest a change waits for a batch to fill while events keep coming
+            (0: no wait, a batch is due whenever nothing is in flight).
     """
 
-    def __init__(self, max_batch: int = 256, max_wait_s: float = 0.05):
+    def __init__(self, max_batch: int = 256, max_wait_s: float = 0.0):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.pending: dict[int, Change] = {}  # in flight included, oldest first
@@ -82,10 +86,21 @@ class MicroBatcher:
         poll returned records."""
         waiting = self.waiting
         return bool(waiting) and (
-            not polled
+            not self.max_wait_s
+            or not polled
             or waiting >= self.max_batch
             or time.monotonic() - self._since >= self.max_wait_s
         )
+
+    def poll_wait_s(self, idle_s: float, in_flight_s: float) -> float:
+        """How long the loop's next poll may wait for a record: ``in_flight_s`` with a batch
+        in flight (to launch the next as soon as it is written), the fill wait while changes
+        wait for a batch (an empty poll launches it), else ``idle_s``."""
+        if self.batch:
+            return in_flight_s
+        if self.waiting:
+            return self.max_wait_s
+        return idle_s
 
     def launch(self, poll: int) -> tuple[list[int], set[int]]:
         """The next batch, reading the events of polls up to ``poll``, and which of its

@@ -24,7 +24,8 @@ app = typer.Typer(
 scores_app = typer.Typer(help="Query current risk scores.", no_args_is_help=True)
 api_app = typer.Typer(help="The HTTP API's tokens.", no_args_is_help=True)
 token_app = typer.Typer(
-    help="Named API tokens, each with a role: reader (scores) or metrics (/metrics).",
+    help="Named API tokens, each with a role: reader (scores), metrics (/metrics) or ingest "
+    "(POST /fhir).",
     no_args_is_help=True,
 )
 api_app.add_typer(token_app, name="token")
@@ -98,8 +99,14 @@ def run(
         "cached", help="cached (encoders + fusion, embeddings cached) or full (m3t_lm)."
     ),
     idle_timeout: float = typer.Option(None, help="Stop after this many seconds without events."),
-    max_batch: int = typer.Option(256, help="Most admissions scored in one request."),
-    max_wait_ms: int = typer.Option(50, help="Longest wait before scoring a partial batch."),
+    max_batch: int = typer.Option(
+        None, help="Most admissions scored in one request (default: settings.stream.max_batch)."
+    ),
+    max_wait_ms: int = typer.Option(
+        None,
+        help="Longest a change waits for a batch to fill; 0: scored at once when no batch is "
+        "in flight (default: settings.stream.max_wait_ms).",
+    ),
     max_poll: int = typer.Option(
         2048, help="Most events taken from Kafka in one poll (folded in one write)."
     ),
@@ -134,8 +141,8 @@ def run(
         model,
         ScoreStore(client),
         idle_timeout,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
+        max_batch=settings.stream.max_batch if max_batch is None else max_batch,
+        max_wait_ms=settings.stream.max_wait_ms if max_wait_ms is None else max_wait_ms,
         max_poll_records=max_poll,
         group_id=group,
     )
@@ -254,7 +261,9 @@ def watch(
 @token_app.command("add")
 def token_add(
     name: str,
-    role: str = typer.Option(..., help="reader (scores) or metrics (/metrics only)."),
+    role: str = typer.Option(
+        ..., help="reader (scores), metrics (/metrics only) or ingest (POST /fhir only)."
+    ),
 ):
     """Make a token; it is printed once (only its hash is kept)."""
     from stream.api_tokens import TokenStore

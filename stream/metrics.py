@@ -17,9 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 from m3t.clients import LuaScript, run_scripts
+from stream.alerts import ACTIVE_KEY, SILENT_KEY
+from stream.scores import RANKING_KEY
 
 METRICS_KEY = "m3t:metrics:workers"
 # A worker publishes every second or so: a snapshot this old is a dead worker's.
@@ -27,6 +34,7 @@ STALE_AFTER_S = 30
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 COUNTERS = ("events", "dead_letters", "scored", "batches", "commits")
+RISK_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # KEYS: the snapshots' hash. ARGV: worker id, its snapshot, the oldest fresh `updated`, TTL.
 # The hash expires once no worker publishes.
@@ -55,6 +63,7 @@ class WorkerStats:
     commits: int = 0
     retries: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # ReasonerStats, and waiting
 
 
 class Histogram:
@@ -69,6 +78,34 @@ class Histogram:
 
     def as_dict(self) -> dict:
         return {"bounds": list(self.bounds), "counts": self.counts, "sum": self.total}
+
+
+# Where a worker's time goes, stage by stage: Kafka's timestamp to the poll that took the
+# event (per event), applying a poll's events to the feature store, and per scoring batch
+# the feature read, the model (Triton and the embedding cache), the explanations (with
+# ``stream.explanations`` on) and the score writes.
+STAGES = ("consume", "apply", "read", "model", "explain", "write")
+
+
+class StageTimes:
+    """Seconds spent in each stage, how many times it ran and over how many items (events
+    or admissions); summed, so a reader takes differences between two snapshots."""
+
+    def __init__(self):
+        # Every stage is there from the start: the scoring thread adds while flush copies.
+        self.totals = {name: [0.0, 0, 0] for name in STAGES}
+
+    def add(self, stage: str, seconds: float, items: int = 1) -> None:
+        total = self.totals[stage]
+        total[0] += seconds
+        total[1] += 1
+        total[2] += items
+
+    def as_dict(self) -> dict:
+        return {
+            name: {"seconds": s, "count": c, "items": n}
+            for name, (s, c, n) in list(self.totals.items())
+        }
 
 
 class WorkerMetrics:
@@ -88,6 +125,7 @@ class WorkerMetrics:
         self.images = images if images is not None else {}
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.batch_size = Histogram(BATCH_BUCKETS)
+        self.stages = StageTimes()
         self.lag: dict[str, int] = {}
         self.events_per_s = 0.0
         self._last_flush = time.monotonic()
@@ -107,9 +145,11 @@ class WorkerMetrics:
             "counters": {name: counters[name] for name in COUNTERS},
             "latency": self.latency.as_dict(),
             "batch_size": self.batch_size.as_dict(),
+            "stages": self.stages.as_dict(),
             "lag": self.lag,
             "images_absent": dict(self.images),
             "dead_letter_reasons": dict(counters.get("dead_letter_reasons", {})),
+            "reasons": dict(counters.get("reasons", {})),
             "events_per_s": self.events_per_s,
             "updated": updated,
         }
@@ -175,6 +215,23 @@ class RedisWorkerCollector:
                 letters.add_metric([worker, reason], count)
         yield images
         yield letters
+        reasons = CounterMetricFamily(
+            "m3t_reasons",
+            "scores' new reasons: explained, superseded by a newer score, stale when written, "
+            "dropped, outages waited out",
+            labels=["worker", "outcome"],
+        )
+        waiting = GaugeMetricFamily(
+            "m3t_reasons_waiting", "written scores waiting for their reasons", labels=["worker"]
+        )
+        for worker, snap in snaps.items():
+            counts = dict(snap.get("reasons", {}))
+            if "waiting" in counts:
+                waiting.add_metric([worker], counts.pop("waiting"))
+            for outcome, count in sorted(counts.items()):
+                reasons.add_metric([worker, outcome], count)
+        yield reasons
+        yield waiting
         for metric, help_text in (
             ("latency", "event-to-score latency (seconds)"),
             ("batch_size", "admissions per scoring batch"),
@@ -188,3 +245,36 @@ class RedisWorkerCollector:
                     buckets.append((str(bound), cumulative))
                 family.add_metric([worker], buckets, h["sum"])
             yield family
+
+
+class RiskCollector:
+    """The current inpatients' mortality probabilities as a gauge histogram, and the active
+    alerts, shown and silent: sampled at each scrape (the ranking read whole, one
+    inpatient a member), so the dashboard draws the score distribution over time."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def collect(self):
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrange(RANKING_KEY, 0, -1, withscores=True)
+            pipe.zcard(ACTIVE_KEY)
+            pipe.zcard(SILENT_KEY)
+            ranked, shown, silent = pipe.execute()
+        risks = Histogram(RISK_BUCKETS)
+        for _, prob in ranked:
+            risks.observe(prob)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*RISK_BUCKETS, "+Inf"], risks.counts):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        yield GaugeHistogramMetricFamily(
+            "m3t_inpatient_mortality_prob",
+            "current inpatients by their latest mortality probability",
+            buckets=buckets,
+            gsum_value=risks.total,
+        )
+        alerts = GaugeMetricFamily("m3t_alerts_active", "active alerts", labels=["mode"])
+        alerts.add_metric(["shown"], shown)
+        alerts.add_metric(["silent"], silent)
+        yield alerts

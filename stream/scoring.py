@@ -8,7 +8,11 @@ Runtime on the same published ONNX files (``backend="onnx"``):
 * ``CachedEncoderScorer``: the per-modality encoders run only when their input changed (a
   new X-ray: the X-ray encoder once; a new note: the notes encoder once); their embeddings
   are cached in Redis. A numeric update re-runs only the numeric encoder and the fusion
-  head, in one call (``m3t_rescore``).
+  head, in one call (``m3t_rescore``). With explanations on (``stream.explanations``),
+  ``m3t_explain`` gives the contributions of each feature group and modality to the
+  mortality risk of the admissions whose score is to be explained (``contributions``), on
+  the inputs they were scored from (``explain_inputs``), after the batch
+  (``stream.reasoner``).
 
 A chest X-ray that cannot be read or decoded is scored as absent (its ``modality_mask``
 flag cleared), exactly as the offline builder treats it; one not there yet is awaited first
@@ -36,6 +40,7 @@ EMB_KEY = "m3t:emb:{{{hadm_id}}}"
 # Embeddings (and an X-ray recorded as absent) are kept this long after the last change.
 EMB_TTL_S = 7 * 24 * 3600
 CXR_COLUMN = mi.MODALITIES.index("cxr")
+EXPLAIN_ROWS = 4  # admissions per m3t_explain request (see CachedEncoderScorer.contributions)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,12 @@ class OnlineFeatures:
         return self.store.write_batch(events).refused
 
     def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
-        arrays = self.store.read_inputs(hadm_ids)
+        """The batch's model inputs, with each admission's ``status`` (open, discharged,
+        cancelled) and ``ward`` from the same read."""
+        arrays, status = self.store.read_inputs_and_status(hadm_ids)
         arrays["hadm_id"] = np.asarray(hadm_ids, dtype=np.int64)
+        arrays["status"] = np.array([s for s, _ in status], dtype=object)
+        arrays["ward"] = np.array([w for _, w in status], dtype=object)
         return arrays, (arrays["as_of"] * 3600.0).tolist()  # epoch hours -> epoch seconds
 
 
@@ -142,10 +151,13 @@ class CachedEncoderScorer:
         prefix: str = "m3t_",
         cxr_pipeline: str | None = None,
         clock: Callable[[], float] = time.time,
+        explainer=None,
     ):
         from features.image_files import ImageAccess
 
         self.redis = client
+        # With an explainer (``stream.explanations.Explainer``), scores come with their reasons.
+        self.explainer = explainer
         self.access = ImageAccess.from_settings(settings)
         self.xrays = XrayOutcomes(settings.images.missing_retry_s, clock)
         self.image_errors = self.xrays.errors  # X-rays scored (and cached) as absent, by reason
@@ -154,6 +166,8 @@ class CachedEncoderScorer:
         self.rescore = open_model(
             settings, f"{prefix}rescore", backend
         )  # numeric encoder + fusion head
+        self.explain = open_model(settings, f"{prefix}explain", backend) if explainer else None
+        self._explain_inputs: dict[str, np.ndarray] = {}
         self.model = f"{prefix}encoders+fusion:{self.rescore.version}"
         self.cxr = cxr or CxrInputs()
         self.cxr_embedder = self._cxr_embedder(
@@ -196,6 +210,12 @@ class CachedEncoderScorer:
         }
 
     def score(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        los, mortality, _ = self.score_explained(inputs)
+        return los, mortality
+
+    def score_explained(self, inputs: dict) -> tuple[np.ndarray, ...]:
+        """(remaining stay, mortality, the modality mask the model saw: an X-ray that could
+        not be read counts as absent); ``contributions`` explains these scores after."""
         hadm_ids = inputs["hadm_id"].tolist()
         uris = [u or "" for u in np.asarray(inputs["cxr_uri"], dtype=object).tolist()]
         mask = inputs[mi.MODALITY_MASK]
@@ -253,13 +273,11 @@ class CachedEncoderScorer:
         for i in self.xrays.settle(hadm_ids, uris, read, failed):
             for name in ("cxr_stamp", "cxr_ok", *self.image.widths):
                 updates[i].pop(name, None)
-        arrays = {
-            **inputs,
-            **notes,
-            **image,
-            mi.MODALITY_MASK: _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5),
-        }
+        seen = _mask_with_decoded(inputs, image["cxr_ok"][:, 0] > 0.5)
+        arrays = {**inputs, **notes, **image, mi.MODALITY_MASK: seen}
         out = self.rescore.infer({k: arrays[k] for k in self.rescore.inputs})
+        if self.explain is not None:
+            self._explain_inputs = {k: arrays[k] for k in self.explain.inputs}
         if any(updates):
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, fields in zip(keys, updates):
@@ -267,7 +285,26 @@ class CachedEncoderScorer:
                         pipe.hset(key, mapping=fields)
                         pipe.expire(key, EMB_TTL_S)
                 pipe.execute()
-        return out[mi.LOS_REMAINING].reshape(-1), out[mi.MORTALITY].reshape(-1)
+        return out[mi.LOS_REMAINING].reshape(-1), out[mi.MORTALITY].reshape(-1), seen
+
+    def explain_inputs(self, rows: list[int]) -> list[dict[str, np.ndarray]]:
+        """``m3t_explain``'s inputs for each of these rows of the batch ``score_explained``
+        scored last, each a copy of its own ([1, ...]), to explain after the batch."""
+        return [{k: v[i : i + 1].copy() for k, v in self._explain_inputs.items()} for i in rows]
+
+    def contributions(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """[rows, N_CONTRIBUTIONS]: what each feature group and modality added to the
+        mortality risk of these rows of ``m3t_explain``'s inputs. Sent a few rows at a
+        time, one request after another: the graph runs ~24 copies of each row, and a large
+        batch of them runs slower per row (its working set outgrows the CPU's caches)."""
+        n = len(next(iter(arrays.values())))
+        parts = [
+            self.explain.infer({k: v[start : start + EXPLAIN_ROWS] for k, v in arrays.items()})[
+                mi.CONTRIBUTIONS
+            ]
+            for start in range(0, n, EXPLAIN_ROWS)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
     def _embeddings(
         self, modality: str, widths: dict[str, int], present, stamps, cached, run, updates
@@ -321,5 +358,12 @@ def build_scoring(
         OnlineStore.current(client, max_stay_days=settings.stream.max_stay_days)
     )
     if scorer == "cached":
-        return features, CachedEncoderScorer(settings, client, backend=backend)
+        explainer = None
+        if settings.stream.explanations:
+            from stream.explanations import Explainer
+
+            explainer = Explainer(client, features.store, settings.stream.explain_min_change)
+        return features, CachedEncoderScorer(settings, client, backend=backend, explainer=explainer)
+    if settings.stream.explanations:
+        log.warning("explanations come with the cached scorer only: scoring without them")
     return features, FullModelScorer(settings, backend=backend)

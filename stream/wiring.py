@@ -24,7 +24,8 @@ def connect(
 ) -> StreamWorker:
     """A worker on the Kafka of ``settings``, in consumer group ``group_id`` (default: the
     settings'), reading ``topic`` (default: the events topic) up to ``max_poll_records`` a
-    poll; ``options`` are ``StreamWorker``'s."""
+    poll; ``options`` are ``StreamWorker``'s (``max_batch`` and ``max_wait_ms`` default to
+    the settings')."""
     cfg = settings.kafka
     consumer = kafka.consumer(
         settings,
@@ -51,5 +52,10 @@ def connect(
         max_event_lead_s=settings.stream.max_event_lead_s,
         dead_letter_payload=settings.stream.dead_letter_payload,
         images=ImageAccess.from_settings(settings),
-        **options,
+        **{
+            "max_batch": settings.stream.max_batch,
+            "max_wait_ms": settings.stream.max_wait_ms,
+            "explain_share": settings.stream.explain_share,
+            **options,
+        },
     )

@@ -9,12 +9,14 @@ offset is committed.
 
 Scoring is pipelined: one micro-batch is scored on a background thread (feature read,
 Triton, score writes) while the loop goes on polling and applying the next events, so the
-worker's Python and Triton's model run at the same time. One bad event or admission stops
-nothing else: it becomes a dead letter and the rest go on. Each part is a module of
-``stream``: ``kafka_io`` (source and sink), ``applying``, ``batcher`` (what to score and
-when), ``batch_scoring``, ``ledger`` and ``committer`` (which offsets are safe, and
-committing them), ``dead_letters``, ``outages`` (waiting out Redis or Triton). This module
-wires them; ``stream.wiring.connect`` builds a worker from the settings.
+worker's Python and Triton's model run at the same time. A change is scored at once when no
+batch is in flight; what comes while one is in flight makes the next batch (``batcher``).
+One bad event or admission stops nothing else: it becomes a dead letter and the rest go
+on. Each part is a module of ``stream``: ``kafka_io`` (source and sink), ``applying``,
+``batcher`` (what to score and when), ``batch_scoring``, ``ledger`` and ``committer``
+(which offsets are safe, and committing them), ``dead_letters``, ``outages`` (waiting out
+Redis or Triton). This module wires them; ``stream.wiring.connect`` builds a worker from
+the settings.
 """
 
 from __future__ import annotations
@@ -56,17 +58,25 @@ class StreamWorker:
         scores_topic: the topic every written score is also published to.
         dead_letter_topic: the topic of events the worker cannot take.
         max_batch: most admissions in one scoring batch.
-        max_wait_ms: longest a change waits for a batch to fill while events keep coming.
+        max_wait_ms: longest a change waits for a batch to fill while events keep coming
+            (0: scored at once when no batch is in flight).
         worker_id: the name its metrics are published under (default: host-pid).
         max_event_bytes: larger events are dead letters, unparsed.
         max_event_lead_s: an event dated further after its Kafka timestamp is a dead letter
             (None: no limit).
         dead_letter_payload: whether dead letters carry the event's bytes.
         images: where X-ray URIs may point (None: not checked at the door).
+        explain_share: with a scorer that explains, most of a thread's time spent on
+            reasons after the scores are written (``stream.reasoner``).
     """
 
     # Ranking entries whose score expired are pruned this often.
     prune_interval_s = 60.0
+    # A poll returns as soon as a record comes; with nothing to score it waits this long, so
+    # the loop's other duties (commits, metrics, a stop) still run this often.
+    idle_poll_s = 0.1
+    # With a batch in flight, the loop comes back this often to collect it and launch the next.
+    in_flight_poll_s = 0.001
 
     def __init__(
         self,
@@ -79,12 +89,13 @@ class StreamWorker:
         scores_topic: str,
         dead_letter_topic: str,
         max_batch: int = 256,
-        max_wait_ms: int = 50,
+        max_wait_ms: int = 0,
         worker_id: str | None = None,
         max_event_bytes: int = 512 * 1024,
         max_event_lead_s: float | None = None,
         dead_letter_payload: bool = False,
         images: ImageAccess | None = None,
+        explain_share: float = 0.5,
     ):
         self.source, self.sink = source, sink
         self.scorer, self.scores = scorer, scores
@@ -106,14 +117,22 @@ class StreamWorker:
             max_event_lead_s=max_event_lead_s,
             images=images,
         )
-        self.batch_scorer = BatchScorer(
-            features, scorer, scores, sink, scores_topic, self.dead_letters
-        )
         self._pruned_at = time.monotonic()
         self.stats = WorkerStats()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(
             scores.client, self.worker_id, images=getattr(scorer, "image_errors", None)
+        )
+        self.batch_scorer = BatchScorer(
+            features,
+            scorer,
+            scores,
+            sink,
+            scores_topic,
+            self.dead_letters,
+            self.metrics.stages,
+            explain_share,
+            busy=lambda: bool(self.batcher.pending),  # reasons take only idle time
         )
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="m3t-scoring")
         self._future: Future | None = None
@@ -135,11 +154,9 @@ class StreamWorker:
         last_data = time.monotonic()
         try:
             while not self._stop.is_set():
-                # With a batch in flight, come back soon to collect it.
-                wait_s = (
-                    min(self.batcher.max_wait_s, 0.005) if self._future else self.batcher.max_wait_s
+                records = self.source.poll(
+                    self.batcher.poll_wait_s(self.idle_poll_s, self.in_flight_poll_s)
                 )
-                records = self.source.poll(wait_s)
                 if records:
                     last_data = time.monotonic()
                     self._apply(records)
@@ -180,7 +197,12 @@ class StreamWorker:
         self.stats.dead_letter_reasons = dict(self.dead_letters.reasons)  # a copy: asdict-safe
 
     def _apply(self, records) -> None:
+        polled_at, began = time.time(), time.perf_counter()
+        # Kafka's timestamp (the producer's, in ms) to this poll: the broker and the fetch.
+        sent = sum(r.timestamp()[1] for r in records) / 1000
+        self.metrics.stages.add("consume", max(0.0, polled_at * len(records) - sent), len(records))
         changes = self.applier(records)
+        self.metrics.stages.add("apply", time.perf_counter() - began, len(records))
         ends = {(r.topic(), r.partition()): r.offset() + 1 for r in records}  # in offset order
         self.batcher.add(self.ledger.polled(ends), changes)
         self.stats.events += len(records)
@@ -254,6 +276,9 @@ class StreamWorker:
 
     def _flush_metrics(self) -> None:
         self.metrics.lag = self.source.lag()
+        reasoner = self.batch_scorer.reasoner
+        if reasoner is not None:
+            self.stats.reasons = {**asdict(reasoner.stats), "waiting": reasoner.waiting}
         try:
             self.metrics.flush(asdict(self.stats))
         except Exception as exc:
@@ -264,5 +289,7 @@ class StreamWorker:
 
     def close(self) -> None:
         self._scoring.shutdown(wait=True)
+        if self.batch_scorer.reasoner is not None:
+            self.batch_scorer.reasoner.close()  # its scores go out through the sink
         self.sink.close()
         self.source.close()

@@ -4,10 +4,15 @@ The test services use free ports picked at session start, their own state direct
 copy of model_repo/ with the tests' stand-in model (tests/triton_models/placeholder) added, so
 neither a running `make demo` nor another test session is touched. A service that cannot
 start fails the tests that need it with the reason; nothing is skipped.
+
+With ``M3T_TEST_CLUSTER=1`` (``make test-cluster``) the session runs the same tests against a
+3-node Kafka cluster and a Redis Cluster of 3 primaries and 3 replicas instead.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import pytest
@@ -16,15 +21,23 @@ from m3t import services
 from m3t.services.process import free_ports
 from m3t.settings import PROJECT_ROOT, Settings
 
+CLUSTER = os.environ.get("M3T_TEST_CLUSTER", "") in ("1", "true", "yes")
 
-def make_settings(root, **overrides) -> Settings:
-    """Settings for services under ``root`` on free ports."""
-    redis, kafka, controller, http, grpc, metrics = free_ports(6)
+
+def make_settings(root, cluster: bool = CLUSTER, **overrides) -> Settings:
+    """Settings for services under ``root`` on free ports; the clusters' if ``cluster``."""
+    redis, kafka, controller, http, grpc, metrics, *more = free_ports(24 if cluster else 6)
+    redis_cfg = {"port": redis}
+    kafka_cfg = {"port": kafka, "controller_port": controller, "partitions": 4}
+    if cluster:
+        redis_cfg |= {"cluster_ports": more[:6], "cluster_bus_ports": more[6:12]}
+        kafka_cfg |= {"cluster_ports": more[12:15], "cluster_controller_ports": more[15:18]}
     return Settings(
         state_dir=root / "state",
         model_repo=root / "model_repo",
-        redis={"port": redis},
-        kafka={"port": kafka, "controller_port": controller, "partitions": 4},
+        cluster=cluster,
+        redis=redis_cfg,
+        kafka=kafka_cfg,
         triton={"http_port": http, "grpc_port": grpc, "metrics_port": metrics},
         **overrides,
     )
@@ -45,10 +58,42 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "M3T_KAFKA__TOPIC_DEAD_LETTER": kafka.topic_dead_letter,
         "M3T_KAFKA__TOPIC_SCORES": kafka.topic_scores,
         "M3T_KAFKA__CONSUMER_GROUP": kafka.consumer_group,
+        "M3T_KAFKA__TOPIC_ALERTS": kafka.topic_alerts,
+        "M3T_KAFKA__ALERTS_GROUP": kafka.alerts_group,
         "M3T_TRITON__HTTP_PORT": str(triton.http_port),
         "M3T_TRITON__GRPC_PORT": str(triton.grpc_port),
         "M3T_TRITON__METRICS_PORT": str(triton.metrics_port),
+        **(cluster_env(settings) if settings.cluster else {}),
     }
+
+
+def cluster_env(settings: Settings) -> dict[str, str]:
+    redis, kafka = settings.redis, settings.kafka
+    return {
+        "M3T_CLUSTER": "1",
+        "M3T_REDIS__CLUSTER_PORTS": json.dumps(list(redis.cluster_ports)),
+        "M3T_REDIS__CLUSTER_BUS_PORTS": json.dumps(list(redis.cluster_bus_ports)),
+        "M3T_KAFKA__CLUSTER_PORTS": json.dumps(list(kafka.cluster_ports)),
+        "M3T_KAFKA__CLUSTER_CONTROLLER_PORTS": json.dumps(list(kafka.cluster_controller_ports)),
+    }
+
+
+def replay_all(settings, admissions) -> None:
+    """Replay ``admissions`` (each a list of events) onto the settings' events topic, as
+    ``m3t ingest replay`` does, and assert none was a dead letter."""
+    from ingest.replay import make_producer, replay
+
+    producer = make_producer(settings)
+    try:
+        summary = replay(
+            list(admissions),
+            producer,
+            settings.kafka.topic_events,
+            dead_letter_topic=settings.kafka.topic_dead_letter,
+        )
+    finally:
+        producer.close()
+    assert not summary.dead_letters, summary.dead_letters
 
 
 def consume(settings, topic: str, expected: int, role="stream", wait_ms=15_000) -> list:
@@ -75,6 +120,19 @@ def consume(settings, topic: str, expected: int, role="stream", wait_ms=15_000) 
         return records
     finally:
         consumer.close()
+
+
+def command_calls(client) -> dict[str, int]:
+    """Calls per command the server ran (on a Redis Cluster, its primaries together)."""
+    from m3t.clients import is_cluster
+
+    if not is_cluster(client):
+        return {k: v["calls"] for k, v in client.info("commandstats").items()}
+    calls: dict[str, int] = {}
+    for stats in client.info("commandstats", target_nodes=client.PRIMARIES).values():
+        for k, v in stats.items():
+            calls[k] = calls.get(k, 0) + v["calls"]
+    return calls
 
 
 @pytest.fixture(scope="session")

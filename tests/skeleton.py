@@ -22,6 +22,7 @@ import redis
 from kafka import KafkaProducer
 
 from ingest import events as ev
+from m3t.clients import LuaScript, run_scripts
 from m3t.kafka import kafka_python_config
 from m3t.settings import Settings, get_settings
 
@@ -32,7 +33,7 @@ SEEN = "m3t:skeleton:{{{hadm_id}}}:seen"
 
 # Idempotent by event id: the dedupe check and the update happen atomically. Only commands
 # the stream's Redis user may run (m3t.services.redis_server.ACL_RULES).
-_APPLY = """
+_APPLY = LuaScript("""
 if redis.call('HGET', KEYS[2], ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], '1')
 if ARGV[2] == 'admission' then redis.call('HSET', KEYS[1], 'age', ARGV[3]) end
@@ -43,24 +44,24 @@ end
 local t = tonumber(redis.call('HGET', KEYS[1], 'feature_time') or '0')
 if tonumber(ARGV[4]) > t then redis.call('HSET', KEYS[1], 'feature_time', ARGV[4]) end
 return 1
-"""
+""")
 
 
 class SkeletonFeatures:
     def __init__(self, client: redis.Redis):
         self.client = client
-        self._apply = client.register_script(_APPLY)
 
     def apply(self, events: list) -> None:
-        with self.client.pipeline(transaction=False) as pipe:
+        def queue(commands):  # the project's round trip: on a Redis Cluster too
             for e in events:
                 age = e.payload.age if e.type == "admission" else 0
-                self._apply(
-                    keys=[KEY.format(hadm_id=e.hadm_id), SEEN.format(hadm_id=e.hadm_id)],
-                    args=[e.event_id, e.type, age, e.event_time.timestamp()],
-                    client=pipe,
+                _APPLY(
+                    commands,
+                    [KEY.format(hadm_id=e.hadm_id), SEEN.format(hadm_id=e.hadm_id)],
+                    [e.event_id, e.type, age, e.event_time.timestamp()],
                 )
-            pipe.execute()
+
+        run_scripts(self.client, queue, _APPLY)
 
     def inputs(self, hadm_ids: list[int]) -> tuple[dict, list[float]]:
         with self.client.pipeline(transaction=False) as pipe:

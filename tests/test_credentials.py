@@ -53,7 +53,7 @@ def secrets_of(model: BaseModel) -> list[SecretStr]:
 
 def test_no_credential_has_a_default_in_the_settings():
     found = secrets_of(Settings())
-    assert len(found) == 8  # three Redis users, four Kafka users, the Triton key
+    assert len(found) == 10  # four Redis users, five Kafka users, the Triton key
     assert all(secret.get_secret_value() == "" for secret in found)
 
 

@@ -26,7 +26,10 @@ from features.state import AdmissionState
 from features.vocab import Vocabulary
 from ingest import events as ev
 from ingest.events import sort_key
+from m3t import services
+from m3t.clients import is_cluster
 from m3t.clients import redis_client as connect
+from tests.conftest import command_calls, make_settings, settings_env
 
 pytestmark = pytest.mark.services
 
@@ -271,13 +274,17 @@ def test_a_batch_read_is_one_round_trip(store, redis_client):
     store.write_batch(EVENTS)
     hadm_ids = list(COHORT) + [1, 2, 3]  # unknown admissions too
 
-    before = redis_client.info("commandstats")
+    before = command_calls(redis_client)
     rows = store.read_batch(hadm_ids)
-    after = redis_client.info("commandstats")
+    after = command_calls(redis_client)
 
-    # The server ran one MGET for the whole batch, and nothing else.
-    served = {k: after[k]["calls"] - before.get(k, {"calls": 0})["calls"] for k in after}
-    assert {k: v for k, v in served.items() if v and k != "cmdstat_info"} == {"cmdstat_mget": 1}
+    # The server ran one MGET for the whole batch, and nothing else; a Redis Cluster one per
+    # slot, all sent (to every node) before any reply is read.
+    mgets = 1
+    if is_cluster(redis_client):
+        mgets = len({redis_client.keyslot(key) for key in store._serving_keys(hadm_ids)})
+    served = {k: after[k] - before.get(k, 0) for k in after}
+    assert {k: v for k, v in served.items() if v and k != "cmdstat_info"} == {"cmdstat_mget": mgets}
     assert len(rows) == len(hadm_ids) and rows[-3:] == [None, None, None]
     assert all(row[mi.NUMERIC].shape == (FITTED.mean.shape[0],) for row in rows[:-3])
 
@@ -347,8 +354,8 @@ def test_parity_on_the_mimic_demo_and_the_cli(settings, monkeypatch, redis_clien
     assert report.ok, report
     assert report.admissions == 40 and report.cutoffs > 40
 
-    monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
-    monkeypatch.setenv("M3T_STATE_DIR", str(settings.state_dir))  # its credentials
+    for name, value in settings_env(settings).items():  # its services and credentials
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
         result = runner.invoke(
@@ -368,8 +375,8 @@ def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
     hadm_id = list(COHORT)[3]
     store.write_batch(COHORT[hadm_id])
     store.publish()
-    monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
-    monkeypatch.setenv("M3T_STATE_DIR", str(settings.state_dir))  # its credentials
+    for name, value in settings_env(settings).items():  # its services and credentials
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
         shown = runner.invoke(app, ["features", "get", str(hadm_id), "--json"])
@@ -384,13 +391,30 @@ def test_features_get_shows_an_admission(settings, monkeypatch, redis_client):
     assert missing.exit_code == 2
 
 
-def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, monkeypatch):
-    # On a database of its own, so that what the other tests publish and leave in database 0
-    # does not count.
+@pytest.fixture
+def own_redis(settings, tmp_path):
+    """Settings for a Redis of the test's own, and their environment variables: database 15
+    of the session's server, or on a Redis Cluster (database 0 only) a cluster of its own."""
+    if not settings.cluster:
+        isolated = settings.redis.model_copy(update={"db": 15})
+        env = {**settings_env(settings), "M3T_REDIS__DB": "15"}
+        yield settings.model_copy(update={"redis": isolated}), env
+        return
+    cluster = make_settings(tmp_path, cluster=True)
+    try:
+        services.up(cluster, ["redis"])
+        yield cluster, settings_env(cluster)
+    finally:
+        services.down(cluster, ["redis"])
+
+
+def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(own_redis, monkeypatch):
+    # On a Redis of its own, so that what the other tests publish and leave does not count;
+    # on a cluster its keys lie on every primary, and each is scanned.
     from app.cli import app
     from m3t.settings import get_settings
 
-    isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"db": 15})})
+    isolated, env = own_redis
     client = connect(isolated, role="admin")
     client.flushdb()
     try:
@@ -413,9 +437,8 @@ def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, m
             - {k.encode() for k in old_layout}
         )
 
-        monkeypatch.setenv("M3T_REDIS__PORT", str(settings.redis.port))
-        monkeypatch.setenv("M3T_STATE_DIR", str(settings.state_dir))
-        monkeypatch.setenv("M3T_REDIS__DB", "15")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
         get_settings.cache_clear()
         try:
             listed = runner.invoke(app, ["features", "prune"])
@@ -425,10 +448,9 @@ def test_prune_lists_and_deletes_only_what_the_stream_no_longer_uses(settings, m
             get_settings.cache_clear()
         assert listed.exit_code == 0, listed.output
         assert previous.prefix in listed.output and f"{current.prefix}:2" in listed.output
-        assert (
-            "7 stale keys" in listed.output
-        )  # the other feature set's 3 keys and fitted, 3 old-layout keys
-        assert pruned.exit_code == 0 and "deleted 7 stale keys" in pruned.output
+        # the other feature set's 5 keys (all_keys) and fitted, 3 old-layout keys
+        assert "9 stale keys" in listed.output
+        assert pruned.exit_code == 0 and "deleted 9 stale keys" in pruned.output
         assert set(client.keys("*")) == kept
         np.testing.assert_array_equal(current.read_inputs([hadm_id])["present"], [True])
     finally:
@@ -445,3 +467,50 @@ def test_parity_on_a_synthetic_cohort(tmp_path, redis_client):
     report = parity.check_parity(events, redis_client, sample=25, seed=4)
     assert report.ok, report
     assert report.admissions == 25 and report.cutoffs > 25
+
+
+FEED = {h: sample.with_feed_events(evs, seed=2) for h, evs in list(COHORT.items())[:15]}
+
+
+def test_feed_events_streamed_in_any_batches_equal_the_offline_fold(store):
+    """Corrections, cancels, transfers and re-sent admissions, delivered shuffled in small
+    batches with duplicates: the same model inputs, status and ward as the offline fold."""
+    events = [e for evs in FEED.values() for e in evs]
+    rng = random.Random(3)
+    rng.shuffle(events)
+    events += rng.sample(events, len(events) // 4)
+    for i in range(0, len(events), 37):
+        store.write_batch(events[i : i + 37])
+    hadm_ids = list(FEED)
+    want = [AdmissionState() for _ in hadm_ids]
+    for state, h in zip(want, hadm_ids):
+        for e in FEED[h]:
+            state.apply(e, FITTED.vocab)
+    expected = FITTED.assemble([s.to_blob() for s in want])
+    served = store.read_inputs(hadm_ids)
+    for key in served:
+        if key != "present" and served[key].dtype.kind == "f":
+            np.testing.assert_allclose(served[key], expected[key], rtol=1e-6, err_msg=key)
+        elif key != "present":
+            np.testing.assert_array_equal(served[key], expected[key], err_msg=key)
+    assert store.read_status(hadm_ids) == [(s.status, s.ward) for s in want]
+    assert {s for s, _ in store.read_status(hadm_ids)} == {"discharged"}
+    assert all(ward for _, ward in store.read_status(hadm_ids))
+
+
+def test_a_cancelled_discharge_reopens_the_admission_in_the_store(store):
+    hadm_id = next(iter(FEED))
+    events = FEED[hadm_id]
+    a13 = next(e for e in events if e.type == "cancel" and e.payload.cancels == "discharge")
+    before = [e for e in events if e.event_time < a13.event_time]
+    store.write_batch(before)
+    assert store.read_status([hadm_id])[0][0] == "discharged"  # the discharge in error
+    store.write_batch([a13])
+    assert store.read_status([hadm_id])[0][0] == "open"
+
+
+def test_online_offline_parity_with_corrections_and_cancels(redis_client):
+    report = parity.check_parity(
+        [e for evs in FEED.values() for e in evs], redis_client, sample=15, seed=1
+    )
+    assert report.ok, report

@@ -297,3 +297,142 @@ def test_offline_build_fits_on_train_and_round_trips(tmp_path):
         loaded.arrays[mi.MODALITY_MASK][:, 2].sum() == 0
     )  # images not preprocessed: marked absent
     assert loaded.meta["vocab_size"] == len(dataset.fitted.vocab)
+
+
+# --- hospital feeds (#21): transfers, cancels, re-sent admissions, corrected results -------
+
+FEED = {h: sample.with_feed_events(evs, seed=5) for h, evs in list(COHORT.items())[:12]}
+
+
+def _event(kind, hadm_id, when, position, **payload):
+    cls, payload_cls = {
+        "transfer": (ev.TransferEvent, ev.TransferPayload),
+        "cancel": (ev.CancelEvent, ev.CancelPayload),
+        "observation": (ev.ObservationEvent, ev.ObservationPayload),
+        "admission": (ev.AdmissionEvent, ev.AdmissionPayload),
+        "discharge": (ev.DischargeEvent, ev.DischargePayload),
+    }[kind]
+    return cls(
+        event_id=ev.event_id("t", position),
+        hadm_id=hadm_id,
+        subject_id=1,
+        event_time=when,
+        source="t",
+        payload=payload_cls(**payload),
+    )
+
+
+def test_feed_events_fold_to_the_same_state_in_any_order():
+    for events in FEED.values():
+        want = fold(events)
+        for seed in range(3):
+            shuffled = list(events)
+            random.Random(seed).shuffle(shuffled)
+            got = fold(shuffled)
+            a, b = FITTED.assemble([want.to_blob()]), FITTED.assemble([got.to_blob()])
+            for key in a:
+                if a[key].dtype.kind == "f":
+                    np.testing.assert_allclose(a[key], b[key], rtol=1e-9, err_msg=key)
+                else:
+                    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+            assert (got.status, got.ward) == (want.status, want.ward)
+
+
+def test_a_corrected_result_replaces_the_value_it_corrects():
+    events = [e for e in COHORT[next(iter(COHORT))] if e.type != "discharge"]
+    obs = next(e for e in events if e.type == "observation" and e.payload.itemid in fd.ITEM_INDEX)
+    later = obs.event_time + timedelta(hours=1)
+    value = obs.payload.value + 7.0
+    as_of = hours(max(e.event_time for e in events)) + 2
+    replaced = [e for e in events if e is not obs]
+    for result_id in ("R1", None):  # by result id, else by item and charttime
+        original = obs.model_copy(
+            update={"payload": obs.payload.model_copy(update={"result_id": result_id})}
+        )
+        correction = original.model_copy(
+            update={
+                "event_id": "correction",
+                "event_time": later,
+                "payload": original.payload.model_copy(
+                    update={"value": value, "status": "corrected"}
+                ),
+            }
+        )
+        want = fold([*replaced, correction])
+        for order in ([*replaced, original, correction], [correction, *replaced, original]):
+            got = fold(order)
+            assert_features_equal(features_of(got, as_of), features_of(want, as_of))
+        # Before the correction's event time the original value is what was known.
+        before = fold([e for e in [*replaced, original, correction] if e.event_time < later])
+        with_original = fold([e for e in [*replaced, original] if e.event_time < later])
+        assert_features_equal(features_of(before, as_of), features_of(with_original, as_of))
+
+
+def test_cancels_undo_what_they_cancel_and_a_later_event_counts_again():
+    t = sample.T0
+    admit = _event("admission", 9, t, "a", admittime=t, admission_type="URGENT", gender="F", age=50)
+    state = fold([admit])
+    assert state.status == "open"
+    gone = _event(
+        "discharge",
+        9,
+        t + timedelta(hours=5),
+        "d",
+        dischtime=t + timedelta(hours=5),
+        los_days=0.2,
+        hospital_expire_flag=False,
+    )
+    a13 = _event("cancel", 9, t + timedelta(hours=6), "c13", cancels="discharge")
+    assert fold([admit, gone]).status == "discharged"
+    assert fold([a13, admit, gone]).status == "open"  # a cancelled discharge reopens it
+    again = gone.model_copy(update={"event_id": "d2", "event_time": t + timedelta(hours=9)})
+    assert fold([admit, gone, a13, again]).status == "discharged"
+    a11 = _event("cancel", 9, t + timedelta(hours=1), "c11", cancels="admission")
+    assert fold([admit, a11]).status == "cancelled"
+    a08 = admit.model_copy(
+        update={
+            "event_id": "a08",
+            "event_time": t + timedelta(hours=2),
+            "payload": admit.payload.model_copy(update={"age": 51.0}),
+        }
+    )
+    readmitted = fold([a08, a11, admit])
+    assert readmitted.status == "open"
+    assert readmitted.static_features()[0] == 51.0  # the admission sent last gives the age
+
+
+def test_the_ward_is_the_latest_transfer_not_cancelled():
+    t = sample.T0
+    moves = [
+        _event(
+            "transfer",
+            9,
+            t + timedelta(hours=h),
+            f"t{h}",
+            careunit=unit,
+            intime=t + timedelta(hours=h),
+        )
+        for h, unit in ((0, "ED"), (3, "MICU"), (8, "Medicine"))
+    ]
+    assert fold(moves).ward == "Medicine"
+    assert fold(moves[::-1]).ward == "Medicine"
+    a12 = _event("cancel", 9, t + timedelta(hours=9), "c12", cancels="transfer")
+    assert fold([a12, *moves]).ward == "MICU"  # back where the cancelled transfer came from
+    later = _event(
+        "transfer",
+        9,
+        t + timedelta(hours=10),
+        "t10",
+        careunit="Surgery",
+        intime=t + timedelta(hours=10),
+    )
+    assert fold([later, a12, *moves]).ward == "Surgery"  # a transfer after the cancel counts
+    assert fold([]).ward == ""
+
+
+def test_offline_labels_use_the_discharge_no_cancel_took_back():
+    admissions = offline.labelled(offline.group_admissions(FEED.values()))
+    assert len(admissions) == len(FEED)
+    for a in admissions:
+        real = next(e for e in COHORT[a.hadm_id] if e.type == "discharge")
+        assert a.discharge == hours(real.payload.dischtime)

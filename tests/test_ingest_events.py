@@ -96,6 +96,13 @@ def valid_events() -> dict[str, ev.BaseModel]:
                 dischtime=T0 + timedelta(days=5), los_days=5.0, hospital_expire_flag=False
             ),
         ),
+        "transfer": ev.TransferEvent(
+            **envelope("transfer", 5),
+            payload=ev.TransferPayload(careunit="Medical ICU", intime=T0 + timedelta(hours=5)),
+        ),
+        "cancel": ev.CancelEvent(
+            **envelope("cancel", 121), payload=ev.CancelPayload(cancels="discharge")
+        ),
     }
 
 
@@ -179,6 +186,7 @@ def test_events_the_reader_builds_decode_to_themselves(reader_events):
         "note",
         "cxr",
         "discharge",
+        "transfer",
     }
     for event in reader_events:
         raw = ev.encode(event)
@@ -234,6 +242,8 @@ def test_the_digest_covers_every_field_but_the_transport():
         ("payload", "unit"): "mmol/L",
         ("payload", "charttime"): "2150-03-01T12:31:00",
         ("payload", "kind"): "vital",
+        ("payload", "result_id"): "order-7/2345-7",
+        ("payload", "status"): "corrected",
     }
     assert set(changed) == set(leaf_paths(obj("lab"))) - {
         (name,) for name in ev.TRANSPORT_FIELDS
@@ -711,3 +721,16 @@ def test_valid_envelopes_with_hostile_fields_decode_or_are_refused(data):
     decodes_or_refuses(raw)
     if len(raw) < 200_000:
         decodes_or_refuses(raw.decode("utf-8", "surrogatepass"))
+
+
+@pytest.mark.parametrize(
+    "name, path, value",
+    [
+        ("cancel", ("payload", "cancels"), "note"),
+        ("transfer", ("payload", "careunit"), "x" * 129),
+        ("lab", ("payload", "status"), "amended"),
+        ("lab", ("payload", "result_id"), ""),
+    ],
+)
+def test_feed_fields_are_checked(name, path, value):
+    assert refused(dumps(with_field(name, path, value))).reason == "schema_violation"

@@ -93,6 +93,47 @@ def test_a_resent_message_gives_identical_events_and_another_control_id_new_ones
     assert not {e.event_id for e in first.events} & {e.event_id for e in other.events}
 
 
+def adt(trigger: str, control: str, unit: str = "", evn: str = "") -> str:
+    pv1 = PV1.format(disposition="", admit=ADMIT_TIME, disch="").replace(
+        "PV1|1|I||", f"PV1|1|I|{unit}|"
+    )
+    segments = [MSH.format(type=f"ADT^{trigger}", control=control)]
+    if evn:
+        segments.append(f"EVN|{trigger}|{evn}")
+    return message(*segments, PID, pv1)
+
+
+def test_transfers_updates_and_cancels_become_their_events():
+    admission, moved = to_events(adt("A01", "C1", unit="MICU^12^1")).events
+    assert (moved.type, moved.payload.careunit) == ("transfer", "MICU")
+    assert moved.payload.intime == admission.payload.admittime
+    [transfer] = to_events(adt("A02", "C4", unit="Medicine^3", evn="20240302101500")).events
+    assert transfer.payload.careunit == "Medicine" and transfer.event_time.hour == 10
+    [update] = to_events(adt("A08", "C5", evn="20240302120000")).events
+    assert update.type == "admission" and update.event_time.isoformat().startswith("2024-03-02T12")
+    for trigger, cancels in (("A11", "admission"), ("A12", "transfer"), ("A13", "discharge")):
+        [cancel] = to_events(adt(trigger, f"X{trigger}", evn="20240303080000")).events
+        assert (cancel.type, cancel.payload.cancels) == ("cancel", cancels)
+    # without EVN the message time (MSH-7) dates it
+    assert to_events(adt("A13", "C9")).events[0].event_time.isoformat().startswith("2024-03-01T12")
+    with pytest.raises(Refused) as refused:
+        to_events(adt("A02", "C6"))
+    assert refused.value.reason == "missing_field" and refused.value.detail == "PV1-3"
+
+
+def test_results_carry_their_id_and_status():
+    obr = "OBR|1||F123|24323-8^Panel^LN|||20240301085000"
+    obx = "OBX|1|NM|14682-9^Creatinine^LN|2|106|umol/L|||||{status}|||20240301090000"
+    pv1 = PV1.format(disposition="", admit=ADMIT_TIME, disch="")
+    for status, want in (("C", "corrected"), ("P", "preliminary"), ("F", "final"), ("", "final")):
+        raw = message(
+            MSH.format(type="ORU^R01", control="R1"), PID, pv1, obr, obx.format(status=status)
+        )
+        [event] = to_events(raw).events
+        assert event.payload.status == want and event.payload.result_id == "F123^14682-9^2"
+    assert to_events(result()).events[0].payload.result_id is None  # no filler order number
+
+
 def test_time_zones_are_converted_to_utc():
     zoned = admit().replace(ADMIT_TIME, "202403010800-0500")
     assert to_events(zoned).events[0].payload.admittime.isoformat() == "2024-03-01T13:00:00"
@@ -105,7 +146,7 @@ def test_time_zones_are_converted_to_utc():
         (admit().replace("MSH|^~\\&|", "MSH|^~\\#|"), "wrong_encoding_characters", "AR"),
         (admit().replace("\rPID|", "\rP!D|"), "malformed_segment", "AR"),
         ("PID|1||1001\r", "malformed_message", "AR"),
-        (admit(trigger="A08"), "unsupported_message", "AR"),
+        (admit(trigger="A99"), "unsupported_message", "AR"),
         (admit().replace("|C1|", "||"), "missing_field", "AE"),
         (admit().replace("2001|", "|"), "missing_field", "AE"),
         (admit().replace("|19600215|", "|1960-02-15|"), "invalid_field", "AE"),
@@ -198,7 +239,7 @@ def test_a_refused_message_gets_its_code_reason_and_a_dead_letter(listener, isol
     with MLLPClient(listener.host, listener.port) as client:
         ack = client.send_message(bad)
         assert msa_code(ack) == "AE" and b"MSA|AE|C7|unknown_loinc" in ack and b"\rERR|" in ack
-        assert msa_code(client.send_message(admit(trigger="A08"))) == "AR"
+        assert msa_code(client.send_message(admit(trigger="A99"))) == "AR"
         assert msa_code(client.send_message(admit())) == "AA"  # the connection still serves
     topic = isolated_settings.kafka.topic_dead_letter
     letters = [json.loads(r.value) for r in consume(isolated_settings, topic, 2, role="admin")]
@@ -256,6 +297,7 @@ def test_a_silent_connection_times_out(listener):
     silent.close()
 
 
+@pytest.mark.single_node
 @pytest.mark.services
 def test_without_kafka_no_ack_is_sent(isolated_settings):
     (nowhere,) = free_ports(1)

@@ -59,6 +59,7 @@ def test_demo_tables_read_as_pandas_reads_them(demo):
         "hosp/labevents",
         "icu/icustays",
         "hosp/d_labitems",
+        "hosp/transfers",
     ):
         assert tables[name].read == len(_csv(name)), name
     adm = _csv("hosp/admissions")
@@ -67,7 +68,11 @@ def test_demo_tables_read_as_pandas_reads_them(demo):
     assert reader.stats.events["admission"] == reader.stats.events["discharge"] == 275
     # The demo has no chartevents, notes or images: those sources are simply absent.
     assert "icu/chartevents" not in tables and "note/radiology" not in tables
-    assert set(reader.stats.events) == {"admission", "observation", "discharge"}
+    assert set(reader.stats.events) == {"admission", "observation", "discharge", "transfer"}
+    # every admission has a ward: the transfers table's rows with a careunit
+    transfers = _csv("hosp/transfers")
+    moves = transfers.careunit.notna() & transfers.hadm_id.notna()
+    assert reader.stats.events["transfer"] == tables["hosp/transfers"].used == moves.sum()
 
 
 def test_demo_every_row_is_accounted_for(demo):
@@ -158,7 +163,14 @@ def test_synthetic_cohort_reads_back_with_every_modality(cohort):
     admissions = list(reader.admissions())
     assert len(admissions) == 30
     assert reader.stats.balanced and not reader.stats.dead_letters
-    assert set(reader.stats.events) == {"admission", "observation", "note", "cxr", "discharge"}
+    assert set(reader.stats.events) == {
+        "admission",
+        "observation",
+        "note",
+        "cxr",
+        "discharge",
+        "transfer",
+    }
     notes = Counter(
         e.payload.note_type for events in admissions for e in events if e.type == "note"
     )

@@ -78,6 +78,7 @@ def test_a_plaintext_client_gets_no_metadata(settings):
         client.list_topics(timeout=3)
 
 
+@pytest.mark.single_node
 def test_the_controller_port_takes_only_clients_with_a_certificate_from_the_ca(settings):
     controller = ["-b", f"{settings.kafka.host}:{settings.kafka.controller_port}"]
     plaintext = kcat_metadata(settings, None, *controller, "-X", "security.protocol=plaintext")
@@ -101,18 +102,20 @@ def test_a_wrong_password_is_refused(settings):
 def test_each_role_sees_only_the_topics_it_uses(settings):
     cfg = settings.kafka
     seen = {}
-    for role in ("stream", "producer", "reader"):
+    for role in ("stream", "producer", "reader", "alerts"):
         result = kcat_metadata(settings, role)
         assert result.returncode == 0, result.stderr
         seen[role] = {t["topic"] for t in json.loads(result.stdout)["topics"]}
     # Other tests' topics carry grants of their own: only the project's are compared.
     project = set(cfg.topics)
-    assert seen["reader"] & project == {cfg.topic_scores}
+    assert seen["reader"] & project == {cfg.topic_scores, cfg.topic_alerts}
+    assert seen["alerts"] & project == {cfg.topic_scores, cfg.topic_alerts}
     assert seen["producer"] & project == {cfg.topic_events, cfg.topic_dead_letter}
-    assert seen["stream"] >= project
+    assert seen["stream"] & project == {cfg.topic_events, cfg.topic_dead_letter, cfg.topic_scores}
     assert not any("__consumer_offsets" in topics for topics in seen.values())
 
 
+@pytest.mark.single_node
 def test_no_secret_on_the_brokers_command_line_and_its_files_are_owner_only(settings):
     broker = KafkaBroker(settings)
     for name in ("server.properties", "keystore.pem", "admin-credential.json"):
@@ -120,7 +123,7 @@ def test_no_secret_on_the_brokers_command_line_and_its_files_are_owner_only(sett
         assert mode == 0o600, (name, oct(mode))
     assert stat.S_IMODE(broker.home.stat().st_mode) == 0o700  # the events' log segments
     command_line = Path(f"/proc/{broker.pid()}/cmdline").read_bytes()
-    for role in ("admin", "stream", "producer", "reader"):
+    for role in ("admin", "stream", "producer", "reader", "alerts"):
         assert login(settings, "kafka", role)[1].encode() not in command_line
     assert login(settings, "kafka", "admin")[1] in (broker.home / "server.properties").read_text()
 
@@ -134,6 +137,24 @@ def test_the_stream_cannot_write_events_and_writes_scores_and_dead_letters(isola
     assert delivery_errors(producer, cfg.topic_events) == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
     assert delivery_errors(producer, cfg.topic_scores) == [None]
     assert delivery_errors(producer, cfg.topic_dead_letter) == [None]
+
+
+def test_the_alerts_role_reads_scores_in_its_group_and_writes_only_alerts(isolated_settings):
+    cfg = isolated_settings.kafka
+    stream = kafka.producer(isolated_settings, role="stream", client_id="t-stream")
+    assert delivery_errors(stream, cfg.topic_scores, b"score") == [None]
+    assert delivery_errors(stream, cfg.topic_alerts) == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
+    alerts = kafka.producer(isolated_settings, role="alerts", client_id="t-alerts")
+    assert delivery_errors(alerts, cfg.topic_alerts) == [None]
+    for topic in (cfg.topic_scores, cfg.topic_events, cfg.topic_dead_letter):
+        assert delivery_errors(alerts, topic) == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
+    mine, theirs = f"{cfg.alerts_group}-t", f"{cfg.consumer_group}-t"
+    assert first_record(isolated_settings, "alerts", mine, cfg.topic_scores) == b"score"
+    refused = first_record(isolated_settings, "alerts", theirs, cfg.topic_scores)
+    assert refused == KafkaError.GROUP_AUTHORIZATION_FAILED
+    assert first_record(isolated_settings, "alerts", mine, cfg.topic_events) == (
+        KafkaError.TOPIC_AUTHORIZATION_FAILED
+    )
 
 
 def test_the_producer_cannot_read_scores(isolated_settings):
@@ -201,12 +222,14 @@ def test_each_topic_keeps_records_as_long_as_the_settings_say(settings, isolated
             cfg.kafka.topic_events: cfg.kafka.retention_events_ms,
             cfg.kafka.topic_scores: cfg.kafka.retention_scores_ms,
             cfg.kafka.topic_dead_letter: cfg.kafka.retention_dead_letter_ms,
+            cfg.kafka.topic_alerts: cfg.kafka.retention_alerts_ms,
         }
     shorter = isolated_settings.kafka.model_copy(
         update={
             "retention_events_ms": 3_600_000,
             "retention_scores_ms": 7_200_000,
             "retention_dead_letter_ms": 10_800_000,
+            "retention_alerts_ms": 14_400_000,
         }
     )
     changed = isolated_settings.model_copy(update={"kafka": shorter})
@@ -215,12 +238,14 @@ def test_each_topic_keeps_records_as_long_as_the_settings_say(settings, isolated
         shorter.topic_events: 3_600_000,
         shorter.topic_scores: 7_200_000,
         shorter.topic_dead_letter: 10_800_000,
+        shorter.topic_alerts: 14_400_000,
     }
 
 
 # --------------------------------------------------------------------------- upgrades
 
 
+@pytest.mark.single_node
 def test_an_older_plaintext_install_is_formatted_afresh_and_passwords_follow_the_settings(
     tmp_path,
 ):

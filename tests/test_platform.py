@@ -73,7 +73,7 @@ def test_kafka_round_trip(isolated_settings):
 
 
 def test_topics_created_with_partitions(settings):
-    consumer = KafkaConsumer(**kafka_python_config(settings, "stream"))  # it sees all three
+    consumer = KafkaConsumer(**kafka_python_config(settings, "admin"))  # it sees them all
     described = {t: len(consumer.partitions_for_topic(t) or ()) for t in settings.kafka.topics}
     consumer.close()
     assert described == {t: settings.kafka.partitions for t in settings.kafka.topics}
@@ -85,6 +85,7 @@ def test_redis_rewrites_its_append_only_file_at_the_configured_size(settings, re
     assert int(size) == 1 << 30 and settings.redis.aof_rewrite_min_size == "1gb"
 
 
+@pytest.mark.single_node
 def test_commands_go_in_one_write_and_every_reply_is_read(settings, redis_client):
     from m3t.clients import Commands, mget, send
     from m3t.clients import redis_client as connect

@@ -43,12 +43,38 @@ def keys(redis_client):
     redis_client.delete(SCORE, FEATURE)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["FLUSHALL"],
+        ["KEYS", "*"],
+        ["SCAN", "0"],
+        ["GET", FEATURE],
+        ["HSET", SCORE, "mortality_prob", "0.9"],
+        ["SET", "m3t:risk:inpatients", "1"],
+        ["CLIENT", "KILL", "ID", "1"],
+    ],
+)
+def test_the_alerts_user_keeps_its_alert_keys_and_only_reads_scores(
+    settings, keys, redis_client, command
+):
+    alerts = connect(settings, role="alerts")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        alerts.execute_command(*command)
+    assert alerts.hget(SCORE, "mortality_prob") == b"0.2"
+    assert alerts.hset("m3t:alert:{7001}", "feature_time", "1") == 1
+    alerts.close()
+    redis_client.delete("m3t:alert:{7001}")
+
+
+@pytest.mark.single_node
 def test_an_unauthenticated_connection_cannot_even_ping(settings):
     assert "NOAUTH" in cli(settings, "PING")
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(host=settings.redis.host, port=settings.redis.port).ping()
 
 
+@pytest.mark.single_node
 @pytest.mark.parametrize(
     "command",
     [
@@ -93,14 +119,16 @@ def test_the_stream_user_writes_its_keys_and_nothing_else(settings, keys, comman
     writer.close()
 
 
+@pytest.mark.single_node
 def test_only_the_admin_sees_the_users_and_the_default_user_is_off(settings, redis_client):
     users = {line.split()[1]: line for line in redis_client.acl_list()}
-    assert set(users) == {"default", "m3t-admin", "m3t-stream", "m3t-reader"}
+    assert set(users) == {"default", "m3t-admin", "m3t-stream", "m3t-reader", "m3t-alerts"}
     assert " off " in users["default"] and "nopass" not in " ".join(users.values())
     conf = settings.state_dir / "redis" / "redis.conf"
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600  # it holds the passwords
 
 
+@pytest.mark.single_node
 def test_redis_over_tls_serves_verified_clients_only(tmp_path):
     plain = make_settings(tmp_path)
     settings = plain.model_copy(update={"redis": plain.redis.model_copy(update={"tls": True})})
@@ -126,6 +154,7 @@ def test_redis_over_tls_serves_verified_clients_only(tmp_path):
         services.down(settings, ["redis"])
 
 
+@pytest.mark.single_node
 def test_a_killed_redis_comes_back_with_every_scripted_write(tmp_path):
     # Lua scripts' effects sit in the AOF as MULTI/EXEC blocks, replayed under the default
     # user's rules: the default user must stay off yet able to replay them.

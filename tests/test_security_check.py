@@ -31,6 +31,7 @@ def run_check(*args: str):
     return result.exit_code, json.loads(result.stdout)
 
 
+@pytest.mark.single_node
 def test_a_fresh_installation_has_nothing_open(cli_env):
     code, findings = run_check()
     opened = [f for f in findings if f["status"] == "open"]
@@ -58,6 +59,7 @@ def test_an_api_beyond_loopback_without_tls_is_open(cli_env):
     assert any(f["area"] == "api" and f["status"] == "open" for f in findings)
 
 
+@pytest.mark.single_node
 def test_a_secret_readable_by_others_is_open(settings, cli_env):
     secret = next(p for p in settings.secrets_dir.iterdir() if p.is_file())
     secret.chmod(0o644)

@@ -27,7 +27,7 @@ from stream.scoring import CachedEncoderScorer, OnlineFeatures
 from stream.wiring import connect
 from stream.xrays import CxrInputs
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.single_node]
 
 FIRST_HADM = 64_000_000
 

@@ -125,7 +125,9 @@ def test_triton_down_keeps_dirty_set_and_recovers(isolated_settings, redis_clien
         produce(settings, events)
         assert wait_for(lambda: worker.stats.retries >= 3)
         assert all(store.get(e.hadm_id) is None for e in events)
-        assert worker.stats.commits == 0 and len(worker.batcher.pending) == 5  # kept, not committed
+        # Kept, not committed: those polled before the first failure (all five, or fewer
+        # where they came in more than one poll) wait for Triton with the rest unread.
+        assert worker.stats.commits == 0 and 1 <= len(worker.batcher.pending) <= 5
         services.up(settings, ["triton"])
         assert wait_for(lambda: all(store.get(e.hadm_id) for e in events))
         assert wait_for(lambda: committed_everything(settings))
@@ -167,6 +169,7 @@ def ride_out_a_redis_outage(settings, first_hadm: int, start, end) -> None:
     )
 
 
+@pytest.mark.single_node
 def test_redis_down_pauses_without_commit(isolated_settings):
     ride_out_a_redis_outage(
         isolated_settings,

@@ -13,13 +13,13 @@ from features.cxr import CxrPreprocessor, preprocess_uris
 from features.offline import snapshots
 from features.online import OnlineStore
 from features.state import hours
-from ingest.replay import make_producer, replay
 from m3t.clients import triton_admin_headers
 from stream.scores import SCORE_KEY, ScoreStore
-from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
+from stream.scoring import EMB_KEY, CachedEncoderScorer, FullModelScorer, OnlineFeatures
 from stream.wiring import connect
 from stream.worker import StreamWorker
 from stream.xrays import CxrInputs
+from tests.conftest import command_calls, replay_all
 from trainer.publish import load_in_triton, read_config
 
 pytestmark = pytest.mark.services
@@ -66,8 +66,8 @@ def offline_scores(cohort, fitted, model) -> dict[int, tuple[float, float]]:
 def stream_scores(
     settings, cohort, store, scorer, redis_client, group: str
 ) -> tuple[dict, StreamWorker]:
-    for h in cohort:
-        redis_client.delete(SCORE_KEY.format(hadm_id=h))
+    for h in cohort:  # no score, and no embedding cached by a test before
+        redis_client.delete(SCORE_KEY.format(hadm_id=h), EMB_KEY.format(hadm_id=h))
     scores = ScoreStore(redis_client)
     worker = connect(
         settings,
@@ -89,15 +89,7 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(
 ):
     settings = isolated_settings
     fitted, model = deployed
-    producer = make_producer(settings)
-    summary = replay(
-        list(cohort.values()),
-        producer,
-        settings.kafka.topic_events,
-        dead_letter_topic=settings.kafka.topic_dead_letter,
-    )
-    producer.close()
-    assert not summary.dead_letters
+    replay_all(settings, cohort.values())
     store = OnlineStore(redis_client, fitted, scratch=settings.kafka.consumer_group)
     want = offline_scores(cohort, fitted, model)
 
@@ -125,6 +117,59 @@ def test_replayed_cohort_scores_equal_offline_batch_scoring(
     assert 0 < cached_scorer.runs["notes"] < worker.stats.scored
 
 
+def test_two_workers_in_one_group_share_the_partitions_and_score_as_offline(
+    isolated_settings, cohort, deployed, redis_client
+):
+    """Issue 19.3: several workers in one consumer group (on the clusters too, with
+    ``make test-cluster``): each takes its share of the partitions, every event is applied
+    once, and the scores equal offline batch scoring."""
+    import threading
+
+    from benchmarks.browser import wait_for
+    from m3t import kafka
+
+    settings = isolated_settings
+    fitted, model = deployed
+    group = f"{settings.kafka.consumer_group}-two"
+    for h in cohort:
+        redis_client.delete(SCORE_KEY.format(hadm_id=h), EMB_KEY.format(hadm_id=h))
+    store = OnlineStore(redis_client, fitted, scratch=group)
+    scores = ScoreStore(redis_client)
+    cxr = CxrInputs(CxrPreprocessor(device="cpu"))
+    workers = [
+        connect(
+            settings,
+            OnlineFeatures(store),
+            CachedEncoderScorer(settings, redis_client, cxr=cxr),
+            scores,
+            group_id=group,
+            max_batch=8,
+        )
+        for _ in range(2)
+    ]
+    threads = [
+        threading.Thread(target=w.run, kwargs={"idle_timeout_s": 15}, daemon=True) for w in workers
+    ]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: kafka.group_members(settings, group) == 2, timeout_s=60, every_s=0.5)
+    replay_all(settings, cohort.values())
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not any(t.is_alive() for t in threads)
+
+    total = sum(len(events) for events in cohort.values())
+    applied = [w.stats.events for w in workers]
+    assert sum(applied) == total and min(applied) > 0, applied  # each had partitions
+    want = offline_scores(cohort, fitted, model)
+    for h, (los, mortality) in want.items():
+        got = scores.get(h)
+        assert got is not None, f"admission {h} has no score"
+        assert got.los_remaining_days == pytest.approx(los, abs=1e-4)
+        assert got.mortality_prob == pytest.approx(mortality, abs=1e-4)
+        assert got.feature_time == hours(cohort[h][-1].event_time) * 3600
+
+
 def test_only_admissions_with_notes_or_an_xray_read_the_embedding_cache(
     isolated_settings, cohort, deployed, redis_client
 ):
@@ -139,7 +184,7 @@ def test_only_admissions_with_notes_or_an_xray_read_the_embedding_cache(
     hadm_ids = sorted(cohort)[:6]
 
     def cache_reads() -> int:
-        return redis_client.info("commandstats").get("cmdstat_hgetall", {"calls": 0})["calls"]
+        return command_calls(redis_client).get("cmdstat_hgetall", 0)
 
     try:
         store.write_batch([e for h in hadm_ids for e in cohort[h] if e.type not in ("note", "cxr")])

@@ -172,6 +172,48 @@ def test_a_batch_is_due_when_the_stream_pauses_a_batch_is_full_or_a_change_waite
     assert impatient.due(polled=True)
 
 
+def test_with_no_fill_wait_a_change_is_scored_at_once_and_batches_grow_while_one_is_in_flight():
+    batcher = MicroBatcher(max_batch=4)  # no fill wait: the default
+    batcher.add(1, [(10, 1.0, False)])
+    assert batcher.due(polled=True)  # the stream is busy, yet nothing is in flight
+    assert batcher.launch(poll=1)[0] == [10]
+    batcher.add(2, [(11, 2.0, False), (12, 2.0, False)])
+    batcher.add(3, [(13, 3.0, False), (14, 3.0, False), (15, 3.0, False)])
+    assert batcher.waiting == 5  # what piled up while the batch was scored
+    batcher.scored()
+    assert batcher.due(polled=True)
+    assert batcher.launch(poll=3)[0] == [11, 12, 13, 14]  # up to max_batch, oldest first
+    batcher.scored()
+    assert batcher.launch(poll=3)[0] == [15]
+
+
+def test_the_loop_polls_briefly_with_a_batch_in_flight_and_long_when_idle():
+    eager, filling = MicroBatcher(max_batch=8), MicroBatcher(max_batch=8, max_wait_s=0.02)
+    for batcher in (eager, filling):
+        assert batcher.poll_wait_s(idle_s=0.1, in_flight_s=0.001) == 0.1  # nothing pending
+        batcher.add(1, [(10, 1.0, False)])
+    assert eager.poll_wait_s(idle_s=0.1, in_flight_s=0.001) == 0.0  # launch it now
+    assert filling.poll_wait_s(idle_s=0.1, in_flight_s=0.001) == 0.02  # an empty poll launches
+    for batcher in (eager, filling):
+        batcher.launch(poll=1)
+        assert batcher.poll_wait_s(idle_s=0.1, in_flight_s=0.001) == 0.001
+        batcher.scored()
+        assert batcher.poll_wait_s(idle_s=0.1, in_flight_s=0.001) == 0.1
+
+
+def test_stage_times_add_up_seconds_runs_and_items_per_stage():
+    from stream.metrics import STAGES, StageTimes
+
+    stages = StageTimes()
+    stages.add("read", 0.002, 10)
+    stages.add("read", 0.004, 30)
+    snapshot = stages.as_dict()
+    assert set(snapshot) == set(STAGES)
+    assert snapshot["read"] == {"seconds": pytest.approx(0.006), "count": 2, "items": 40}
+    assert snapshot["model"] == {"seconds": 0.0, "count": 0, "items": 0}
+    json.dumps(snapshot)  # published as JSON
+
+
 # --- isolation and outages -------------------------------------------------------------------
 
 

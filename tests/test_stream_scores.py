@@ -92,3 +92,20 @@ def test_a_hash_without_a_remaining_stay_is_no_score(redis_client):
     assert store.get(never_scored) is None and store.get(old_contract) is None
     assert old_contract not in [s.hadm_id for s in store.top(1000)]
     redis_client.zrem(RANKING_KEY, old_contract)
+
+
+def test_a_reopened_admission_comes_back_on_the_ranking_with_its_ward(redis_client):
+    """A cancelled discharge (A13): the feature state says open again, and the next score
+    puts the patient back; the ward travels with every score and its history."""
+    hadm = 71_000_006
+    store = ScoreStore(redis_client)
+    store.write_batch([RiskScore.predicted(hadm, 4.0, 0.3, "m:1", 100.0, 101.0, "MICU")])
+    store.write_batch([score(hadm, 200.0)], discharged={hadm})
+    assert redis_client.zscore(RANKING_KEY, hadm) is None
+    store.write_batch([score(hadm, 150.0, risk=0.4)], reopened={hadm})  # a stale score, reopened
+    assert redis_client.zscore(RANKING_KEY, hadm) == 0.3  # the stored, newer score ranks
+    later = RiskScore.predicted(hadm, 3.0, 0.6, "m:1", 300.0, 301.0, "Medicine")
+    store.write_batch([later], reopened={hadm})
+    assert redis_client.zscore(RANKING_KEY, hadm) == 0.6
+    assert store.get(hadm).ward == "Medicine"
+    assert [h["ward"] for h in store.history(hadm)][-1] == "MICU"

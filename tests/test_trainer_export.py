@@ -131,6 +131,9 @@ def test_generated_configs_declare_batching_and_backend():
     assert cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert model_config(g, "onnxruntime").platform == "onnxruntime_onnx"
     assert model_config(g, "tensorrt").platform == "tensorrt_plan"
+    # The explanation graph takes only idle CPU; the scoring graphs keep their priority.
+    explain = model_config(graphs(tiny_model(), SHAPES)["m3t_explain"], "python")
+    assert explain.parameters["nice"].string_value == "19" and "nice" not in cpu.parameters
     with pytest.raises(ValueError):
         Batching(max_batch_size=8, preferred_batch_size=(16,))
 

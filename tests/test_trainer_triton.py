@@ -1,5 +1,7 @@
 """The real Triton server loads the published M3T-LM models and returns PyTorch's numbers."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +44,10 @@ def served(settings, tmp_path_factory):
         )
     yield model, all_graphs, client
     client.close()
+    # The session's deployed model (tests/conftest.py) is served again for the tests after.
+    for version in published.values():
+        shutil.rmtree(version)
+    assert all(load_in_triton(settings).values())
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -367,9 +367,10 @@ def configs(
     repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)."),
     backend: str = typer.Option("python", help="python, onnxruntime or tensorrt."),
 ):
-    """Write the six models' config.pbtxt (default architecture) without publishing a version.
+    """Write the seven models' config.pbtxt (default architecture) without publishing a version.
 
-    The six: m3t_lm, m3t_enc_numeric, m3t_enc_notes, m3t_enc_cxr, m3t_fusion and m3t_rescore.
+    The seven: m3t_lm, m3t_enc_numeric, m3t_enc_notes, m3t_enc_cxr, m3t_fusion, m3t_rescore
+    and m3t_explain.
     """
     from features import model_inputs as mi
     from m3t.settings import get_settings

@@ -12,6 +12,8 @@ fusion head separately:
     m3t_rescore      numeric, numeric_mask, the cached note and X-ray embeddings,
                      modality_mask -> los_remaining_days, mortality_prob
                      (encoder + fusion in one call)
+    m3t_explain      m3t_rescore's inputs -> its outputs and mortality_contributions: what
+                     each feature group and modality added (``trainer.explain``)
 
 Each ONNX graph is run with ONNX Runtime on a batch of a size other than the one it was
 traced with, and compared with eager PyTorch; above ``tolerance`` (1e-4 in fp32) export
@@ -34,12 +36,20 @@ from torch import nn
 from features import model_inputs as mi
 from m3t.onnx_runtime import onnx_session
 from trainer import data as D
+from trainer.explain import explain_model
 from trainer.model import M3TLM, Rescore, note_embedding_name
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4
 FULL_MODEL = "m3t_lm"
-PART_MODELS = ("m3t_enc_numeric", "m3t_enc_notes", "m3t_enc_cxr", "m3t_fusion", "m3t_rescore")
+PART_MODELS = (
+    "m3t_enc_numeric",
+    "m3t_enc_notes",
+    "m3t_enc_cxr",
+    "m3t_fusion",
+    "m3t_rescore",
+    "m3t_explain",
+)
 MODELS = (FULL_MODEL,) + PART_MODELS
 
 
@@ -59,6 +69,9 @@ class Graph:
     module: nn.Module
     inputs: tuple[mi.TensorSpec, ...]
     outputs: tuple[mi.TensorSpec, ...]
+    # Work that may wait for the rest (explanations): on CPU hosts it runs at the lowest
+    # priority, on what the scoring leaves idle.
+    background: bool = False
 
 
 def input_specs_for(input_shapes: dict[str, tuple[int, ...]]) -> tuple[mi.TensorSpec, ...]:
@@ -82,6 +95,7 @@ def graphs(model: M3TLM, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, 
     emb_cxr = mi.TensorSpec(mi.EMB_CXR, f32, (emb,))
     outputs = mi.output_specs()
     pick = lambda *names: tuple(specs[n] for n in names)  # noqa: E731
+    explain = explain_model(model.numeric, model.fusion, specs[mi.NUMERIC].shape[0])
     return {
         FULL_MODEL: Graph(FULL_MODEL, model, tuple(specs.values()), outputs),
         "m3t_enc_numeric": Graph(
@@ -102,6 +116,13 @@ def graphs(model: M3TLM, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, 
             Rescore(model.numeric, model.fusion),
             (*pick(mi.NUMERIC, mi.NUMERIC_MASK), *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]),
             outputs,
+        ),
+        "m3t_explain": Graph(
+            "m3t_explain",
+            explain,
+            (*pick(mi.NUMERIC, mi.NUMERIC_MASK), *emb_notes, emb_cxr, specs[mi.MODALITY_MASK]),
+            (*outputs, mi.TensorSpec(mi.CONTRIBUTIONS, f32, (explain.n_contributions,))),
+            background=True,
         ),
     }
 
@@ -145,8 +166,24 @@ def export_graph(graph: Graph, path: Path, vocab_size: int) -> Path:
         # The TorchScript exporter is chosen on purpose (the dynamo one needs onnxscript).
         warnings.simplefilter("ignore", DeprecationWarning)
         _export(graph, path, example, names)
+    _declare_output_shapes(path, graph.outputs)
     onnx.checker.check_model(str(path))
     return path
+
+
+def _declare_output_shapes(path: Path, outputs: tuple[mi.TensorSpec, ...]) -> None:
+    """Output widths the tracer left unknown (after a reshape of the batch axis, as in
+    ``m3t_explain``) written from the specs, so the graph declares what its config does."""
+    model = onnx.load(str(path))
+    specs = {s.name: s for s in outputs}
+    changed = False
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(list(dims)[1:], specs[value.name].shape):
+            if not dim.HasField("dim_value"):
+                dim.dim_value, changed = size, True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def _export(graph: Graph, path: Path, example: dict[str, np.ndarray], names: list[str]) -> None:

@@ -55,6 +55,8 @@ from trainer.model_card import card_bytes
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PYTHON_MODEL = Path(__file__).with_name("triton_onnx_model.py")
+# A background graph's stub process on a CPU host: the lowest CPU priority.
+BACKGROUND_NICE = 19
 
 
 class PublishError(RuntimeError):
@@ -92,6 +94,8 @@ def model_config(
     if backend == "python":
         config.backend = "python"
         config.parameters["intra_op_threads"].string_value = str(batching.intra_op_threads)
+        if graph.background:
+            config.parameters["nice"].string_value = str(BACKGROUND_NICE)
     else:
         config.platform = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[backend]
     for spec in graph.inputs:

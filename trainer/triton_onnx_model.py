@@ -12,6 +12,7 @@ response per request, with an error set on the response of any malformed request
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ class TritonPythonModel:
         ]
         self.dims = {t["name"]: tuple(int(d) for d in t["dims"]) for t in config["input"]}
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # Work that may wait (explanations) takes only the CPU the other models leave idle.
+        os.nice(int(params.get("nice", "0")))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         options.inter_op_num_threads = 1

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from m3t.services.kafka_broker import KafkaBroker
-from m3t.services.process import Health, ManagedService, ServiceError
+from m3t.services.kafka_cluster import KafkaCluster
+from m3t.services.process import Health, ManagedService, ServiceError, in_parallel
+from m3t.services.redis_cluster import RedisCluster
 from m3t.services.redis_server import RedisServer
 from m3t.services.triton_server import TritonServer
 from m3t.settings import Settings
@@ -16,27 +16,26 @@ SERVICES: dict[str, type[ManagedService]] = {
     "triton": TritonServer,
 }
 
+# With ``settings.cluster``: a 3-node Kafka cluster and a Redis Cluster of 3 primaries and
+# 3 replicas, each started, checked and stopped as one service.
+CLUSTERS = {"redis": RedisCluster, "kafka": KafkaCluster}
+
 __all__ = ["SERVICES", "Health", "ServiceError", "up", "down", "status"]
 
 
-def _select(settings: Settings, names: list[str] | None) -> list[ManagedService]:
+def _select(settings: Settings, names: list[str] | None) -> list:
     unknown = set(names or []) - set(SERVICES)
     if unknown:
         raise ServiceError(
             f"unknown service(s): {', '.join(sorted(unknown))}; known: {', '.join(SERVICES)}"
         )
-    return [SERVICES[n](settings) for n in (names or SERVICES)]
+    kinds = {**SERVICES, **(CLUSTERS if settings.cluster else {})}
+    return [kinds[n](settings) for n in (names or SERVICES)]
 
 
 def up(settings: Settings, names: list[str] | None = None) -> list[Health]:
     """Start what is not running (in parallel); raise ServiceError naming every failure."""
-    services = _select(settings, names)
-    with ThreadPoolExecutor(len(services)) as pool:
-        futures = [pool.submit(s.up) for s in services]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        raise ServiceError("\n".join(str(e) for e in errors))
-    return [f.result() for f in futures]
+    return in_parallel(_select(settings, names), lambda service: service.up())
 
 
 def down(settings: Settings, names: list[str] | None = None) -> dict[str, bool]:

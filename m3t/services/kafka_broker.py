@@ -62,9 +62,18 @@ class KafkaBroker(ManagedService):
     def address(self) -> str:
         return self.settings.kafka.bootstrap_servers
 
+    # One node, its own controller: the cluster's nodes (m3t.services.kafka_cluster) say
+    # otherwise.
+    node_id = 1
+
+    @property
+    def listener_ports(self) -> tuple[int, int]:
+        """This node's client and controller ports."""
+        return self.settings.kafka.port, self.settings.kafka.controller_port
+
     def ports(self):
-        cfg = self.settings.kafka
-        return [(cfg.host, cfg.port), (cfg.host, cfg.controller_port)]
+        host = self.settings.kafka.host
+        return [(host, port) for port in self.listener_ports]
 
     @property
     def jars(self):
@@ -147,12 +156,13 @@ class KafkaBroker(ManagedService):
 
     def server_properties(self) -> str:
         cfg = self.settings.kafka
-        client = f"CLIENT://{cfg.host}:{cfg.port}"
-        controller = f"CONTROLLER://{cfg.host}:{cfg.controller_port}"
+        client_port, controller_port = self.listener_ports
+        client = f"CLIENT://{cfg.host}:{client_port}"
+        controller = f"CONTROLLER://{cfg.host}:{controller_port}"
         lines = [
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.bootstrap.servers={cfg.host}:{cfg.controller_port}",
+            f"node.id={self.node_id}",
+            *self.quorum_properties(),
             f"listeners={client},{controller}",
             f"advertised.listeners={client},{controller}",
             "controller.listener.names=CONTROLLER",
@@ -163,16 +173,31 @@ class KafkaBroker(ManagedService):
             f"log.dirs={self.data}",
             f"num.partitions={cfg.partitions}",
             "auto.create.topics.enable=false",
-            "offsets.topic.replication.factor=1",
             "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            # One node: no reason to delay the first consumer group's assignment.
+            *self.replication_properties(),
+            # Local nodes start together: no reason to delay a group's first assignment.
             "group.initial.rebalance.delay.ms=0",
         ]
         return "\n".join(lines) + "\n"
+
+    def quorum_properties(self) -> list[str]:
+        return [
+            f"controller.quorum.bootstrap.servers={self.settings.kafka.host}:"
+            f"{self.listener_ports[1]}"
+        ]
+
+    def replication_properties(self) -> list[str]:
+        """The internal topics' replicas, and the user topics' defaults."""
+        factor, in_sync = self.settings.kafka.replicas
+        return [
+            f"default.replication.factor={factor}",
+            f"min.insync.replicas={in_sync}",
+            f"offsets.topic.replication.factor={factor}",
+            f"transaction.state.log.replication.factor={factor}",
+            f"transaction.state.log.min.isr={in_sync}",
+            f"share.coordinator.state.topic.replication.factor={factor}",
+            f"share.coordinator.state.topic.min.isr={in_sync}",
+        ]
 
     def tls_properties(self) -> list[str]:
         """One PEM keystore (key, then certificate) for both listeners; the controller's
@@ -210,18 +235,9 @@ class KafkaBroker(ManagedService):
     def format(self, jvm: list[str], props) -> None:
         """Format the data folder, with the admin's SCRAM credential in its metadata (only a
         signed-in admin can make users, so the first one is written here)."""
-        cluster_id = (
-            subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "random-uuid"],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
         credential = AdminCredential(self.settings)
-        args = ["kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id]
+        args = ["kafka.tools.StorageTool", "format", *self.format_quorum(), "-t"]
+        args.append(self.cluster_id(jvm))
         args += ["-c", str(props), "--add-scram", credential.storage_tool_argument()]
         # The credential goes in an owner-only argument file, not on the command line.
         argfile = self.home / "format.args"
@@ -233,6 +249,13 @@ class KafkaBroker(ManagedService):
         if formatted.returncode != 0:
             raise ServiceError(f"Kafka storage format failed:\n{formatted.stdout[-2000:]}")
         write_secret(self.formatted_with, json.dumps(credential.verifier()))
+
+    def cluster_id(self, jvm: list[str]) -> str:
+        return new_cluster_id(jvm)
+
+    def format_quorum(self) -> list[str]:
+        """How StorageTool learns the controllers: this node is the only one."""
+        return ["--standalone"]
 
     def check_admin(self) -> None:
         """The admin's credential must be the one the data folder was formatted with: no one
@@ -294,6 +317,14 @@ class AdminCredential:
         salt = base64.b64decode(verifier["salt"])
         mine = cls(settings, salt, verifier["iterations"]).verifier()
         return hmac.compare_digest(json.dumps(mine), json.dumps(verifier))
+
+
+def new_cluster_id(jvm: list[str]) -> str:
+    """A new KRaft cluster id, from StorageTool."""
+    made = subprocess.run(
+        [*jvm, "kafka.tools.StorageTool", "random-uuid"], capture_output=True, text=True, check=True
+    )
+    return made.stdout.strip().splitlines()[-1]
 
 
 def _b64(data: bytes) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,17 @@ def pid_alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def in_parallel(items, step: Callable) -> list:
+    """``step(item)`` for every item at once (services, or a cluster's nodes, start and stop
+    together); their results in order, or one ServiceError naming every failure."""
+    with ThreadPoolExecutor(len(items)) as pool:
+        futures = [pool.submit(step, item) for item in items]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise ServiceError("\n".join(str(e) for e in errors))
+    return [f.result() for f in futures]
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from m3t import tls
-from m3t.clients import redis_client
+from m3t.clients import redis_node
 from m3t.credentials import login, write_secret
 from m3t.services.process import ManagedService, ServiceError
 
@@ -18,17 +18,29 @@ ACL_RULES = {
     "stream": " ".join(
         [
             "resetchannels ~m3t:*",
-            "+ping +select +get +set +mget +exists +expire",
+            "+ping +select +get +set +append +mget +exists +expire",
             "+hget +hmget +hgetall +hset +hdel",
-            "+zadd +zrem +zscan +zrevrange +xadd +evalsha +script|load +script|exists",
+            "+zadd +zrem +zscan +zrevrange +xadd +xrevrange +xdel",
+            "+evalsha +script|load +script|exists",
         ]
     ),
     "reader": " ".join(
         [
             "resetchannels",
             "%R~m3t:score:* %R~m3t:score-history:* %R~m3t:risk:* %R~m3t:metrics:*",
+            "%R~m3t:alert:*",
             "+ping +select +get +mget +exists +hget +hmget +hgetall",
             "+zrange +zrevrange +zscore +zcard +xrange +xrevrange +xlen",
+        ]
+    ),
+    # The alerting process: its own state and indexes, and whether a scored admission was
+    # discharged (the score's hash, read only).
+    "alerts": " ".join(
+        [
+            "resetchannels ~m3t:alert:* %R~m3t:score:*",
+            "+ping +select +exists +expire +hget +hgetall +hset +hdel",
+            "+zadd +zrem +zrange +zrevrange +zscore +sadd +srem +smembers",
+            "+evalsha +script|load +script|exists",
         ]
     ),
 }
@@ -42,8 +54,12 @@ class RedisServer(ManagedService):
     def address(self) -> str:
         return self.settings.redis.url
 
+    @property
+    def port(self) -> int:
+        return self.settings.redis.port
+
     def ports(self):
-        return [(self.settings.redis.host, self.settings.redis.port)]
+        return [(self.settings.redis.host, self.port)]
 
     def prepare(self):
         binary = shutil.which("redis-server")
@@ -71,6 +87,7 @@ class RedisServer(ManagedService):
                     f"auto-aof-rewrite-min-size {cfg.aof_rewrite_min_size}",
                     'save ""',
                     *self._acl_lines(),
+                    *self.cluster_lines(),
                     "",
                 ]
             ),
@@ -80,16 +97,19 @@ class RedisServer(ManagedService):
     def _listener_lines(self) -> list[str]:
         cfg = self.settings.redis
         if not cfg.tls:
-            return [f"port {cfg.port}"]
+            return [f"port {self.port}"]
         cert, key = tls.server_certificate(self.settings, "redis", [cfg.host, "localhost"])
         return [
             "port 0",  # TLS only
-            f"tls-port {cfg.port}",
+            f"tls-port {self.port}",
             f"tls-cert-file {cert}",
             f"tls-key-file {key}",
             f"tls-ca-cert-file {tls.ca_file(self.settings)}",
             "tls-auth-clients no",  # clients prove who they are with their ACL password
         ]
+
+    def cluster_lines(self) -> list[str]:
+        return []
 
     def _acl_lines(self) -> list[str]:
         # Nobody can sign in as default (off, no password), but Redis 7.0 replays the AOF's
@@ -98,11 +118,14 @@ class RedisServer(ManagedService):
         lines = ["user default off resetpass ~* &* +@all"]
         for role, rules in ACL_RULES.items():
             name, password = login(self.settings, "redis", role)
-            lines.append(f"user {name} reset on >{password} {rules}")
+            lines.append(f"user {name} reset on >{password} {rules}{self.extra_rules(role)}")
         return lines
 
+    def extra_rules(self, role: str) -> str:
+        return ""
+
     def ready(self):
-        client = redis_client(self.settings, role="admin")
+        client = redis_node(self.settings, self.port, role="admin")
         try:
             return bool(client.ping()), "PONG"
         finally:
