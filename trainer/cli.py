@@ -314,7 +314,7 @@ def publish(
     preferred_batch_size: list[int] = typer.Option(
         [64, 256], help="Dynamic batching preferred sizes."
     ),
-    queue_delay_us: int = typer.Option(500, help="Dynamic batching max_queue_delay_microseconds."),
+    queue_delay_us: int = typer.Option(0, help="Dynamic batching max_queue_delay_microseconds."),
     instances: int = typer.Option(1, help="Model instances (instance_group count)."),
     load: bool = typer.Option(
         False, help="Then ask the running Triton (settings.triton) to load the new versions."

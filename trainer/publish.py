@@ -68,11 +68,12 @@ class Batching:
     """Triton scheduling for every published model (tune from benchmarks/)."""
 
     # The stream worker sends micro-batches of up to 256 admissions: one execution each
-    # rather than four chunks run one after another, and a short wait for company, which
-    # lowers the tail latency of event-to-score.
+    # rather than four chunks run one after another. No queue delay: a request runs at once
+    # when the instance is free, and requests batch only while it is busy (a lone worker's
+    # request would otherwise wait out the delay every time).
     max_batch_size: int = 256
     preferred_batch_size: tuple[int, ...] = (64, 256)
-    max_queue_delay_microseconds: int = 500
+    max_queue_delay_microseconds: int = 0
     instances: int = 1
     intra_op_threads: int = 1  # ONNX Runtime threads per instance (python backend)
 
