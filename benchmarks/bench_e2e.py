@@ -40,6 +40,7 @@ it was explained never gets its own).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -70,15 +71,31 @@ SWEEP_HADMS = 1_000_000  # admissions a sweep may number (a full sweep makes ~20
 NEW_ADMISSIONS, CENSUS, HOSTILE = "new admissions", "census", "census + 1% hostile"
 HOSTILE_EVERY = 100  # one hostile event sent after every 100th valid one
 CURRENT, FILL_WAIT = "scheduler: settings", "scheduler: fill wait 20 ms, fetch 5 ms/1 MB"
-# Settings overrides per scheduler. FILL_WAIT is the worker as it was before #19: a batch
-# waited up to 20 ms to fill while events kept coming, and a fetch waited 5 ms for 1 MB.
+QUEUE_DELAY = "scheduler: settings, Triton queue delay 0.5 ms"
+SOURCE_LINGER = "scheduler: settings, source linger 5 ms"
+WORKER_LINGER = "scheduler: settings, worker linger 0 ms"
+BEFORE = "scheduler: settings, Triton queue delay 0.5 ms, source linger 5 ms"
+# The load generator produces as the project's live feed does (ingest/mllp.py: linger 1 ms).
+SOURCE_LINGER_MS = 1
+# Overrides per scheduler: of the settings ("stream", "kafka"), of the scoring models'
+# dynamic batching in Triton ("triton"), of the load generator ("source"), of the workers'
+# Kafka clients ("worker", ``stream.wiring.connect``'s options). FILL_WAIT is the
+# worker as it was before #19: a batch waited up to 20 ms to fill while events kept coming,
+# and a fetch waited 5 ms for 1 MB. QUEUE_DELAY is Triton as published before #19 (a request
+# waited 0.5 ms for company); SOURCE_LINGER a source batching as librdkafka's default does.
 SCHEDULERS = {
     CURRENT: {},
     FILL_WAIT: {
         "stream": {"max_wait_ms": 20},
         "kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000},
     },
+    QUEUE_DELAY: {"triton": {"max_queue_delay_microseconds": 500}},
+    SOURCE_LINGER: {"source": {"linger_ms": 5}},
+    WORKER_LINGER: {"worker": {"linger_ms": 0}},
+    BEFORE: {"triton": {"max_queue_delay_microseconds": 500}, "source": {"linger_ms": 5}},
 }
+# The models a worker's scores go through, whose batching a "triton" override changes.
+SCORING_MODELS = ("m3t_enc_notes", "m3t_enc_cxr", "m3t_rescore", "m3t_explain")
 # A worker publishes its metrics (stage times included) about every second.
 METRICS_FLUSH_S = 1.2
 
@@ -107,12 +124,13 @@ def m3t_pipeline(settings: Settings):
     return (*build_scoring(settings, client, "cached"), ScoreStore(client))
 
 
-def serve(settings: Settings, stop, pipeline) -> None:
-    """The worker process, its pieces from ``pipeline(settings)``: consume until ``stop`` is set."""
+def serve(settings: Settings, stop, pipeline, options=None) -> None:
+    """The worker process, its pieces from ``pipeline(settings)``: consume until ``stop`` is
+    set (``options``: ``stream.wiring.connect``'s)."""
     from stream.wiring import connect
 
     features, scorer, scores = pipeline(settings)
-    connect(settings, features, scorer, scores).run(stop=stop)
+    connect(settings, features, scorer, scores, **(options or {})).run(stop=stop)
 
 
 def scheduled(settings: Settings, scheduler: str, max_batch: int, max_wait_ms: int | None):
@@ -128,6 +146,42 @@ def scheduled(settings: Settings, scheduler: str, max_batch: int, max_wait_ms: i
             "kafka": settings.kafka.model_copy(update=overrides.get("kafka", {})),
         }
     )
+
+
+def service_pids(settings: Settings, name: str) -> list[int]:
+    """The processes of service ``name``: each node's, for a cluster."""
+    kinds = {**services.SERVICES, **(services.CLUSTERS if settings.cluster else {})}
+    service = kinds[name](settings)
+    pids = [node.pid() for node in getattr(service, "nodes", [service])]
+    return [pid for pid in pids if pid]
+
+
+@contextlib.contextmanager
+def triton_batching(settings: Settings, overrides: dict, names=SCORING_MODELS):
+    """The loaded models of ``names`` with ``overrides`` in their dynamic batching (a config
+    override of Triton's load request), reloaded as published on the way out."""
+    if not overrides:
+        yield
+        return
+    from m3t.clients import triton_admin_headers, triton_client
+
+    client = triton_client(settings)
+    headers = triton_admin_headers(settings)
+    published = {
+        name: client.get_model_config(name, as_json=True)["config"]
+        for name in names
+        if client.is_model_ready(name)
+    }
+    try:
+        for name, config in published.items():
+            changed = {**config, "dynamic_batching": {**config["dynamic_batching"], **overrides}}
+            client.load_model(name, config=json.dumps(changed), headers=headers)
+        yield
+    finally:
+        # As published: a load without a config is a no-op while the repository is unchanged.
+        for name, config in published.items():
+            client.load_model(name, config=json.dumps(config), headers=headers)
+        client.close()
 
 
 def stage_totals(settings: Settings, pids: list[int]) -> dict[str, dict]:
@@ -396,7 +450,8 @@ def run(
             "held": list(held) if held else None,
             "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
             "explanations": list(explanations),
-            "load_generator": "confluent-kafka, linger 5 ms (its default); new admissions: "
+            "load_generator": f"confluent-kafka, linger {SOURCE_LINGER_MS} ms (as ingest/mllp.py)"
+            "; new admissions: "
             "one admission event per new admission; census: lab and vital results for open "
             "admissions chosen uniformly at random; census + 1% hostile: the same, and after "
             "every 100th result one hostile event (malformed, nested too deep, non-finite, "
@@ -432,9 +487,18 @@ def run(
                     label_s = f"{label}, {scheduler}"
                 else:
                     label_s = label
+                overrides = SCHEDULERS[scheduler]
                 for n in workers:
                     first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
-                    runs = sweep(cfg, settings, n, first_hadm=first_hadm)
+                    with triton_batching(target, overrides.get("triton", {})):
+                        runs = sweep(
+                            cfg,
+                            settings,
+                            n,
+                            first_hadm=first_hadm,
+                            worker=overrides.get("worker"),
+                            **overrides.get("source", {}),
+                        )
                     sweeps += 1
                     variant = f"{n} worker{'s' if n > 1 else ''}{label_s}"
                     result.rows += [_row(variant, seconds, census, *run) for run in runs]
@@ -456,6 +520,8 @@ def run(
         result.comparisons += _explanation_ratios(result.rows, variant, label)
     if len(protocols) > 1:
         result.comparisons += _protocol_ratios(result.rows, protocols)
+    if len(schedulers) > 1:
+        result.comparisons += _scheduler_ratios(result.rows, schedulers)
     first = next((r for r in result.rows if "p50_ms" in r), None)
     if first is not None:
         result.breakdown_ms["end to end (event -> score)"] = first["p50_ms"]
@@ -535,6 +601,25 @@ def _explanation_ratios(rows: list[dict], off: str, on: str) -> list[dict]:
     return ratios
 
 
+def _scheduler_ratios(rows: list[dict], schedulers) -> list[dict]:
+    """The first scheduler over each other, case by case: p50 event-to-score and cores."""
+    by_key = {(r["case"], r.get("offered_per_s"), r["variant"]): r for r in rows if "p50_ms" in r}
+    first, ratios = schedulers[0], []
+    for (case, rate, variant), row in by_key.items():
+        if not variant.endswith(f", {first}"):
+            continue
+        for other_name in schedulers[1:]:
+            other = by_key.get((case, rate, variant[: -len(first)] + other_name))
+            if other is None:
+                continue
+            name = f"{case} at {rate:g}/s"
+            ratios.append(h.ratio(f"p50 {name}", first, other_name, row["p50_ms"], other["p50_ms"]))
+            ratios.append(
+                h.ratio(f"cores {name}", first, other_name, row["cpu_cores"], other["cpu_cores"])
+            )
+    return ratios
+
+
 def _protocol_ratios(rows: list[dict], protocols) -> list[dict]:
     """p50 event-to-score through the first protocol over the second, case by case."""
     first, second = protocols[0], protocols[1]
@@ -565,6 +650,8 @@ def _sweep(
     seed,
     held=None,
     first_hadm=FIRST_HADM,
+    linger_ms=SOURCE_LINGER_MS,
+    worker=None,
 ):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
     seconds, LoadRun, CPU cores by process while sending, stage times) per workload and
@@ -574,20 +661,17 @@ def _sweep(
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     workers = [
-        context.Process(target=serve, args=(cfg, stop, pipeline), daemon=True)
+        context.Process(target=serve, args=(cfg, stop, pipeline, worker), daemon=True)
         for _ in range(n_workers)
     ]
     for worker in workers:
         worker.start()
-    # The sources batch as librdkafka and Kafka 4's Java producer do by default (5 ms): at
-    # 2,000 events/s a 1-ms linger sent the broker a produce request of two events each
-    # millisecond (0.07 cores more for the broker, 0.04 for this process). The linger is in
-    # the measured latency, which starts at an event's scheduled send time.
+    # The linger is in the measured latency, which starts at an event's scheduled send time.
     producer = kafka.producer(
         cfg,
         role="producer",
         client_id="m3t-bench",
-        **{"linger.ms": 5, "enable.idempotence": False},
+        **{"linger.ms": linger_ms, "enable.idempotence": False},
     )
     observer = ScoreObserver(cfg)
     # Every process on this machine the load goes through: the load generator and the
@@ -597,8 +681,8 @@ def _sweep(
             "workers": [w.pid for w in workers],
             "load generator + observer": [os.getpid()],
             **{
-                name: [service(settings if name == "kafka" else base).pid() or 0]
-                for name, service in services.SERVICES.items()
+                name: service_pids(settings if name == "kafka" else base, name)
+                for name in services.SERVICES
             },
         }
     )

@@ -32,6 +32,7 @@ from stream.api_tokens import TokenStore
 from stream.scores import HISTORY_KEY, RANKING_KEY, SCORE_KEY, RiskScore, ScoreStore
 
 FIRST_ID = 990_000_000
+PAGE_ROWS = 100  # the rows /ward shows (its events' default n)
 WARDS = ("MICU", "SICU", "CCU", "Med 4 West")
 # (feature, modality, typical value, unit change that moves the risk)
 FEATURES = (
@@ -87,7 +88,13 @@ class Ward:
         self.rng = random.Random(seed)
         self.ids = [FIRST_ID + i for i in range(admissions)]
         self.admitted = time.time() - 3 * 86400
-        self.risk = {h: self.rng.uniform(0.05, 0.6) for h in self.ids}
+        # Above every real inpatient but the page's top rows less these, so that on a store
+        # with a real ward (after `make demo`) every row of the benchmark is on the page.
+        rank = PAGE_ROWS - admissions - 1
+        above = self.admin.zrevrange(RANKING_KEY, rank, rank, withscores=True)
+        self.floor = float(above[0][1]) if above else 0.05
+        self.ceiling = (self.floor + 1) / 2
+        self.risk = {h: self.rng.uniform(self.floor, self.ceiling) for h in self.ids}
         self.steps = dict.fromkeys(self.ids, 0)
         for _ in range(history):
             for hadm_id in self.ids:
@@ -98,7 +105,8 @@ class Ward:
     def rescore(self, hadm_id: int) -> RiskScore:
         """A new score for ``hadm_id``, an hour of events later; written at once."""
         self.steps[hadm_id] += 1
-        risk = min(0.99, max(0.01, self.risk[hadm_id] + self.rng.gauss(0, 0.03)))
+        walked = self.risk[hadm_id] + self.rng.gauss(0, 0.03)
+        risk = min(self.ceiling, max(self.floor + 1e-6, walked))
         self.risk[hadm_id] = risk
         feature_time = self.admitted + 3600 * self.steps[hadm_id]
         score = RiskScore.predicted(

@@ -20,12 +20,13 @@ def connect(
     group_id: str | None = None,
     topic: str | None = None,
     max_poll_records: int = 2048,
+    linger_ms: int = 1,
     **options,
 ) -> StreamWorker:
     """A worker on the Kafka of ``settings``, in consumer group ``group_id`` (default: the
     settings'), reading ``topic`` (default: the events topic) up to ``max_poll_records`` a
-    poll; ``options`` are ``StreamWorker``'s (``max_batch`` and ``max_wait_ms`` default to
-    the settings')."""
+    poll, its scores produced with ``linger_ms``; ``options`` are ``StreamWorker``'s
+    (``max_batch`` and ``max_wait_ms`` default to the settings')."""
     cfg = settings.kafka
     consumer = kafka.consumer(
         settings,
@@ -36,7 +37,9 @@ def connect(
         **{"fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes},
     )
     # A batch's scores are queued together, so a short linger loses no batching.
-    producer = kafka.producer(settings, role="stream", client_id="m3t-worker", **{"linger.ms": 1})
+    producer = kafka.producer(
+        settings, role="stream", client_id="m3t-worker", **{"linger.ms": linger_ms}
+    )
     # Larger than a scoring batch: under a backlog, one poll's events fold into fewer
     # admission writes (each admission's events in it are loaded and committed once).
     source = KafkaSource(consumer, topic or cfg.topic_events, max_records=max_poll_records)

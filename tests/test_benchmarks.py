@@ -341,6 +341,61 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     assert "end to end (event -> score)" in data["breakdown_ms"]
 
 
+def test_a_scheduler_variant_reloads_the_model_with_its_queue_delay_then_as_published(
+    settings, triton
+):
+    from benchmarks import bench_e2e
+    from tests import skeleton
+
+    def delay() -> int:
+        config = triton.get_model_config(skeleton.MODEL).config
+        return config.dynamic_batching.max_queue_delay_microseconds
+
+    published = delay()
+    with bench_e2e.triton_batching(
+        settings, {"max_queue_delay_microseconds": 250}, names=(skeleton.MODEL, "m3t_not_loaded")
+    ):
+        assert delay() == 250 != published
+        assert triton.is_model_ready(skeleton.MODEL)
+    assert delay() == published and triton.is_model_ready(skeleton.MODEL)
+
+
+def test_the_ward_benchmarks_rows_stay_on_the_page_above_a_real_ward(settings, redis_client):
+    from benchmarks import bench_ward
+    from stream.scores import RANKING_KEY
+
+    real = {980_000_000 + i: 0.3 + i / 250 for i in range(150)}  # risks 0.3-0.9
+    redis_client.zadd(RANKING_KEY, real)
+    try:
+        ward = bench_ward.Ward(settings, admissions=20, history=3)
+        try:
+            for _ in range(3):
+                shown = redis_client.zrevrange(RANKING_KEY, 0, bench_ward.PAGE_ROWS - 1)
+                assert set(ward.ids) <= {int(m) for m in shown}
+                for hadm_id in ward.ids:
+                    ward.rescore(hadm_id)
+        finally:
+            ward.close()
+        assert not set(ward.ids) & {int(m) for m in redis_client.zrange(RANKING_KEY, 0, -1)}
+    finally:
+        redis_client.zrem(RANKING_KEY, *real)
+
+
+def test_schedulers_are_compared_case_by_case_with_the_first():
+    from benchmarks import bench_e2e
+
+    first, other = bench_e2e.CURRENT, bench_e2e.QUEUE_DELAY
+    rows = [
+        {"case": "c", "offered_per_s": 50, "variant": f"1 worker, {s}", "p50_ms": p, "cpu_cores": c}
+        for s, p, c in ((first, 8.0, 0.4), (other, 10.0, 0.5))
+    ] + [{"case": "c", "offered_per_s": 200, "variant": f"1 worker, {first}", "p50_ms": 9.0}]
+    ratios = {r["what"]: r for r in bench_e2e._scheduler_ratios(rows, (first, other))}
+    assert set(ratios) == {"p50 c at 50/s", "cores c at 50/s"}
+    assert ratios["p50 c at 50/s"]["ratio"] == pytest.approx(0.8)
+    assert ratios["cores c at 50/s"]["ratio"] == pytest.approx(0.8)
+    assert ratios["p50 c at 50/s"]["denominator"] == other
+
+
 @pytest.mark.single_node
 @pytest.mark.services
 def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_client, tmp_path):
