@@ -40,7 +40,6 @@ it was explained never gets its own).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import multiprocessing
@@ -154,34 +153,6 @@ def service_pids(settings: Settings, name: str) -> list[int]:
     service = kinds[name](settings)
     pids = [node.pid() for node in getattr(service, "nodes", [service])]
     return [pid for pid in pids if pid]
-
-
-@contextlib.contextmanager
-def triton_batching(settings: Settings, overrides: dict, names=SCORING_MODELS):
-    """The loaded models of ``names`` with ``overrides`` in their dynamic batching (a config
-    override of Triton's load request), reloaded as published on the way out."""
-    if not overrides:
-        yield
-        return
-    from m3t.clients import triton_admin_headers, triton_client
-
-    client = triton_client(settings)
-    headers = triton_admin_headers(settings)
-    published = {
-        name: client.get_model_config(name, as_json=True)["config"]
-        for name in names
-        if client.is_model_ready(name)
-    }
-    try:
-        for name, config in published.items():
-            changed = {**config, "dynamic_batching": {**config["dynamic_batching"], **overrides}}
-            client.load_model(name, config=json.dumps(changed), headers=headers)
-        yield
-    finally:
-        # As published: a load without a config is a no-op while the repository is unchanged.
-        for name, config in published.items():
-            client.load_model(name, config=json.dumps(config), headers=headers)
-        client.close()
 
 
 def stage_totals(settings: Settings, pids: list[int]) -> dict[str, dict]:
@@ -490,7 +461,7 @@ def run(
                 overrides = SCHEDULERS[scheduler]
                 for n in workers:
                     first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
-                    with triton_batching(target, overrides.get("triton", {})):
+                    with h.triton_batching(target, overrides.get("triton", {}), SCORING_MODELS):
                         runs = sweep(
                             cfg,
                             settings,

@@ -29,6 +29,8 @@ from benchmarks import harness as h
 from m3t.settings import Settings
 
 EAGER, ONNX, TRITON = "PyTorch eager", "ONNX Runtime", "Triton (gRPC)"
+# The model's batching as published before #19: a request waited 0.5 ms for company.
+TRITON_DELAYED = "Triton (gRPC), 0.5 ms queue delay"
 
 
 def build(threads: int):
@@ -103,6 +105,14 @@ def triton_scorer(settings: Settings):
         for i in meta["inputs"]
     )
     return scorer, specs
+
+
+def delayed_latency(settings: Settings, call, n: int = 200) -> dict:
+    """Batch-1 latency with the served model's queue delay of before #19, then as published."""
+    delay = {"max_queue_delay_microseconds": 500}
+    with h.triton_batching(settings, delay, (settings.triton.model_name,)):
+        latency = h.latency_summary(h.time_calls(call, n))
+    return {"case": "M3T-LM latency", "variant": TRITON_DELAYED, "batch": 1, **latency}
 
 
 def tensorrt_gap() -> str:
@@ -195,6 +205,17 @@ def run(
                         {"case": "M3T-LM latency", "variant": variant, "batch": 1, **latency}
                     )
                     result.breakdown_ms[f"inference, {variant}"] = latency["p50_ms"]
+            if batch == 1 and scorer is not None:
+                result.rows.append(delayed_latency(settings, calls[TRITON]))
+                result.comparisons.append(
+                    h.ratio(
+                        "p50 latency at batch 1",
+                        TRITON,
+                        TRITON_DELAYED,
+                        result.breakdown_ms[f"inference, {TRITON}"],
+                        result.rows[-1]["p50_ms"],
+                    )
+                )
             result.comparisons.append(
                 h.ratio(f"examples/s at batch {batch}", ONNX, EAGER, rates[ONNX], rates[EAGER])
             )

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -556,3 +557,35 @@ def _jsonable(value):
 
 def load(path: Path) -> Result:
     return Result.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- Triton -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def triton_batching(settings, overrides: dict, names: Sequence[str]):
+    """The loaded models of ``names`` with ``overrides`` in their dynamic batching (a config
+    override of Triton's load request), reloaded as published on the way out."""
+    if not overrides:
+        yield
+        return
+    from m3t.clients import triton_admin_headers, triton_client
+
+    client = triton_client(settings)
+    headers = triton_admin_headers(settings)
+    published = {
+        name: client.get_model_config(name, as_json=True)["config"]
+        for name in names
+        if client.is_model_ready(name)
+    }
+    try:
+        for name, config in published.items():
+            batching = {**config.get("dynamic_batching", {}), **overrides}
+            changed = {**config, "dynamic_batching": batching}
+            client.load_model(name, config=json.dumps(changed), headers=headers)
+        yield
+    finally:
+        # As published: a load without a config is a no-op while the repository is unchanged.
+        for name, config in published.items():
+            client.load_model(name, config=json.dumps(config), headers=headers)
+        client.close()

@@ -344,7 +344,6 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
 def test_a_scheduler_variant_reloads_the_model_with_its_queue_delay_then_as_published(
     settings, triton
 ):
-    from benchmarks import bench_e2e
     from tests import skeleton
 
     def delay() -> int:
@@ -352,7 +351,7 @@ def test_a_scheduler_variant_reloads_the_model_with_its_queue_delay_then_as_publ
         return config.dynamic_batching.max_queue_delay_microseconds
 
     published = delay()
-    with bench_e2e.triton_batching(
+    with h.triton_batching(
         settings, {"max_queue_delay_microseconds": 250}, names=(skeleton.MODEL, "m3t_not_loaded")
     ):
         assert delay() == 250 != published
