@@ -6,6 +6,7 @@ and PNG plots under ``--out`` (default ``benchmarks/results/``) and prints the t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -49,12 +50,39 @@ def _show(result: h.Result, paths: dict | None, as_json: bool) -> None:
         console.print(f"[dim]wrote {paths['json']} and {len(paths) - 1} more[/]")
 
 
+def _overrides(pairs: list[str] | None) -> dict:
+    """``NAME=JSON`` pairs as keyword arguments of a stage's ``run``."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name.isidentifier():
+                raise ValueError("expected NAME=JSON")
+            out[name] = json.loads(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--set {pair!r}: {exc}") from None
+    return out
+
+
+SET = typer.Option(
+    None,
+    "--set",
+    help="NAME=JSON: one argument of the stage's run() over its sizes (repeatable), e.g. "
+    "--set 'workers=[1, 2]'.",
+)
+
+
 def _stage_command(name: str):
     stage = STAGES[name]
 
-    def command(quick: bool = QUICK, out: Path = OUT, as_json: bool = AS_JSON):
+    def command(
+        quick: bool = QUICK, out: Path = OUT, as_json: bool = AS_JSON, given: list[str] = SET
+    ):
+        overrides = _overrides(given)
         try:
-            result = stage.run(_settings(), quick=quick)
+            result = stage.run(_settings(), quick=quick, **overrides)
+            if overrides:
+                result.params["set"] = overrides
         except Exception as exc:  # services down, data missing: one clean line
             err.print(f"[red]error:[/] bench {name} failed: {type(exc).__name__}: {exc}")
             raise typer.Exit(1) from None

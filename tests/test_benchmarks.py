@@ -380,6 +380,19 @@ def test_the_ward_benchmarks_rows_stay_on_the_page_above_a_real_ward(settings, r
         redis_client.zrem(RANKING_KEY, *real)
 
 
+def test_set_gives_a_stage_json_arguments_and_refuses_what_is_not_name_equals_json():
+    from benchmarks.cli import _overrides
+
+    assert _overrides(["workers=[1, 2]", 'schedulers=["a", "b"]', "seconds=1.5"]) == {
+        "workers": [1, 2],
+        "schedulers": ["a", "b"],
+        "seconds": 1.5,
+    }
+    for bad in ("workers", "2x=1", "workers=[1,"):
+        result = CliRunner().invoke(app, ["kafka", "--set", bad])
+        assert result.exit_code == 2 and "--set" in result.output
+
+
 def test_schedulers_are_compared_case_by_case_with_the_first():
     from benchmarks import bench_e2e
 
