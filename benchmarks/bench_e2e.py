@@ -74,6 +74,7 @@ QUEUE_DELAY = "scheduler: settings, Triton queue delay 0.5 ms"
 SOURCE_LINGER = "scheduler: settings, source linger 5 ms"
 WORKER_LINGER = "scheduler: settings, worker linger 0 ms"
 BEFORE = "scheduler: settings, Triton queue delay 0.5 ms, source linger 5 ms"
+FETCH_BEFORE = "scheduler: settings, fetch 5 ms/1 MB"
 # The load generator produces as the project's live feed does (ingest/mllp.py: linger 1 ms).
 SOURCE_LINGER_MS = 1
 # Overrides per scheduler: of the settings ("stream", "kafka"), of the scoring models'
@@ -92,6 +93,7 @@ SCHEDULERS = {
     SOURCE_LINGER: {"source": {"linger_ms": 5}},
     WORKER_LINGER: {"worker": {"linger_ms": 0}},
     BEFORE: {"triton": {"max_queue_delay_microseconds": 500}, "source": {"linger_ms": 5}},
+    FETCH_BEFORE: {"kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000}},
 }
 # The models a worker's scores go through, whose batching a "triton" override changes.
 SCORING_MODELS = ("m3t_enc_notes", "m3t_enc_cxr", "m3t_rescore", "m3t_explain")
