@@ -553,60 +553,56 @@ def kafka_twin(settings: Settings, protocol: str) -> Settings:
     )
 
 
-def _explanation_ratios(rows: list[dict], off: str, on: str) -> list[dict]:
-    """Explanations on over off, level by level: p50 event-to-score and events/s achieved."""
+def _level_ratios(rows: list[dict], pairs, measures: dict[str, str]) -> list[dict]:
+    """Level by level (case and rate), the ratio of each of ``measures`` (label -> row
+    field) between a row and each other variant ``pairs(variant)`` names, as (other
+    variant, numerator label, denominator label)."""
     by_key = {(r["case"], r.get("offered_per_s"), r["variant"]): r for r in rows if "p50_ms" in r}
     ratios = []
     for (case, rate, variant), row in by_key.items():
-        other = by_key.get((case, rate, off)) if variant == on else None
-        if other is not None:
+        for other_variant, numerator, denominator in pairs(variant):
+            other = by_key.get((case, rate, other_variant))
+            if other is None:
+                continue
             name = f"{case} at {rate:g}/s"
-            ratios.append(h.ratio(f"p50 {name}", on, off, row["p50_ms"], other["p50_ms"]))
-            ratios.append(
-                h.ratio(
-                    f"achieved/s {name}",
-                    on,
-                    off,
-                    row["achieved_per_s"],
-                    other["achieved_per_s"],
-                )
-            )
+            ratios += [
+                h.ratio(f"{label} {name}", numerator, denominator, row[field], other[field])
+                for label, field in measures.items()
+            ]
     return ratios
+
+
+def _explanation_ratios(rows: list[dict], off: str, on: str) -> list[dict]:
+    """Explanations on over off, level by level: p50 event-to-score and events/s achieved."""
+    return _level_ratios(
+        rows,
+        lambda variant: [(off, on, off)] if variant == on else [],
+        {"p50": "p50_ms", "achieved/s": "achieved_per_s"},
+    )
 
 
 def _scheduler_ratios(rows: list[dict], schedulers) -> list[dict]:
     """The first scheduler over each other, case by case: p50 event-to-score and cores."""
-    by_key = {(r["case"], r.get("offered_per_s"), r["variant"]): r for r in rows if "p50_ms" in r}
-    first, ratios = schedulers[0], []
-    for (case, rate, variant), row in by_key.items():
+    first = schedulers[0]
+
+    def pairs(variant: str):
         if not variant.endswith(f", {first}"):
-            continue
-        for other_name in schedulers[1:]:
-            other = by_key.get((case, rate, variant[: -len(first)] + other_name))
-            if other is None:
-                continue
-            name = f"{case} at {rate:g}/s"
-            ratios.append(h.ratio(f"p50 {name}", first, other_name, row["p50_ms"], other["p50_ms"]))
-            ratios.append(
-                h.ratio(f"cores {name}", first, other_name, row["cpu_cores"], other["cpu_cores"])
-            )
-    return ratios
+            return []
+        return [(variant[: -len(first)] + other, first, other) for other in schedulers[1:]]
+
+    return _level_ratios(rows, pairs, {"p50": "p50_ms", "cores": "cpu_cores"})
 
 
 def _protocol_ratios(rows: list[dict], protocols) -> list[dict]:
     """p50 event-to-score through the first protocol over the second, case by case."""
     first, second = protocols[0], protocols[1]
-    by_key = {(r["case"], r.get("offered_per_s"), r["variant"]): r for r in rows if "p50_ms" in r}
-    ratios = []
-    for (case, rate, variant), row in by_key.items():
+
+    def pairs(variant: str):
         if not variant.endswith(f", Kafka {first}"):
-            continue
-        other = by_key.get((case, rate, variant.replace(first, second)))
-        if other is not None:
-            ratios.append(
-                h.ratio(f"p50 {case} at {rate:g}/s", first, second, row["p50_ms"], other["p50_ms"])
-            )
-    return ratios
+            return []
+        return [(variant.replace(first, second), first, second)]
+
+    return _level_ratios(rows, pairs, {"p50": "p50_ms"})
 
 
 def _sweep(
