@@ -2,7 +2,8 @@
 
 The ledger (``stream.ledger``) says which positions are safe once Kafka has acknowledged
 the records sent before them; the sink's delivery reports say which are acknowledged. A
-point is taken when the stream pauses, or at most every ``interval_s`` under load, and
+point is taken at most every ``interval_s``, busy or quiet (a quiet stream's commit per
+event was a request to the broker per event, and a redelivered event changes nothing), and
 committed asynchronously once acknowledged (a failed commit is logged by the consumer; the
 next one covers it). At the end everything is flushed and the last commit waits.
 """
@@ -20,7 +21,7 @@ class Committer:
     source: commits the offsets of the partitions it still holds.
     sink: numbers the records sent and tells which Kafka acknowledged.
     ledger: the positions that may be committed.
-    interval_s: under load, how often a commit point is taken at most.
+    interval_s: how often a commit point is taken at most.
     """
 
     def __init__(
@@ -31,9 +32,8 @@ class Committer:
         self.commits = 0
         self._taken_at = time.monotonic()
 
-    def point_due(self, polled: bool) -> bool:
-        """Idle, at once; under load (``polled``: the last poll brought records), now and then."""
-        return not polled or time.monotonic() - self._taken_at >= self.interval_s
+    def point_due(self) -> bool:
+        return time.monotonic() - self._taken_at >= self.interval_s
 
     def take_point(self, floor: int) -> None:
         """Polls up to ``floor`` are fully scored."""

@@ -58,7 +58,23 @@ class TritonModel:
         return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in self.outputs}
 
     def requests(self, requests: list[dict[str, np.ndarray]]) -> list:
-        """Each dict as one request, all in flight together: each one's result, or its error."""
+        """Each dict as one request, all in flight together: each one's result, or its error.
+        A lone request is sent blocking: gRPC starts a thread for every future made while no
+        other call is in flight, which at a quiet stream's one request per event cost the
+        worker more CPU than building the request."""
+        outputs = [grpcclient.InferRequestedOutput(o) for o in self.outputs]
+        if len(requests) == 1:
+            try:
+                return [
+                    self.client.infer(
+                        self.name,
+                        _tensors(requests[0]),
+                        outputs=outputs,
+                        client_timeout=self.timeout_s,
+                    )
+                ]
+            except InferenceServerException as exc:
+                return [exc]
         results: list = [None] * len(requests)
         done = threading.Semaphore(0)
 
@@ -67,18 +83,12 @@ class TritonModel:
             done.release()
 
         for index, arrays in enumerate(requests):
-            tensors = []
-            for name, array in arrays.items():
-                array = np.ascontiguousarray(array)
-                tensor = grpcclient.InferInput(name, array.shape, _NP_TO_TRITON[array.dtype])
-                tensor.set_data_from_numpy(array)
-                tensors.append(tensor)
             self.client.async_infer(
                 # tritonclient calls back with keywords: callback(result=..., error=...)
                 self.name,
-                tensors,
+                _tensors(arrays),
                 callback=functools.partial(callback, index),
-                outputs=[grpcclient.InferRequestedOutput(o) for o in self.outputs],
+                outputs=outputs,
                 client_timeout=self.timeout_s,
             )
         for _ in requests:
@@ -89,6 +99,16 @@ class TritonModel:
                     status=OUTAGE_STATUSES[1],
                 )
         return results
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> list:
+    tensors = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        tensor = grpcclient.InferInput(name, array.shape, _NP_TO_TRITON[array.dtype])
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
 
 
 class OnnxModel:

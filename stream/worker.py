@@ -165,7 +165,7 @@ class StreamWorker:
                 if self._future is None and self.batcher.due(polled=bool(records)):
                     self._launch()
                 self.sink.serve()  # delivery reports: the acknowledgements commits wait for
-                self._commit(polled=bool(records))
+                self._commit()
                 self._retry_due_images()
                 if self.metrics.due():
                     self._flush_metrics()
@@ -250,8 +250,8 @@ class StreamWorker:
             self._future.exception()  # wait for it
             self._finish()
 
-    def _commit(self, polled: bool) -> None:
-        if self.committer.point_due(polled):
+    def _commit(self) -> None:
+        if self.committer.point_due():
             self.committer.take_point(self.batcher.floor(self.ledger.poll))
         self.committer.commit_acknowledged()
         self.stats.commits = self.committer.commits

@@ -252,6 +252,33 @@ def test_in_process_onnx_runtime_path_equals_triton(
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_a_batch_answers_alike_as_one_blocking_request_or_as_chunks_in_flight_together(
+    deployed, triton
+):
+    from tritonclient.utils import InferenceServerException
+
+    from stream.models import TritonModel
+
+    model = TritonModel(triton, "m3t_rescore")
+    config = triton.get_model_config("m3t_rescore", as_json=True)["config"]
+    rng = np.random.default_rng(3)
+    arrays = {
+        i["name"]: rng.random((7, int(i["dims"][-1])), dtype=np.float32) for i in config["input"]
+    }
+    whole = model.infer(arrays)  # one request, sent blocking
+    model.max_batch = 3  # three requests (3, 3, 1 rows), in flight together
+    chunked = model.infer(arrays)
+    for name in model.outputs:
+        assert whole[name].shape == (7, 1)
+        np.testing.assert_allclose(chunked[name], whole[name], atol=1e-6)
+    # A lone request's error comes back as its result, as a chunk's does.
+    short = {**arrays, "numeric": arrays["numeric"][:, :5]}
+    (answer,) = model.requests([short])
+    assert isinstance(answer, InferenceServerException)
+    with pytest.raises(InferenceServerException):
+        model.infer(short)
+
+
 def test_a_score_as_json_carries_every_field():
     import dataclasses
     import json

@@ -404,3 +404,21 @@ def test_dead_letters_are_all_sent_and_counted_but_logged_at_1_2_4_8(caplog):
     letter = sink.sent[0][2]
     assert "value_b64" not in letter and letter["value_bytes"] == 21  # no payload by default
     assert not any("patient" in m for m in caplog.messages)
+
+
+def test_a_commit_point_is_taken_at_most_every_interval_busy_or_quiet():
+    import time
+
+    from stream.committer import Committer
+
+    class Sink:
+        def mark(self) -> int:
+            return 0
+
+    committer = Committer(source=None, sink=Sink(), ledger=CommitLedger(), interval_s=0.2)
+    committer.take_point(0)
+    assert not committer.point_due()  # a quiet stream's next event does not commit at once
+    time.sleep(0.25)
+    assert committer.point_due()
+    committer.take_point(1)
+    assert not committer.point_due()
