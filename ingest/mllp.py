@@ -11,8 +11,9 @@ sender resends; the resent message has the same event ids, applied once by the s
 
 A frame over ``ingest.mllp_max_frame_bytes``, bytes outside a frame, or a frame
 unfinished after ``ingest.mllp_idle_timeout_s`` gets a dead letter and its connection
-closed; a connection silent that long is closed. Each connection is its own task, so a
-slow one never holds up another.
+closed; a connection silent that long is closed (with a dead letter when it never sent a
+frame), and so is one whose peer leaves its ACKs unread that long. Each connection is its
+own task, so a slow one never holds up another.
 """
 
 from __future__ import annotations
@@ -180,10 +181,15 @@ class MllpListener:
                 frames += 1
                 ack = await self._handle(frame, peer, frames)
                 writer.write(START_BLOCK + ack + END_BLOCK)
-                await writer.drain()
+                # A peer that stops reading its ACKs holds only its own connection, and
+                # not for ever; what it was not told is resent, and changes nothing.
+                async with asyncio.timeout(self.settings.ingest.mllp_idle_timeout_s):
+                    await writer.drain()
         except KafkaUnavailable as exc:
             self.counts["kafka_unavailable"] += 1
             log.warning("MLLP %s: no ACK, connection closed (%s)", peer, exc)
+        except TimeoutError:
+            self.counts["ack_unread"] += 1
         except ConnectionError:
             self.counts["connection_lost"] += 1
         finally:
@@ -203,6 +209,8 @@ class MllpListener:
                         return None  # closed by the sender between frames
         except TimeoutError:
             self.counts["idle_timeout"] += 1
+            if n == 1:  # it never sent a frame: what opened it is worth a look
+                return await self._refuse_frame("silent_connection", peer, n)
             return None
         if first != START_BLOCK:
             return await self._refuse_frame("missing_start_block", peer, n)

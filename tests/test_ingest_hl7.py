@@ -17,7 +17,7 @@ from ingest.cli import msa_code, split_messages
 from ingest.hl7 import Refused, to_events
 from ingest.mllp import MllpListener
 from m3t.services.process import free_ports
-from m3t.settings import IngestSettings
+from m3t.settings import IngestSettings, Settings
 from tests.conftest import consume
 
 MSH = "MSH|^~\\&|ADT1|HOSP|M3T|M3T|20240301120000||{type}|{control}|P|2.5"
@@ -288,13 +288,98 @@ def test_oversized_and_unfinished_frames_are_closed_while_another_connection_is_
 
 
 @pytest.mark.services
-def test_a_silent_connection_times_out(listener):
+def test_a_silent_connection_times_out_with_a_dead_letter(listener, isolated_settings):
     silent = _raw_connection(listener)
     started = time.monotonic()
     assert _closed(silent)
     assert 1.0 < time.monotonic() - started < 8
-    assert listener.listener.counts["idle_timeout"] == 1
+    # One that sent a frame and then went quiet is closed as routine, with no dead letter.
+    with MLLPClient(listener.host, listener.port) as client:
+        assert msa_code(client.send_message(admit())) == "AA"
+        time.sleep(2.5)
+    assert listener.listener.counts["idle_timeout"] == 2
+    topic = isolated_settings.kafka.topic_dead_letter
+    (letter,) = [json.loads(r.value) for r in consume(isolated_settings, topic, 1, role="admin")]
+    assert letter["reason"] == "silent_connection" and letter["source"] == "hl7/mllp"
+    assert letter["position"].startswith("frame 1 from 127.0.0.1:")
     silent.close()
+
+
+def test_a_peer_that_leaves_its_acks_unread_is_closed_after_the_idle_timeout():
+    """The kernel buffers megabytes of ACKs before a real peer's neglect shows, so the
+    listener's side of the connection is driven directly: its ACK never drains."""
+
+    class Delivered:  # Kafka took every record
+        async def deliver(self, records) -> None:
+            pass
+
+    class Unread:
+        closed = False
+
+        def get_extra_info(self, name):
+            return ("127.0.0.1", 9)
+
+        def write(self, data: bytes) -> None:
+            self.acks = getattr(self, "acks", 0) + 1
+
+        async def drain(self) -> None:
+            await asyncio.sleep(3600)
+
+        def close(self) -> None:
+            self.closed = True
+
+        async def wait_closed(self) -> None:
+            pass
+
+    settings = Settings().model_copy(update={"ingest": IngestSettings(mllp_idle_timeout_s=0.2)})
+    listener = MllpListener(settings, producer=Delivered())
+
+    async def serve() -> Unread:
+        reader, writer = asyncio.StreamReader(), Unread()
+        reader.feed_data(b"\x0b" + admit().encode() + b"\x1c\r")
+        await asyncio.wait_for(listener._serve(reader, writer), 5)
+        return writer
+
+    writer = asyncio.run(serve())
+    assert writer.acks == 1 and writer.closed
+    assert listener.counts["ack_unread"] == 1 and listener.counts["accepted"] == 1
+
+
+@pytest.mark.services
+def test_bad_messages_among_good_ones_cost_only_themselves(listener, isolated_settings):
+    """Each bad message gets its AR/AE and a dead letter, bytes outside a frame close their
+    connection with one; the good messages around them land on the topic, each once."""
+    unit = "OBX|1|NM|2160-0^Cr^LN||1|g/L|||||F|||20240301090000"
+    stream = [
+        (admit("G1"), "AA"),
+        (admit("B1").replace("MSH|^~\\&|", "MSH|^~\\#|"), "AR"),
+        (result("G2"), "AA"),
+        (admit("B2").replace("\rPID|", "\rP!D|"), "AR"),
+        (result("B3", unit), "AE"),
+        (discharge("G3"), "AA"),
+    ]
+    with MLLPClient(listener.host, listener.port) as client:
+        assert [msa_code(client.send_message(m)) for m, _ in stream] == [c for _, c in stream]
+    stray = _raw_connection(listener)
+    stray.sendall(b"MSH|no start block\x1c\r")
+    assert _closed(stray)
+    stray.close()
+    good = [m for m, code in stream if code == "AA"]
+    expected = sorted(e.event_id for m in good for e in to_events(m).events)
+    events = consume(
+        isolated_settings, isolated_settings.kafka.topic_events, len(expected) + 1, wait_ms=5000
+    )
+    assert sorted(json.loads(r.value)["event_id"] for r in events) == expected
+    topic = isolated_settings.kafka.topic_dead_letter
+    letters = consume(isolated_settings, topic, 5, role="admin", wait_ms=5000)
+    letters = [json.loads(r.value) for r in letters]
+    assert sorted(x["reason"] for x in letters) == [
+        "malformed_segment",
+        "missing_start_block",
+        "unknown_unit",
+        "wrong_encoding_characters",
+    ]
+    assert "1001" not in json.dumps(letters) and "Jane" not in json.dumps(letters)
 
 
 @pytest.mark.single_node
