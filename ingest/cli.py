@@ -334,7 +334,9 @@ def send_hl7(
     port: int = typer.Option(None, help="Listener's port (default: ingest.mllp_port)."),
 ):
     """Send each message in FILE (segments one a line, a message from each MSH) through
-    python-hl7's MLLP client and print each ACK's MSA code; exit 1 unless all are AA."""
+    python-hl7's MLLP client and print each ACK: the message's number, MSA-1 (the code),
+    MSA-2 (the control id acknowledged) and MSA-3 (a refusal's reason); exit 1 unless all
+    are AA."""
     from hl7.client import MLLPClient
 
     from m3t.settings import get_settings
@@ -343,10 +345,9 @@ def send_hl7(
     codes = []
     with MLLPClient(host or cfg.mllp_host, port or cfg.mllp_port) as client:
         for n, message in enumerate(split_messages(file.read_text()), 1):
-            ack = client.send_message(message)
-            code = msa_code(ack)
+            code, control_id, reason = ack_fields(client.send_message(message))
             codes.append(code)
-            print(f"{n}\t{code}")
+            print(f"{n}\t{code}\t{control_id}\t{reason}".rstrip())
             if code == "none":
                 break  # the listener closed the connection: resend later
     if any(code != "AA" for code in codes):
@@ -364,9 +365,16 @@ def split_messages(text: str) -> list[str]:
     return ["\r".join(segments) + "\r" for segments in messages]
 
 
-def msa_code(ack: bytes) -> str:
-    """MSA-1 of an ACK as the client received it, or ``none`` when nothing came back."""
+def ack_fields(ack: bytes) -> tuple[str, str, str]:
+    """MSA-1 (the code), MSA-2 (the control id acknowledged) and MSA-3 (the reason) of an
+    ACK as the client received it; ``("none", "", "")`` when nothing came back."""
     for segment in ack.strip(b"\x0b\x1c\r").split(b"\r"):
         if segment.startswith(b"MSA|"):
-            return segment.split(b"|")[1].decode(errors="replace")
-    return "none"
+            fields = segment.decode(errors="replace").split("|")[1:4]
+            return tuple(fields + [""] * (3 - len(fields)))
+    return "none", "", ""
+
+
+def msa_code(ack: bytes) -> str:
+    """MSA-1 of an ACK, or ``none`` when nothing came back."""
+    return ack_fields(ack)[0]

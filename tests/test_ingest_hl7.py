@@ -134,6 +134,86 @@ def test_results_carry_their_id_and_status():
     assert to_events(result()).events[0].payload.result_id is None  # no filler order number
 
 
+def test_a_temperature_in_celsius_is_converted_to_the_items_fahrenheit():
+    obx = "OBX|1|NM|8310-5^Body temperature^LN||37|Cel|||||F|||20240301090000"
+    [event] = to_events(result("T1", obx)).events
+    assert event.payload.unit == itemids.ITEMS[event.payload.itemid].unit
+    assert event.payload.value == pytest.approx(98.6)
+
+
+PREVIOUS_STAY = "|" * 5 + "1999"  # PV1-46 to PV1-50 (alternate visit id)
+
+
+def document(kind: str, control: str = "D1", *text: str) -> str:
+    pv1 = PV1.format(disposition="", admit=ADMIT_TIME, disch="") + PREVIOUS_STAY
+    txa = f"TXA|1|{kind}||20240302090000" + "|" * 8 + "N123"
+    obx = [f"OBX|{n}|TX|||{line}" for n, line in enumerate(text or ("Lungs \\T\\ heart", "ok"), 1)]
+    msh = MSH.format(type="MDM^T02", control=control)
+    return message(msh, "EVN|T02|20240302100000", PID, pv1, txa, *obx)
+
+
+def test_documents_become_notes_and_a_discharge_summary_names_its_own_stay():
+    [radiology] = to_events(document("RAD")).events
+    p = radiology.payload
+    assert (radiology.type, p.note_type, p.note_id, p.text) == (
+        "note",
+        "radiology",
+        "N123",
+        "Lungs & heart\nok",
+    )
+    assert p.charttime.isoformat() == "2024-03-02T09:00:00" and p.from_hadm_id == 2001
+    assert radiology.event_time.isoformat().startswith("2024-03-02T10:00")  # EVN-2
+    [summary] = to_events(document("DS", "D2")).events
+    assert summary.payload.note_type == "discharge" and summary.payload.from_hadm_id == 1999
+    assert summary.hadm_id == 2001  # sent into the admission that reads it
+    for raw, reason in (
+        (document("XYZ", "D3"), "unsupported_document"),
+        (document("RAD", "D4").replace("\rOBX|1|TX|||Lungs \\T\\ heart\rOBX|2|TX|||ok", ""),
+         "missing_field"),
+    ):  # fmt: skip
+        with pytest.raises(Refused) as refused:
+            to_events(raw)
+        assert refused.value.reason == reason
+
+
+def report(service: str, *obx: str) -> str:
+    pv1 = PV1.format(disposition="", admit=ADMIT_TIME, disch="") + PREVIOUS_STAY
+    obr = f"OBR|1||777|{service}|||20240301085000" + "|" * 15 + "20240301094500"
+    return message(MSH.format(type="ORU^R01", control="P1"), PID, pv1, obr, *obx)
+
+
+def test_a_report_sent_as_a_result_becomes_a_note_by_its_service_code_or_words():
+    text = "OBX|1|TX|18748-4||No acute findings"
+    [note] = to_events(report("18748-4^Radiology report^LN", text)).events
+    assert (note.payload.note_type, note.payload.note_id, note.payload.text) == (
+        "radiology",
+        "777",
+        "No acute findings",
+    )
+    assert note.event_time.isoformat().startswith("2024-03-01T09:45")  # OBR-22
+    [summary] = to_events(report("X1^Hospital discharge summary^L", text)).events
+    assert summary.payload.note_type == "discharge" and summary.payload.from_hadm_id == 1999
+    assert to_events(report("24323-8^Panel^LN", text)).events == []  # a text result, no report
+
+
+def test_an_image_reference_must_lie_under_the_image_roots(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.dcm").write_bytes(b"")
+
+    def study(uri: str) -> str:
+        return report("36643-5^XR Chest^LN", f"OBX|1|RP||9001|{uri}^DICOM")
+
+    [cxr] = to_events(study(f"file://{root}/a.dcm"), image_roots=(root,)).events
+    assert (cxr.type, cxr.payload.study_id, cxr.payload.dicom_id) == ("cxr", 777, "9001")
+    assert cxr.payload.uri == f"file://{root}/a.dcm"
+    assert cxr.event_time.isoformat().startswith("2024-03-01T08:50")  # OBR-7, the study time
+    for outside in ("/etc/passwd", f"{root}/../secret.dcm", "http://elsewhere/a.dcm"):
+        with pytest.raises(Refused) as refused:
+            to_events(study(outside), image_roots=(root,))
+        assert refused.value.reason == "image_refused" and outside not in str(refused.value)
+
+
 def test_time_zones_are_converted_to_utc():
     zoned = admit().replace(ADMIT_TIME, "202403010800-0500")
     assert to_events(zoned).events[0].payload.admittime.isoformat() == "2024-03-01T13:00:00"
@@ -380,6 +460,55 @@ def test_bad_messages_among_good_ones_cost_only_themselves(listener, isolated_se
         "wrong_encoding_characters",
     ]
     assert "1001" not in json.dumps(letters) and "Jane" not in json.dumps(letters)
+
+
+@pytest.mark.services
+def test_the_listener_and_sender_commands_print_each_ack(isolated_settings, tmp_path):
+    """``m3t ingest mllp`` in a process of its own, ``m3t ingest send-hl7`` to it."""
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+    from m3t.settings import get_settings
+    from tests.conftest import settings_env
+
+    (port,) = free_ports(1)
+    env = settings_env(isolated_settings)
+    listening = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import app; app()", "ingest", "mllp",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert listening.poll() is None, listening.stderr.read().decode()
+                time.sleep(0.2)
+        feed = tmp_path / "feed.hl7"
+        feed.write_text("\n".join([admit("S1"), admit("S2", trigger="A99"), result("S3")]))
+        get_settings.cache_clear()
+        try:
+            sent = CliRunner().invoke(
+                cli, ["ingest", "send-hl7", str(feed), "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+            )  # fmt: skip
+        finally:
+            get_settings.cache_clear()
+    finally:
+        listening.terminate()
+        listening.wait(30)
+    assert sent.exit_code == 1, sent.output  # one message was refused
+    assert sent.stdout.splitlines() == ["1\tAA\tS1", "2\tAR\tS2\tunsupported_message", "3\tAA\tS3"]
+    expected = sorted(e.event_id for m in (admit("S1"), result("S3")) for e in to_events(m).events)
+    events = consume(isolated_settings, isolated_settings.kafka.topic_events, len(expected))
+    assert sorted(json.loads(r.value)["event_id"] for r in events) == expected
 
 
 @pytest.mark.single_node

@@ -155,6 +155,13 @@ def test_the_hl7_stream_gives_the_features_the_replay_gives(settings, hl7_cohort
         assert [s for s, _ in statuses] == ["open", "cancelled"]
         assert redis_client.zscore(RANKING_KEY, reopened[0].hadm_id) == 0.25  # back on it
         assert redis_client.zscore(RANKING_KEY, cancelled[0].hadm_id) is None
+
+        # An A11 takes the reopened admission, open and ranked, off the ranking.
+        withdrawn = cancel(reopened, "admission", after + timedelta(hours=1))
+        assert send(by_hl7, [writer.message(withdrawn)]) == ["AA"]
+        apply_topic(by_hl7, streamed, 1)
+        assert streamed.read_status([reopened[0].hadm_id])[0][0] == "cancelled"
+        assert redis_client.zscore(RANKING_KEY, reopened[0].hadm_id) is None
     finally:
         replayed.drop()
         streamed.drop()
