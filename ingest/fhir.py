@@ -129,6 +129,7 @@ REASONS: dict[str, tuple[str, int]] = {
     "invalid_resource": ("structure", 400),
     "unsupported_bundle_type": ("not-supported", 422),
     "unsupported_resource": ("not-supported", 422),
+    "unsupported_method": ("not-supported", 422),
     "missing_field": ("required", 422),
     "invalid_field": ("value", 422),
     "unknown_loinc": ("code-invalid", 422),
@@ -362,6 +363,11 @@ class _Bundle:
         model = RESOURCES.get(kind) if isinstance(kind, str) else None
         if model is None:
             raise _EntryRefused("unsupported_resource", "resourceType")
+        request = entry.get("request")
+        if request is not None and (
+            not isinstance(request, dict) or request.get("method") not in ("POST", "PUT")
+        ):  # a DELETE or PATCH would undo or change what no event here can say
+            raise _EntryRefused("unsupported_method", "request.method")
         try:
             parsed = model.model_validate(resource)
         except ValidationError as exc:

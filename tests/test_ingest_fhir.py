@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from benchmarks.browser import serving
@@ -437,6 +438,46 @@ def test_post_fhir_takes_a_bundle_once_kafka_has_its_events(api):
 
 
 @pytest.mark.services
+def test_a_collection_bundle_without_requests_is_taken_as_a_batch(api):
+    cfg, client, tokens = api
+    stay = bundle(patient(), encounter(), observation(), kind="collection")
+    for entry in stay["entry"]:
+        del entry["request"]  # a collection carries resources, not requests
+    expected = sorted(e.event_id for e in fhir.to_events(stay).events)
+    answer = fhir_post(client, "/fhir", stay, tokens["ingest"])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["type"] == "batch-response" and len(answer.json()["entry"]) == 3
+    records = consume(cfg, cfg.kafka.topic_events, len(expected) + 1, wait_ms=5_000)
+    assert sorted(json.loads(r.value)["event_id"] for r in records) == expected
+
+
+@pytest.mark.single_node  # a broker away at the single node's port
+@pytest.mark.services
+def test_without_kafka_a_bundle_is_503_and_its_resend_is_taken_once(api):
+    from m3t.services.process import free_ports
+
+    cfg, client, tokens = api
+    (nowhere,) = free_ports(1)
+    down = cfg.model_copy(
+        update={
+            "kafka": cfg.kafka.model_copy(update={"port": nowhere}),
+            "ingest": cfg.ingest.model_copy(update={"fhir_kafka_timeout_s": 2}),
+        }
+    )
+    stay = bundle(patient(), encounter(), observation())
+    with serving(down) as url, httpx.Client(base_url=url, timeout=30) as unreachable:
+        refused = fhir_post(unreachable, "/fhir", stay, tokens["ingest"])
+    assert refused.status_code == 503
+    outcome = refused.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "transient"
+    assert fhir_post(client, "/fhir", stay, tokens["ingest"]).status_code == 200  # the resend
+    expected = sorted(e.event_id for e in fhir.to_events(stay).events)
+    records = consume(cfg, cfg.kafka.topic_events, len(expected) + 1, wait_ms=5_000)
+    assert sorted(json.loads(r.value)["event_id"] for r in records) == expected
+
+
+@pytest.mark.services
 def test_a_feed_has_its_own_rate_limit_beside_the_readers(api):
     _, client, tokens = api
     stay = bundle(patient(), encounter(), observation())
@@ -501,6 +542,48 @@ def notification(kind: str, *resources: dict) -> dict:
     return {"resourceType": "Bundle", "type": "history", "entry": entries}
 
 
+def test_an_entry_that_deletes_or_patches_is_refused_not_passed_over():
+    for method in ("DELETE", "PATCH", None):
+        stay = bundle(patient(), encounter(), observation())
+        stay["entry"][2]["request"]["method"] = method
+        with pytest.raises(fhir.Refused) as refused:
+            fhir.to_events(stay)
+        [issue] = refused.value.issues
+        assert (issue.reason, issue.entry, issue.where) == (
+            "unsupported_method",
+            2,
+            "request.method",
+        )
+    put = bundle(patient(), encounter(), observation())
+    put["entry"][2]["request"]["method"] = "PUT"
+    assert [e.type for e in fhir.to_events(put).events] == ["admission", "observation"]
+
+
+def test_an_r4b_subscription_status_says_whether_a_notification_carries_events():
+    def r4b(kind: str, *resources: dict) -> dict:
+        note = notification(kind, *resources)
+        note["type"] = "subscription-notification"
+        note["entry"][0]["resource"] = {
+            "resourceType": "SubscriptionStatus",
+            "status": "active",
+            "type": kind,
+            "subscription": {"reference": "Subscription/s1"},
+        }
+        return note
+
+    events = fhir.to_events(r4b("event-notification", patient(), encounter()), notification=True)
+    assert [e.type for e in events.events] == ["admission"]
+    for quiet in ("heartbeat", "handshake"):
+        assert fhir.to_events(r4b(quiet), notification=True).events == []
+        assert fhir.to_events(notification(quiet), notification=True).events == []
+    for bad in (
+        {**r4b("heartbeat"), "entry": [{"resource": patient()}]},  # no status first
+        {**r4b("event-notification"), "type": "transaction"},  # not a notification Bundle
+    ):
+        with pytest.raises(fhir.Refused):
+            fhir.to_events(bad, notification=True)
+
+
 @pytest.mark.services
 def test_subscription_notifications_are_taken_with_their_own_token(api):
     cfg, client, tokens = api
@@ -515,6 +598,70 @@ def test_subscription_notifications_are_taken_with_their_own_token(api):
     assert fhir_post(client, "/fhir/subscription", bundle(patient()), token).status_code == 422
     [record] = consume(cfg, cfg.kafka.topic_events, 1, wait_ms=5_000)
     assert json.loads(record.value)["type"] == "admission"
+
+
+@pytest.mark.services
+def test_corrections_and_cancels_posted_as_bundles_change_the_store_and_the_ranking(
+    api, redis_client, scores_restored
+):
+    """A corrected Observation replaces the value it corrects, an Encounter in progress
+    again reopens the admission on the ranking, one entered in error takes it off."""
+    from features.fitted import FittedFeatures
+    from features.online import OnlineStore
+    from features.state import AdmissionState
+    from features.vocab import Vocabulary
+    from stream.scores import RANKING_KEY
+    from tests.test_ingest_hl7_parity import apply_topic
+
+    cfg, client, tokens = api
+    hadm_id = 78_000_000 + uuid.uuid4().int % 100_000
+    enc = {**ENC, "value": str(hadm_id)}
+    period = {"start": "2024-03-01T08:00:00Z", "end": "2024-03-05T20:00:00Z"}
+    stay = bundle(patient(), encounter("finished", identifier=[enc], period=period), observation())
+    corrected = observation(value=200, status="corrected", issued="2024-03-06T06:00:00Z")
+    start = {"start": period["start"]}
+    again = encounter(
+        "in-progress", identifier=[enc], period=start, meta={"lastUpdated": "2024-03-06T07:00:00Z"}
+    )
+    fixes = bundle(patient(), again, corrected)
+    error = encounter(
+        "entered-in-error",
+        identifier=[enc],
+        period=start,
+        meta={"lastUpdated": "2024-03-06T09:00:00Z"},
+    )
+    withdrawn = bundle(patient(), error)
+
+    fitted = FittedFeatures.unnormalised(Vocabulary.fit([]))
+    store = OnlineStore(redis_client, fitted, scratch=f"fhir-fixes-{uuid.uuid4().hex[:6]}")
+    try:
+        want = AdmissionState()
+
+        def post(body) -> None:
+            answer = fhir_post(client, "/fhir", body, tokens["ingest"])
+            assert answer.status_code == 200, answer.text
+            events = fhir.to_events(body).events
+            for event in events:
+                want.apply(event, fitted.vocab)
+            apply_topic(cfg, store, len(events))  # from the group's committed offsets on
+
+        post(stay)
+        first = store.read_blobs([hadm_id])[0]
+        assert store.read_status([hadm_id])[0][0] == "discharged"
+        assert redis_client.zscore(RANKING_KEY, hadm_id) is None
+        post(fixes)
+        got = store.read_blobs([hadm_id])[0]
+        assert got != first  # the value changed
+        np.testing.assert_array_equal(
+            fitted.assemble([got])["numeric_raw"], fitted.assemble([want.to_blob()])["numeric_raw"]
+        )
+        assert store.read_status([hadm_id])[0][0] == "open"
+        assert redis_client.zscore(RANKING_KEY, hadm_id) == 0.25  # back on it
+        post(withdrawn)
+        assert store.read_status([hadm_id])[0][0] == "cancelled"
+        assert redis_client.zscore(RANKING_KEY, hadm_id) is None
+    finally:
+        store.drop()
 
 
 # --------------------------------------------------------------------------- parity
