@@ -75,6 +75,8 @@ SOURCE_LINGER = "scheduler: settings, source linger 5 ms"
 WORKER_LINGER = "scheduler: settings, worker linger 0 ms"
 BEFORE = "scheduler: settings, Triton queue delay 0.5 ms, source linger 5 ms"
 FETCH_BEFORE = "scheduler: settings, fetch 5 ms/1 MB"
+FETCH_SHORT = "scheduler: settings, fetch 2 ms/4 KB"
+FETCH_SHORTER = "scheduler: settings, fetch 1 ms/4 KB"
 # The load generator produces as the project's live feed does (ingest/mllp.py: linger 1 ms).
 SOURCE_LINGER_MS = 1
 # Overrides per scheduler: of the settings ("stream", "kafka"), of the scoring models'
@@ -82,7 +84,9 @@ SOURCE_LINGER_MS = 1
 # Kafka clients ("worker", ``stream.wiring.connect``'s options). FILL_WAIT is the
 # worker as it was before #19: a batch waited up to 20 ms to fill while events kept coming,
 # and a fetch waited 5 ms for 1 MB. QUEUE_DELAY is Triton as published before #19 (a request
-# waited 0.5 ms for company); SOURCE_LINGER a source batching as librdkafka's default does.
+# waited 0.5 ms for company); SOURCE_LINGER a source batching as librdkafka's default does;
+# FETCH_SHORT and FETCH_SHORTER fetches that wait a little for a few events (fewer fetches
+# under load, but a fetch every 1-2 ms when idle).
 SCHEDULERS = {
     CURRENT: {},
     FILL_WAIT: {
@@ -94,6 +98,8 @@ SCHEDULERS = {
     WORKER_LINGER: {"worker": {"linger_ms": 0}},
     BEFORE: {"triton": {"max_queue_delay_microseconds": 500}, "source": {"linger_ms": 5}},
     FETCH_BEFORE: {"kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000}},
+    FETCH_SHORT: {"kafka": {"fetch_wait_max_ms": 2, "fetch_min_bytes": 4096}},
+    FETCH_SHORTER: {"kafka": {"fetch_wait_max_ms": 1, "fetch_min_bytes": 4096}},
 }
 # The models a worker's scores go through, whose batching a "triton" override changes.
 SCORING_MODELS = ("m3t_enc_notes", "m3t_enc_cxr", "m3t_rescore", "m3t_explain")
