@@ -157,10 +157,8 @@ def scheduled(settings: Settings, scheduler: str, max_batch: int, max_wait_ms: i
 
 def service_pids(settings: Settings, name: str) -> list[int]:
     """The processes of service ``name``: each node's, for a cluster."""
-    kinds = {**services.SERVICES, **(services.CLUSTERS if settings.cluster else {})}
-    service = kinds[name](settings)
-    pids = [node.pid() for node in getattr(service, "nodes", [service])]
-    return [pid for pid in pids if pid]
+    (service,) = services.select(settings, [name])
+    return service.pids()
 
 
 def stage_totals(settings: Settings, pids: list[int]) -> dict[str, dict]:

@@ -164,9 +164,15 @@ def test_up_twice_down_leaves_nothing(tmp_path, settings):
         assert all(h.healthy for h in first + second)
         assert [h.pid for h in first] == [h.pid for h in second]  # no duplicates started
         assert len(_service_processes(cfg)) >= 3
+        # Each service's processes: a cluster's, each node's (what the benchmarks meter).
+        pids = [pid for service in services.select(cfg) for pid in service.pids()]
+        assert len(set(pids)) == (1 + 3 + 6 if cfg.cluster else 3)
+        assert all(pid_alive(pid) for pid in pids)
     finally:
         stopped = services.down(cfg)
     assert stopped == {"triton": True, "kafka": True, "redis": True}
+    assert [service.pids() for service in services.select(cfg)] == [[], [], []]
+    assert not any(pid_alive(pid) for pid in pids)
     assert _service_processes(cfg) == []
     assert not any(h.healthy for h in services.status(cfg))
     assert services.down(cfg) == {"triton": False, "kafka": False, "redis": False}

@@ -20,10 +20,12 @@ SERVICES: dict[str, type[ManagedService]] = {
 # 3 replicas, each started, checked and stopped as one service.
 CLUSTERS = {"redis": RedisCluster, "kafka": KafkaCluster}
 
-__all__ = ["SERVICES", "Health", "ServiceError", "up", "down", "status"]
+__all__ = ["SERVICES", "Health", "ServiceError", "select", "up", "down", "status"]
 
 
-def _select(settings: Settings, names: list[str] | None) -> list:
+def select(settings: Settings, names: list[str] | None = None) -> list:
+    """The services named (default: all), each a node or, with ``settings.cluster``, a
+    cluster of them."""
     unknown = set(names or []) - set(SERVICES)
     if unknown:
         raise ServiceError(
@@ -35,13 +37,13 @@ def _select(settings: Settings, names: list[str] | None) -> list:
 
 def up(settings: Settings, names: list[str] | None = None) -> list[Health]:
     """Start what is not running (in parallel); raise ServiceError naming every failure."""
-    return in_parallel(_select(settings, names), lambda service: service.up())
+    return in_parallel(select(settings, names), lambda service: service.up())
 
 
 def down(settings: Settings, names: list[str] | None = None) -> dict[str, bool]:
     """Stop services; returns which were running."""
-    return {s.name: s.down() for s in reversed(_select(settings, names))}
+    return {s.name: s.down() for s in reversed(select(settings, names))}
 
 
 def status(settings: Settings, names: list[str] | None = None) -> list[Health]:
-    return [s.health() for s in _select(settings, names)]
+    return [s.health() for s in select(settings, names)]

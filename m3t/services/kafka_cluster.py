@@ -13,7 +13,7 @@ import base64
 import uuid
 
 from m3t.services.kafka_broker import KafkaBroker
-from m3t.services.process import Health, ServiceError, in_parallel
+from m3t.services.process import Health, NodeGroup, ServiceError, in_parallel
 from m3t.settings import Settings
 
 NODES = 3
@@ -72,7 +72,7 @@ class KafkaNode(KafkaBroker):
         """Users and topics wait for the whole cluster (``KafkaCluster.up``)."""
 
 
-class KafkaCluster:
+class KafkaCluster(NodeGroup):
     """The three nodes started, checked and stopped as one service named ``kafka``."""
 
     name = "kafka"
@@ -105,9 +105,6 @@ class KafkaCluster:
         in_parallel(self.nodes, lambda node: node.up())
         KafkaBroker.after_start(self.nodes[0])  # users, topics and grants, cluster-wide
         return self.health()
-
-    def down(self) -> bool:
-        return any(in_parallel(self.nodes, lambda node: node.down()))
 
     def health(self) -> Health:
         healths = [node.health() for node in self.nodes]

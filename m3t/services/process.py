@@ -134,6 +134,10 @@ class ManagedService(ABC):
             return None
         return pid if pid_alive(pid) else None
 
+    def pids(self) -> list[int]:
+        """Its running process, as a list (a cluster's has one per node)."""
+        return [pid] if (pid := self.pid()) else []
+
     def probe(self) -> tuple[bool, str]:
         try:
             return self.ready()
@@ -227,3 +231,16 @@ class ManagedService(ABC):
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class NodeGroup:
+    """Nodes (``ManagedService``s) run as one service: a cluster. Subclasses set ``nodes``
+    and start and check them their own way; they stop together."""
+
+    nodes: list[ManagedService]
+
+    def down(self) -> bool:
+        return any(in_parallel(self.nodes, lambda node: node.down()))
+
+    def pids(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.pids()]

@@ -16,7 +16,7 @@ import subprocess
 from m3t import tls
 from m3t.clients import redis_node
 from m3t.credentials import login
-from m3t.services.process import Health, ServiceError, in_parallel, wait_until
+from m3t.services.process import Health, NodeGroup, ServiceError, in_parallel, wait_until
 from m3t.services.redis_server import RedisServer
 from m3t.settings import Settings
 
@@ -67,7 +67,7 @@ class RedisNode(RedisServer):
         return "" if role == "admin" else CLIENT_RULES
 
 
-class RedisCluster:
+class RedisCluster(NodeGroup):
     """The six nodes started, checked and stopped as one service named ``redis``."""
 
     name = "redis"
@@ -148,9 +148,6 @@ class RedisCluster:
             primaries = max(primaries, int(info.get("cluster_size", 0)))
         ok = not problems and primaries == NODES // 2
         return ok, f"{primaries} primaries" + "".join(f"; {p}" for p in problems)
-
-    def down(self) -> bool:
-        return any(in_parallel(self.nodes, lambda node: node.down()))
 
     def health(self) -> Health:
         pids = [node.pid() for node in self.nodes]
