@@ -53,7 +53,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import os
 import re
 from collections import OrderedDict
@@ -77,7 +76,7 @@ from fhir.resources.R4B.subscriptionstatus import SubscriptionStatus
 from pydantic import ValidationError
 
 from ingest import events as ev
-from ingest import itemids, loinc
+from ingest import loinc
 
 LOINC = "http://loinc.org"
 # MIMIC-IV on FHIR's admission types: taken verbatim (the features know them by name).
@@ -557,29 +556,25 @@ class _Bundle:
             raise _EntryRefused("unknown_unit", "Observation.valueQuantity.code")
         if quantity.value is None:
             raise _EntryRefused("missing_field", "Observation.valueQuantity.value")
-        value = convert(float(quantity.value))
-        if not math.isfinite(value):
-            raise _EntryRefused("invalid_field", "Observation.valueQuantity.value")
         period = observation.effectivePeriod
         charted = _instant(
             observation.effectiveDateTime
             or observation.effectiveInstant
             or (period.start if period else None)
         )
+        try:
+            payload = code.observation(
+                convert(float(quantity.value)),
+                charttime=charted,
+                result_id=_result_id(observation),
+                status=status,
+            )
+        except ValueError:
+            raise _EntryRefused("invalid_field", "Observation.valueQuantity.value") from None
         if charted is None:
             raise _EntryRefused("missing_field", "Observation.effectiveDateTime")
         hadm, subject = self._admission_of(
             observation.encounter, observation.subject, "Observation.encounter"
-        )
-        item = itemids.ITEMS[code.itemid]
-        payload = dict(
-            itemid=item.itemid,
-            value=value,
-            unit=item.unit,
-            charttime=charted,
-            kind=item.kind,
-            result_id=_result_id(observation),
-            status=status,
         )
         return [
             ev.ObservationEvent(

@@ -47,7 +47,6 @@ detail names a field or a segment by position, never a value.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,7 +57,7 @@ import hl7
 from pydantic import ValidationError
 
 from ingest import events as ev
-from ingest import itemids, loinc
+from ingest import loinc
 
 ENCODING_CHARACTERS = "^~\\&"
 # HL7 table 0007 admission type, else table 0004 patient class -> MIMIC's admission_type.
@@ -326,17 +325,17 @@ def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.Obse
             raise Refused("unsupported_result_status", f"OBX {n}: OBX-11")
         filler = _get(message, "OBR", 3)
         result_id = f"{filler}^{code}^{_get(message, 'OBX', 4, n=n)}"[:256] if filler else None
-        try:
-            value = convert(float(_get(message, "OBX", 5, n=n)))
-        except ValueError:
-            raise Refused("invalid_field", f"OBX {n}: OBX-5") from None
-        if not math.isfinite(value):
-            raise Refused("invalid_field", f"OBX {n}: OBX-5")
         charted = _time(message, "OBX", 14, n=n) or _time(message, "OBR", 7)
         available = _time(message, "OBX", 19, n=n) or _time(message, "OBR", 22) or charted
+        try:
+            value = convert(float(_get(message, "OBX", 5, n=n)))
+            payload = entry.observation(
+                value, charttime=charted, result_id=result_id, status=status
+            )
+        except ValueError:
+            raise Refused("invalid_field", f"OBX {n}: OBX-5") from None
         if charted is None:
             raise Refused("missing_field", f"OBX {n}: OBX-14")
-        item = itemids.ITEMS[entry.itemid]
         observed.append(
             _build(
                 ev.ObservationEvent,
@@ -345,15 +344,7 @@ def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.Obse
                 kind,
                 segment=("OBX", n),
                 event_time=available,
-                payload=dict(
-                    itemid=item.itemid,
-                    value=value,
-                    unit=item.unit,
-                    charttime=charted,
-                    kind=item.kind,
-                    result_id=result_id,
-                    status=status,
-                ),
+                payload=payload,
             )
         )
     return observed

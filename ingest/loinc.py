@@ -10,6 +10,7 @@ Celsius is the one conversion that is not a factor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,15 @@ class Code:
     loinc: str
     itemid: int
     units: dict[str, Convert]  # normalised unit -> conversion into the item's unit
+
+    def observation(self, value: float, **fields) -> dict:
+        """An observation's payload (``ingest.events.ObservationPayload``) of ``value``,
+        already in the item's unit: the item's id, unit and kind, and ``fields``
+        (charttime, result_id, status). ValueError when ``value`` is not finite."""
+        if not math.isfinite(value):
+            raise ValueError("not a finite value")
+        item = itemids.ITEMS[self.itemid]
+        return dict(itemid=item.itemid, value=value, unit=item.unit, kind=item.kind, **fields)
 
 
 def _units(*pairs: tuple[tuple[str, ...] | str, Convert]) -> dict[str, Convert]:

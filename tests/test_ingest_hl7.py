@@ -239,6 +239,8 @@ def test_time_zones_are_converted_to_utc():
         (result("C2", "OBX|1|NM|2160-0^Cr^LN||1|g/L|||||F|||20240301090000"), "unknown_unit", "AE"),
         (result("C2", "OBX|1|NM|2160-0^Cr^LN||1|mg/dL|||||X"), "unsupported_result_status", "AE"),
         (result("C2", "OBX|1|NM|2160-0^Cr^LN||high|mg/dL|||||F"), "invalid_field", "AE"),
+        (result("C2", "OBX|1|NM|2160-0^Cr^LN||NaN|mg/dL|||||F"), "invalid_field", "AE"),
+        (result("C2", "OBX|1|NM|8310-5^T^LN||inf|Cel|||||F"), "invalid_field", "AE"),
         # a value outside the item's plausible range breaks the contract
         (
             result("C2", "OBX|1|NM|2160-0^Cr^LN||400|mg/dL|||||F|||20240301090000"),
