@@ -473,7 +473,7 @@ def run(
                             settings,
                             n,
                             first_hadm=first_hadm,
-                            worker=overrides.get("worker"),
+                            worker_options=overrides.get("worker"),
                             **overrides.get("source", {}),
                         )
                     sweeps += 1
@@ -624,7 +624,7 @@ def _sweep(
     held=None,
     first_hadm=FIRST_HADM,
     linger_ms=SOURCE_LINGER_MS,
-    worker=None,
+    worker_options=None,
 ):
     """``n_workers`` worker processes in one group on fresh topics; (workload, level
     seconds, LoadRun, CPU cores by process while sending, stage times) per workload and
@@ -634,7 +634,7 @@ def _sweep(
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     workers = [
-        context.Process(target=serve, args=(cfg, stop, pipeline, worker), daemon=True)
+        context.Process(target=serve, args=(cfg, stop, pipeline, worker_options), daemon=True)
         for _ in range(n_workers)
     ]
     for worker in workers:

@@ -183,13 +183,15 @@ class MllpListener:
                 writer.write(START_BLOCK + ack + END_BLOCK)
                 # A peer that stops reading its ACKs holds only its own connection, and
                 # not for ever; what it was not told is resent, and changes nothing.
-                async with asyncio.timeout(self.settings.ingest.mllp_idle_timeout_s):
-                    await writer.drain()
+                try:
+                    async with asyncio.timeout(self.settings.ingest.mllp_idle_timeout_s):
+                        await writer.drain()
+                except TimeoutError:
+                    self.counts["ack_unread"] += 1
+                    break
         except KafkaUnavailable as exc:
             self.counts["kafka_unavailable"] += 1
             log.warning("MLLP %s: no ACK, connection closed (%s)", peer, exc)
-        except TimeoutError:
-            self.counts["ack_unread"] += 1
         except ConnectionError:
             self.counts["connection_lost"] += 1
         finally:

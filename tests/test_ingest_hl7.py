@@ -16,7 +16,7 @@ from ingest import itemids
 from ingest.cli import msa_code, split_messages
 from ingest.hl7 import Refused, to_events
 from ingest.mllp import MllpListener
-from m3t.services.process import free_ports
+from m3t.services.process import free_ports, port_open, wait_until
 from m3t.settings import IngestSettings, Settings
 from tests.conftest import consume
 
@@ -485,14 +485,8 @@ def test_the_listener_and_sender_commands_print_each_ack(isolated_settings, tmp_
         env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert listening.poll() is None, listening.stderr.read().decode()
-                time.sleep(0.2)
+        wait_until(lambda: port_open("127.0.0.1", port) or listening.poll() is not None, 60)
+        assert listening.poll() is None, listening.stderr.read().decode()
         feed = tmp_path / "feed.hl7"
         feed.write_text("\n".join([admit("S1"), admit("S2", trigger="A99"), result("S3")]))
         get_settings.cache_clear()
