@@ -77,6 +77,7 @@ BEFORE = "scheduler: settings, Triton queue delay 0.5 ms, source linger 5 ms"
 FETCH_BEFORE = "scheduler: settings, fetch 5 ms/1 MB"
 FETCH_SHORT = "scheduler: settings, fetch 2 ms/4 KB"
 FETCH_SHORTER = "scheduler: settings, fetch 1 ms/4 KB"
+FETCH_AHEAD = "scheduler: settings, fetching ahead"
 # The load generator produces as the project's live feed does (ingest/mllp.py: linger 1 ms).
 SOURCE_LINGER_MS = 1
 # Overrides per scheduler: of the settings ("stream", "kafka"), of the scoring models'
@@ -86,12 +87,14 @@ SOURCE_LINGER_MS = 1
 # and a fetch waited 5 ms for 1 MB. QUEUE_DELAY is Triton as published before #19 (a request
 # waited 0.5 ms for company); SOURCE_LINGER a source batching as librdkafka's default does;
 # FETCH_SHORT and FETCH_SHORTER fetches that wait a little for a few events (fewer fetches
-# under load, but a fetch every 1-2 ms when idle).
+# under load, but a fetch every 1-2 ms when idle); FETCH_AHEAD a worker that fetches while
+# events it has not taken wait in its local queue (librdkafka's default, and before #19).
 SCHEDULERS = {
     CURRENT: {},
     FILL_WAIT: {
         "stream": {"max_wait_ms": 20},
         "kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000},
+        "worker": {"consumer_options": {"queued.min.messages": 100_000}},
     },
     QUEUE_DELAY: {"triton": {"max_queue_delay_microseconds": 500}},
     SOURCE_LINGER: {"source": {"linger_ms": 5}},
@@ -100,6 +103,7 @@ SCHEDULERS = {
     FETCH_BEFORE: {"kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000}},
     FETCH_SHORT: {"kafka": {"fetch_wait_max_ms": 2, "fetch_min_bytes": 4096}},
     FETCH_SHORTER: {"kafka": {"fetch_wait_max_ms": 1, "fetch_min_bytes": 4096}},
+    FETCH_AHEAD: {"worker": {"consumer_options": {"queued.min.messages": 100_000}}},
 }
 # The models a worker's scores go through, whose batching a "triton" override changes.
 SCORING_MODELS = ("m3t_enc_notes", "m3t_enc_cxr", "m3t_rescore", "m3t_explain")

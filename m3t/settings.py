@@ -117,6 +117,9 @@ class KafkaSettings(BaseModel):
     # broker instead of coming back empty every few ms (benchmarks/README.md has the figures).
     fetch_wait_max_ms: int = 500
     fetch_min_bytes: int = 1
+    # A worker fetches again only once it has taken what the last fetch brought, looking
+    # every this many ms: what piles up while it is busy comes in one fetch.
+    fetch_queue_backoff_ms: int = 2
     # A Kafka cluster: the local one (`M3T_CLUSTER`: 3 KRaft nodes, each broker and
     # controller, on these ports), or an external one's bootstrap servers ("host:port,...").
     cluster: bool = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from confluent_kafka import Consumer
+
 from features.image_files import ImageAccess
 from m3t import kafka
 from m3t.settings import Settings
@@ -9,6 +11,26 @@ from stream.interfaces import FeatureSource, Scorer
 from stream.kafka_io import KafkaSink, KafkaSource, log_commit_failure
 from stream.scores import ScoreStore
 from stream.worker import StreamWorker
+
+
+def worker_consumer(settings: Settings, group_id: str, **options) -> Consumer:
+    """A worker's consumer in ``group_id``; ``options`` are more librdkafka properties."""
+    cfg = settings.kafka
+    return kafka.consumer(
+        settings,
+        role="stream",
+        group_id=group_id,
+        client_id="m3t-worker",
+        on_commit=log_commit_failure,
+        **{
+            "fetch.wait.max.ms": cfg.fetch_wait_max_ms,
+            "fetch.min.bytes": cfg.fetch_min_bytes,
+            # No fetching ahead: one event waiting in the local queue holds the next fetch.
+            "queued.min.messages": 1,
+            "fetch.queue.backoff.ms": cfg.fetch_queue_backoff_ms,
+            **options,
+        },
+    )
 
 
 def connect(
@@ -21,21 +43,16 @@ def connect(
     topic: str | None = None,
     max_poll_records: int = 2048,
     linger_ms: int = 1,
+    consumer_options: dict | None = None,
     **options,
 ) -> StreamWorker:
     """A worker on the Kafka of ``settings``, in consumer group ``group_id`` (default: the
     settings'), reading ``topic`` (default: the events topic) up to ``max_poll_records`` a
-    poll, its scores produced with ``linger_ms``; ``options`` are ``StreamWorker``'s
+    poll, its scores produced with ``linger_ms``, its consumer given ``consumer_options``
+    (librdkafka properties); ``options`` are ``StreamWorker``'s
     (``max_batch`` and ``max_wait_ms`` default to the settings')."""
     cfg = settings.kafka
-    consumer = kafka.consumer(
-        settings,
-        role="stream",
-        group_id=group_id or cfg.consumer_group,
-        client_id="m3t-worker",
-        on_commit=log_commit_failure,
-        **{"fetch.wait.max.ms": cfg.fetch_wait_max_ms, "fetch.min.bytes": cfg.fetch_min_bytes},
-    )
+    consumer = worker_consumer(settings, group_id or cfg.consumer_group, **(consumer_options or {}))
     # A batch's scores are queued together, so a short linger loses no batching.
     producer = kafka.producer(
         settings, role="stream", client_id="m3t-worker", **{"linger.ms": linger_ms}

@@ -17,10 +17,10 @@ from kafka import KafkaConsumer, TopicPartition
 from ingest import events as ev
 from m3t import services
 from m3t.clients import redis_client
-from m3t.kafka import kafka_python_config
+from m3t.kafka import kafka_python_config, own_topics, poll_batch
 from stream.scores import ScoreStore
 from stream.scoring import ModelScorer
-from stream.wiring import connect
+from stream.wiring import connect, worker_consumer
 from tests.conftest import settings_env
 from tests.skeleton import KEY, SkeletonFeatures, produce
 
@@ -507,3 +507,57 @@ def test_consumer_lag_is_published_from_the_fetches_high_watermarks(
     partitions = {f"{settings.kafka.topic_events}:{p}" for p in range(settings.kafka.partitions)}
     assert set(snapshot["lag"]) == partitions and set(snapshot["lag"].values()) == {0}
     assert max(seen_behind) > 0
+
+
+def fetches_while_busy(settings, **options) -> tuple[int, list[bytes]]:
+    """The Fetch requests a worker's consumer sends while 40 events reach its partition one
+    by one and it takes none of them (busy elsewhere), and the events it takes after."""
+    import json
+
+    from confluent_kafka import TopicPartition as Partition
+    from kafka import KafkaProducer
+
+    stats = []
+    consumer = worker_consumer(
+        settings,
+        settings.kafka.consumer_group,
+        **{"statistics.interval.ms": 100, "stats_cb": lambda raw: stats.append(json.loads(raw))},
+        **options,
+    )
+    producer = KafkaProducer(**kafka_python_config(settings, "producer"), acks="all")
+
+    def fetches() -> int:
+        return sum(b["req"].get("Fetch", 0) for b in stats[-1]["brokers"].values())
+
+    def poll_until(check) -> None:
+        assert wait_for(lambda: consumer.poll(0.05) is None and check(), 30)
+
+    try:
+        consumer.assign([Partition(settings.kafka.topic_events, 0, 0)])
+        poll_until(lambda: stats and fetches() > 0)  # fetching: an empty one waits at the broker
+        before = fetches()
+        sent = [f"busy-{i}".encode() for i in range(40)]
+        for value in sent:
+            producer.send(settings.kafka.topic_events, value=value, partition=0)
+            producer.flush()
+            time.sleep(0.01)
+        taken = []
+        while len(taken) < len(sent):
+            taken += [m.value() for m in poll_batch(consumer, 100, 5.0)]
+        reported = len(stats)
+        poll_until(lambda: len(stats) > reported)
+        return fetches() - before, taken
+    finally:
+        producer.close()
+        consumer.close()
+
+
+def test_a_busy_worker_fetches_what_piled_up_in_one_go_instead_of_fetching_ahead(
+    isolated_settings,
+):
+    # Fetching ahead, its consumer asks the broker again for every event that arrives.
+    fetched, taken = fetches_while_busy(isolated_settings)
+    assert taken == [f"busy-{i}".encode() for i in range(40)]
+    assert fetched <= 4
+    ahead, _ = fetches_while_busy(own_topics(isolated_settings), **{"queued.min.messages": 100_000})
+    assert ahead >= 20
