@@ -68,6 +68,7 @@ M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusi
 FIRST_HADM = 95_000_000
 SWEEP_HADMS = 1_000_000  # admissions a sweep may number (a full sweep makes ~200,000)
 NEW_ADMISSIONS, CENSUS, HOSTILE = "new admissions", "census", "census + 1% hostile"
+SINGLE_NODE, CLUSTERS = "single node", "clusters"
 HOSTILE_EVERY = 100  # one hostile event sent after every 100th valid one
 CURRENT, FILL_WAIT = "scheduler: settings", "scheduler: fill wait 20 ms, fetch 5 ms/1 MB"
 QUEUE_DELAY = "scheduler: settings, Triton queue delay 0.5 ms"
@@ -370,6 +371,7 @@ def run(
     kafka_security: tuple[str, ...] | None = None,
     explanations: tuple[bool, ...] = (False,),
     schedulers: tuple[str, ...] = (CURRENT,),
+    deployments: tuple[str, ...] = (SINGLE_NODE,),
 ) -> h.Result:
     """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
     ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
@@ -387,12 +389,19 @@ def run(
     ``schedulers``: the ``SCHEDULERS`` to run the sweep under, in turn (``max_wait_ms``,
     where given, overrides theirs).
 
+    ``deployments``: where the sweeps above run, in turn: the settings' own services
+    (``SINGLE_NODE``) or the local clusters (``CLUSTERS``: 3 Kafka nodes, a Redis Cluster of
+    3 primaries with a replica each), started for it with the feature set published there
+    and stopped after; name one more than once to have it before and after another.
+
     ``explanations``: ``stream.explanations`` for the sweeps above (the first value), then
     for each further value one more sweep, with the first protocol, scheduler and worker
-    count."""
+    count, on the settings' own services."""
     unknown_schedulers = set(schedulers) - set(SCHEDULERS)
     if unknown_schedulers:
         raise ValueError(f"unknown scheduler(s) {sorted(unknown_schedulers)}: {list(SCHEDULERS)}")
+    if set(deployments) - {SINGLE_NODE, CLUSTERS}:
+        raise ValueError(f"deployments are {SINGLE_NODE!r} or {CLUSTERS!r}, not {deployments}")
     unknown = set(workloads) - {NEW_ADMISSIONS, CENSUS, HOSTILE}
     if unknown:
         raise ValueError(
@@ -431,6 +440,7 @@ def run(
             "held": list(held) if held else None,
             "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
             "explanations": list(explanations),
+            "deployments": list(deployments),
             "load_generator": f"confluent-kafka, linger {SOURCE_LINGER_MS} ms (as ingest/mllp.py)"
             "; new admissions: "
             "one admission event per new admission; census: lab and vital results for open "
@@ -455,37 +465,49 @@ def run(
     started = time.perf_counter()
     protocols = kafka_security or (settings.kafka.security_protocol,)
     sweeps = 0  # each numbers its admissions from its own million
-    for protocol in protocols:
-        target = settings
-        if protocol != settings.kafka.security_protocol:
-            target = kafka_twin(settings, protocol)
-            services.up(target, ["kafka"])
+    for run_number, deployment in enumerate(deployments, 1):
+        home = settings if deployment == SINGLE_NODE else on_clusters(settings)
+        if home is not settings:
+            services.up(home, ["redis", "kafka"])
+            carry_feature_set(settings, home)
+        placed = f", {deployment} (run {run_number})" if len(deployments) > 1 else ""
         try:
-            label = f", Kafka {protocol}" if len(protocols) > 1 else ""
-            for scheduler in schedulers:
-                cfg = scheduled(target, scheduler, max_batch, max_wait_ms)
-                if len(schedulers) > 1:
-                    label_s = f"{label}, {scheduler}"
-                else:
-                    label_s = label
-                overrides = SCHEDULERS[scheduler]
-                for n in workers:
-                    first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
-                    with h.triton_batching(target, overrides.get("triton", {}), SCORING_MODELS):
-                        runs = sweep(
-                            cfg,
-                            settings,
-                            n,
-                            first_hadm=first_hadm,
-                            worker_options=overrides.get("worker"),
-                            **overrides.get("source", {}),
-                        )
-                    sweeps += 1
-                    variant = f"{n} worker{'s' if n > 1 else ''}{label_s}"
-                    result.rows += [_row(variant, seconds, census, *run) for run in runs]
+            for protocol in protocols:
+                target = home
+                if protocol != home.kafka.security_protocol:
+                    target = kafka_twin(home, protocol)
+                    services.up(target, ["kafka"])
+                try:
+                    label = placed + (f", Kafka {protocol}" if len(protocols) > 1 else "")
+                    for scheduler in schedulers:
+                        cfg = scheduled(target, scheduler, max_batch, max_wait_ms)
+                        if len(schedulers) > 1:
+                            label_s = f"{label}, {scheduler}"
+                        else:
+                            label_s = label
+                        overrides = SCHEDULERS[scheduler]
+                        for n in workers:
+                            first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
+                            with h.triton_batching(
+                                target, overrides.get("triton", {}), SCORING_MODELS
+                            ):
+                                runs = sweep(
+                                    cfg,
+                                    home,
+                                    n,
+                                    first_hadm=first_hadm,
+                                    worker_options=overrides.get("worker"),
+                                    **overrides.get("source", {}),
+                                )
+                            sweeps += 1
+                            variant = f"{n} worker{'s' if n > 1 else ''}{label_s}"
+                            result.rows += [_row(variant, seconds, census, *run) for run in runs]
+                finally:
+                    if target is not home:
+                        services.down(target, ["kafka"])
         finally:
-            if target is not settings:
-                services.down(target, ["kafka"])
+            if home is not settings:
+                services.down(home, ["kafka", "redis"])
     for explain in explanations[1:]:
         on = settings.model_copy(
             update={"stream": settings.stream.model_copy(update={"explanations": explain})}
@@ -501,6 +523,8 @@ def run(
         result.comparisons += _explanation_ratios(result.rows, variant, label)
     if len(protocols) > 1:
         result.comparisons += _protocol_ratios(result.rows, protocols)
+    if len(deployments) > 1:
+        result.comparisons += _deployment_ratios(result.rows, deployments)
     if len(schedulers) > 1:
         result.comparisons += _scheduler_ratios(result.rows, schedulers)
     first = next((r for r in result.rows if "p50_ms" in r), None)
@@ -532,6 +556,30 @@ def _row(
         **{k: round(v, 2) if isinstance(v, float) else v for k, v in reasons.items()},
         **({"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY} if workload == HOSTILE else {}),
     }
+
+
+def on_clusters(settings: Settings) -> Settings:
+    """The same settings on the local clusters (`m3t services up --cluster`)."""
+    return settings.model_copy(
+        update={
+            "cluster": True,
+            "kafka": settings.kafka.model_copy(update={"cluster": True}),
+            "redis": settings.redis.model_copy(update={"cluster": True}),
+        }
+    )
+
+
+def carry_feature_set(settings: Settings, other: Settings) -> None:
+    """Publish the feature set current on ``settings``' Redis (if one is) to ``other``'s, so
+    that its workers write and read under the same namespace."""
+    from features.online import OnlineStore
+    from m3t.clients import redis_client
+
+    try:
+        current = OnlineStore.current(redis_client(settings, role="admin"))
+    except LookupError:  # nothing published: a pipeline of its own features (the tests')
+        return
+    OnlineStore(redis_client(other, role="admin"), current.fitted).publish()
 
 
 def kafka_twin(settings: Settings, protocol: str) -> Settings:
@@ -599,6 +647,23 @@ def _scheduler_ratios(rows: list[dict], schedulers) -> list[dict]:
         return [(variant[: -len(first)] + other, first, other) for other in schedulers[1:]]
 
     return _level_ratios(rows, pairs, {"p50": "p50_ms", "cores": "cpu_cores"})
+
+
+def _deployment_ratios(rows: list[dict], deployments) -> list[dict]:
+    """Each clusters run over each single-node run, case by case: p50 and p99 event to
+    score, and events/s achieved."""
+    runs = [f", {d} (run {i})" for i, d in enumerate(deployments, 1)]
+    singles = [run for run in runs if SINGLE_NODE in run]
+
+    def pairs(variant: str):
+        ran = next((run for run in runs if CLUSTERS in run and run in variant), None)
+        if ran is None:
+            return []
+        return [(variant.replace(ran, single), ran[2:], single[2:]) for single in singles]
+
+    return _level_ratios(
+        rows, pairs, {"p50": "p50_ms", "p99": "p99_ms", "achieved/s": "achieved_per_s"}
+    )
 
 
 def _protocol_ratios(rows: list[dict], protocols) -> list[dict]:

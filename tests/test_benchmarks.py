@@ -408,6 +408,21 @@ def test_schedulers_are_compared_case_by_case_with_the_first():
     assert ratios["p50 c at 50/s"]["denominator"] == other
 
 
+def test_clusters_are_compared_with_the_single_node_before_and_after_them():
+    from benchmarks import bench_e2e
+
+    runs = (bench_e2e.SINGLE_NODE, bench_e2e.CLUSTERS, bench_e2e.SINGLE_NODE)
+    rows = [
+        {"case": "c", "offered_per_s": 50, "variant": f"1 worker, {d} (run {i})", "p50_ms": p}
+        | {"p99_ms": 2 * p, "achieved_per_s": 50.0}
+        for i, (d, p) in enumerate(zip(runs, (10.0, 15.0, 12.0)), 1)
+    ]
+    ratios = bench_e2e._deployment_ratios(rows, runs)
+    p50 = {r["denominator"]: r["ratio"] for r in ratios if r["what"].startswith("p50")}
+    assert p50 == {"single node (run 1)": 1.5, "single node (run 3)": 1.25}
+    assert {r["numerator"] for r in ratios} == {"clusters (run 2)"} and len(ratios) == 6
+
+
 @pytest.mark.single_node
 @pytest.mark.services
 def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_client, tmp_path):
@@ -437,6 +452,55 @@ def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_c
     assert ratio["ratio"] > 0
     twin = bench_e2e.kafka_twin(settings, "PLAINTEXT")
     assert services.SERVICES["kafka"](twin).pid() is None  # the run stopped its second broker
+
+
+@pytest.mark.single_node
+@pytest.mark.services
+def test_e2e_runs_one_sweep_on_the_single_node_then_on_the_clusters(
+    settings, redis_client, tmp_path
+):
+    from benchmarks import bench_e2e
+    from m3t import services
+    from m3t.clients import unlink
+    from m3t.services.process import free_ports
+    from tests import skeleton
+
+    ports = tuple(free_ports(18))
+    settings = settings.model_copy(  # clusters of this session's own, on free ports
+        update={
+            "redis": settings.redis.model_copy(
+                update={"cluster_ports": ports[:6], "cluster_bus_ports": ports[6:12]}
+            ),
+            "kafka": settings.kafka.model_copy(
+                update={"cluster_ports": ports[12:15], "cluster_controller_ports": ports[15:]}
+            ),
+        }
+    )
+    try:
+        result = bench_e2e.run(
+            settings,
+            rates=(20,),
+            seconds=1.0,
+            drain_s=10.0,
+            workloads=(bench_e2e.NEW_ADMISSIONS,),
+            pipeline=skeleton.pipeline,
+            deployments=(bench_e2e.SINGLE_NODE, bench_e2e.CLUSTERS),
+        )
+    finally:  # the single node's admissions (the clusters' went with their run)
+        unlink(redis_client, redis_client.scan_iter("m3t:skeleton:{9[56]*"))
+    data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert set(rows) == {"1 worker, single node (run 1)", "1 worker, clusters (run 2)"}
+    assert [(r["sent"], r["completed"]) for r in rows.values()] == [(20, 20)] * 2
+    clusters = rows["1 worker, clusters (run 2)"]["cpu_cores_by_process"]
+    assert clusters["kafka"] > 0 and clusters["redis"] > 0  # the clusters' nodes were counted
+    ratios = {r["what"].split()[0]: r for r in data["comparisons"]}
+    assert set(ratios) == {"p50", "p99", "achieved/s"}
+    assert {(r["numerator"], r["denominator"]) for r in ratios.values()} == {
+        ("clusters (run 2)", "single node (run 1)")
+    }
+    on_clusters = bench_e2e.on_clusters(settings)
+    assert all(not s.pids() for s in services.select(on_clusters, ["kafka", "redis"]))
 
 
 def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
