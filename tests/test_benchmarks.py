@@ -423,11 +423,10 @@ def test_clusters_are_compared_with_the_single_node_before_and_after_them():
     assert {r["numerator"] for r in ratios} == {"clusters (run 2)"} and len(ratios) == 6
 
 
-@pytest.mark.single_node
-@pytest.mark.services
-def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_client, tmp_path):
+def two_small_sweeps(settings, redis_client, tmp_path, **variation) -> dict:
+    """The e2e stage's saved result for 20 new admissions a second for 1 s through the
+    skeleton, swept twice as ``variation`` (``bench_e2e.run``'s arguments) says."""
     from benchmarks import bench_e2e
-    from m3t import services
     from m3t.clients import unlink
     from tests import skeleton
 
@@ -439,11 +438,22 @@ def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_c
             drain_s=10.0,
             workloads=(bench_e2e.NEW_ADMISSIONS,),
             pipeline=skeleton.pipeline,
-            kafka_security=("SASL_SSL", "PLAINTEXT"),
+            **variation,
         )
-    finally:  # the two sweeps' admissions: 95 and 96 million on
+    finally:  # the sweeps' admissions here, 95 and 96 million on (a cluster's went with it)
         unlink(redis_client, redis_client.scan_iter("m3t:skeleton:{9[56]*"))
-    data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+    return assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+
+
+@pytest.mark.single_node
+@pytest.mark.services
+def test_e2e_prices_kafka_security_beside_plaintext_in_one_run(settings, redis_client, tmp_path):
+    from benchmarks import bench_e2e
+    from m3t import services
+
+    data = two_small_sweeps(
+        settings, redis_client, tmp_path, kafka_security=("SASL_SSL", "PLAINTEXT")
+    )
     rows = {row["variant"]: row for row in data["rows"]}
     assert set(rows) == {"1 worker, Kafka SASL_SSL", "1 worker, Kafka PLAINTEXT"}
     assert [(r["sent"], r["completed"]) for r in rows.values()] == [(20, 20)] * 2
@@ -461,9 +471,7 @@ def test_e2e_runs_one_sweep_on_the_single_node_then_on_the_clusters(
 ):
     from benchmarks import bench_e2e
     from m3t import services
-    from m3t.clients import unlink
     from m3t.services.process import free_ports
-    from tests import skeleton
 
     ports = tuple(free_ports(18))
     settings = settings.model_copy(  # clusters of this session's own, on free ports
@@ -476,19 +484,12 @@ def test_e2e_runs_one_sweep_on_the_single_node_then_on_the_clusters(
             ),
         }
     )
-    try:
-        result = bench_e2e.run(
-            settings,
-            rates=(20,),
-            seconds=1.0,
-            drain_s=10.0,
-            workloads=(bench_e2e.NEW_ADMISSIONS,),
-            pipeline=skeleton.pipeline,
-            deployments=(bench_e2e.SINGLE_NODE, bench_e2e.CLUSTERS),
-        )
-    finally:  # the single node's admissions (the clusters' went with their run)
-        unlink(redis_client, redis_client.scan_iter("m3t:skeleton:{9[56]*"))
-    data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
+    data = two_small_sweeps(
+        settings,
+        redis_client,
+        tmp_path,
+        deployments=(bench_e2e.SINGLE_NODE, bench_e2e.CLUSTERS),
+    )
     rows = {row["variant"]: row for row in data["rows"]}
     assert set(rows) == {"1 worker, single node (run 1)", "1 worker, clusters (run 2)"}
     assert [(r["sent"], r["completed"]) for r in rows.values()] == [(20, 20)] * 2
