@@ -50,6 +50,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -79,6 +80,9 @@ FETCH_BEFORE = "scheduler: settings, fetch 5 ms/1 MB"
 FETCH_SHORT = "scheduler: settings, fetch 2 ms/4 KB"
 FETCH_SHORTER = "scheduler: settings, fetch 1 ms/4 KB"
 FETCH_AHEAD = "scheduler: settings, fetching ahead"
+# librdkafka's default, and the worker's before #19: fetching while events it has not taken
+# wait in its local queue.
+FETCHING_AHEAD = {"consumer_options": {"queued.min.messages": 100_000}}
 # The load generator produces as the project's live feed does (ingest/mllp.py: linger 1 ms).
 SOURCE_LINGER_MS = 1
 # Overrides per scheduler: of the settings ("stream", "kafka"), of the scoring models'
@@ -88,14 +92,13 @@ SOURCE_LINGER_MS = 1
 # and a fetch waited 5 ms for 1 MB. QUEUE_DELAY is Triton as published before #19 (a request
 # waited 0.5 ms for company); SOURCE_LINGER a source batching as librdkafka's default does;
 # FETCH_SHORT and FETCH_SHORTER fetches that wait a little for a few events (fewer fetches
-# under load, but a fetch every 1-2 ms when idle); FETCH_AHEAD a worker that fetches while
-# events it has not taken wait in its local queue (librdkafka's default, and before #19).
+# under load, but a fetch every 1-2 ms when idle); FETCH_AHEAD a worker fetching ahead.
 SCHEDULERS = {
     CURRENT: {},
     FILL_WAIT: {
         "stream": {"max_wait_ms": 20},
         "kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000},
-        "worker": {"consumer_options": {"queued.min.messages": 100_000}},
+        "worker": FETCHING_AHEAD,
     },
     QUEUE_DELAY: {"triton": {"max_queue_delay_microseconds": 500}},
     SOURCE_LINGER: {"source": {"linger_ms": 5}},
@@ -104,7 +107,7 @@ SCHEDULERS = {
     FETCH_BEFORE: {"kafka": {"fetch_wait_max_ms": 5, "fetch_min_bytes": 1_000_000}},
     FETCH_SHORT: {"kafka": {"fetch_wait_max_ms": 2, "fetch_min_bytes": 4096}},
     FETCH_SHORTER: {"kafka": {"fetch_wait_max_ms": 1, "fetch_min_bytes": 4096}},
-    FETCH_AHEAD: {"worker": {"consumer_options": {"queued.min.messages": 100_000}}},
+    FETCH_AHEAD: {"worker": FETCHING_AHEAD},
 }
 # The models a worker's scores go through, whose batching a "triton" override changes.
 SCORING_MODELS = ("m3t_enc_notes", "m3t_enc_cxr", "m3t_rescore", "m3t_explain")
@@ -466,25 +469,14 @@ def run(
     protocols = kafka_security or (settings.kafka.security_protocol,)
     sweeps = 0  # each numbers its admissions from its own million
     for run_number, deployment in enumerate(deployments, 1):
-        home = settings if deployment == SINGLE_NODE else on_clusters(settings)
-        if home is not settings:
-            services.up(home, ["redis", "kafka"])
-            carry_feature_set(settings, home)
         placed = f", {deployment} (run {run_number})" if len(deployments) > 1 else ""
-        try:
+        with _deployed(settings, deployment) as home:
             for protocol in protocols:
-                target = home
-                if protocol != home.kafka.security_protocol:
-                    target = kafka_twin(home, protocol)
-                    services.up(target, ["kafka"])
-                try:
-                    label = placed + (f", Kafka {protocol}" if len(protocols) > 1 else "")
+                label = placed + (f", Kafka {protocol}" if len(protocols) > 1 else "")
+                with _speaking(home, protocol) as target:
                     for scheduler in schedulers:
                         cfg = scheduled(target, scheduler, max_batch, max_wait_ms)
-                        if len(schedulers) > 1:
-                            label_s = f"{label}, {scheduler}"
-                        else:
-                            label_s = label
+                        label_s = f"{label}, {scheduler}" if len(schedulers) > 1 else label
                         overrides = SCHEDULERS[scheduler]
                         for n in workers:
                             first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
@@ -502,12 +494,6 @@ def run(
                             sweeps += 1
                             variant = f"{n} worker{'s' if n > 1 else ''}{label_s}"
                             result.rows += [_row(variant, seconds, census, *run) for run in runs]
-                finally:
-                    if target is not home:
-                        services.down(target, ["kafka"])
-        finally:
-            if home is not settings:
-                services.down(home, ["kafka", "redis"])
     for explain in explanations[1:]:
         on = settings.model_copy(
             update={"stream": settings.stream.model_copy(update={"explanations": explain})}
@@ -556,6 +542,37 @@ def _row(
         **{k: round(v, 2) if isinstance(v, float) else v for k, v in reasons.items()},
         **({"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY} if workload == HOSTILE else {}),
     }
+
+
+@contextmanager
+def _deployed(settings: Settings, deployment: str):
+    """The settings of ``deployment``; the clusters are started, given the feature set and
+    stopped after."""
+    if deployment == SINGLE_NODE:
+        yield settings
+        return
+    home = on_clusters(settings)
+    services.up(home, ["redis", "kafka"])
+    try:
+        carry_feature_set(settings, home)
+        yield home
+    finally:
+        services.down(home, ["kafka", "redis"])
+
+
+@contextmanager
+def _speaking(settings: Settings, protocol: str):
+    """The settings whose Kafka speaks ``protocol``: a twin broker, started and stopped
+    after, where the settings' own speaks another."""
+    if protocol == settings.kafka.security_protocol:
+        yield settings
+        return
+    twin = kafka_twin(settings, protocol)
+    services.up(twin, ["kafka"])
+    try:
+        yield twin
+    finally:
+        services.down(twin, ["kafka"])
 
 
 def on_clusters(settings: Settings) -> Settings:
