@@ -541,9 +541,9 @@ def fetches_while_busy(settings, **options) -> tuple[int, list[bytes]]:
             producer.send(settings.kafka.topic_events, value=value, partition=0)
             producer.flush()
             time.sleep(0.01)
-        taken = []
-        while len(taken) < len(sent):
-            taken += [m.value() for m in poll_batch(consumer, 100, 5.0)]
+        taken, deadline = [], time.monotonic() + 30
+        while len(taken) < len(sent) and time.monotonic() < deadline:
+            taken += [m.value() for m in poll_batch(consumer, 100, 1.0)]
         reported = len(stats)
         poll_until(lambda: len(stats) > reported)
         return fetches() - before, taken
