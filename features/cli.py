@@ -97,7 +97,7 @@ def build(
     ),
     cutoff_seed: int = typer.Option(0, help="Seed of the event times drawn."),
     split_seed: int = typer.Option(
-        0, help="Seed of the 80/10/10 patient split (a hash of subject_id) the trainer uses."
+        0, help="Seed of the 70/10/20 patient split (a hash of subject_id) the trainer uses."
     ),
     cxr: bool = typer.Option(True, help="Preprocess the chest X-rays (DALI) into the `cxr` array."),
     device: str = typer.Option("auto", help="DALI device for the X-rays: auto, cpu or gpu."),

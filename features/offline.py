@@ -124,10 +124,15 @@ class CutoffPolicy:
 
 @dataclass(frozen=True)
 class SplitPolicy:
-    """Deterministic split by patient: a hash of subject_id, not the row order."""
+    """Deterministic split by patient: a hash of subject_id, not the row order.
+
+    70/10/20: the test share is twice the validation's because in-hospital deaths are few
+    (5-7% of stays) and the paired comparison of two models' AUROC needs them: 10,000
+    admissions leave about 120 test deaths.
+    """
 
     val: float = 0.1
-    test: float = 0.1
+    test: float = 0.2
     seed: int = 0
 
     def of(self, subject_id: int) -> str:

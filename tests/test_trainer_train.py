@@ -56,6 +56,12 @@ def test_split_keeps_each_patient_in_one_split():
     assert all(len(idx) for idx in splits.values())
 
 
+def test_the_split_holds_70_10_20_percent_of_the_patients():
+    subjects = np.arange(20_000)
+    shares = {name: len(idx) / len(subjects) for name, idx in split_by_patient(subjects).items()}
+    assert shares == pytest.approx({"train": 0.7, "val": 0.1, "test": 0.2}, abs=0.01)
+
+
 def test_training_lowers_the_loss_and_writes_its_artefacts(trained):
     out, result = trained
     first, best = result.history[0], result.history[result.best_epoch - 1]
@@ -74,7 +80,7 @@ def test_the_split_is_the_datasets_column_and_recorded_as_it_is(dataset, trained
         assert patients[name] == sorted(set(a["subject_id"][a["split"] == name].tolist()))
     record = json.loads((out / "train.json").read_text())["split"]
     assert record["source"] == "the dataset's split column"
-    assert record["policy"] == {"val": 0.1, "test": 0.1, "seed": 0}
+    assert record["policy"] == {"val": 0.1, "test": 0.2, "seed": 0}
     assert record["train"]["examples"] == int((a["split"] == "train").sum())
     assert "split" not in json.loads((out / "train.json").read_text())["train_config"]
 

@@ -125,7 +125,7 @@ def validate(dataset: Dataset) -> Dataset:
 
 
 def split_by_patient(subject_id: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """Row indices of train/val/test by ``features.offline.SplitPolicy`` (80/10/10 by a
+    """Row indices of train/val/test by ``features.offline.SplitPolicy`` (70/10/20 by a
     seeded hash of ``subject_id``): the builder's rule, so a patient is in one split only."""
     policy = SplitPolicy(seed=seed)
     patients, inverse = np.unique(subject_id, return_inverse=True)

@@ -8,7 +8,7 @@
   an epoch costs about that many times a one-row-per-stay epoch, and over epochs every
   cutoff is seen. ``examples_per_stay=None`` trains on every row every epoch.
 - Split: by patient, the dataset's own ``split`` column (``features.offline.SplitPolicy``:
-  80% train, 10% validation, 10% test by a seeded hash of ``subject_id``, seeded by
+  70% train, 10% validation, 20% test by a seeded hash of ``subject_id``, seeded by
   ``m3t features build --split-seed``; the vocabulary and normalisation were fitted on
   that training split). A dataset without the column is split by the same rule with seed
   0. No patient appears in two splits (checked). ``train.json`` records the split.
