@@ -221,9 +221,11 @@ def stage_summary(before: dict, after: dict) -> dict:
 
 
 def admission(hadm_id: int, when: datetime | None = None) -> bytes:
+    """An admission event; its id names its time too, so that an admission a killed run left
+    in Redis takes it as news (and is scored) rather than as a conflicting resend."""
     when = when or datetime.now(UTC)
     event = ev.AdmissionEvent(
-        event_id=ev.event_id("bench/e2e", hadm_id),
+        event_id=ev.event_id("bench/e2e", f"{hadm_id}/{when.timestamp():.6f}"),
         hadm_id=hadm_id,
         subject_id=hadm_id,
         event_time=when,

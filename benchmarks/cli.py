@@ -7,6 +7,8 @@ and PNG plots under ``--out`` (default ``benchmarks/results/``) and prints the t
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import typer
@@ -64,6 +66,12 @@ def _overrides(pairs: list[str] | None) -> dict:
     return out
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``) unwinds like Ctrl-C: a stage's ``finally`` blocks stop
+    its workers and remove what it wrote to Redis."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 SET = typer.Option(
     None,
     "--set",
@@ -79,6 +87,7 @@ def _stage_command(name: str):
         quick: bool = QUICK, out: Path = OUT, as_json: bool = AS_JSON, given: list[str] = SET
     ):
         overrides = _overrides(given)
+        _exit_on_sigterm()
         try:
             result = stage.run(_settings(), quick=quick, **overrides)
             if overrides:
@@ -104,6 +113,7 @@ def all_stages(
     stages: list[str] = typer.Option(None, "--stage", help="Only these stages (repeatable)."),
 ):
     """Run every stage, then summarise one event's path by stage (summary-latest.md)."""
+    _exit_on_sigterm()
     unknown = set(stages or []) - set(STAGES)
     if unknown:
         err.print(f"[red]error:[/] unknown stage(s) {sorted(unknown)}; choose from {list(STAGES)}")

@@ -284,6 +284,58 @@ def test_inference_stage(settings, tmp_path):
     assert "TensorRT" in data["missing"] or any("TensorRT" in r["variant"] for r in data["rows"])
 
 
+def test_sigterm_unwinds_a_bench_as_ctrl_c_does():
+    import os
+    import signal
+
+    from benchmarks.cli import _exit_on_sigterm
+
+    previous, unwound = signal.getsignal(signal.SIGTERM), []
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            _exit_on_sigterm()
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            finally:  # where a stage stops its workers and removes what it wrote
+                unwound.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert unwound == [True] and stopped.value.code == 128 + signal.SIGTERM
+
+
+@pytest.mark.services
+def test_an_admission_a_killed_run_left_takes_the_next_runs_admission(redis_client):
+    """A run killed before its cleanup leaves its admissions in Redis; the next run numbers
+    its own from the same place, and its warm-up must still be scored."""
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from benchmarks import bench_e2e
+    from features.fitted import FittedFeatures
+    from features.online import OnlineStore
+    from features.vocab import Vocabulary
+    from ingest import events as ev
+
+    store = OnlineStore(
+        redis_client,
+        FittedFeatures.unnormalised(Vocabulary.fit(["a b"])),
+        scratch=f"test-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        hadm_id, now = bench_e2e.FIRST_HADM, datetime.now(UTC)
+        left = ev.decode(bench_e2e.admission(hadm_id, now - timedelta(minutes=5)))
+        assert store.write_batch([left]).applied == 1
+        again = ev.decode(bench_e2e.admission(hadm_id, now))
+        stats = store.write_batch([again])
+        assert (stats.applied, stats.refused) == (1, [])
+        # The same admission sent twice by one run is still one event.
+        resent = ev.decode(bench_e2e.admission(hadm_id, now))
+        assert store.write_batch([resent]).duplicates == 1
+    finally:
+        store.drop()
+
+
 @pytest.mark.services
 def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     from benchmarks import bench_e2e
