@@ -941,7 +941,7 @@ def _cleanup(cfg: Settings, hadm_ids) -> None:
                 k.format(hadm_id=x) for x in chunk for k in (sc.SCORE_KEY, sc.HISTORY_KEY, EMB_KEY)
             ]
             if store is not None:
-                keys += [key for x in chunk for key in store.keys(x)]
+                keys += [key for x in chunk for key in store.all_keys(x)]
             client.unlink(*keys)
             client.zrem(sc.RANKING_KEY, *chunk)
     finally:

@@ -337,6 +337,46 @@ def test_an_admission_a_killed_run_left_takes_the_next_runs_admission(redis_clie
 
 
 @pytest.mark.services
+def test_a_runs_cleanup_leaves_none_of_its_admissions_keys(settings, redis_client, monkeypatch):
+    import random
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from benchmarks import bench_e2e
+    from features.fitted import FittedFeatures
+    from features.online import OnlineStore
+    from features.vocab import Vocabulary
+    from ingest import events as ev
+    from stream import scores as sc
+    from stream.scoring import EMB_KEY
+
+    store = OnlineStore(
+        redis_client,
+        FittedFeatures.unnormalised(Vocabulary.fit(["a b"])),
+        scratch=f"test-{uuid.uuid4().hex[:8]}",
+    )
+    monkeypatch.setattr(OnlineStore, "current", classmethod(lambda cls, client, **kw: store))
+    hadm_id, now = bench_e2e.FIRST_HADM + 999_999, datetime.now(UTC)
+    try:
+        events = [bench_e2e.admission(hadm_id, now - timedelta(minutes=1))]
+        events += [bench_e2e.observation(hadm_id, now, random.Random(i)) for i in range(3)]
+        assert store.write_batch([ev.decode(e) for e in events]).applied == 4
+        for key in (sc.SCORE_KEY, sc.HISTORY_KEY, EMB_KEY):  # what the workers write beside
+            redis_client.set(key.format(hadm_id=hadm_id), b"x")
+        redis_client.zadd(sc.RANKING_KEY, {str(hadm_id): 0.5})
+        tagged = f"*{{{hadm_id}}}*"
+        assert len(list(redis_client.scan_iter(tagged, count=10_000))) >= 7
+
+        bench_e2e._cleanup(settings, [hadm_id])
+
+        assert list(redis_client.scan_iter(tagged, count=10_000)) == []
+        assert redis_client.zscore(sc.RANKING_KEY, str(hadm_id)) is None
+    finally:
+        store.drop()
+        bench_e2e._cleanup(settings, [hadm_id])
+
+
+@pytest.mark.services
 def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     from benchmarks import bench_e2e
     from m3t.clients import unlink
