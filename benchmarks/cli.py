@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -66,10 +67,15 @@ def _overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM (``timeout``, ``kill``) unwinds like Ctrl-C: a stage's ``finally`` blocks stop
-    its workers and remove what it wrote to Redis."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+@contextmanager
+def _unwinding_on_sigterm():
+    """SIGTERM (``timeout``, ``kill``) unwinds like Ctrl-C while a command runs: a stage's
+    ``finally`` blocks stop its workers and remove what it wrote to Redis."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 SET = typer.Option(
@@ -87,9 +93,9 @@ def _stage_command(name: str):
         quick: bool = QUICK, out: Path = OUT, as_json: bool = AS_JSON, given: list[str] = SET
     ):
         overrides = _overrides(given)
-        _exit_on_sigterm()
         try:
-            result = stage.run(_settings(), quick=quick, **overrides)
+            with _unwinding_on_sigterm():
+                result = stage.run(_settings(), quick=quick, **overrides)
             if overrides:
                 result.params["set"] = overrides
         except Exception as exc:  # services down, data missing: one clean line
@@ -113,7 +119,6 @@ def all_stages(
     stages: list[str] = typer.Option(None, "--stage", help="Only these stages (repeatable)."),
 ):
     """Run every stage, then summarise one event's path by stage (summary-latest.md)."""
-    _exit_on_sigterm()
     unknown = set(stages or []) - set(STAGES)
     if unknown:
         err.print(f"[red]error:[/] unknown stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
@@ -123,9 +128,10 @@ def all_stages(
         if not as_json:
             _show(result, None, False)
 
-    results, pipeline = run_all(
-        _settings(), quick=quick, out_dir=out, stages=stages or None, on_result=progress
-    )
+    with _unwinding_on_sigterm():
+        results, pipeline = run_all(
+            _settings(), quick=quick, out_dir=out, stages=stages or None, on_result=progress
+        )
     if as_json:
         print(h.dumps([r.to_dict() for r in [*results, pipeline]]))
     else:

@@ -288,20 +288,18 @@ def test_sigterm_unwinds_a_bench_as_ctrl_c_does():
     import os
     import signal
 
-    from benchmarks.cli import _exit_on_sigterm
+    from benchmarks.cli import _unwinding_on_sigterm
 
     previous, unwound = signal.getsignal(signal.SIGTERM), []
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            _exit_on_sigterm()
+    with pytest.raises(SystemExit) as stopped:
+        with _unwinding_on_sigterm():
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(10)
             finally:  # where a stage stops its workers and removes what it wrote
                 unwound.append(True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert unwound == [True] and stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous  # the command's alone
 
 
 @pytest.mark.services
