@@ -302,57 +302,58 @@ def test_sigterm_unwinds_a_bench_as_ctrl_c_does():
     assert signal.getsignal(signal.SIGTERM) is previous  # the command's alone
 
 
-@pytest.mark.services
-def test_an_admission_a_killed_run_left_takes_the_next_runs_admission(redis_client):
-    """A run killed before its cleanup leaves its admissions in Redis; the next run numbers
-    its own from the same place, and its warm-up must still be scored."""
+@pytest.fixture
+def scratch_store(redis_client):
+    """An online store of its own in the real Redis, dropped after the test."""
     import uuid
-    from datetime import UTC, datetime, timedelta
 
-    from benchmarks import bench_e2e
     from features.fitted import FittedFeatures
     from features.online import OnlineStore
     from features.vocab import Vocabulary
-    from ingest import events as ev
 
     store = OnlineStore(
         redis_client,
         FittedFeatures.unnormalised(Vocabulary.fit(["a b"])),
         scratch=f"test-{uuid.uuid4().hex[:8]}",
     )
-    try:
-        hadm_id, now = bench_e2e.FIRST_HADM, datetime.now(UTC)
-        left = ev.decode(bench_e2e.admission(hadm_id, now - timedelta(minutes=5)))
-        assert store.write_batch([left]).applied == 1
-        again = ev.decode(bench_e2e.admission(hadm_id, now))
-        stats = store.write_batch([again])
-        assert (stats.applied, stats.refused) == (1, [])
-        # The same admission sent twice by one run is still one event.
-        resent = ev.decode(bench_e2e.admission(hadm_id, now))
-        assert store.write_batch([resent]).duplicates == 1
-    finally:
-        store.drop()
+    yield store
+    store.drop()
 
 
 @pytest.mark.services
-def test_a_runs_cleanup_leaves_none_of_its_admissions_keys(settings, redis_client, monkeypatch):
-    import random
-    import uuid
+def test_an_admission_a_killed_run_left_takes_the_next_runs_admission(scratch_store):
+    """A run killed before its cleanup leaves its admissions in Redis; the next run numbers
+    its own from the same place, and its warm-up must still be scored."""
     from datetime import UTC, datetime, timedelta
 
     from benchmarks import bench_e2e
-    from features.fitted import FittedFeatures
+    from ingest import events as ev
+
+    hadm_id, now = bench_e2e.FIRST_HADM, datetime.now(UTC)
+    left = ev.decode(bench_e2e.admission(hadm_id, now - timedelta(minutes=5)))
+    assert scratch_store.write_batch([left]).applied == 1
+    again = ev.decode(bench_e2e.admission(hadm_id, now))
+    stats = scratch_store.write_batch([again])
+    assert (stats.applied, stats.refused) == (1, [])
+    # The same admission sent twice by one run is still one event.
+    resent = ev.decode(bench_e2e.admission(hadm_id, now))
+    assert scratch_store.write_batch([resent]).duplicates == 1
+
+
+@pytest.mark.services
+def test_a_runs_cleanup_leaves_none_of_its_admissions_keys(
+    settings, redis_client, scratch_store, monkeypatch
+):
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from benchmarks import bench_e2e
     from features.online import OnlineStore
-    from features.vocab import Vocabulary
     from ingest import events as ev
     from stream import scores as sc
     from stream.scoring import EMB_KEY
 
-    store = OnlineStore(
-        redis_client,
-        FittedFeatures.unnormalised(Vocabulary.fit(["a b"])),
-        scratch=f"test-{uuid.uuid4().hex[:8]}",
-    )
+    store = scratch_store
     monkeypatch.setattr(OnlineStore, "current", classmethod(lambda cls, client, **kw: store))
     hadm_id, now = bench_e2e.FIRST_HADM + 999_999, datetime.now(UTC)
     try:
@@ -370,7 +371,6 @@ def test_a_runs_cleanup_leaves_none_of_its_admissions_keys(settings, redis_clien
         assert list(redis_client.scan_iter(tagged, count=10_000)) == []
         assert redis_client.zscore(sc.RANKING_KEY, str(hadm_id)) is None
     finally:
-        store.drop()
         bench_e2e._cleanup(settings, [hadm_id])
 
 
