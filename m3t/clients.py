@@ -144,19 +144,28 @@ class ClusterCommands:
         return replies
 
 
-def send(client: redis.Redis, commands: Commands) -> list:
+_MULTI, _EXEC = hiredis.pack_command(("MULTI",)), hiredis.pack_command(("EXEC",))
+
+
+def send(client: redis.Redis, commands: Commands, *, atomic: bool = False) -> list:
     """Send the commands in one write and read every reply; raise the first error reply.
+
+    ``atomic``: as one MULTI/EXEC transaction. Under ``appendfsync always`` Redis syncs its
+    append-only file once per event-loop pass that wrote, and a large write arrives over
+    many passes (16 KB a read); queued, it is applied, and synced, once.
 
     A Redis Cluster client has no single connection to send them on: use its pipeline.
     """
     if not commands:
         return []
+    atomic = atomic and len(commands) > 1
     pool = client.connection_pool
     connection = pool.get_connection()  # a connection the server dropped is replaced here
     try:
-        connection.send_packed_command([b"".join(commands)], check_health=False)
+        packed = [_MULTI, *commands, _EXEC] if atomic else commands
+        connection.send_packed_command([b"".join(packed)], check_health=False)
         replies, error = [], None
-        for _ in commands:
+        for _ in packed:
             try:
                 replies.append(connection.read_response())
             except redis.exceptions.ResponseError as exc:  # the other replies still come
@@ -167,6 +176,9 @@ def send(client: redis.Redis, commands: Commands) -> list:
         raise
     finally:
         pool.release(connection)
+    if atomic and error is None:  # MULTI's OK, a QUEUED per command, then EXEC's replies
+        replies = replies[-1]
+        error = next((r for r in replies if isinstance(r, redis.exceptions.ResponseError)), None)
     if error is not None:
         raise error
     return replies
@@ -204,11 +216,11 @@ def run_scripts(
     calls are sent again.
     """
     try:
-        replies = round_trip(client, queue)
+        replies = round_trip(client, queue, atomic=True)
     except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script.source)
-        replies = round_trip(client, queue)
+        replies = round_trip(client, queue, atomic=True)
     if is_cluster(client):
         replicated(client)
     return replies
@@ -226,9 +238,12 @@ def replicated(client) -> None:
     client.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=client.PRIMARIES)
 
 
-def round_trip(client: redis.Redis, queue: Callable[[Commands], None]) -> list:
+def round_trip(
+    client: redis.Redis, queue: Callable[[Commands], None], *, atomic: bool = False
+) -> list:
     """Queue commands with ``queue(commands)`` (``Commands``' methods, named as redis-py's
-    pipeline has them) and send them in one round trip; their replies."""
+    pipeline has them) and send them in one round trip; their replies. ``atomic``: as one
+    transaction (``send``) on a single server; a cluster's commands span slots, so go apart."""
     if is_cluster(client):  # its pipeline routes each call by slot
         with client.pipeline(transaction=False) as pipe:
             commands = ClusterCommands(pipe)
@@ -236,7 +251,7 @@ def round_trip(client: redis.Redis, queue: Callable[[Commands], None]) -> list:
             return commands.replies(pipe.execute())
     commands = Commands()
     queue(commands)
-    return send(client, commands)
+    return send(client, commands, atomic=atomic)
 
 
 def is_cluster(client) -> bool:

@@ -104,6 +104,22 @@ def test_writes_load_their_scripts_once_and_again_after_the_cache_is_flushed(sto
     redis_client.zrem("m3t:risk:inpatients", 70_000_001)
 
 
+@pytest.mark.single_node
+def test_a_write_of_many_admissions_commits_in_one_transaction(store, redis_client):
+    # A long pipeline reaches Redis over many event-loop passes, each synced to disk under
+    # appendfsync always; one MULTI/EXEC is applied and synced once.
+    store.write_batch(EVENTS[:1])  # its scripts are loaded
+    rest = EVENTS[1:]
+    redis_client.config_resetstat()
+    store.write_batch(rest)
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_exec"]["calls"] == 1
+    assert stats["cmdstat_evalsha"]["calls"] == len({e.hadm_id for e in rest})
+    hadm_ids = list(COHORT)
+    want = FITTED.assemble([offline_blob(COHORT[h]) for h in hadm_ids])
+    np.testing.assert_array_equal(store.read_inputs(hadm_ids)[mi.NUMERIC], want[mi.NUMERIC])
+
+
 def test_duplicates_and_out_of_order_delivery_change_nothing(store):
     store.write_batch(EVENTS)
     stored = store.read_blobs(list(COHORT))

@@ -116,6 +116,55 @@ def test_commands_go_in_one_write_and_every_reply_is_read(settings, redis_client
         redis_client.delete(*keys[:200])
 
 
+@pytest.mark.single_node
+def test_a_transaction_runs_its_commands_at_once_and_raises_the_first_error(redis_client):
+    # One MULTI/EXEC: Redis appends it to its file, and under appendfsync always syncs it,
+    # once; the commands' own replies come back.
+    import hiredis
+
+    from m3t.clients import Commands, LuaScript, send
+
+    keys = [f"m3t:test-atomic:{{{i}}}".encode() for i in range(3)]
+    incr = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    redis_client.script_load(incr.source)
+    try:
+        redis_client.config_resetstat()
+        commands = Commands()
+        for i, key in enumerate(keys):
+            incr(commands, [key], [i + 1])
+        assert send(redis_client, commands, atomic=True) == [1, 2, 3]
+        stats = redis_client.info("commandstats")
+        assert stats["cmdstat_multi"]["calls"] == stats["cmdstat_exec"]["calls"] == 1
+        assert stats["cmdstat_evalsha"]["calls"] == 3
+
+        # An error reply inside it is raised once every reply is read; the others ran, and
+        # the connection is still in step.
+        commands = Commands()
+        incr(commands, [keys[0]], [10])
+        commands.evalsha("0" * 40, 0)  # no such script
+        with pytest.raises(redis.exceptions.NoScriptError):
+            send(redis_client, commands, atomic=True)
+        assert redis_client.get(keys[0]) == b"11"
+
+        # A command refused as it is queued: none of them runs, and the refusal is raised
+        # (not EXEC's EXECABORT).
+        commands = Commands()
+        incr(commands, [keys[0]], [100])
+        commands.append(hiredis.pack_command(("GET",)))  # wrong number of arguments
+        with pytest.raises(redis.exceptions.ResponseError, match="wrong number of arguments"):
+            send(redis_client, commands, atomic=True)
+        assert redis_client.get(keys[0]) == b"11"
+
+        # One command alone needs no transaction.
+        redis_client.config_resetstat()
+        commands = Commands()
+        incr(commands, [keys[1]], [1])
+        assert send(redis_client, commands, atomic=True) == [3]
+        assert "cmdstat_multi" not in redis_client.info("commandstats")
+    finally:
+        redis_client.delete(*keys)
+
+
 def test_triton_health_and_inference(triton):
     import tritonclient.grpc as grpcclient
 

@@ -21,7 +21,7 @@ ACL_RULES = {
             "+ping +select +get +set +append +mget +exists +expire",
             "+hget +hmget +hgetall +hset +hdel",
             "+zadd +zrem +zscan +zrevrange +xadd +xrevrange +xdel",
-            "+evalsha +script|load +script|exists",
+            "+evalsha +script|load +script|exists +multi +exec",
         ]
     ),
     "reader": " ".join(
