@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 from collections.abc import Callable, Iterable
 
 import hiredis
@@ -10,6 +12,8 @@ import redis
 
 from m3t.credentials import login, triton_admin_key
 from m3t.settings import Role, Settings
+
+log = logging.getLogger(__name__)
 
 
 def redis_client(settings: Settings, *, role: Role = "stream") -> redis.Redis:
@@ -152,36 +156,55 @@ def send(client: redis.Redis, commands: Commands, *, atomic: bool = False) -> li
 
     ``atomic``: as one MULTI/EXEC transaction. Under ``appendfsync always`` Redis syncs its
     append-only file once per event-loop pass that wrote, and a large write arrives over
-    many passes (16 KB a read); queued, it is applied, and synced, once.
+    many passes (16 KB a read); queued, it is applied, and synced, once. A user whose ACL
+    refuses MULTI still gets its commands run, one by one as without ``atomic``.
 
     A Redis Cluster client has no single connection to send them on: use its pipeline.
     """
     if not commands:
         return []
     atomic = atomic and len(commands) > 1
+    packed = [_MULTI, *commands, _EXEC] if atomic else commands
     pool = client.connection_pool
     connection = pool.get_connection()  # a connection the server dropped is replaced here
     try:
-        packed = [_MULTI, *commands, _EXEC] if atomic else commands
         connection.send_packed_command([b"".join(packed)], check_health=False)
-        replies, error = [], None
+        replies = []
         for _ in packed:
             try:
                 replies.append(connection.read_response())
             except redis.exceptions.ResponseError as exc:  # the other replies still come
                 replies.append(exc)
-                error = error or exc
+        if atomic:
+            replies = _transaction_replies(replies, connection)
     except BaseException:
         connection.disconnect()  # replies may be left unread on it
         raise
     finally:
         pool.release(connection)
-    if atomic and error is None:  # MULTI's OK, a QUEUED per command, then EXEC's replies
-        replies = replies[-1]
-        error = next((r for r in replies if isinstance(r, redis.exceptions.ResponseError)), None)
+    error = next((r for r in replies if isinstance(r, redis.exceptions.ResponseError)), None)
     if error is not None:
         raise error
     return replies
+
+
+@functools.cache
+def _warn_unwrapped(reason: str) -> None:
+    log.warning("Redis refused MULTI (%s): writes go one command at a time", reason)
+
+
+def _transaction_replies(replies: list, connection) -> list:
+    """The commands' own replies among MULTI's, the QUEUED ones and EXEC's."""
+    opened, *queued, executed = replies
+    if isinstance(opened, redis.exceptions.ResponseError):  # MULTI refused: each ran alone
+        _warn_unwrapped(type(opened).__name__)
+        return queued
+    if isinstance(executed, redis.exceptions.ResponseError):
+        # None ran. A command refused as it was queued is the reason to raise (EXEC only
+        # says EXECABORT); were EXEC itself refused, the transaction would stay open.
+        connection.disconnect()
+        return [*(r for r in queued if isinstance(r, redis.exceptions.ResponseError)), executed]
+    return executed
 
 
 def mget(client: redis.Redis, keys: list[bytes]) -> list[bytes | None]:

@@ -165,6 +165,37 @@ def test_a_transaction_runs_its_commands_at_once_and_raises_the_first_error(redi
         redis_client.delete(*keys)
 
 
+@pytest.mark.single_node
+def test_a_user_refused_multi_still_has_its_commands_run_one_by_one(settings, redis_client):
+    # An external Redis whose ACL for the stream predates transactions: the writes go on.
+    from m3t.clients import Commands, LuaScript, send
+
+    user, password = f"m3t-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    key = f"m3t:test-unwrapped:{{{user}}}".encode()
+    incr = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    redis_client.script_load(incr.source)
+    redis_client.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=[key.decode()],
+        commands=["+evalsha", "+incrby", "+get"],
+    )
+    client = redis.Redis(
+        host=settings.redis.host, port=settings.redis.port, username=user, password=password
+    )
+    try:
+        commands = Commands()
+        incr(commands, [key], [1])
+        incr(commands, [key], [2])
+        assert send(client, commands, atomic=True) == [1, 3]
+        assert client.get(key) == b"3"
+    finally:
+        client.close()
+        redis_client.acl_deluser(user)
+        redis_client.delete(key)
+
+
 def test_triton_health_and_inference(triton):
     import tritonclient.grpc as grpcclient
 
