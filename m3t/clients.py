@@ -200,10 +200,10 @@ def _transaction_replies(replies: list, connection) -> list:
         _warn_unwrapped(type(opened).__name__)
         return queued
     if isinstance(executed, redis.exceptions.ResponseError):
-        # None ran. A command refused as it was queued is the reason to raise (EXEC only
-        # says EXECABORT); were EXEC itself refused, the transaction would stay open.
+        # None ran. A command refused as it was queued comes first, the reason to raise (EXEC
+        # only says EXECABORT); were EXEC itself refused, the transaction would stay open.
         connection.disconnect()
-        return [*(r for r in queued if isinstance(r, redis.exceptions.ResponseError)), executed]
+        return [*queued, executed]
     return executed
 
 
