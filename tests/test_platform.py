@@ -116,17 +116,25 @@ def test_commands_go_in_one_write_and_every_reply_is_read(settings, redis_client
         redis_client.delete(*keys[:200])
 
 
+def _loaded_incrby(redis_client):
+    """A script adding ARGV[1] to KEYS[1], loaded in the server's script cache."""
+    from m3t.clients import LuaScript
+
+    script = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    redis_client.script_load(script.source)
+    return script
+
+
 @pytest.mark.single_node
 def test_a_transaction_runs_its_commands_at_once_and_raises_the_first_error(redis_client):
     # One MULTI/EXEC: Redis appends it to its file, and under appendfsync always syncs it,
     # once; the commands' own replies come back.
     import hiredis
 
-    from m3t.clients import Commands, LuaScript, send
+    from m3t.clients import Commands, send
 
     keys = [f"m3t:test-atomic:{{{i}}}".encode() for i in range(3)]
-    incr = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
-    redis_client.script_load(incr.source)
+    incr = _loaded_incrby(redis_client)
     try:
         redis_client.config_resetstat()
         commands = Commands()
@@ -168,12 +176,11 @@ def test_a_transaction_runs_its_commands_at_once_and_raises_the_first_error(redi
 @pytest.mark.single_node
 def test_a_user_refused_multi_still_has_its_commands_run_one_by_one(settings, redis_client):
     # An external Redis whose ACL for the stream predates transactions: the writes go on.
-    from m3t.clients import Commands, LuaScript, send
+    from m3t.clients import Commands, send
 
     user, password = f"m3t-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     key = f"m3t:test-unwrapped:{{{user}}}".encode()
-    incr = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
-    redis_client.script_load(incr.source)
+    incr = _loaded_incrby(redis_client)
     redis_client.acl_setuser(
         user,
         enabled=True,
