@@ -91,6 +91,31 @@ def test_open_loop_keeps_the_schedule_when_the_system_keeps_up():
     assert run.summary()["p99_ms"] == pytest.approx(1.0)
 
 
+def test_events_due_closer_than_the_shortest_sleep_go_together_never_early():
+    # 10,000 events/s: one due every 0.1 ms, shorter than the shortest sleep.
+    clock = FakeClock()
+    sleeps, sent_at = [], []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock.sleep(seconds)
+
+    run = h.schedule(10_000, 0.1)
+    h.drive(run, lambda i: sent_at.append(clock.now), synchronous=False, clock=clock, sleep=sleep)
+    late = np.array(sent_at) - run.start - run.scheduled
+    assert late.min() >= -1e-12  # none before its time
+    assert late.max() <= h.MIN_SLEEP_S + 1e-9
+    assert min(sleeps) >= h.MIN_SLEEP_S
+    assert len(sleeps) <= 0.1 / h.MIN_SLEEP_S + 1  # one per shortest sleep at most
+    # At a ward's rate each event still goes at its time.
+    clock, sent_at = FakeClock(), []
+    run = h.schedule(200, 0.1)
+    h.drive(
+        run, lambda i: sent_at.append(clock.now), synchronous=False, clock=clock, sleep=clock.sleep
+    )
+    np.testing.assert_allclose(np.array(sent_at) - run.start, run.scheduled, atol=1e-9)
+
+
 def test_asynchronous_completions_count_from_the_schedule():
     clock = FakeClock()
     run = h.schedule(10, 0.5)
