@@ -67,6 +67,9 @@ from m3t.settings import Settings
 
 M3T = "features.online.OnlineStore + CachedEncoderScorer (M3T-LM encoders + fusion on Triton)"
 FIRST_HADM = 95_000_000
+# Events/s and seconds of load before the recorded sweeps: a broker just started spends its
+# first tens of seconds under load compiling, and its latency then is not the stream's.
+WARMUP = (2000.0, 30.0)
 SWEEP_HADMS = 1_000_000  # admissions a sweep may number (a full sweep makes ~200,000)
 NEW_ADMISSIONS, CENSUS, HOSTILE = "new admissions", "census", "census + 1% hostile"
 SINGLE_NODE, CLUSTERS = "single node", "clusters"
@@ -372,6 +375,7 @@ def run(
     ready_timeout_s: float = 90.0,
     seed: int = 0,
     held: tuple[float, float] | None = None,
+    warmup: tuple[float, float] | None = WARMUP,
     pipeline=None,
     kafka_security: tuple[str, ...] | None = None,
     explanations: tuple[bool, ...] = (False,),
@@ -381,6 +385,10 @@ def run(
     """For each worker count and workload, each offered ``rate`` for ``seconds``; then, with
     ``held`` = (rate, seconds), that rate held longer (queues near saturation, and stalls
     such as Redis's append-only-file rewrites, show in p99 only over longer runs).
+
+    ``warmup`` = (rate, seconds): a census at that rate, not recorded, before the sweeps
+    on each deployment and protocol (a broker just started spends its first tens of
+    seconds of load compiling); None: none.
 
     ``pipeline(settings)`` -> (features, scorer, scores) builds each worker's pieces in its
     own process (a module-level function: it is pickled by name); by default M3T-LM's
@@ -443,6 +451,7 @@ def run(
             "pipeline": described,
             "seed": seed,
             "held": list(held) if held else None,
+            "warmup": list(warmup) if warmup else None,
             "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
             "explanations": list(explanations),
             "deployments": list(deployments),
@@ -470,30 +479,37 @@ def run(
     started = time.perf_counter()
     protocols = kafka_security or (settings.kafka.security_protocol,)
     sweeps = 0  # each numbers its admissions from its own million
+
+    def swept(target, home, scheduler: str, n: int, **levels):
+        nonlocal sweeps
+        overrides = SCHEDULERS[scheduler]
+        with h.triton_batching(target, overrides.get("triton", {}), SCORING_MODELS):
+            runs = sweep(
+                scheduled(target, scheduler, max_batch, max_wait_ms),
+                home,
+                n,
+                first_hadm=FIRST_HADM + SWEEP_HADMS * sweeps,
+                worker_options=overrides.get("worker"),
+                **overrides.get("source", {}),
+                **levels,
+            )
+        sweeps += 1
+        return runs
+
     for run_number, deployment in enumerate(deployments, 1):
         placed = f", {deployment} (run {run_number})" if len(deployments) > 1 else ""
         with _deployed(settings, deployment) as home:
             for protocol in protocols:
                 label = placed + (f", Kafka {protocol}" if len(protocols) > 1 else "")
                 with _speaking(home, protocol) as target:
+                    if warmup:
+                        rate, warm_s = warmup
+                        levels = dict(rates=(rate,), seconds=warm_s, workloads=(CENSUS,), held=None)
+                        swept(target, home, schedulers[0], max(workers), **levels)
                     for scheduler in schedulers:
-                        cfg = scheduled(target, scheduler, max_batch, max_wait_ms)
                         label_s = f"{label}, {scheduler}" if len(schedulers) > 1 else label
-                        overrides = SCHEDULERS[scheduler]
                         for n in workers:
-                            first_hadm = FIRST_HADM + SWEEP_HADMS * sweeps
-                            with h.triton_batching(
-                                target, overrides.get("triton", {}), SCORING_MODELS
-                            ):
-                                runs = sweep(
-                                    cfg,
-                                    home,
-                                    n,
-                                    first_hadm=first_hadm,
-                                    worker_options=overrides.get("worker"),
-                                    **overrides.get("source", {}),
-                                )
-                            sweeps += 1
+                            runs = swept(target, home, scheduler, n)
                             variant = f"{n} worker{'s' if n > 1 else ''}{label_s}"
                             result.rows += [_row(variant, seconds, census, *run) for run in runs]
     for explain in explanations[1:]:

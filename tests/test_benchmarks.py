@@ -415,14 +415,18 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
             drain_s=10.0,
             census=10,
             held=(10, 2.0),
+            warmup=(20, 1.0),
             pipeline=skeleton.pipeline,
         )
     finally:  # the skeleton's features (the benchmark removes the rest of what it wrote)
-        unlink(
-            redis_client, redis_client.scan_iter(f"m3t:skeleton:{{{bench_e2e.FIRST_HADM // 10**6}*")
-        )
+        left = [  # by sweep: the warm-up's admissions, then the recorded sweep's
+            unlink(redis_client, redis_client.scan_iter(f"m3t:skeleton:{{{first // 10**6}*"))
+            for first in (bench_e2e.FIRST_HADM, bench_e2e.FIRST_HADM + bench_e2e.SWEEP_HADMS)
+        ]
     data = assert_valid(h.save(result, tmp_path)["latest"], "e2e")
     assert data["params"]["pipeline"] == "tests.skeleton.pipeline"
+    # The warm-up ran first, on admissions of its own, and is not among the rows below.
+    assert data["params"]["warmup"] == [20, 1.0] and all(left)
     assert [row["case"] for row in data["rows"]] == [
         "event -> score, new admissions",
         "event -> score, new admissions, held 2 s",
