@@ -504,8 +504,16 @@ def run(
                 with _speaking(home, protocol) as target:
                     if warmup:
                         rate, warm_s = warmup
-                        levels = dict(rates=(rate,), seconds=warm_s, workloads=(CENSUS,), held=None)
-                        swept(target, home, schedulers[0], max(workers), **levels)
+                        swept(
+                            target,
+                            home,
+                            schedulers[0],
+                            max(workers),
+                            rates=(rate,),
+                            seconds=warm_s,
+                            workloads=(CENSUS,),
+                            held=None,
+                        )
                     for scheduler in schedulers:
                         label_s = f"{label}, {scheduler}" if len(schedulers) > 1 else label
                         for n in workers:
