@@ -524,9 +524,8 @@ def run(
         on = settings.model_copy(
             update={"stream": settings.stream.model_copy(update={"explanations": explain})}
         )
-        cfg = scheduled(on, schedulers[0], max_batch, max_wait_ms)
-        runs = sweep(cfg, on, workers[0], first_hadm=FIRST_HADM + SWEEP_HADMS * sweeps)
-        sweeps += 1
+        with _speaking(on, protocols[0]) as target:
+            runs = swept(target, on, schedulers[0], workers[0])
         variant = f"{workers[0]} worker{'s' if workers[0] > 1 else ''}"
         variant += f", Kafka {protocols[0]}" if len(protocols) > 1 else ""
         variant += f", {schedulers[0]}" if len(schedulers) > 1 else ""

@@ -460,6 +460,38 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     assert "end to end (event -> score)" in data["breakdown_ms"]
 
 
+def test_the_sweep_with_explanations_on_runs_under_the_first_scheduler_it_is_labelled_with(
+    settings, monkeypatch
+):
+    from benchmarks import bench_e2e
+    from tests import skeleton
+
+    swept = []
+
+    def record(cfg, base, n_workers, **kwargs):
+        swept.append((cfg, n_workers, kwargs))
+        return []  # no levels: only what each sweep was given is checked
+
+    monkeypatch.setattr(bench_e2e, "_sweep", record)
+    monkeypatch.setattr(bench_e2e.services, "up", lambda *args, **kwargs: None)
+    bench_e2e.run(
+        settings,
+        workers=(2,),
+        schedulers=(bench_e2e.SOURCE_LINGER, bench_e2e.WORKER_LINGER),
+        explanations=(False, True),
+        warmup=None,
+        pipeline=skeleton.pipeline,
+    )
+    # One sweep per scheduler with explanations off, then one with them on.
+    assert [cfg.stream.explanations for cfg, _, _ in swept] == [False, False, True]
+    cfg, n_workers, kwargs = swept[-1]
+    # The first scheduler's own overrides (the source's linger), its worker count, and
+    # admissions of its own.
+    assert n_workers == 2 and kwargs["linger_ms"] == 5 and kwargs["worker_options"] is None
+    assert cfg.kafka.security_protocol == settings.kafka.security_protocol
+    assert len({kw["first_hadm"] for _, _, kw in swept}) == 3
+
+
 def test_a_scheduler_variant_reloads_the_model_with_its_queue_delay_then_as_published(
     settings, triton
 ):
