@@ -317,7 +317,9 @@ class PinnedProcess:
 
 class CpuMeter:
     """CPU time of named process trees (a process and its descendants; Linux /proc), to
-    show where the cores went while a load ran: ``cores(before, after, seconds)``."""
+    show where the cores went while a load ran: ``cores(before, after, seconds)``. A
+    process's time includes that of its children that ended and were reaped, so a tree's
+    total does not fall when a process in it ends (a model reloaded in Triton, say)."""
 
     def __init__(self, roots: dict[str, list[int]]):
         self.roots = roots
@@ -339,7 +341,8 @@ class CpuMeter:
                 continue
             pid = int(entry.name)
             children.setdefault(int(fields[1]), []).append(pid)
-            used[pid] = (int(fields[11]) + int(fields[12])) / tick
+            # utime + stime, and cutime + cstime: its reaped children's
+            used[pid] = sum(int(v) for v in fields[11:15]) / tick
         claimed = {pid for roots in self.roots.values() for pid in roots}
         out = {}
         for name, roots in self.roots.items():

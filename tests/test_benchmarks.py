@@ -721,6 +721,38 @@ def test_cpu_meter_counts_a_process_tree_and_leaves_other_names_trees_out():
     assert 0 < cores["busy tree"] <= os.cpu_count() and cores["idle"] < cores["busy tree"]
 
 
+def test_cpu_meter_keeps_the_time_of_a_process_that_ended_in_its_tree():
+    import subprocess
+    import sys
+
+    # A child that spins for a fixed CPU time, then ends and is reaped by its launcher, which
+    # says so and waits.
+    spin = "import time\nprint('spinning', flush=True)\nwhile time.process_time() < 0.6: pass\n"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys\n"
+            f"subprocess.run([sys.executable, '-c', {spin!r}])\n"
+            "print('reaped', flush=True)\nsys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        meter = h.CpuMeter({"tree": [launcher.pid]})
+        assert launcher.stdout.readline() == "spinning\n"
+        before = meter.sample()
+        assert launcher.stdout.readline() == "reaped\n"
+        after = meter.sample()
+    finally:
+        launcher.kill()
+        launcher.wait(30)
+    # The child's spinning after the first sample counts, though it had ended by the second.
+    assert after["tree"] - before["tree"] > 0.1
+
+
 def test_a_score_completes_the_events_its_features_include():
     from benchmarks import bench_e2e
 
