@@ -7,18 +7,27 @@ embeddings from Redis) runs only what changed. Both score the same batch of admi
 side by side in one run, on the real Triton and Redis. The admissions are those the live
 system holds (after `make demo`: the current inpatients), so the numbers are of real feature
 rows with notes and X-rays.
+
+At a ward's rate each event is scored alone. ``paced`` = (calls/s, seconds) scores one
+admission per call through the cached path at that rate, and records the CPU each process
+spends per call: this one (the scorer, as a worker would run it), Triton (its server and
+model stubs) and Redis (the cached embeddings' read).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from benchmarks import harness as h
+from m3t import services
 from m3t.settings import Settings
 
 FULL, CACHED = "full model (m3t_lm, X-ray decoded)", "encoder cache (numeric encoder + fusion)"
+# One admission per call at 50 calls a second, the rate of #19's CPU target, for 10 s.
+PACED = (50.0, 10.0)
 
 
 def current_admissions(client, limit: int) -> list[int]:
@@ -27,14 +36,54 @@ def current_admissions(client, limit: int) -> list[int]:
     return [int(m) for m in client.zrevrange(RANKING_KEY, 0, limit - 1)]
 
 
+def paced_cost(settings: Settings, scorer, inputs: dict, rate: float, seconds: float) -> dict:
+    """``scorer`` scoring one admission per call, ``rate`` calls a second for ``seconds``,
+    the admissions of ``inputs`` in turn: latency, and CPU ms per call by process."""
+    meter = h.CpuMeter(
+        {
+            "scorer": [os.getpid()],
+            **{name: services.select(settings, [name])[0].pids() for name in ("triton", "redis")},
+        }
+    )
+    n = len(next(iter(inputs.values())))
+    alone = [{name: values[i : i + 1] for name, values in inputs.items()} for i in range(n)]
+    run, took = h.schedule(rate, seconds), []
+
+    def call(i: int) -> None:
+        began = time.perf_counter()
+        scorer.score(alone[i % n])
+        took.append(time.perf_counter() - began)
+
+    before = meter.sample()
+    h.drive(run, call)
+    after = meter.sample()
+    p50, p99 = np.percentile(np.asarray(took) * 1000, [50, 99])
+    per_call = {name: round(1000 * (after[name] - before[name]) / len(took), 3) for name in after}
+    return {
+        "calls": len(took),
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "cpu_ms_per_call": per_call,
+        "note": "CPU ms a call: " + ", ".join(f"{k} {v:.2f}" for k, v in per_call.items()),
+    }
+
+
 def run(
-    settings: Settings, *, batch: int = 256, repeats: int = 5, store=None, hadm_ids=None
+    settings: Settings,
+    *,
+    batch: int = 256,
+    repeats: int = 5,
+    paced: tuple[float, float] | None = PACED,
+    store=None,
+    hadm_ids=None,
 ) -> h.Result:
     from m3t.clients import redis_client
     from stream.scoring import CachedEncoderScorer, FullModelScorer, OnlineFeatures
 
     started = time.perf_counter()
-    result = h.Result("scoring", {"batch": batch, "repeats": repeats})
+    result = h.Result(
+        "scoring", {"batch": batch, "repeats": repeats, "paced": list(paced) if paced else None}
+    )
     client = redis_client(settings)
     try:
         if store is None:
@@ -65,6 +114,16 @@ def run(
                 "variant": name,
                 "batch": len(hadm_ids),
                 **rows[name],
+            }
+        )
+    if paced:
+        rate, seconds = paced
+        result.rows.append(
+            {
+                "case": f"one admission per call, {rate:g} calls/s",
+                "variant": CACHED,
+                "batch": 1,
+                **paced_cost(settings, cached, inputs, rate, seconds),
             }
         )
     los_full, mort_full = full.score(inputs)

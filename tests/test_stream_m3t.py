@@ -217,10 +217,19 @@ def test_scoring_benchmark_compares_cache_and_full_model(
         redis_client, fitted, scratch=f"bench-{isolated_settings.kafka.consumer_group}"
     )
     store.write_batch([e for events in cohort.values() for e in events])
-    result = bench_scoring.run(isolated_settings, repeats=1, store=store, hadm_ids=sorted(cohort))
+    result = bench_scoring.run(
+        isolated_settings, repeats=1, paced=(50, 1.0), store=store, hadm_ids=sorted(cohort)
+    )
     assert not result.missing
-    assert {r["variant"] for r in result.rows} == {bench_scoring.FULL, bench_scoring.CACHED}
-    assert all(r["items_per_s"] > 0 and r["batch"] == len(cohort) for r in result.rows)
+    *batched, paced = result.rows
+    assert [r["variant"] for r in batched] == [bench_scoring.FULL, bench_scoring.CACHED]
+    assert all(r["items_per_s"] > 0 and r["batch"] == len(cohort) for r in batched)
+    # One admission a call at 50 a second for 1 s: each call's CPU, by process on its path.
+    assert paced["variant"] == bench_scoring.CACHED and paced["batch"] == 1
+    assert paced["calls"] == 50 and 0 < paced["p50_ms"] <= paced["p99_ms"]
+    cpu = paced["cpu_ms_per_call"]
+    assert set(cpu) == {"scorer", "triton", "redis"} and cpu["scorer"] > 0 and cpu["triton"] > 0
+    assert result.params["paced"] == [50, 1.0]
     assert (
         result.params["max_abs_diff_los"] <= 1e-4
         and result.params["max_abs_diff_mortality"] <= 1e-4
