@@ -24,11 +24,12 @@ workers other pieces (the tests' walking skeleton, which needs no trained model)
 records which.
 
 Each level also records where the time went: by process, the CPU cores each used while the
-events were sent (``/proc``); by stage, the workers' own sums (``stream.metrics.StageTimes``:
-Kafka timestamp to poll, feature write per poll, and per scoring batch the read, the model
-and the score writes). ``schedulers`` runs the sweep once per scheduler setting, side by
-side (``SCHEDULERS``: the settings' own, and the fill wait and fetch settings of before
-#19); ``benchmarks.scaling`` turns the result into events/s per core and a sizing table.
+events were sent and how often its threads were woken per event (``/proc``); by stage, the
+workers' own sums (``stream.metrics.StageTimes``: Kafka timestamp to poll, feature write per
+poll, and per scoring batch the read, the model and the score writes). ``schedulers`` runs
+the sweep once per scheduler setting, side by side (``SCHEDULERS``: the settings' own, and
+the fill wait and fetch settings of before #19); ``benchmarks.scaling`` turns the result
+into events/s per core and a sizing table.
 
 ``explanations=(False, True)`` runs the sweep with ``stream.explanations`` off, then on (each
 score's data freshness, and its reasons computed after it is written by ``m3t_explain``),
@@ -455,6 +456,8 @@ def run(
             "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
             "explanations": list(explanations),
             "deployments": list(deployments),
+            # What each wake-up in the rows' wake_ups_per_event costs a thread here.
+            "cpu_us_per_wake_up": round(h.wake_up_cost_us(), 1),
             "load_generator": f"confluent-kafka, linger {SOURCE_LINGER_MS} ms (as ingest/mllp.py)"
             "; new admissions: "
             "one admission event per new admission; census: lab and vital results for open "
@@ -546,7 +549,16 @@ def run(
 
 
 def _row(
-    variant: str, seconds: float, census: int, workload, level_s, run_, cores, stages, reasons
+    variant: str,
+    seconds: float,
+    census: int,
+    workload,
+    level_s,
+    run_,
+    cores,
+    wake_ups,
+    stages,
+    reasons,
 ) -> dict:
     """One level of a sweep, as a result row (``reasons``: how long scores waited for their
     reasons, with explanations on)."""
@@ -563,6 +575,8 @@ def _row(
         **run_.summary(),
         "cpu_cores": round(sum(cores.values()), 2),
         "cpu_cores_by_process": cores,
+        "wake_ups_per_event": round(sum(wake_ups.values()), 1),
+        "wake_ups_per_event_by_process": wake_ups,
         "stages": stages,
         **{k: round(v, 2) if isinstance(v, float) else v for k, v in reasons.items()},
         **({"hostile_sent": len(run_.scheduled) // HOSTILE_EVERY} if workload == HOSTILE else {}),
@@ -785,7 +799,7 @@ def _sweep(
             levels = [(rate, seconds) for rate in rates] + ([held] if held else [])
             for rate, level_s in levels:
                 if workload in (CENSUS, HOSTILE):
-                    run_, cores, stages = _level(
+                    run_, cores, wake_ups, stages = _level(
                         cfg,
                         producer,
                         observer,
@@ -800,7 +814,7 @@ def _sweep(
                     )
                 else:
                     first = next_hadm
-                    run_, cores, stages = _level(
+                    run_, cores, wake_ups, stages = _level(
                         cfg,
                         producer,
                         observer,
@@ -818,7 +832,8 @@ def _sweep(
                     # in a later level fork a child writing a few hundred MB (10 s of a core).
                     _cleanup(cfg, range(first, next_hadm))
                 # Reasons of this level's scores that came during the drain count too.
-                runs.append((workload, level_s, run_, cores, stages, observer.take_reason_lags()))
+                reasons = observer.take_reason_lags()
+                runs.append((workload, level_s, run_, cores, wake_ups, stages, reasons))
     finally:
         stop.set()
         observer.close()
@@ -905,8 +920,9 @@ def _level(
 ):
     """One offered rate: event i is for admission ``admission_of(i)``, ``encode(hadm_id,
     when)`` its bytes. Event times are the schedule's, so they increase per admission.
-    Returns the run, the CPU cores each process used while the events were sent and the
-    workers' stage times (``stage_summary``).
+    Returns the run, the CPU cores each process used while the events were sent, the
+    wake-ups of each process's threads meanwhile per event sent, and the workers' stage
+    times (``stage_summary``).
 
     The result is the run as it stood ``drain_s`` after the last send. Past saturation the
     workers are still behind then: the next level starts once they have caught up (up to
@@ -921,6 +937,7 @@ def _level(
         encoded.append(encode(hadm_id, when))
         observer.expect(hadm_id, when.timestamp(), run, i)
     stages_before = stage_totals(cfg, pids)
+    woken = meter.wake_ups()
     before, began = meter.sample(), time.perf_counter()
 
     def send(i: int) -> None:
@@ -931,6 +948,10 @@ def _level(
 
     h.drive(run, send, synchronous=False)
     cores = meter.cores(before, meter.sample(), time.perf_counter() - began)
+    wake_ups = {
+        name: round((count - woken[name]) / len(run.scheduled), 2)
+        for name, count in meter.wake_ups().items()
+    }
     producer.flush(drain_s)
 
     def all_scored() -> bool:
@@ -941,7 +962,7 @@ def _level(
     wait_until(all_scored, settle_s, 0.05)
     observer.forget()
     time.sleep(METRICS_FLUSH_S)  # the workers' last stage times published
-    return result, cores, stage_summary(stages_before, stage_totals(cfg, pids))
+    return result, cores, wake_ups, stage_summary(stages_before, stage_totals(cfg, pids))
 
 
 def _cleanup(cfg: Settings, hadm_ids) -> None:

@@ -68,6 +68,7 @@ COLUMNS = {
     "p95_ms": "p95 ms",
     "p99_ms": "p99 ms",
     "cpu_cores": "CPU used (cores)",
+    "wake_ups_per_event": "wake-ups/event",
     "reasons_p50_ms": "reasons p50 ms",
     "reasons_p99_ms": "reasons p99 ms",
     "max_abs_diff_vs_fp32_eager": "max abs diff vs fp32",
@@ -319,13 +320,18 @@ class CpuMeter:
     """CPU time of named process trees (a process and its descendants; Linux /proc), to
     show where the cores went while a load ran: ``cores(before, after, seconds)``. A
     process's time includes that of its children that ended and were reaped, so a tree's
-    total does not fall when a process in it ends (a model reloaded in Triton, say)."""
+    total does not fall when a process in it ends (a model reloaded in Triton, say).
+
+    ``wake_ups()`` counts the times the trees' threads went to sleep and were woken
+    (voluntary context switches): on a VM each costs tens of microseconds of CPU, so at a
+    ward's rate the wake-ups an event causes weigh more than its work (benchmarks/README.md).
+    """
 
     def __init__(self, roots: dict[str, list[int]]):
         self.roots = roots
 
-    def sample(self) -> dict[str, float]:
-        """CPU seconds (user + system) per name, over the trees' live processes."""
+    def _trees(self) -> tuple[dict[str, list[int]], dict[int, float]]:
+        """The live processes of each name's tree, and each process's CPU seconds."""
         children: dict[int, list[int]] = {}
         used: dict[int, float] = {}
         tick = os.sysconf("SC_CLK_TCK")
@@ -344,23 +350,62 @@ class CpuMeter:
             # utime + stime, and cutime + cstime: its reaped children's
             used[pid] = sum(int(v) for v in fields[11:15]) / tick
         claimed = {pid for roots in self.roots.values() for pid in roots}
-        out = {}
+        trees = {}
         for name, roots in self.roots.items():
-            total, todo = 0.0, list(roots)
+            tree, todo = [], [pid for pid in roots if pid in used]
             while todo:
                 pid = todo.pop()
-                total += used.get(pid, 0.0)
+                tree.append(pid)
                 todo += [
                     child for child in children.get(pid, []) if child not in claimed
                 ]  # another name's tree
-            out[name] = total
-        return out
+            trees[name] = tree
+        return trees, used
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds (user + system) per name, over the trees' live processes."""
+        trees, used = self._trees()
+        return {name: sum(used[pid] for pid in tree) for name, tree in trees.items()}
+
+    def wake_ups(self) -> dict[str, int]:
+        """Voluntary context switches per name, over the trees' live threads."""
+        trees, _ = self._trees()
+        return {name: sum(_voluntary_switches(pid) for pid in tree) for name, tree in trees.items()}
 
     @staticmethod
     def cores(
         before: dict[str, float], after: dict[str, float], seconds: float
     ) -> dict[str, float]:
         return {name: round((after[name] - before[name]) / seconds, 3) for name in after}
+
+
+def wake_up_cost_us(naps: int = 200, nap_s: float = 0.005) -> float:
+    """CPU microseconds this machine charges a thread for going to sleep and being woken:
+    the mean over ``naps`` sleeps of ``nap_s``, which do nothing else. A few on bare metal;
+    tens on a VM, where each wake-up goes through the hypervisor."""
+    began = time.thread_time()
+    for _ in range(naps):
+        time.sleep(nap_s)
+    return (time.thread_time() - began) / naps * 1e6
+
+
+def _voluntary_switches(pid: int) -> int:
+    """A process's voluntary context switches, over its threads (0 if it is gone)."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:  # the thread ended meanwhile
+            continue
+    return total
 
 
 def _cpu_model() -> str:

@@ -427,6 +427,8 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     assert data["params"]["pipeline"] == "tests.skeleton.pipeline"
     # The warm-up ran first, on admissions of its own, and is not among the rows below.
     assert data["params"]["warmup"] == [20, 1.0] and all(left)
+    # What a wake-up costs here, measured for the run: some CPU, far less than the naps.
+    assert 0 < data["params"]["cpu_us_per_wake_up"] < 5000
     assert [row["case"] for row in data["rows"]] == [
         "event -> score, new admissions",
         "event -> score, new admissions, held 2 s",
@@ -453,6 +455,11 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
         assert by_process["workers"] > 0 and level["cpu_cores"] == pytest.approx(
             sum(by_process.values()), abs=0.01
         )
+        # And how often each process's threads were woken per event: a worker at least once
+        # for each (its poll returning the event).
+        woken = level["wake_ups_per_event_by_process"]
+        assert set(woken) == set(by_process) and woken["workers"] >= 1
+        assert level["wake_ups_per_event"] == pytest.approx(sum(woken.values()), abs=0.1)
         # The workers' time by stage: each event consumed and applied, each admission scored.
         stages = level["stages"]
         assert stages["produce -> consume ms/event"] >= 0 and stages["events/poll"] >= 1
@@ -751,6 +758,49 @@ def test_cpu_meter_keeps_the_time_of_a_process_that_ended_in_its_tree():
         launcher.wait(30)
     # The child's spinning after the first sample counts, though it had ended by the second.
     assert after["tree"] - before["tree"] > 0.1
+
+
+def test_cpu_meter_counts_the_wake_ups_of_every_thread_in_a_tree():
+    import subprocess
+    import sys
+
+    # A child whose second thread, once told to go, sleeps 5 ms at a time 100 times, says so
+    # and waits on (so that its count stays to be read); a sleeper.
+    nap = (
+        "import sys, threading, time\n"
+        "go = threading.Event()\n"
+        "def naps():\n"
+        "    go.wait()\n"
+        "    for _ in range(100): time.sleep(0.005)\n"
+        "    print('done', flush=True); threading.Event().wait()\n"
+        "threading.Thread(target=naps, daemon=True).start()\n"
+        "print('ready', flush=True); sys.stdin.readline(); go.set(); sys.stdin.read()\n"
+    )
+    napper = subprocess.Popen(
+        [sys.executable, "-c", nap], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sleeper.stdout.readline() == "ready\n"
+        meter = h.CpuMeter({"napper": [napper.pid], "sleeper": [sleeper.pid]})
+        assert napper.stdout.readline() == "ready\n"
+        before = meter.wake_ups()
+        napper.stdin.write("go\n")
+        napper.stdin.flush()
+        assert napper.stdout.readline() == "done\n"
+        after = meter.wake_ups()
+    finally:
+        napper.kill()
+        sleeper.kill()
+        napper.wait(30)
+        sleeper.wait(30)
+    # Each nap is a wake-up of the napping thread; going, the two threads woke a few more times.
+    assert 100 <= after["napper"] - before["napper"] <= 110
+    assert after["sleeper"] - before["sleeper"] == 0
 
 
 def test_a_score_completes_the_events_its_features_include():
