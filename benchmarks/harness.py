@@ -322,9 +322,9 @@ class CpuMeter:
     process's time includes that of its children that ended and were reaped, so a tree's
     total does not fall when a process in it ends (a model reloaded in Triton, say).
 
-    ``wake_ups()`` counts the times the trees' threads went to sleep and were woken
-    (voluntary context switches): on a VM each costs tens of microseconds of CPU, so at a
-    ward's rate the wake-ups an event causes weigh more than its work (benchmarks/README.md).
+    ``wake_ups()`` counts the times the trees' live threads went to sleep and were woken
+    (voluntary context switches): on a VM each costs a thread tens of microseconds of CPU
+    (``wake_up_cost_us``), and an event at a ward's rate causes dozens (benchmarks/README.md).
     """
 
     def __init__(self, roots: dict[str, list[int]]):
