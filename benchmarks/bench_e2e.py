@@ -456,8 +456,6 @@ def run(
             "kafka_security": list(kafka_security or (settings.kafka.security_protocol,)),
             "explanations": list(explanations),
             "deployments": list(deployments),
-            # What each wake-up in the rows' wake_ups_per_event costs a thread here.
-            "cpu_us_per_wake_up": round(h.wake_up_cost_us(), 1),
             "load_generator": f"confluent-kafka, linger {SOURCE_LINGER_MS} ms (as ingest/mllp.py)"
             "; new admissions: "
             "one admission event per new admission; census: lab and vital results for open "

@@ -379,7 +379,7 @@ class CpuMeter:
         return {name: round((after[name] - before[name]) / seconds, 3) for name in after}
 
 
-def wake_up_cost_us(naps: int = 200, nap_s: float = 0.005) -> float:
+def wake_up_cost_us(naps: int = 100, nap_s: float = 0.002) -> float:
     """CPU microseconds this machine charges a thread for going to sleep and being woken:
     the mean over ``naps`` sleeps of ``nap_s``, which do nothing else. A few on bare metal;
     tens on a VM, where each wake-up goes through the hypervisor."""
@@ -461,12 +461,15 @@ def _git(*args: str) -> str | None:
 
 
 def machine() -> dict:
-    """What ran the benchmark: CPU, memory, GPU, Python and library versions, commit, date."""
+    """What ran the benchmark: CPU, memory, what a wake-up costs a thread, GPU, Python and
+    library versions, commit, date."""
     status = _git("status", "--porcelain")
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
+        # An event at a ward's rate causes dozens of wake-ups (bench e2e's rows).
+        "cpu_us_per_wake_up": round(wake_up_cost_us(), 1),
         "gpu": _gpu(),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -533,7 +536,9 @@ def markdown(result: Result) -> str:
     lines = [
         f"### {result.stage}",
         "",
-        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; Python {m['python']}; "
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}"
+        + (f", {m['cpu_us_per_wake_up']:g} µs CPU a wake-up" if "cpu_us_per_wake_up" in m else "")
+        + f"; Python {m['python']}; "
         f"commit {(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}; "
         f"{m['date']}",
         "",

@@ -141,6 +141,8 @@ def test_measure_reports_median_min_max_after_warmup():
 def test_machine_describes_the_host():
     m = h.machine()
     assert m["cores"] >= 1 and m["cpu"] and m["python"]
+    # What a 2-ms sleep and its wake-up cost the thread: some CPU, far less than the sleep.
+    assert 0 < m["cpu_us_per_wake_up"] < 2000
     assert m["libraries"]["numpy"] == np.__version__
     assert {
         "torch",
@@ -427,8 +429,6 @@ def test_e2e_stage(settings, redis_client, tmp_path, monkeypatch):
     assert data["params"]["pipeline"] == "tests.skeleton.pipeline"
     # The warm-up ran first, on admissions of its own, and is not among the rows below.
     assert data["params"]["warmup"] == [20, 1.0] and all(left)
-    # What a wake-up costs here, measured for the run: some CPU, far less than the naps.
-    assert 0 < data["params"]["cpu_us_per_wake_up"] < 5000
     assert [row["case"] for row in data["rows"]] == [
         "event -> score, new admissions",
         "event -> score, new admissions, held 2 s",
