@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from benchmarks import harness as h
-from m3t import services
+from benchmarks.bench_e2e import service_pids
 from m3t.settings import Settings
 
 FULL, CACHED = "full model (m3t_lm, X-ray decoded)", "encoder cache (numeric encoder + fusion)"
@@ -42,7 +42,7 @@ def paced_cost(settings: Settings, scorer, inputs: dict, rate: float, seconds: f
     meter = h.CpuMeter(
         {
             "scorer": [os.getpid()],
-            **{name: services.select(settings, [name])[0].pids() for name in ("triton", "redis")},
+            **{name: service_pids(settings, name) for name in ("triton", "redis")},
         }
     )
     n = len(next(iter(inputs.values())))
@@ -57,12 +57,10 @@ def paced_cost(settings: Settings, scorer, inputs: dict, rate: float, seconds: f
     before = meter.sample()
     h.drive(run, call)
     after = meter.sample()
-    p50, p99 = np.percentile(np.asarray(took) * 1000, [50, 99])
     per_call = {name: round(1000 * (after[name] - before[name]) / len(took), 3) for name in after}
     return {
         "calls": len(took),
-        "p50_ms": float(p50),
-        "p99_ms": float(p99),
+        **h.latency_summary(took),
         "cpu_ms_per_call": per_call,
         "note": "CPU ms a call: " + ", ".join(f"{k} {v:.2f}" for k, v in per_call.items()),
     }
