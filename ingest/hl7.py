@@ -36,6 +36,11 @@ What is taken (fields by their HL7 numbers):
   which must lie under the configured image roots (else ``image_refused``), OBR-3 the
   study id, OBX-4 the DICOM id, OBR-7 the study time (also the event time).
 
+A result's order fields (OBR-3, OBR-7, OBR-22) are those of the OBR it follows, and a
+report's text is the TX/FT OBX under its own OBR. A frame holds one message, with one PID
+and one PV1 (a second is ``unsupported_message``). Escape sequences are undone here
+(``_unescape``), never logged, with formatting counts capped.
+
 Times (HL7 TS, to the minute at least) with a UTC offset are converted to UTC; without one
 they are taken as the contract takes MIMIC's, as given. ``event_id`` is derived from the
 sender (MSH-3, MSH-4), the message control id (MSH-10) and the segment's position, so a
@@ -110,7 +115,19 @@ REASONS = {
     "image_refused": "AE",
     "invalid_event": "AE",
 }
+ONCE = ("MSH", "PID", "PV1")  # segments a message here carries at most once
 _SEGMENT = re.compile(r"[A-Z][A-Z0-9]{2}(\||$)")
+# Escape sequences (2.7): separators, highlighting, and formatting commands for plain text.
+_ESCAPE = re.compile(r"\\([^\\]*)\\")
+_ESCAPES = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\", "H": "", "N": ""} | {
+    ".br": "\n",
+    ".ce": "\n",
+    ".fi": "",
+    ".nf": "",
+}
+_FORMATTING = re.compile(r"(\.sp|\.sk|\.in|\.ti)([+-]?[0-9]{1,9})?")
+_REPEATED = {".sp": "\n", ".sk": " ", ".in": " ", ".ti": " "}
+MAX_REPEAT = 10  # a formatting count is capped: "\.sp400000000\" is not 400 MB of lines
 _TS = re.compile(r"(\d{12})(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
 
 
@@ -160,9 +177,14 @@ def parse(raw: bytes | str) -> hl7.Message:
         raise Refused("malformed_message", "no MSH segment first")
     if text[3:9] != "|" + ENCODING_CHARACTERS + "|" and text[3:10] != "|^~\\&#|":
         raise Refused("wrong_encoding_characters", "MSH-1/MSH-2")
+    names = []
     for n, segment in enumerate(text.split("\r"), 1):
         if not _SEGMENT.match(segment):
             raise Refused("malformed_segment", f"segment {n}")
+        names.append(segment[:3])
+    for name in ONCE:  # a second message in the frame, or a second patient or visit
+        if names.count(name) > 1:
+            raise Refused("unsupported_message", f"{name} repeated")
     try:
         return hl7.parse(text)
     except Exception as exc:  # the library's own parse errors have no common base
@@ -176,9 +198,9 @@ def header(message: hl7.Message) -> Header:
         sending_facility=_raw(msh, 4),
         receiving_application=_raw(msh, 5),
         receiving_facility=_raw(msh, 6),
-        message_type=_get(message, "MSH", 9, component=1),
-        trigger=_get(message, "MSH", 9, component=2),
-        control_id=_get(message, "MSH", 10),
+        message_type=_code(_get(message, "MSH", 9, component=1)),
+        trigger=_code(_get(message, "MSH", 9, component=2)),
+        control_id=_raw(msh, 10),
         processing_id=_raw(msh, 11) or "P",
         version=_raw(msh, 12) or "2.5",
     )
@@ -187,7 +209,15 @@ def header(message: hl7.Message) -> Header:
 def to_events(raw: bytes | str, image_roots: tuple[Path, ...] | None = None) -> Mapped:
     """The events one message says, each validated by the contract; or ``Refused``.
     ``image_roots``: where an image reference may point (None: not checked here)."""
-    message = parse(raw)
+    try:
+        return _mapped(parse(raw), image_roots)
+    except Refused:
+        raise
+    except Exception as exc:  # what no rule foresaw is refused, never a dropped connection
+        raise Refused("malformed_message", type(exc).__name__) from None
+
+
+def _mapped(message: hl7.Message, image_roots: tuple[Path, ...] | None) -> Mapped:
     head = header(message)
     if not head.control_id:
         raise Refused("missing_field", "MSH-10")
@@ -312,6 +342,7 @@ def _discharge(message: hl7.Message, head: Header, kind: str) -> ev.DischargeEve
 def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.ObservationEvent]:
     observed = []
     for n in _results_of_type(message, "NM"):
+        order = _order_of(message)[n]  # the OBR this result is under
         code = _get(message, "OBX", 3, n=n)
         system = _get(message, "OBX", 3, n=n, component=3)
         entry = loinc.BY_LOINC.get(code)
@@ -323,10 +354,10 @@ def _observations(message: hl7.Message, head: Header, kind: str) -> list[ev.Obse
         status = RESULT_STATUSES.get(_get(message, "OBX", 11, n=n))
         if status is None:
             raise Refused("unsupported_result_status", f"OBX {n}: OBX-11")
-        filler = _get(message, "OBR", 3)
+        filler = _get(message, "OBR", 3, n=order)
         result_id = f"{filler}^{code}^{_get(message, 'OBX', 4, n=n)}"[:256] if filler else None
-        charted = _time(message, "OBX", 14, n=n) or _time(message, "OBR", 7)
-        available = _time(message, "OBX", 19, n=n) or _time(message, "OBR", 22) or charted
+        charted = _time(message, "OBX", 14, n=n) or _time(message, "OBR", 7, n=order)
+        available = _time(message, "OBX", 19, n=n) or _time(message, "OBR", 22, n=order) or charted
         try:
             value = convert(float(_get(message, "OBX", 5, n=n)))
             payload = entry.observation(
@@ -368,14 +399,14 @@ def _build(event_type, message, head: Header, kind: str, *, segment, event_time,
         raise Refused("invalid_event", f"{where}: {first['type']}") from None
 
 
-def _text_of(message: hl7.Message) -> str | None:
-    """The TX/FT OBX values, unescaped, one a line; None when there are none."""
-    if not _has(message, "OBX"):
-        return None
+def _text_of(message: hl7.Message, order: int | None = None) -> str | None:
+    """The TX/FT OBX values (only those under the ``order``-th OBR, when given), unescaped,
+    one a line; None when there are none."""
+    orders = _order_of(message)
     lines = []
-    for segment in message.segments("OBX"):
-        if _field(segment, 2) in TEXT_TYPES:
-            lines.append(message.unescape(_field(segment, 5)))
+    for n, segment in enumerate(_segments(message).get("OBX", ()), 1):
+        if _field(segment, 2) in TEXT_TYPES and order in (None, orders[n]):
+            lines.append(_unescape(_field(segment, 5), f"OBX {n}: OBX-5"))
     return "\n".join(lines) if lines else None
 
 
@@ -387,8 +418,8 @@ def _field(segment, field: int) -> str:
         return ""
 
 
-def _note(message, head, kind, *, note_type, note_id, charted, when, segment):
-    text = _text_of(message)
+def _note(message, head, kind, *, note_type, note_id, charted, when, segment, order=None):
+    text = _text_of(message, order)
     if text is None:
         raise Refused("missing_field", "OBX-5")
     if not note_id:
@@ -431,23 +462,29 @@ def _document(message: hl7.Message, head: Header, kind: str) -> ev.NoteEvent:
 
 
 def _report(message: hl7.Message, head: Header, kind: str) -> list[ev.NoteEvent]:
-    """A radiology report or discharge summary sent as a result (OBR-4 says which)."""
-    code, words = _get(message, "OBR", 4), _get(message, "OBR", 4, component=2).lower()
-    note_type = REPORT_CODES.get(code) or next((t for w, t in REPORT_WORDS if w in words), None)
-    if note_type is None or _text_of(message) is None:
-        return []
-    when = _time(message, "OBR", 22) or _time(message, "MSH", 7)
-    note = _note(
-        message,
-        head,
-        kind,
-        note_type=note_type,
-        note_id=_get(message, "OBR", 3),
-        charted=_time(message, "OBR", 7),
-        when=when,
-        segment=("OBR", 1),
-    )
-    return [note]
+    """Radiology reports and discharge summaries sent as results (each OBR-4 says which),
+    each from the text under its own OBR."""
+    notes = []
+    for k in range(1, len(_segments(message).get("OBR", ())) + 1):
+        code = _get(message, "OBR", 4, n=k)
+        words = _get(message, "OBR", 4, n=k, component=2).lower()
+        note_type = REPORT_CODES.get(code) or next((t for w, t in REPORT_WORDS if w in words), None)
+        if note_type is None or _text_of(message, k) is None:
+            continue
+        notes.append(
+            _note(
+                message,
+                head,
+                kind,
+                note_type=note_type,
+                note_id=_get(message, "OBR", 3, n=k),
+                charted=_time(message, "OBR", 7, n=k),
+                when=_time(message, "OBR", 22, n=k) or _time(message, "MSH", 7),
+                segment=("OBR", k),
+                order=k,
+            )
+        )
+    return notes
 
 
 def _images(message, head: Header, kind: str, roots) -> list[ev.CxrEvent]:
@@ -459,7 +496,8 @@ def _images(message, head: Header, kind: str, roots) -> list[ev.CxrEvent]:
             raise Refused("missing_field", f"OBX {n}: OBX-5")
         if roots is not None and not _under(uri, roots):
             raise Refused("image_refused", f"OBX {n}: OBX-5 outside the image roots")
-        studied = _time(message, "OBR", 7, required=True)
+        order = _order_of(message)[n]
+        studied = _time(message, "OBR", 7, n=order, required=True)
         found.append(
             _build(
                 ev.CxrEvent,
@@ -469,7 +507,7 @@ def _images(message, head: Header, kind: str, roots) -> list[ev.CxrEvent]:
                 segment=("OBX", n),
                 event_time=studied,
                 payload=dict(
-                    study_id=_id(message, "OBR", 3),
+                    study_id=_id(message, "OBR", 3, n=order),
                     dicom_id=_required_obx(message, n, 4),
                     uri=uri,
                     studytime=studied,
@@ -489,10 +527,13 @@ def _required_obx(message, n: int, field: int) -> str:
 def _under(uri: str, roots) -> bool:
     """Whether a file URI or path names a file under one of ``roots`` (after resolving
     ``..`` and links, so a reference cannot climb out)."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+    try:
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+            return False
+        path = Path(unquote(parsed.path)).resolve()
+    except ValueError:  # an unparsable URL, or a NUL byte in the path: names no file
         return False
-    path = Path(unquote(parsed.path)).resolve()
     return any(path.is_relative_to(Path(root).resolve()) for root in roots)
 
 
@@ -515,11 +556,64 @@ def _has(message: hl7.Message, segment: str) -> bool:
 
 
 def _get(message: hl7.Message, segment: str, field: int, *, n: int = 1, component: int = 1):
-    """The field's first repetition's component, unescaped; empty when absent."""
+    """The ``n``-th such segment's field: its first repetition's component (the first
+    subcomponent), unescaped; empty when absent."""
     segments = _segments(message).get(segment, ())
-    if len(segments) < n:
+    if not 1 <= n <= len(segments):
         return ""
-    return segments[n - 1].extract_field(n, field, 1, component).strip()
+    components = _field(segments[n - 1], field).split("~", 1)[0].split("^")
+    if component > len(components):
+        return ""
+    value = components[component - 1].split("&", 1)[0]
+    return _unescape(value, f"{segment}-{field}").strip()
+
+
+def _unescape(value: str, where: str) -> str:
+    """HL7's escape sequences undone (v2.5 section 2.7) without python-hl7's ``unescape``,
+    which logs what it cannot read (patient data) and repeats a ``.sp`` count unbounded.
+    Highlighting, character-set switches and local (Z) sequences are dropped; an unknown
+    sequence stays as sent; bad hex is refused."""
+    if "\\" not in value:
+        return value
+
+    def one(match: re.Match) -> str:
+        code = match.group(1)
+        if code in _ESCAPES:
+            return _ESCAPES[code]
+        if formatting := _FORMATTING.fullmatch(code):
+            command, count = formatting.groups()
+            return _REPEATED[command] * min(abs(int(count or 1)), MAX_REPEAT)
+        if code[:1] in "CMZ" and code:
+            return ""
+        if code[:1] == "X":
+            try:
+                return bytes.fromhex(code[1:]).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise Refused("invalid_field", where) from None
+        return match.group(0)
+
+    return _ESCAPE.sub(one, value)
+
+
+def _order_of(message: hl7.Message) -> dict[int, int]:
+    """{OBX position: the position of the OBR it follows (0: none)}, both from 1."""
+    found = getattr(message, "_m3t_orders", None)
+    if found is None:
+        found, order, n = {}, 0, 0
+        for segment in message:
+            name = str(segment[0])
+            if name == "OBR":
+                order += 1
+            elif name == "OBX":
+                n += 1
+                found[n] = order
+        message._m3t_orders = found
+    return found
+
+
+def _code(value: str) -> str:
+    """A message type or trigger event: letters and digits, else empty (so refused)."""
+    return value if value.isascii() and value.isalnum() else ""
 
 
 def _segments(message: hl7.Message) -> dict[str, list[hl7.Segment]]:
@@ -542,16 +636,16 @@ def _raw(msh, field: int) -> str:
         return ""
 
 
-def _required(message: hl7.Message, segment: str, field: int) -> str:
-    value = _get(message, segment, field)
+def _required(message: hl7.Message, segment: str, field: int, *, n: int = 1) -> str:
+    value = _get(message, segment, field, n=n)
     if not value:
         raise Refused("missing_field", f"{segment}-{field}")
     return value
 
 
-def _id(message: hl7.Message, segment: str, field: int) -> int:
-    value = _required(message, segment, field)
-    if not value.isdigit() or int(value) > ev.INT64_MAX:
+def _id(message: hl7.Message, segment: str, field: int, *, n: int = 1) -> int:
+    value = _required(message, segment, field, n=n)
+    if not (value.isascii() and value.isdigit()) or int(value) > ev.INT64_MAX:
         raise Refused("invalid_field", f"{segment}-{field}")
     return int(value)
 
@@ -572,6 +666,8 @@ def _time(message, segment, field, *, n=1, required=False, date_only=False) -> d
         moment = datetime.strptime(match.group(1) + seconds, "%Y%m%d%H%M%S")
         if offset := match.group(3):
             sign = 1 if offset[0] == "+" else -1
+            if int(offset[1:3]) > 14 or int(offset[3:5]) > 59:  # UTC-12:00 to UTC+14:00
+                raise ValueError
             shift = timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))
             moment = (moment - sign * shift).replace(tzinfo=None)
     except (ValueError, OverflowError):

@@ -257,6 +257,87 @@ def test_what_cannot_be_taken_is_refused_with_a_reason_and_no_values(raw, reason
         assert value not in refused.value.detail
 
 
+HOSTILE = [
+    (admit().replace("ADT^A01", "ADT"), "unsupported_message", "AR"),  # MSH-9 without a trigger
+    (admit().replace("ADT^A01", "ADT^A01\\F\\x"), "unsupported_message", "AR"),
+    (admit().replace("|1001^^^HOSP^MR|", "|\u00b2|"), "invalid_field", "AE"),  # a superscript two
+    (admit().replace("|1001^^^HOSP^MR|", "|\u0661\u0662|"), "invalid_field", "AE"),  # Arabic-Indic
+    (admit().replace(ADMIT_TIME, "202403010800+9999"), "invalid_field", "AE"),
+    (admit().replace("|F\r", "|\\X4\\\r"), "invalid_field", "AE"),  # odd hex
+    (admit().replace("|F\r", "|\\XFF\\\r"), "invalid_field", "AE"),  # hex, not UTF-8
+    (admit() + discharge(), "unsupported_message", "AR"),  # two messages in one frame
+    (admit().replace("\rPV1|", "\r" + PID + "\rPV1|"), "unsupported_message", "AR"),
+    (report("36643-5^XR Chest^LN", "OBX|1|RP||9001|file://[/x^DICOM"), "image_refused", "AE"),
+    (report("36643-5^XR Chest^LN", "OBX|1|RP||9001|/tmp/%00x^DICOM"), "image_refused", "AE"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason", "code"), HOSTILE)
+def test_hostile_messages_are_refused_with_a_reason_never_an_exception(raw, reason, code):
+    with pytest.raises(Refused) as refused:
+        to_events(raw, image_roots=("/nowhere",))
+    assert refused.value.reason == reason and refused.value.ack_code == code
+    assert "1001" not in str(refused.value) and "Jane" not in str(refused.value)
+
+
+def test_a_message_the_rules_did_not_foresee_is_refused_not_raised(monkeypatch):
+    from ingest import hl7 as hl7_map
+
+    def broken(*args, **kwargs):
+        raise KeyError("1001")  # a library's lookup, carrying a value
+
+    monkeypatch.setattr(hl7_map, "_admission", broken)
+    with pytest.raises(Refused) as refused:
+        to_events(admit())
+    assert (refused.value.reason, refused.value.detail) == ("malformed_message", "KeyError")
+
+
+def test_escapes_are_read_without_logging_and_formatting_is_capped(caplog):
+    caplog.set_level("DEBUG")
+    text = (
+        "a\\.sp400000000\\b",  # python-hl7 would build 400 MB of line breaks
+        "C:\\path\\Jane Doe",  # a raw backslash: an unknown sequence stays as sent
+        "x\\Zsecret-JaneDoe\\y\\H\\bold\\N\\ \\X48656C6C6F\\ \\.br\\z",
+    )
+    [note] = to_events(document("RAD", "D9", *text)).events
+    lines = note.payload.text.split("\n")
+    assert lines[0] == "a" and lines[10] == "b" and len(lines) == 14  # ten line breaks at most
+    assert lines[11] == "C:\\path\\Jane Doe"
+    assert lines[12:] == ["xybold Hello ", "z"]
+    assert "Jane" not in caplog.text and "secret" not in caplog.text
+
+
+def test_results_under_each_obr_take_that_obrs_order_and_text():
+    panel = "OBR|1||F1|24323-8^Panel^LN|||20240301085000"
+    later = "OBR|2||F2|24323-8^Panel^LN|||20240301185000"
+    rad = "OBR|3||R1|18748-4^Radiology report^LN|||20240301190000"
+    heart = "OBX|{}|NM|8867-4^Heart rate^LN||{}|/min|||||F"
+    raw = result(
+        "M1",
+        heart.format(1, 88),
+        "OBX|2|TX|||lab comment",
+        later,
+        heart.format(3, 95),
+        rad,
+        "OBX|4|TX|||No acute findings",
+    ).replace("OBR|1|||24323-8^Panel^LN|||20240301085000" + "|" * 15 + "20240301094500", panel)
+    first, second, note = to_events(raw).events
+    assert (first.payload.charttime.hour, second.payload.charttime.hour) == (8, 18)
+    assert first.payload.result_id.startswith("F1^") and second.payload.result_id.startswith("F2^")
+    assert (note.payload.note_id, note.payload.text) == ("R1", "No acute findings")
+
+
+def test_the_ack_copies_the_control_id_as_sent():
+    from ingest.mllp import acknowledgement
+
+    for control in ("C1\\F\\AA\\.br\\ERR", "C\\T\\1"):
+        mapped = to_events(admit(control=control))
+        ack = acknowledgement(mapped.header, "AA").decode()
+        segments = ack.strip("\r").split("\r")
+        assert [s[:3] for s in segments] == ["MSH", "MSA"]
+        assert segments[1].split("|")[2] == control
+
+
 def test_send_hl7_splits_a_file_on_msh_whatever_the_line_endings():
     text = admit().replace("\r", "\n") + "\n" + result().replace("\r", "\r\n")
     assert split_messages(text) == [admit(), result()]
@@ -438,6 +519,8 @@ def test_bad_messages_among_good_ones_cost_only_themselves(listener, isolated_se
         (result("G2"), "AA"),
         (admit("B2").replace("\rPID|", "\rP!D|"), "AR"),
         (result("B3", unit), "AE"),
+        (admit("B4").replace("ADT^A01", "ADT"), "AR"),  # no trigger event
+        (result("G4").replace("24323-8^Panel^LN", "24323-8"), "AA"),  # OBR-4 without a name
         (discharge("G3"), "AA"),
     ]
     with MLLPClient(listener.host, listener.port) as client:
@@ -453,12 +536,13 @@ def test_bad_messages_among_good_ones_cost_only_themselves(listener, isolated_se
     )
     assert sorted(json.loads(r.value)["event_id"] for r in events) == expected
     topic = isolated_settings.kafka.topic_dead_letter
-    letters = consume(isolated_settings, topic, 5, role="admin", wait_ms=5000)
+    letters = consume(isolated_settings, topic, 6, role="admin", wait_ms=5000)
     letters = [json.loads(r.value) for r in letters]
     assert sorted(x["reason"] for x in letters) == [
         "malformed_segment",
         "missing_start_block",
         "unknown_unit",
+        "unsupported_message",
         "wrong_encoding_characters",
     ]
     assert "1001" not in json.dumps(letters) and "Jane" not in json.dumps(letters)
