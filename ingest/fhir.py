@@ -348,6 +348,9 @@ class _Bundle:
                 where = ".".join(str(p) for p in first["loc"])
                 issues.append(Issue("invalid_event", n, f"{where}: {first['type']}"[:120]))
                 continue
+            except Exception as exc:  # what no rule foresaw refuses its entry, never the server
+                issues.append(Issue("invalid_resource", n, f"{kind}: {type(exc).__name__}"))
+                continue
             entries.append(Entry(kind, events))
         if issues:
             raise Refused(issues)
@@ -367,6 +370,8 @@ class _Bundle:
             not isinstance(request, dict) or request.get("method") not in ("POST", "PUT")
         ):  # a DELETE or PATCH would undo or change what no event here can say
             raise _EntryRefused("unsupported_method", "request.method")
+        if (where := _loose_base64(resource)) is not None:
+            raise _EntryRefused("invalid_field", f"{kind}.{where}"[:120])
         try:
             parsed = model.model_validate(resource)
         except ValidationError as exc:
@@ -556,6 +561,8 @@ class _Bundle:
             raise _EntryRefused("unknown_unit", "Observation.valueQuantity.code")
         if quantity.value is None:
             raise _EntryRefused("missing_field", "Observation.valueQuantity.value")
+        if quantity.comparator:  # "> 300" is not 300: a bound is no value to fold
+            raise _EntryRefused("invalid_field", "Observation.valueQuantity.comparator")
         period = observation.effectivePeriod
         charted = _instant(
             observation.effectiveDateTime
@@ -643,6 +650,8 @@ class _Bundle:
             ).id
             if written_by == hadm:  # the current stay's summary would leak its outcome
                 raise _EntryRefused("invalid_field", "DocumentReference.context.related")
+        if not document.content:
+            raise _EntryRefused("missing_field", "DocumentReference.content")
         content = document.content[0]
         text = _attachment_text(content.attachment, "DocumentReference.content[0].attachment")
         if text is None:
@@ -705,7 +714,10 @@ class _Bundle:
         parsed = urlparse(address)
         if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
             raise _EntryRefused("outside_image_roots", "Endpoint.address")
-        real = os.path.realpath(unquote(parsed.path))
+        try:
+            real = os.path.realpath(unquote(parsed.path))
+        except ValueError:  # a NUL byte names no file
+            raise _EntryRefused("outside_image_roots", "Endpoint.address") from None
         if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.roots):
             raise _EntryRefused("outside_image_roots", "Endpoint.address")
         return address
@@ -786,12 +798,35 @@ def _attachment_text(attachment, where: str) -> str | None:
         raise _EntryRefused("invalid_field", f"{where}.data") from None
 
 
+def _loose_base64(node, path: str = "") -> str | None:
+    """The path of the first base64Binary ``data`` that is not strict base64, else None:
+    fhir.resources decodes leniently, so "!!!" would pass as an empty text."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else key
+            if key == "data" and isinstance(value, str):
+                try:
+                    base64.b64decode(value, validate=True)
+                except binascii.Error:
+                    return where
+            elif (found := _loose_base64(value, where)) is not None:
+                return found
+    elif isinstance(node, list):
+        for value in node:
+            if (found := _loose_base64(value, path)) is not None:
+                return found
+    return None
+
+
 def _instant(value) -> datetime | None:
     """A FHIR dateTime as the contract's naive UTC time (as ``ingest.hl7`` converts)."""
     if value is None or not isinstance(value, datetime):
         return None
     if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
+        try:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it
+            raise _EntryRefused("invalid_field", "dateTime out of range") from None
     return value
 
 

@@ -250,6 +250,10 @@ def test_reports_documents_and_imaging_studies_become_notes_and_xrays(tmp_path):
     with pytest.raises(fhir.Refused) as outside:  # an image outside the roots
         mapped(patient(), encounter(), study, roots=[tmp_path / "elsewhere"])
     assert outside.value.issues[0].reason == "outside_image_roots"
+    study["contained"][0]["address"] = f"file://{tmp_path}/%00cxr.jpg"  # a NUL names no file
+    with pytest.raises(fhir.Refused) as nul:
+        mapped(patient(), encounter(), study, roots=[tmp_path])
+    assert nul.value.issues[0].reason == "outside_image_roots"
 
 
 def test_references_resolve_by_bundle_identifier_or_an_id_seen_before():
@@ -272,6 +276,31 @@ def test_a_resent_bundle_gives_the_same_event_ids():
     one = mapped(patient(), encounter(), observation())
     again = mapped(patient(), encounter(), observation())
     assert [e.event_id for e in one] == [e.event_id for e in again]
+
+
+def radiology_document(content: list) -> dict:
+    return {
+        "resourceType": "DocumentReference",
+        "masterIdentifier": {"value": "RR-2"},
+        "status": "current",
+        "type": {"coding": [{"system": fhir.LOINC, "code": "18748-4"}]},
+        "date": "2024-03-01T13:00:00Z",
+        "content": content,
+        "context": {"encounter": [{"reference": "urn:uuid:encounter"}]},
+    }
+
+
+def test_an_error_no_rule_foresaw_refuses_its_entry_not_the_server(monkeypatch):
+    def broken(self, n, observation):
+        raise KeyError("Jane")  # a lookup's error, carrying a value
+
+    monkeypatch.setattr(fhir._Bundle, "_observation", broken)
+    [issue] = _refused(bundle(patient(), encounter(), observation())).issues
+    assert (issue.reason, issue.entry, issue.where) == (
+        "invalid_resource",
+        2,
+        "Observation: KeyError",
+    )
 
 
 def _refused(raw, **kw) -> fhir.Refused:
@@ -316,6 +345,27 @@ def _refused(raw, **kw) -> fhir.Refused:
             (patient(), {**observation(), "effectiveDateTime": "2024-03-01T14:00:00"}),
             "invalid_resource",
             "Observation.effectiveDateTime",
+        ),
+        (  # "> 300" is a bound, not a value
+            (
+                patient(),
+                encounter(),
+                observation(code="8867-4", value=300, unit="/min")
+                | {"valueQuantity": {"value": 300, "comparator": ">", "code": "/min"}},
+            ),
+            "invalid_field",
+            "Observation.valueQuantity.comparator",
+        ),
+        (  # east of UTC on the first day there is: before year 1 in UTC
+            (patient(), encounter(period={"start": "0001-01-01T00:00:00+14:00"})),
+            "invalid_field",
+            "dateTime out of range",
+        ),
+        ((patient(), encounter(), radiology_document([])), "missing_field", "content"),
+        (  # fhir.resources would decode "!!!" leniently into an empty text
+            (patient(), encounter(), radiology_document([{"attachment": {"data": "!!!"}}])),
+            "invalid_field",
+            "DocumentReference.content.attachment.data",
         ),
     ],
 )
