@@ -166,7 +166,10 @@ def call_with_timeout(call: Callable[[], T], timeout_s: float) -> T:
 
 
 def _path_of(uri: str) -> Path:
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError:  # an unclosed IPv6 bracket ("//[x/a.dcm"): names nothing
+        raise BadImage("bad_uri") from None
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):  # file://host/...: not this machine's file
             raise BadImage("unsupported_uri_scheme")

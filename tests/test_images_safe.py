@@ -78,6 +78,8 @@ def test_files_outside_the_roots_are_refused_whatever_the_uri(root, tmp_path):
     assert refused("file://elsewhere/etc/passwd", access) == "unsupported_uri_scheme"
     assert refused("s3://bucket/x.png", access) == "unsupported_uri_scheme"
     assert refused("file:///tmp/a%00b.png", access) == "bad_uri"
+    for unclosed in ("//[x/a.dcm", "file://[x/a.png", "http://[::1/a.png"):
+        assert refused(unclosed, access) == "bad_uri"
 
 
 def test_relative_uris_resolve_under_a_base_dir_that_is_itself_under_a_root(root, tmp_path):

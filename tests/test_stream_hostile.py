@@ -216,6 +216,7 @@ def hostile_events(tmp_path, hadm: int) -> list[tuple[str, bytes | None, str]]:
         ("a FIFO", raw(cxr(hadm, later, fifo.as_uri(), "fifo")), "image_refused"),
         ("/etc/passwd", raw(cxr(hadm, later, "file:///etc/passwd", "passwd")), "image_refused"),
         ("an escape", raw(cxr(hadm, later, "file:///../../etc/hostname", "up")), "image_refused"),
+        ("an unclosed IPv6 host", raw(cxr(hadm, later, "//[x/a.dcm", "ipv6")), "image_refused"),
     ]
 
 
