@@ -2,6 +2,7 @@
 
 An event's dead letter names where the event lies (topic, partition, offset), its id and
 type where they could be read, its size and sha256: enough to find it, and no patient data.
+It is keyed as the event was where that key is an admission id, else by the key's sha256.
 Its bytes (base64, cut at ``DEAD_LETTER_MAX_BYTES`` so the record stays under Kafka's 1 MB
 default limit) travel only where the settings ask for them. An admission that cannot be
 scored gets a dead letter of its own, naming the admission and the reason.
@@ -48,6 +49,15 @@ def dead_letter_record(
     return json.dumps(letter).encode()
 
 
+def letter_key(key: bytes | None) -> bytes | None:
+    """An event's key as its dead letter's: an admission id (digits) as it came, anything
+    else by its sha256, so a key that is not the contract's carries no patient data and no
+    bulk into the dead-letter topic."""
+    if key is None or (len(key) <= 20 and key.isdigit()):
+        return key
+    return hashlib.sha256(key).hexdigest().encode()
+
+
 def admission_record(hadm_id: int, reason: str, detail: str) -> bytes:
     return json.dumps({"reason": reason, "detail": detail, "hadm_id": hadm_id}).encode()
 
@@ -74,7 +84,7 @@ class DeadLetters:
 
     def event(self, record: Message, reason: str, detail: str, event=None) -> None:
         letter = dead_letter_record(record, reason, detail, event, self.payload)
-        self.sink.send(self.topic, record.key(), letter)
+        self.sink.send(self.topic, letter_key(record.key()), letter)
         self.reasons[reason] += 1
         if self._worth_logging(reason):
             log.warning(

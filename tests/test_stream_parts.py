@@ -404,6 +404,18 @@ def test_dead_letters_are_all_sent_and_counted_but_logged_at_1_2_4_8(caplog):
     letter = sink.sent[0][2]
     assert "value_b64" not in letter and letter["value_bytes"] == 21  # no payload by default
     assert not any("patient" in m for m in caplog.messages)
+    assert sink.sent[0][1] == b"7"  # keyed as the event, an admission id
+
+
+def test_a_dead_letter_is_keyed_by_the_admission_or_a_hash_never_a_foreign_key():
+    import hashlib
+
+    from stream.dead_letters import letter_key
+
+    assert letter_key(b"20000019") == b"20000019" and letter_key(None) is None
+    huge = b"9" * 999_700  # under the broker's limit, over the worker producer's
+    for key in (huge, b"Jane Doe", "\u00b2".encode()):
+        assert letter_key(key) == hashlib.sha256(key).hexdigest().encode()
 
 
 def test_a_commit_point_is_taken_at_most_every_interval_busy_or_quiet():
