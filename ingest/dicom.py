@@ -136,7 +136,12 @@ def _header(ds: pydicom.Dataset) -> DicomHeader:
 
     def integer(keyword: str) -> int | None:
         value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
+        if value in (None, ""):
+            return None
+        try:  # a multi-valued element ([1, 2]) or text that is no number: not this file's size
+            return int(value)
+        except (TypeError, ValueError):
+            raise InvalidDicom("invalid_attribute", keyword) from None
 
     return DicomHeader(
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),

@@ -150,3 +150,16 @@ def test_truncated_files_are_refused(tmp_path, radiograph, compressed, keep):
         "truncated_frame",
     }
     assert not any(phi in str(refused.value) for phi in PHI)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value"), [("NumberOfFrames", "IS", [1, 2]), ("Rows", "US", [256, 2])]
+)
+def test_a_multi_valued_size_is_refused_with_a_reason(tmp_path, radiograph, keyword, vr, value):
+    path = _synthetic(tmp_path, radiograph, compressed=True, modality="DX")
+    dataset = pydicom.dcmread(path)
+    dataset.add_new(keyword, vr, value)  # one number by the standard, two here
+    dataset.save_as(path)
+    with pytest.raises(InvalidDicom) as refused:
+        read_header(path)
+    assert (refused.value.reason, refused.value.detail) == ("invalid_attribute", keyword)
