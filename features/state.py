@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import json
 import math
 import struct
@@ -130,6 +131,8 @@ class Notes:
         self.note_tokens = note_tokens
 
     def add_radiology(self, t: float, note_id: str, ids: list[int]) -> None:
+        if not ids:  # an empty text adds nothing to the tail, and would never be pruned
+            return
         notes = self.rad_notes
         entry = (t, note_id, ids[-self.note_tokens :])
         position = bisect.bisect_left(notes, entry[:2], key=lambda n: n[:2])
@@ -181,6 +184,18 @@ class Notes:
         return notes
 
 
+class _Latest:
+    """A transfer ordered latest first, for ``heapq``'s min-heap."""
+
+    __slots__ = ("move",)
+
+    def __init__(self, move: tuple[float, str]):
+        self.move = move
+
+    def __lt__(self, other: _Latest) -> bool:
+        return self.move > other.move
+
+
 class Transfers:
     """Where the admission is: its transfers (``intime``, ``careunit``, each with the earliest
     event time it was sent at) and the event times of its cancelled transfers. The ward is a
@@ -201,12 +216,19 @@ class Transfers:
 
     def ward(self) -> str:
         """The careunit of the latest transfer by intime that no cancel took back; each cancel
-        takes back the latest transfer (by intime) sent at or before it and not yet taken."""
-        live = set(self.moves)
+        takes back the latest transfer (by intime) sent at or before it and not yet taken.
+        Cancels in time order, each popping the latest of the transfers sent by then: a heap,
+        so a stay with many transfers and cancels costs (M + C) log M, not M x C."""
+        by_sent = sorted(self.moves, key=self.moves.__getitem__)
+        sent: list[_Latest] = []  # transfers sent by the current cancel, not taken back
+        taken, i = set(), 0
         for cancelled in sorted(self.cancels):
-            sent = [move for move in live if self.moves[move] <= cancelled]
+            while i < len(by_sent) and self.moves[by_sent[i]] <= cancelled:
+                heapq.heappush(sent, _Latest(by_sent[i]))
+                i += 1
             if sent:
-                live.remove(max(sent))
+                taken.add(heapq.heappop(sent).move)
+        live = [move for move in self.moves if move not in taken]
         return max(live)[1] if live else ""
 
     def encode(self) -> bytes:

@@ -430,6 +430,38 @@ def test_the_ward_is_the_latest_transfer_not_cancelled():
     assert fold([]).ward == ""
 
 
+def test_the_ward_takes_back_what_the_one_cancel_at_a_time_rule_does():
+    from features.state import Transfers
+
+    def by_rule(transfers: Transfers) -> str:  # the rule as written: each cancel in turn
+        live = set(transfers.moves)
+        for cancelled in sorted(transfers.cancels):
+            sent = [move for move in live if transfers.moves[move] <= cancelled]
+            if sent:
+                live.remove(max(sent))
+        return max(live)[1] if live else ""
+
+    rng = random.Random(7)
+    for _ in range(300):
+        transfers = Transfers()
+        for _ in range(rng.randint(0, 12)):
+            intime = float(rng.randint(0, 20))
+            transfers.add(intime, rng.choice("ABCD"), intime + rng.choice((0.0, 0.5, 3.0)))
+        for _ in range(rng.randint(0, 8)):
+            transfers.cancel(float(rng.randint(0, 24)) + 0.25)
+        assert transfers.ward() == by_rule(transfers)
+
+
+def test_empty_radiology_notes_leave_nothing_to_keep():
+    from features.state import Notes
+
+    notes = Notes(note_tokens=4)
+    for i in range(1000):
+        notes.add_radiology(float(i), f"n{i}", [])
+    notes.add_radiology(1000.0, "last", [5, 6])
+    assert notes.rad_notes == [(1000.0, "last", [5, 6])] and notes.radiology_tail() == [5, 6]
+
+
 def test_offline_labels_use_the_discharge_no_cancel_took_back():
     admissions = offline.labelled(offline.group_admissions(FEED.values()))
     assert len(admissions) == len(FEED)
