@@ -325,7 +325,7 @@ def create_app(settings: Settings) -> FastAPI:
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # The ward pages: a login session instead of a bearer token (docs/ward.md).
-    app.include_router(ward_router(settings, client, tokens, read, per_address))
+    app.include_router(ward_router(settings, client, tokens, read, per_address, per_token))
     app.include_router(fhir_routes, responses={**UNAUTHENTICATED, **FORBIDDEN, **RATE_LIMITED})
 
     @app.get("/openapi.json", responses={**UNAUTHENTICATED, **RATE_LIMITED})

@@ -4,7 +4,10 @@ updated live, and ``/ward/patient/{hadm_id}``, one admission's score history and
 A person logs in by posting an API token (a ``reader``'s) to ``/ward/login`` and gets a signed
 session cookie (``stream.ward_session``): HttpOnly, SameSite=Strict, Secure when the API
 serves TLS, expiring after ``api.session_ttl_s``. Pages without a session redirect to the
-login form; their data (``/ward/data/...``, ``/ward/events``) answer 401.
+login form; their data (``/ward/data/...``, ``/ward/events``) answer 401, and count against
+the session's token's rate limit as the API's routes do (an event stream once, when it
+opens; ``MAX_STREAMS`` at once per token). Login and logout refuse another site's form (an
+``Origin`` that is not this host), and a login body over ``MAX_LOGIN_BYTES``.
 
 The live view is a server-sent event stream: every ``api.ward_poll_s`` it reads the ranking
 and the score hashes (``stream.scores``) and the active alerts (``stream.alerts.AlertStore``,
@@ -24,7 +27,7 @@ import json
 import time
 from collections.abc import Callable
 from importlib import resources
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from fastapi import APIRouter, HTTPException, Path, Query, Request
@@ -49,13 +52,15 @@ SPARK_POINTS = 24  # scores per row's sparkline
 PATIENT_POINTS = 200  # scores on a patient's chart
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 MAX_HADM_ID = 2**63 - 1
+MAX_LOGIN_BYTES = 4096  # a login form holds one token
+MAX_STREAMS = 8  # live views open at once per token: a few tabs, not a flood of pollers
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # nothing to other sites; our forms carry their Origin
     "Cache-Control": "no-store",
 }
 
@@ -150,9 +155,11 @@ def ward_router(
     tokens: TokenStore,
     audit_read: AuditRead,
     per_address: RateLimiter,
+    per_token: RateLimiter,
 ) -> APIRouter:
     """The ward pages' routes (left out of the OpenAPI document: pages, not an API)."""
     sessions = Sessions(settings, tokens)
+    streams: dict[str, int] = {}  # token name: live views open
     reader = WardReader(client)
     alert_store = AlertStore(client)
     secure = bool(settings.api.tls_certfile and settings.api.tls_keyfile)
@@ -166,7 +173,27 @@ def ward_router(
         session = session_of(request)
         if session is None:
             raise HTTPException(401, "log in at /ward/login")
+        wait = per_token.take(session.token.name)
+        if wait is not None:
+            raise HTTPException(
+                429, "too many requests (token)", headers={"Retry-After": retry_after(wait)}
+            )
         return session
+
+    def same_site(request: Request) -> None:
+        """Another site's page may post a form here, never with this host as its Origin
+        (a page that hides its origin sends "null")."""
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            raise HTTPException(403, "a form from another site")
+
+    async def form_of(request: Request) -> dict[str, list[str]]:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BYTES:
+                raise HTTPException(413, "a login form is one token")
+        return parse_qs(body.decode(errors="replace"))
 
     def to_login() -> RedirectResponse:
         return RedirectResponse("/ward/login", status_code=303)
@@ -177,13 +204,14 @@ def ward_router(
 
     @router.post("/login")
     async def login(request: Request):
+        same_site(request)
         address = request.client.host if request.client else "unknown"
         wait = per_address.wait(address)
         if wait is not None:
             raise HTTPException(
                 429, "too many failed logins", headers={"Retry-After": retry_after(wait)}
             )
-        form = parse_qs((await request.body()).decode(errors="replace"))
+        form = await form_of(request)
         token = tokens.find(form.get("token", [""])[0].strip())
         if token is None:
             per_address.take(address)
@@ -203,7 +231,8 @@ def ward_router(
         return response
 
     @router.post("/logout")
-    def logout():
+    def logout(request: Request):
+        same_site(request)
         response = to_login()
         response.delete_cookie(COOKIE, path="/ward", secure=secure, httponly=True)
         return response
@@ -279,10 +308,20 @@ def ward_router(
     async def events(
         request: Request, n: int = Query(100, ge=1, le=1000), ward: str = Query("", max_length=64)
     ):
-        required(request)
+        name = required(request).token.name
+        if streams.get(name, 0) >= MAX_STREAMS:
+            raise HTTPException(429, f"at most {MAX_STREAMS} live views at once")
         cookie = request.cookies.get(COOKIE)
 
-        async def stream():
+        async def stream():  # counted once it runs: a stream never started holds no place
+            streams[name] = streams.get(name, 0) + 1
+            try:
+                async for part in views():
+                    yield part
+            finally:
+                streams[name] -= 1
+
+        async def views():
             sparks: dict[int, tuple] = {}
             sent: dict[int, object] = {}  # admission -> (scored_at, alert raise) last sent
             last, quiet_since = None, time.monotonic()

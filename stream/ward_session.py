@@ -53,8 +53,10 @@ class Sessions:
         except ValueError:
             return None
         token = next((t for t in self.tokens.tokens() if t.name == name), None)
-        if token is None or not hmac.compare_digest(signature, self._sign(token, expires)):
+        if token is None or token.role != "reader":
             return None
+        if not hmac.compare_digest(signature.encode(), self._sign(token, expires).encode()):
+            return None  # as bytes: a str with non-ASCII raises TypeError
         if expires <= (time.time() if now is None else now):
             return None
         return Session(token, expires)

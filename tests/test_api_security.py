@@ -26,6 +26,7 @@ from benchmarks.browser import serving
 from m3t import tls
 from m3t.clients import is_cluster
 from m3t.credentials import API_TOKEN, login, secret_file
+from m3t.services.process import wait_until
 from m3t.services.redis_cluster import CLIENT_RULES
 from m3t.settings import Settings, get_settings
 from m3t.tls import ca_file, server_certificate
@@ -316,6 +317,68 @@ def test_rate_limits_answer_429_then_recover(settings, tmp_path, monkeypatch):
     assert f'm3t_api_rate_limited_total{{limit="token"}} {codes.count(429)}.0' in metrics
     address = failed.count(429) + 1
     assert f'm3t_api_rate_limited_total{{limit="address"}} {address}.0' in metrics
+
+
+@pytest.mark.services
+def test_the_ward_pages_hold_to_the_token_limit_and_refuse_forged_or_foreign_requests(
+    settings, tmp_path
+):
+    from stream import ward
+    from stream.ward_session import COOKIE
+
+    cfg = own_state(settings, tmp_path, rate_limit_per_minute=6)
+    nurse = TokenStore(cfg).add("nurse", "reader")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    with serving(cfg) as url, httpx.Client(base_url=url, timeout=10) as api:
+        # Another site's page posting the login or logout form: refused.
+        elsewhere = {"Origin": "https://elsewhere.example"}
+        assert api.post("/ward/login", data={"token": nurse}, headers=elsewhere).status_code == 403
+        assert api.post("/ward/logout", headers=elsewhere).status_code == 403
+        hidden = {"Origin": "null"}  # a page with no-referrer hides where it is
+        assert api.post("/ward/login", data={"token": nurse}, headers=hidden).status_code == 403
+        # A body far past one token is refused before it is read whole.
+        huge = b"token=" + b"x" * (ward.MAX_LOGIN_BYTES * 256)
+        assert api.post("/ward/login", content=huge, headers=form).status_code == 413
+        login = api.post("/ward/login", data={"token": nurse}, headers={"Origin": url})
+        assert login.status_code == 303
+        cookie = login.cookies[COOKIE]
+        # A signature with a character outside ASCII: 401, not a 500.
+        name, expires, _ = cookie.rsplit(".", 2)
+        forged = {"Cookie": f"{COOKIE}={name}.{expires}.sig\u00e9".encode("latin-1")}
+        assert api.get("/ward/data/rows", headers=forged).status_code == 401
+        # The ward's data count against the token's limit, as the API's routes do.
+        session = {"Cookie": f"{COOKIE}={cookie}"}
+        codes = [api.get("/ward/data/rows", headers=session).status_code for _ in range(9)]
+        assert codes[:6] == [200] * 6 and set(codes[6:]) == {429}, codes
+        assert api.get("/risk/top?n=1", headers=bearer(nurse)).status_code == 429  # one bucket
+
+
+@pytest.mark.services
+def test_a_token_opens_a_bounded_number_of_live_views(settings, tmp_path, monkeypatch):
+    from stream import ward
+    from stream.ward_session import COOKIE
+
+    monkeypatch.setattr(ward, "MAX_STREAMS", 2)
+    cfg = own_state(settings, tmp_path)
+    nurse = TokenStore(cfg).add("nurse", "reader")
+    with serving(cfg) as url, httpx.Client(base_url=url, timeout=10) as api:
+        cookie = api.post("/ward/login", data={"token": nurse}).cookies[COOKIE]
+        session = {"Cookie": f"{COOKIE}={cookie}"}
+        with (
+            api.stream("GET", "/ward/events", headers=session) as one,
+            api.stream("GET", "/ward/events", headers=session) as two,
+        ):
+            assert one.status_code == two.status_code == 200
+            running = [one.iter_lines(), two.iter_lines()]  # held: a dropped one closes
+            assert [next(lines) for lines in running] == ["event: rows"] * 2
+            assert api.get("/ward/events", headers=session).status_code == 429
+        # Closed, they free their places.
+        assert wait_until(lambda: _opens(api, session), 10)
+
+
+def _opens(api: httpx.Client, session: dict) -> bool:
+    with api.stream("GET", "/ward/events", headers=session) as view:
+        return view.status_code == 200
 
 
 @pytest.mark.services
