@@ -3,6 +3,10 @@
 ``m3t services up`` makes one CA and signs each service's certificate with it; clients
 trust the CA's certificate (``ca_file``). Keys are owner-only files under the state folder's
 ``secrets/tls``. Where a setting names an external CA, nothing here is used.
+
+Certificates are renewed when a service starts within ``RENEW_DAYS`` of their end: a leaf,
+or the CA and then each leaf it signed at its service's start. Clients read the CA file as
+they connect, so a renewed CA wants every service restarted (``m3t services down``, ``up``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ipaddress
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -20,6 +25,7 @@ from m3t.credentials import owner_lock, write_secret
 from m3t.settings import Settings
 
 VALID_DAYS = 825  # the longest life browsers and most TLS stacks accept for a leaf
+RENEW_DAYS = 30  # renewed at a start within this long of the end
 
 
 def tls_dir(settings: Settings) -> Path:
@@ -44,9 +50,13 @@ def server_certificate(
     (a broker to its controller). Made once; remade when the hosts change."""
     folder = tls_dir(settings)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    ca_cert, ca_key = _load_ca(settings)
+    ca_file(settings)
     with _locked(folder):
-        if not (cert_path.exists() and key_path.exists() and _covers(cert_path, hosts)):
+        if _ending(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())):
+            _make_ca(folder)
+        ca_cert, ca_key = _load_ca(settings)
+        current = cert_path.exists() and key_path.exists() and _current(cert_path, hosts, ca_cert)
+        if not current:
             _sign(cert_path, key_path, name, hosts, client, ca_cert, ca_key)
     return cert_path, key_path
 
@@ -121,10 +131,20 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _covers(cert_path: Path, hosts: list[str]) -> bool:
+def _current(cert_path: Path, hosts: list[str], ca_cert: x509.Certificate) -> bool:
+    """Whether the certificate names every host, is signed by this CA and is not ending."""
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return set(map(_general_name, hosts)) <= set(names)
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return set(map(_general_name, hosts)) <= set(names) and not _ending(cert)
+
+
+def _ending(cert: x509.Certificate) -> bool:
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    return left < dt.timedelta(days=RENEW_DAYS)
 
 
 def _pem_key(key) -> bytes:

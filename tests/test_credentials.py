@@ -87,3 +87,31 @@ def test_the_local_ca_signs_a_certificate_a_client_verifies(tmp_path):
     other = Settings(state_dir=tmp_path / "other")
     stranger = ssl.create_default_context(cafile=str(tls.ca_file(other)))
     assert stranger.get_ca_certs()[0] != client.get_ca_certs()[0]
+
+
+def test_certificates_near_their_end_are_renewed_at_a_start_with_their_ca(tmp_path, monkeypatch):
+    from cryptography import x509
+
+    def load(path):
+        return x509.load_pem_x509_certificate(path.read_bytes())
+
+    settings = Settings(state_dir=tmp_path)
+    svc, _ = tls.server_certificate(settings, "svc", ["localhost"])
+    db, _ = tls.server_certificate(settings, "db", ["localhost"])
+    old_ca, old_svc, old_db = (p.read_bytes() for p in (tls.ca_file(settings), svc, db))
+    tls.server_certificate(settings, "svc", ["localhost"])
+    assert svc.read_bytes() == old_svc  # current: kept
+
+    monkeypatch.setattr(tls, "RENEW_DAYS", tls.VALID_DAYS + 1)  # as if their end were near
+    tls.server_certificate(settings, "svc", ["localhost"])
+    monkeypatch.setattr(tls, "RENEW_DAYS", 30)
+    ca = load(tls.ca_file(settings))
+    assert tls.ca_file(settings).read_bytes() != old_ca and svc.read_bytes() != old_svc
+    load(svc).verify_directly_issued_by(ca)
+    assert db.read_bytes() == old_db  # not started since: still the old CA's
+    tls.server_certificate(settings, "db", ["localhost"])  # its next start re-signs it
+    assert db.read_bytes() != old_db
+    load(db).verify_directly_issued_by(ca)
+    renewed = svc.read_bytes()
+    tls.server_certificate(settings, "svc", ["localhost"])
+    assert svc.read_bytes() == renewed
