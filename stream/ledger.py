@@ -81,6 +81,7 @@ class CommitLedger:
             self._consumed,
             *(p for _, p in self._positions),
             *(p for p, _ in self.points),
+            *([self._last_async] if self._last_async else []),
         ]:
             for partition in gone:
                 positions.pop(partition, None)

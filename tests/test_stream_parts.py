@@ -85,6 +85,15 @@ def test_revoked_partitions_are_forgotten_everywhere():
     assert ledger.points[-1][0] == {A: 4}
 
 
+def test_a_revoked_partition_is_not_in_the_commit_at_shutdown():
+    ledger = CommitLedger()
+    ledger.polled({A: 3, B: 100})
+    ledger.take_point(floor=1, mark=0)
+    ledger.committed(ledger.ready(None), asynchronous=True)
+    ledger.forget([B])  # B moves to another member, which commits past 100
+    assert ledger.final() == {A: 3}  # not B at 100 again, which would move it backwards
+
+
 # --- the micro-batcher -----------------------------------------------------------------------
 
 
