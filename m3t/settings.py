@@ -252,6 +252,23 @@ class AlertRule(BaseModel):
     # Recorded (Redis, the alerts topic) but not shown: to validate a rule before using it.
     silent: bool = False
 
+    @model_validator(mode="after")
+    def _can_fire_and_clear(self) -> AlertRule:
+        """A rule that could never raise, or never clear, is refused where it is read."""
+        if self.threshold is None and self.rise is None and self.top_k is None:
+            raise ValueError("an alert rule needs a threshold, a rise or a top_k")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError("threshold is a probability in (0, 1], not a percentage")
+        if self.rise is not None and not 0.0 < self.rise <= 1.0:
+            raise ValueError("rise is a probability difference in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k is at least 1")
+        if not 0.0 <= self.hysteresis < min(v for v in (self.threshold, self.rise, 1.0) if v):
+            raise ValueError("hysteresis must be below the threshold and the rise")
+        if self.window_h <= 0 or self.min_interval_h < 0:
+            raise ValueError("window_h must be positive and min_interval_h not negative")
+        return self
+
 
 class AlertSettings(BaseModel):
     # Rules per ward (the score's careunit); "" is the default, for any other or no ward.

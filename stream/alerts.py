@@ -61,6 +61,10 @@ return 1
 """)
 
 
+MAX_ID = 2**63 - 1
+MAX_FEATURE_TIME = 253_402_300_800.0  # 10000-01-01 in epoch seconds: past any stay
+
+
 @dataclass(frozen=True)
 class Score:
     """What the alerting reads of a score record (``stream.scores.RiskScore.as_json``)."""
@@ -72,13 +76,27 @@ class Score:
 
     @classmethod
     def parse(cls, value: bytes) -> Score:
-        d = json.loads(value)
-        return cls(
-            int(d["hadm_id"]),
-            float(d["feature_time"]),
-            float(d["mortality_prob"]),
-            str(d.get("ward") or ""),
-        )
+        """The record's score; ``ValueError`` for anything a worker could not have written
+        (an id that is no integer, a time or probability that is not finite or out of range):
+        NaN would clear an alert, an infinite time would freeze it."""
+        try:
+            d = json.loads(value)
+            hadm_id = d["hadm_id"]
+            score = cls(
+                hadm_id,
+                float(d["feature_time"]),
+                float(d["mortality_prob"]),
+                str(d.get("ward") or ""),
+            )
+        except (KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise ValueError(type(exc).__name__) from None
+        if type(hadm_id) is not int or not 0 <= hadm_id <= MAX_ID:
+            raise ValueError("hadm_id")
+        if not (
+            0.0 <= score.feature_time <= MAX_FEATURE_TIME and 0.0 <= score.mortality_prob <= 1.0
+        ):
+            raise ValueError("feature_time or mortality_prob")
+        return score
 
 
 class AlertStore:
@@ -278,7 +296,7 @@ class AlertProcess:
         for value in values:
             try:
                 score = Score.parse(value)
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 self.counts["unreadable"] += 1  # no record content logged: it is patient data
                 continue
             by_admission[score.hadm_id].append(score)
@@ -294,12 +312,12 @@ class AlertProcess:
             state = AlertState.from_dict(json.loads(fields["state"])) if "state" in fields else None
             state = state or AlertState()
             unsent = json.loads(fields.get("unsent") or "[]")
-            ward = scores[-1].ward
-            rule = self.rule(ward)
+            newest = max(scores, key=lambda s: s.feature_time)
+            ward, rule = newest.ward, self.rule(newest.ward)  # where the patient is now
             before = state.feature_time
             for s in sorted(scores, key=lambda s: s.feature_time):
                 state, t = step(
-                    rule,
+                    self.rule(s.ward),  # each score by its own ward's rule, as one at a time
                     state,
                     h,
                     s.ward,

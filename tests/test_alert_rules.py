@@ -161,3 +161,21 @@ def test_simulate_ranks_each_ward_for_top_k():
     # cleared. 3 raised in V.
     assert report.alerts == 3 and report.alerted_admissions == 3
     assert report.sensitivity is None and report.ppv is None
+
+
+def test_rules_that_could_never_raise_or_clear_are_refused():
+    import pytest
+    from pydantic import ValidationError
+
+    for broken in (
+        {"threshold": 50},  # a percentage
+        {"threshold": 0.0},
+        {"threshold": None},  # no criterion at all
+        {"threshold": 0.5, "hysteresis": 0.5},  # would never clear
+        {"threshold": None, "top_k": 0},
+        {"threshold": None, "rise": 0.2, "hysteresis": 0.3},
+        {"window_h": 0.0},
+    ):
+        with pytest.raises(ValidationError):
+            AlertRule(**broken)
+    assert AlertRule(threshold=None, top_k=3, hysteresis=0.0).top_k == 3

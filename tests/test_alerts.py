@@ -178,6 +178,56 @@ def test_transitions_kafka_never_acknowledged_are_published_on_start(
         forget(redis_client, [hadm_id])
 
 
+def test_hostile_score_records_are_counted_unreadable_and_each_score_takes_its_wards_rule(
+    isolated_settings, redis_client, scores_restored
+):
+    """One poll: records no worker could write (a process that fails on one fails again on
+    it after every restart), and one admission's scores from two wards with their own rules."""
+    rules = AlertSettings(
+        rules={
+            "A": AlertRule(threshold=0.5, hysteresis=0.05, min_interval_h=0.0),
+            "B": AlertRule(threshold=0.9, hysteresis=0.05, min_interval_h=0.0),
+        }
+    )
+    cfg = isolated_settings.model_copy(update={"alerts": rules})
+    hadm_id = 76_000_000 + uuid.uuid4().int % 100_000
+    ScoreStore(redis_client).write_batch([RiskScore.predicted(hadm_id, 3.0, 0.7, "m:1", 1.0, 1.0)])
+
+    def record(**fields) -> bytes:
+        return json.dumps(
+            {"hadm_id": hadm_id, "feature_time": 50.0, "mortality_prob": 0.95, "ward": "A"} | fields
+        ).encode()
+
+    hostile = [
+        b'{"hadm_id": 1e400, "feature_time": 1, "mortality_prob": 0.9}',
+        b'{"hadm_id": Infinity, "feature_time": 1, "mortality_prob": 0.9}',
+        b"[" * 100_000,
+        record(mortality_prob=float("nan")),
+        record(mortality_prob=float("inf")),
+        record(feature_time=float("inf")),
+        record(feature_time=1e308),
+        record(mortality_prob=1.5),
+        record(hadm_id=1.5),
+        record(hadm_id=True),
+    ]
+    process = AlertProcess(cfg)
+    try:
+        published = process.process(
+            [*hostile, record(feature_time=100.0, mortality_prob=0.7, ward="A"),
+             record(feature_time=200.0, mortality_prob=0.7, ward="B")]
+        )  # fmt: skip
+        assert process.counts["unreadable"] == len(hostile)
+        # 0.7 raises under A's 0.5 and clears under B's 0.9, as it would one score a poll.
+        assert [(t["kind"], t["ward"]) for t in published] == [("raised", "A"), ("cleared", "B")]
+        state = json.loads(AlertStore(redis_client).states([hadm_id])[hadm_id]["state"])
+        assert state["feature_time"] == 200.0 and not state["active"]
+    finally:
+        process.consumer.close()
+        forget(redis_client, [hadm_id])
+        redis_client.delete(f"m3t:score:{{{hadm_id}}}", f"m3t:score-history:{{{hadm_id}}}")
+        redis_client.zrem("m3t:risk:inpatients", hadm_id)
+
+
 def test_simulate_reports_hand_counted_figures_from_redis_history_and_a_dataset(
     settings, redis_client, tmp_path
 ):
