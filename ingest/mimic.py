@@ -179,13 +179,29 @@ def _numbers(series: pd.Series) -> pd.Series:
 
 
 def _ids(series: pd.Series) -> pd.Series:
-    """Integer ids as float (NaN where missing or not an integer)."""
+    """Integer ids as float (NaN where missing, not an integer, or outside int64: inf and
+    1e30 are floats equal to their floor)."""
     values = _numbers(series)
-    return values.where(values == np.floor(values))
+    return values.where((values == np.floor(values)) & (values >= 0) & (values < 2.0**63))
+
+
+# A UTC offset or Z at the end of a time: MIMIC's times are local and naive.
+_OFFSET = r"(?:[+-]\d\d:?\d\d|Z)$"
 
 
 def _times(series: pd.Series) -> pd.Series:
-    return pd.to_datetime(series, format="ISO8601", errors="coerce")
+    """Naive times; NaT where unparseable or carrying a UTC offset, which MIMIC's never do
+    (pandas refuses a column mixing offsets outright, and an aware column breaks every
+    comparison with the naive ones)."""
+    try:
+        parsed = pd.to_datetime(series, format="ISO8601", errors="coerce")
+        if getattr(parsed.dt, "tz", None) is None:
+            return parsed
+    except (ValueError, TypeError):  # offsets mixed with naive times, or with each other
+        pass
+    text = series.astype("string")
+    naive = text.where(~text.str.contains(_OFFSET, na=False))
+    return pd.to_datetime(naive, format="ISO8601", errors="coerce")
 
 
 class _Triage:

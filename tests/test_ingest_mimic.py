@@ -225,7 +225,8 @@ def broken(tmp_path) -> Path:
     _write(
         root / "hosp/patients.csv",
         "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod\n"
-        "1,F,50,2150,2011 - 2013,\n2,M,60,2150,2011 - 2013,\n3,X,40,2150,2011 - 2013,\n",
+        "1,F,50,2150,2011 - 2013,\n2,M,60,2150,2011 - 2013,\n3,X,40,2150,2011 - 2013,\n"
+        "1e30,F,50,2150,2011 - 2013,\n",  # no int64
     )
     _write(
         root / "hosp/admissions.csv",
@@ -235,7 +236,8 @@ def broken(tmp_path) -> Path:
         "1,102,2150-03-01 10:00:00,2150-03-02 10:00:00,URGENT,EMERGENCY ROOM,Medicare,1\n"
         "2,201,2150-02-01 10:00:00,2150-01-30 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
         "2,202,not a time,2150-04-01 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
-        "9,901,2150-02-01 10:00:00,2150-02-03 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n",
+        "9,901,2150-02-01 10:00:00,2150-02-03 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n"
+        "1,inf,2150-05-01 10:00:00,2150-05-03 10:00:00,URGENT,EMERGENCY ROOM,Medicare,0\n",
     )
     _write(
         root / "hosp/d_labitems.csv",
@@ -250,6 +252,7 @@ def broken(tmp_path) -> Path:
         "1,101,50971,2150-01-01 12:00:00,2150-01-01 13:00:00,-4.0,mEq/L\n"  # impossible K
         "1,101,50912,yesterday,2150-01-01 13:00:00,1.0,mg/dL\n"  # unparseable charttime
         "1,101,50912,2150-01-01 12:00:00,soon,1.0,mg/dL\n"  # unparseable storetime
+        "1,101,50912,2150-01-01T12:00:00+05:00,,1.0,mg/dL\n"  # an offset MIMIC never has
         "1,101,50912,2150-01-01 12:00:00,,1.0,mg/dL,extra\n"  # malformed row
         "1,,50912,2149-12-01 12:00:00,2149-12-01 13:00:00,1.0,mg/dL\n"  # outpatient
         "1,101,50902,2150-01-01 12:00:00,,101,mEq/L\n"  # known item the model does not use
@@ -300,16 +303,17 @@ def test_each_bad_input_class_is_dead_lettered_with_its_reason(broken, tmp_path)
         reader = MimicReader(broken, max_note_chars=100, dead_letters=sink)
         admissions = list(reader.admissions())
     tables = reader.stats.tables
-    assert tables["hosp/patients"].dead == {"invalid_value": 1}
+    assert tables["hosp/patients"].dead == {"invalid_value": 1, "malformed_row": 1}
     assert tables["hosp/admissions"].dead == {
         "discharge_before_admission": 1,
         "unparseable_time": 1,
         "unknown_patient": 1,
+        "malformed_row": 1,  # hadm_id inf
     }
     assert tables["hosp/labevents"].dead == {
         "unknown_itemid": 1,
         "out_of_range": 1,
-        "unparseable_time": 2,
+        "unparseable_time": 3,
         "malformed_row": 1,
         "unknown_admission": 1,
     }
