@@ -95,6 +95,7 @@ REASONS = (
     "unsupported_schema_version",
     "non_finite",
     "implausible_value",
+    "charted_after_event_time",
     "schema_violation",
 )
 
@@ -324,8 +325,7 @@ def decode(raw: bytes | str | dict | None, *, max_bytes: int = MAX_EVENT_BYTES):
         event = _EVENT.validate_json(raw)
     except ValidationError as exc:
         raise _reason(raw, exc) from None
-    if type(event) is ObservationEvent:
-        _plausible(event.payload)
+    _at_the_door(event)
     return event
 
 
@@ -398,9 +398,21 @@ def _validate_dict(data: dict):
         event = _EVENT.validate_python(data)
     except ValidationError as exc:
         raise _from_errors(exc) from None
+    _at_the_door(event)
+    return event
+
+
+def _at_the_door(event) -> None:
+    """What the schema cannot say: a known item's value is plausible, and a result or note
+    is charted no later than its event time (when the hospital knew it); charted later, it
+    would be a measurement from the future at every cutoff in between."""
     if type(event) is ObservationEvent:
         _plausible(event.payload)
-    return event
+    if type(event) in (ObservationEvent, NoteEvent):
+        charted = event.payload.charttime
+        if (charted if charted.tzinfo else charted.replace(tzinfo=UTC)) > event.event_time:
+            detail = f"{event.type}.payload.charttime: after event_time"
+            raise InvalidEvent("charted_after_event_time", detail)
 
 
 def _plausible(payload: ObservationPayload) -> None:

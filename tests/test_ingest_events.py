@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import event as label
@@ -486,6 +486,20 @@ def test_a_known_item_outside_its_plausible_range_is_implausible(item):
         )
 
 
+@pytest.mark.parametrize("name", ["lab", "vital", "radiology", "prior_summary"])
+def test_a_result_or_note_charted_after_its_event_time_is_refused(name):
+    # Known at event_time, charted later: a value from the future at every cutoff between.
+    event = VALID[name]
+    at_once = event.event_time.isoformat()
+    assert ev.decode(dumps(with_field(name, ("payload", "charttime"), at_once)))
+    later = (event.event_time + timedelta(seconds=1)).isoformat()
+    error = refused(dumps(with_field(name, ("payload", "charttime"), later)))
+    assert error.reason == "charted_after_event_time" and later not in error.detail
+    zoned = (event.event_time + timedelta(hours=1)).astimezone(timezone(timedelta(hours=5)))
+    error = refused(dumps(with_field(name, ("payload", "charttime"), zoned.isoformat())))
+    assert error.reason == "charted_after_event_time"  # compared in UTC, whatever the offset
+
+
 def test_an_unknown_item_keeps_any_finite_value():
     # The features ignore itemids they do not know; the contract only asks for a number.
     for value in (-1e300, 0.0, 1e300):
@@ -525,7 +539,10 @@ TIMES = [
 def test_times_must_fall_in_the_plausible_years(name, path):
     where = f"{VALID[name].type}.{'.'.join(path)}"
     for value in ("1900-01-01T00:00:00", "2399-12-31T23:59:59", "2214-06-30T08:00:00+05:00"):
-        assert ev.decode(dumps(with_field(name, path, value)))
+        data = with_field(name, path, value)
+        if path in (("event_time",), ("payload", "charttime")) and "charttime" in data["payload"]:
+            data["event_time"] = data["payload"]["charttime"] = value  # charted by event time
+        assert ev.decode(dumps(data))
     for value, rule in [
         ("9999-01-01T00:00:00", "less_than"),
         ("9999-12-31T23:59:59Z", "less_than"),

@@ -310,7 +310,7 @@ def test_escapes_are_read_without_logging_and_formatting_is_capped(caplog):
 def test_results_under_each_obr_take_that_obrs_order_and_text():
     panel = "OBR|1||F1|24323-8^Panel^LN|||20240301085000"
     later = "OBR|2||F2|24323-8^Panel^LN|||20240301185000"
-    rad = "OBR|3||R1|18748-4^Radiology report^LN|||20240301190000"
+    rad = "OBR|3||R1|18748-4^Radiology report^LN|||20240301190000" + "|" * 15 + "20240301200000"
     heart = "OBX|{}|NM|8867-4^Heart rate^LN||{}|/min|||||F"
     raw = result(
         "M1",

@@ -197,6 +197,8 @@ def hostile_events(tmp_path, hadm: int) -> list[tuple[str, bytes | None, str]]:
     long_id["event_id"] = "x" * 900_000
     version = observation(hadm, later, tag="version")
     version["schema_version"] = 99
+    from_the_future = observation(hadm, later, tag="charted-later")
+    from_the_future["payload"]["charttime"] = (later + timedelta(days=30)).isoformat()
     return [
         ("nested 2,000 deep", b"[" * 2000 + b"]" * 2000, "too_deep"),
         (
@@ -212,6 +214,7 @@ def hostile_events(tmp_path, hadm: int) -> list[tuple[str, bytes | None, str]]:
         ("a tombstone", None, "tombstone"),
         ("an unknown schema version", raw(version), "unsupported_schema_version"),
         ("dated before its admission", raw(before), "before_admission"),
+        ("charted after it was known", raw(from_the_future), "charted_after_event_time"),
         ("dated after any stay", raw(ahead), "after_max_stay"),
         ("a FIFO", raw(cxr(hadm, later, fifo.as_uri(), "fifo")), "image_refused"),
         ("/etc/passwd", raw(cxr(hadm, later, "file:///etc/passwd", "passwd")), "image_refused"),
@@ -346,6 +349,7 @@ def test_generated_events_never_stop_the_worker(worker, redis_client, tmp_path, 
     settings, running, thread, failure = worker
     hadm = 63_000_000 + data.draw(st.integers(0, 999_999))
     key = f"{hadm}-{uuid.uuid4().hex}"  # this example's letters carry it: examples share topics
+    letter_key = hashlib.sha256(key.encode()).hexdigest()  # no admission id: keyed by its hash
     kcat_produce(settings, str(hadm), raw(admission(hadm)), tmp_path)
     sent = [json.dumps(data.draw(json_values)).encode() for _ in range(5)]
     sent += [data.draw(mutated_envelopes(hadm)) for _ in range(10)]
@@ -369,7 +373,7 @@ def test_generated_events_never_stop_the_worker(worker, redis_client, tmp_path, 
         return [
             json.loads(m["payload"])
             for m in kcat_consume(settings, settings.kafka.topic_dead_letter)
-            if m["key"] == key
+            if m["key"] == letter_key
         ]
 
     def counted() -> dict[str, int]:
