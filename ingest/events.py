@@ -45,6 +45,8 @@ event or an ``InvalidEvent`` with a short, stable ``reason``, never another exce
 - ``implausible_value``: an observation of a known item (``ingest.itemids``) outside the
   item's plausible range; other itemids are passed on (the features ignore them). Checked
   at the door only: events built in process may hold such values.
+- ``charted_after_event_time``: an observation or note whose ``charttime`` is after its
+  ``event_time`` (when the hospital knew it): at the door only, like the ranges.
 - ``schema_violation``: any other rule, among them ids outside ``0 .. 2**63 - 1``, strings
   over their length limit and times outside the years ``MIN_YEAR .. MAX_YEAR``.
 
