@@ -11,7 +11,7 @@ import uuid
 
 import httpx
 import pytest
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 
 from benchmarks.browser import chromium, log_in, serving, wait_for
@@ -61,6 +61,16 @@ def page_rows(driver) -> list[int]:
 
 def with_session(base: str, cookie: str) -> httpx.Client:
     return httpx.Client(base_url=base, cookies={COOKIE: cookie})
+
+
+def clicked(driver, selector: str) -> bool:
+    """Whether a click on ``selector`` landed: the live list may redraw the row between
+    finding it and clicking it."""
+    try:
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+    except StaleElementReferenceException:
+        return False
+    return True
 
 
 def at_login(driver) -> bool:
@@ -235,7 +245,7 @@ def test_the_ward_list_ranks_updates_live_and_shows_the_apis_reasons(
         assert now["feature_time"] == hours(later.event_time) * 3600
 
         # The patient page draws its chart: a point per score in the history.
-        browser.find_element(By.CSS_SELECTOR, f"{row} a").click()
+        wait_for(lambda: clicked(browser, f"{row} a"))
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#history-chart .risk-dot"))
         history = scores.history(later.hadm_id)
         dots = browser.find_elements(By.CSS_SELECTOR, "#history-chart .risk-dot")
