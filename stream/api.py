@@ -174,6 +174,12 @@ def create_app(settings: Settings) -> FastAPI:
             429, f"too many requests ({limit})", headers={"Retry-After": retry_after(wait)}
         )
 
+    def spend(token: ApiToken) -> None:
+        """One of ``token``'s requests, or 429 past its rate limit."""
+        wait = (per_feed if token.role == "ingest" else per_token).take(token.name)
+        if wait is not None:
+            raise too_many("token", wait)
+
     def caller(role: ApiRole | None):
         """A dependency giving the request's token, if it is valid, within its rate limit and
         of ``role`` (None: any role)."""
@@ -193,9 +199,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(
                     401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
                 )
-            wait = (per_feed if token.role == "ingest" else per_token).take(token.name)
-            if wait is not None:
-                raise too_many("token", wait)
+            spend(token)
             if role is not None and token.role != role:
                 counters.refusals.labels("forbidden").inc()
                 raise HTTPException(403, f"a {token.role} token may not use this endpoint")
@@ -325,7 +329,7 @@ def create_app(settings: Settings) -> FastAPI:
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # The ward pages: a login session instead of a bearer token (docs/ward.md).
-    app.include_router(ward_router(settings, client, tokens, read, per_address, per_token))
+    app.include_router(ward_router(settings, client, tokens, read, per_address, spend))
     app.include_router(fhir_routes, responses={**UNAUTHENTICATED, **FORBIDDEN, **RATE_LIMITED})
 
     @app.get("/openapi.json", responses={**UNAUTHENTICATED, **RATE_LIMITED})

@@ -155,9 +155,10 @@ def ward_router(
     tokens: TokenStore,
     audit_read: AuditRead,
     per_address: RateLimiter,
-    per_token: RateLimiter,
+    spend: Callable[[ApiToken], None],
 ) -> APIRouter:
-    """The ward pages' routes (left out of the OpenAPI document: pages, not an API)."""
+    """The ward pages' routes (left out of the OpenAPI document: pages, not an API).
+    ``spend`` takes one of a token's requests from its rate limit (the API's) or raises 429."""
     sessions = Sessions(settings, tokens)
     streams: dict[str, int] = {}  # token name: live views open
     reader = WardReader(client)
@@ -173,11 +174,7 @@ def ward_router(
         session = session_of(request)
         if session is None:
             raise HTTPException(401, "log in at /ward/login")
-        wait = per_token.take(session.token.name)
-        if wait is not None:
-            raise HTTPException(
-                429, "too many requests (token)", headers={"Retry-After": retry_after(wait)}
-            )
+        spend(session.token)
         return session
 
     def same_site(request: Request) -> None:
