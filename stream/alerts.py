@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import redis
 
 from features.online import OPEN_TTL_S
+from ingest.events import INT64_MAX
 from m3t import kafka
 from m3t.clients import LuaScript, redis_client, run_scripts
 from m3t.settings import AlertRule, Settings
@@ -61,7 +62,6 @@ return 1
 """)
 
 
-MAX_ID = 2**63 - 1
 MAX_FEATURE_TIME = 253_402_300_800.0  # 10000-01-01 in epoch seconds: past any stay
 
 
@@ -90,7 +90,7 @@ class Score:
             )
         except (KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise ValueError(type(exc).__name__) from None
-        if type(hadm_id) is not int or not 0 <= hadm_id <= MAX_ID:
+        if type(hadm_id) is not int or not 0 <= hadm_id <= INT64_MAX:
             raise ValueError("hadm_id")
         if not (
             0.0 <= score.feature_time <= MAX_FEATURE_TIME and 0.0 <= score.mortality_prob <= 1.0
