@@ -50,11 +50,12 @@ def server_certificate(
     (a broker to its controller). Made once; remade when the hosts change."""
     folder = tls_dir(settings)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    ca_file(settings)
+    ca_file(settings)  # made before the lock, which it takes itself
     with _locked(folder):
-        if _ending(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())):
-            _make_ca(folder)
         ca_cert, ca_key = _load_ca(settings)
+        if _ending(ca_cert):
+            _make_ca(folder)
+            ca_cert, ca_key = _load_ca(settings)
         current = cert_path.exists() and key_path.exists() and _current(cert_path, hosts, ca_cert)
         if not current:
             _sign(cert_path, key_path, name, hosts, client, ca_cert, ca_key)
